@@ -1,0 +1,159 @@
+"""The layer-by-layer runner: catch block inputs once, then compress block after block.
+
+Block inputs are caught by replacing every block's forward with a stub that records what the model
+passes it (hidden states, masks, position embeddings: per block, since some architectures give
+different blocks different masks) and hands the hidden states on unchanged, so no block computes.
+Then, for each block: accumulate per-site input second moments (streaming, float64), let the
+method edit the block, and produce the next block's inputs from the compressed block
+(`propagate: compressed`) or the dense one (`propagate: dense`). Only one block's activations are
+alive at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .budget import BudgetUnit
+from .config import Propagate
+from .errors import NumericalError
+from .models import Adapter, HeadLayout, Site
+from .stats import SecondMoment
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class Calls:
+    """What one block receives for every calibration batch."""
+
+    hidden: list[torch.Tensor]
+    args: list[list[tuple[Any, ...]]]  # [block][batch]
+    kwargs: list[list[dict[str, Any]]]  # [block][batch]
+
+
+@dataclass
+class BlockContext:
+    """Everything a method may use to edit one block; it never sees the rest of the model."""
+
+    index: int
+    block: nn.Module
+    sites: list[Site]
+    stats: dict[str, SecondMoment]
+    targets: dict[str, float]
+    heads: HeadLayout
+    unit: BudgetUnit
+    adapter: Adapter
+    hidden: list[torch.Tensor]
+    args: list[tuple[Any, ...]]
+    kwargs: list[dict[str, Any]]
+
+    def run(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.adapter.run_block(self.block, hidden, self.args[batch], self.kwargs[batch])
+
+
+@dataclass
+class BlockResult:
+    records: list[dict[str, Any]]  # one row per compressed linear (or pruned site)
+    spectra: dict[str, Any]  # name -> 1-D array of singular values / eigenvalues
+
+
+@torch.no_grad()
+def catch_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int, device: torch.device) -> Calls:
+    model, blocks = adapter.model, adapter.blocks()
+    calls = Calls([], [[] for _ in blocks], [[] for _ in blocks])
+    last = len(blocks) - 1
+
+    def stub_for(i: int) -> Callable:
+        def stub(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if i == 0:
+                calls.hidden.append(hidden.detach())
+            calls.args[i].append(args)
+            calls.kwargs[i].append(kwargs)
+            if i == last:
+                raise _StopForward
+            return hidden
+
+        return stub
+
+    for i, block in enumerate(blocks):
+        block.forward = stub_for(i)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device)
+            try:
+                model(input_ids=ids, use_cache=False) if adapter.causal else model(input_ids=ids)
+            except _StopForward:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward
+    return calls
+
+
+def _collect_stats(
+    ctx_block: nn.Module, sites: list[Site], index: int, run_all: Callable[[], list[torch.Tensor]], device
+) -> tuple[dict[str, SecondMoment], list[torch.Tensor]]:
+    """One pass over the block with pre-hooks on each site's first linear; returns stats and outputs."""
+    stats: dict[str, SecondMoment] = {}
+    handles = []
+    for site in sites:
+        first = ctx_block.get_submodule(site.linears[0])
+        dim = first.in_features
+        stats[site.name] = acc = SecondMoment(dim, device=device, where=f"block {index} {site.name}")
+        handles.append(first.register_forward_pre_hook(lambda _m, args, acc=acc: acc.update(args[0])))
+    try:
+        outputs = run_all()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, outputs
+
+
+def compress_layerwise(
+    adapter: Adapter,
+    windows: torch.Tensor,
+    batch_size: int,
+    compress_block: Callable[[BlockContext], BlockResult],
+    targets: Callable[[int], dict[str, float]],
+    unit: BudgetUnit,
+    propagate: Propagate,
+    device: torch.device,
+    on_block: Callable[[int, BlockResult, float], None],
+    needs_stats: bool = True,
+) -> None:
+    """Compress every block in order; `on_block(index, result, seconds)` reports as it goes."""
+    calls = catch_block_inputs(adapter, windows, batch_size, device)
+    hidden = calls.hidden
+    heads = adapter.heads()
+    for i, block in enumerate(tqdm(adapter.blocks(), desc="compress", unit="block")):
+        sites = adapter.sites(block)
+
+        @torch.no_grad()
+        def run_all(block=block, i=i) -> list[torch.Tensor]:
+            return [adapter.run_block(block, h, calls.args[i][b], calls.kwargs[i][b]) for b, h in enumerate(hidden)]
+
+        start = time.perf_counter()
+        if needs_stats or propagate == Propagate.dense:
+            stats, outputs = _collect_stats(block, sites, i, run_all, device)
+        else:
+            stats, outputs = {}, []
+        ctx = BlockContext(
+            i, block, sites, stats, targets(i), heads, unit, adapter, hidden, calls.args[i], calls.kwargs[i]
+        )
+        result = compress_block(ctx)
+        if propagate == Propagate.compressed:
+            outputs = run_all()
+        seconds = time.perf_counter() - start
+        if not all(torch.isfinite(o).all() for o in outputs):
+            raise NumericalError(f"block {i} produced non-finite outputs ({propagate.value} propagation)")
+        hidden = outputs
+        on_block(i, result, seconds)

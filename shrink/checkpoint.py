@@ -1,0 +1,147 @@
+"""Save and load compressed models: safetensors weights + a manifest of structural edits.
+
+The manifest holds the base config and every module that differs from what that config builds
+(low-rank pairs, resized linears). `load` rebuilds the base architecture without allocating its
+weights, applies the edits, then assigns the saved tensors, so the logits equal the in-memory
+compressed model's exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file, save_model
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import Head
+from .errors import ShrinkError
+from .surgery import LowRankLinear, replace_submodule
+
+FORMAT = "shrink-checkpoint"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+def _auto_class(head: str):
+    from .models.loading import AUTO_CLASSES
+
+    return AUTO_CLASSES[Head(head)]
+
+
+def _empty_model(config, head: str) -> nn.Module:
+    """The base architecture with parameters on the meta device (buffers stay real)."""
+    with init_empty_weights(include_buffers=False):
+        return _auto_class(head).from_config(config)
+
+
+def structural_edits(model: nn.Module, head: str) -> list[dict[str, Any]]:
+    """Every module whose type or shape differs from the base architecture's."""
+    reference = dict(_empty_model(model.config, head).named_modules())
+    edits: list[dict[str, Any]] = []
+    low_rank_prefixes: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in low_rank_prefixes):
+            continue  # the factors inside a pair are rebuilt with it
+        if isinstance(module, LowRankLinear):
+            low_rank_prefixes.append(path + ".")
+            edits.append(
+                {
+                    "kind": "low_rank",
+                    "path": path,
+                    "in": module.in_features,
+                    "out": module.out_features,
+                    "rank": module.rank,
+                    "bias": module.second.bias is not None,
+                }
+            )
+        elif isinstance(module, nn.Linear):
+            ref = reference.get(path)
+            shape = (module.in_features, module.out_features, module.bias is not None)
+            if not isinstance(ref, nn.Linear) or (ref.in_features, ref.out_features, ref.bias is not None) != shape:
+                edits.append({"kind": "linear", "path": path, "in": shape[0], "out": shape[1], "bias": shape[2]})
+    return edits
+
+
+def save(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    folder: str | Path,
+    head: str,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint to `folder` atomically (a partial save never looks complete)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "head": str(Head(head).value),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "config": model.config.to_dict(),
+        "edits": structural_edits(model, head),
+        "info": info or {},
+    }
+    save_model(model, str(tmp / WEIGHTS))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ShrinkError(f"{str(folder)!r} is not a shrink checkpoint (no {MANIFEST})")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ShrinkError(f"{path} has format {manifest.get('format')!r} v{manifest.get('version')}; expected {FORMAT} v{VERSION}")
+    return manifest
+
+
+def _apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> None:
+    factory = {"device": "meta", "dtype": dtype}
+    if edit["kind"] == "low_rank":
+        new = LowRankLinear(edit["in"], edit["out"], edit["rank"], bias=edit["bias"], **factory)
+    elif edit["kind"] == "linear":
+        new = nn.Linear(edit["in"], edit["out"], bias=edit["bias"], **factory)
+    else:
+        raise ShrinkError(f"unknown edit kind {edit['kind']!r} in manifest; valid: low_rank, linear")
+    replace_submodule(model, edit["path"], new)
+
+
+def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a compressed model saved by `save` (weights read with safetensors only)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    config_dict = dict(manifest["config"])
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    dtype = getattr(torch, manifest["dtype"])
+    model = _empty_model(config, manifest["head"])
+    for edit in manifest["edits"]:
+        _apply_edit(model, edit, dtype)
+    state = load_file(str(folder / WEIGHTS), device=str(device))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ShrinkError(f"{folder}: weights not in the rebuilt model: {result.unexpected_keys[:5]}")
+    # Tied tensors are saved once; tie the missing name to the one present (either direction).
+    model.tie_weights(missing_keys=set(result.missing_keys))
+    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_empty:
+        raise ShrinkError(f"{folder}: checkpoint lacks weights for {still_empty[:5]}")
+    model.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(folder))

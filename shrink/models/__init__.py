@@ -1,0 +1,19 @@
+"""Architecture knowledge lives here and nowhere else: adapters, loading, packaged models."""
+
+from .base import Adapter, HeadLayout, Site
+from .families import ADAPTERS, adapter_class_for, supported_model_types
+from .loading import Loaded, build_adapter, check_source, load_config, load_model
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "HeadLayout",
+    "Loaded",
+    "Site",
+    "adapter_class_for",
+    "build_adapter",
+    "check_source",
+    "load_config",
+    "load_model",
+    "supported_model_types",
+]

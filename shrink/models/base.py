@@ -1,0 +1,78 @@
+"""The adapter interface: the only place that knows where an architecture keeps its parts."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Site:
+    """Linears of one block that read the same input, so one second moment serves them all.
+
+    `role` tells methods what the site is: `attn_in` (q/k/v), `attn_out` (o), `mlp_in`
+    (gate/up or fc1), `mlp_out` (down or fc2). Paths are relative to the block.
+    """
+
+    name: str
+    role: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+class Adapter(ABC):
+    """Wraps one loaded model of a family; knows its blocks, sites and head structure."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    causal: bool = True
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    @abstractmethod
+    def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
+        """The block list, given `model.base_model` (the same for every head class)."""
+
+    @abstractmethod
+    def sites(self, block: nn.Module) -> list[Site]:
+        """The block's linears grouped by shared input, in forward order."""
+
+    @abstractmethod
+    def heads(self) -> HeadLayout: ...
+
+    def blocks(self) -> nn.ModuleList:
+        return self._blocks_of(self.model.base_model)
+
+    def block_path(self, index: int) -> str:
+        """Dotted path of block `index` from the top model (for manifests and logs)."""
+        target = self.blocks()[index]
+        for name, module in self.model.named_modules():
+            if module is target:
+                return name
+        raise KeyError(index)
+
+    def max_positions(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+    def run_block(
+        self, block: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Run one block on cached inputs (the extra positional and keyword arguments the model
+        passed it) and return its output hidden states."""
+        out = block(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def linear(self, block: nn.Module, path: str) -> nn.Module:
+        return block.get_submodule(path)

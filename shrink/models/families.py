@@ -1,0 +1,120 @@
+"""Adapters for the supported architecture families."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, HeadLayout, Site
+
+
+class LlamaAdapter(Adapter):
+    """Llama, Mistral, Qwen2, Gemma-3 text: pre-norm blocks, gated MLP, grouped-query attention."""
+
+    family = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "gemma")
+
+    def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
+        return backbone.layers
+
+    def sites(self, block: nn.Module) -> list[Site]:
+        return [
+            Site("attn_in", "attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            Site("attn_out", "attn_out", ("self_attn.o_proj",)),
+            Site("mlp_in", "mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+            Site("mlp_out", "mlp_out", ("mlp.down_proj",)),
+        ]
+
+    def heads(self) -> HeadLayout:
+        c = self.config
+        n_heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+        return HeadLayout(n_heads, getattr(c, "num_key_value_heads", None) or n_heads, head_dim)
+
+
+class OPTAdapter(Adapter):
+    """OPT: fc1/fc2 with biases, ReLU, multi-head attention with biased projections."""
+
+    family = "opt"
+    model_types = ("opt",)
+
+    def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
+        return backbone.decoder.layers
+
+    def sites(self, block: nn.Module) -> list[Site]:
+        return [
+            Site("attn_in", "attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            Site("attn_out", "attn_out", ("self_attn.out_proj",)),
+            Site("mlp_in", "mlp_in", ("fc1",)),
+            Site("mlp_out", "mlp_out", ("fc2",)),
+        ]
+
+    def heads(self) -> HeadLayout:
+        c = self.config
+        return HeadLayout(c.num_attention_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads)
+
+
+class BertAdapter(Adapter):
+    """BERT / MiniLM encoders: post-LN blocks, GELU intermediate layer."""
+
+    family = "bert"
+    model_types = ("bert", "roberta", "xlm-roberta")
+    causal = False
+
+    def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
+        return backbone.encoder.layer
+
+    def sites(self, block: nn.Module) -> list[Site]:
+        return [
+            Site(
+                "attn_in",
+                "attn_in",
+                ("attention.self.query", "attention.self.key", "attention.self.value"),
+            ),
+            Site("attn_out", "attn_out", ("attention.output.dense",)),
+            Site("mlp_in", "mlp_in", ("intermediate.dense",)),
+            Site("mlp_out", "mlp_out", ("output.dense",)),
+        ]
+
+    def heads(self) -> HeadLayout:
+        c = self.config
+        return HeadLayout(c.num_attention_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads)
+
+
+class DistilBertAdapter(Adapter):
+    """DistilBERT: post-LN blocks with q_lin/k_lin/v_lin/out_lin and ffn.lin1/lin2."""
+
+    family = "distilbert"
+    model_types = ("distilbert",)
+    causal = False
+
+    def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
+        return backbone.transformer.layer
+
+    def sites(self, block: nn.Module) -> list[Site]:
+        return [
+            Site("attn_in", "attn_in", ("attention.q_lin", "attention.k_lin", "attention.v_lin")),
+            Site("attn_out", "attn_out", ("attention.out_lin",)),
+            Site("mlp_in", "mlp_in", ("ffn.lin1",)),
+            Site("mlp_out", "mlp_out", ("ffn.lin2",)),
+        ]
+
+    def heads(self) -> HeadLayout:
+        c = self.config
+        return HeadLayout(c.n_heads, c.n_heads, c.dim // c.n_heads)
+
+    def max_positions(self) -> int | None:
+        return self.config.max_position_embeddings
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter, BertAdapter, DistilBertAdapter)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_class_for(model_type: str) -> type[Adapter] | None:
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls
+    return None

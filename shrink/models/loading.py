@@ -1,0 +1,159 @@
+"""Load a model and tokenizer from any source: packaged asset, hub id, local dir, GGUF, tiny random.
+
+Weights are read from safetensors only, and remote code stays off unless the model config turns
+it on. Hub ids fail fast, with the offline alternatives named, when no hub can be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import transformers
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+
+from ..config import Head, ModelConf, Source
+from ..errors import ShrinkError
+from .base import Adapter
+from .families import adapter_class_for, supported_model_types
+from .packaged import PACKAGED, check_installed, gguf_model_dir, packaged_model_dir
+
+OFFLINE_MODELS = "smollm2-135m, gemma3-270m, minilm-l6 (packaged), tiny-llama, tiny-opt, tiny-bert"
+
+AUTO_CLASSES = {Head.causal_lm: AutoModelForCausalLM, Head.masked_lm: AutoModelForMaskedLM, Head.base: AutoModel}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    adapter: Adapter
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when a model hub answers; `HF_HUB_OFFLINE=1` means no without trying."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str, revision: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+
+
+def check_source(cfg: ModelConf) -> None:
+    """Cheap checks that a model can be had at all, before anything is loaded."""
+    if cfg.source == Source.packaged:
+        if cfg.path not in PACKAGED:
+            raise ShrinkError(f"unknown packaged model {cfg.path!r}; valid: {', '.join(sorted(PACKAGED))}")
+        check_installed(cfg.path)
+    elif cfg.source == Source.hub:
+        if not _hub_cached(cfg.path, cfg.revision) and not hub_reachable():
+            raise ShrinkError(
+                f"model {cfg.name!r} (hub id {cfg.path!r}) is not available offline: no hub connection "
+                f"and not in the local cache; offline models: {OFFLINE_MODELS}"
+            )
+    elif cfg.source == Source.local:
+        if not (Path(cfg.path) / "config.json").is_file():
+            raise ShrinkError(f"local model folder {cfg.path!r} has no config.json")
+    elif cfg.source == Source.tiny and not hasattr(transformers, cfg.path):
+        raise ShrinkError(f"tiny model config class {cfg.path!r} is not in transformers")
+
+
+def _folder(cfg: ModelConf) -> str:
+    """Where from_pretrained reads the model: a local folder or a hub id."""
+    if cfg.source == Source.packaged:
+        return str(packaged_model_dir(cfg.path))
+    if cfg.source == Source.gguf:
+        return str(gguf_model_dir(cfg.path))
+    return cfg.path
+
+
+def _hub_kwargs(cfg: ModelConf) -> dict:
+    kw: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.source == Source.hub:
+        kw["revision"] = cfg.revision
+        if not hub_reachable():
+            kw["local_files_only"] = True
+    return kw
+
+
+def load_config(cfg: ModelConf) -> PretrainedConfig:
+    """The model's config (cheap): validation reads context length and family from it."""
+    check_source(cfg)
+    if cfg.source == Source.tiny:
+        config = getattr(transformers, cfg.path)(**dict(cfg.tiny))
+    else:
+        config = AutoConfig.from_pretrained(_folder(cfg), **_hub_kwargs(cfg))
+    if adapter_class_for(config.model_type) is None:
+        raise ShrinkError(
+            f"model {cfg.name!r} has model_type {config.model_type!r}, which has no adapter; "
+            f"supported: {', '.join(supported_model_types())}"
+        )
+    return config
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A 256-byte tokenizer (+ BOS/EOS/PAD) for tiny random models: no files, no hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<bos>", "<eos>", "<pad>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def build_adapter(model: nn.Module) -> Adapter:
+    cls = adapter_class_for(model.config.model_type)
+    if cls is None:
+        raise ShrinkError(
+            f"model_type {model.config.model_type!r} has no adapter; supported: {', '.join(supported_model_types())}"
+        )
+    return cls(model)
+
+
+def load_model(cfg: ModelConf, dtype: torch.dtype, seed: int = 0) -> Loaded:
+    """Load weights (safetensors only) and tokenizer on the CPU; the runner moves blocks to devices."""
+    config = load_config(cfg)
+    auto = AUTO_CLASSES[Head(cfg.head)]
+    if cfg.source == Source.tiny:
+        torch.manual_seed(seed)
+        model = auto.from_config(config, dtype=dtype)
+        tokenizer = byte_tokenizer()
+    else:
+        folder, kw = _folder(cfg), _hub_kwargs(cfg)
+        try:
+            model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kw)
+        except OSError as err:
+            raise ShrinkError(f"model {cfg.name!r}: no safetensors weights could be loaded from {folder!r} ({err})")
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
+    model.eval()
+    model.requires_grad_(False)
+    return Loaded(model, tokenizer, build_adapter(model))

@@ -1,0 +1,220 @@
+"""One run: validate → load → evaluate dense → calibrate+compress → save → evaluate → log."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint, data
+from .budget import BudgetUnit, blocks_cost, check_schedule, make_plan
+from .capture import compress_layerwise
+from .config import Head, Propagate
+from .errors import ShrinkError
+from .evaluation import perplexity
+from .methods import build_method, check_method
+from .models import load_config, load_model
+from .outputs import RunFolder, remove_if_empty
+from .tracking import make_tracker
+
+log = logging.getLogger("shrink")
+
+
+def resolve_device(name: str) -> torch.device:
+    name = str(getattr(name, "value", name))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ShrinkError("device 'cuda' requested but no CUDA device is available; valid here: auto, cpu")
+    return torch.device(name)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every check that needs no weights, so bad input fails before expensive work."""
+    if not 0.0 < float(cfg.budget) <= 1.0:
+        raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
+    check_method(cfg.method.name)
+    check_schedule(cfg.schedule.name)
+    for key in ("nsamples", "seq_len", "batch_size"):
+        if cfg.calib[key] <= 0:
+            raise ShrinkError(f"calib.{key} must be positive, got {cfg.calib[key]}")
+    data.check_corpus(cfg.calib.corpus)
+    ppl = cfg.eval.get("ppl")
+    if ppl is not None:
+        for corpus in ppl.corpora:
+            data.check_corpus(corpus)
+        if Head(cfg.model.head) != Head.causal_lm:
+            raise ShrinkError(
+                f"eval {cfg.eval.name!r} measures perplexity, which needs a causal LM; model {cfg.model.name!r} "
+                f"has head {Head(cfg.model.head).value!r}: use eval=none"
+            )
+    resolve_device(cfg.device)
+    config = load_config(cfg.model)
+    limit = getattr(config, "max_position_embeddings", None)
+    windows = {"calib.seq_len": cfg.calib.seq_len}
+    if ppl is not None:
+        windows["eval.ppl.seq_len"] = ppl.seq_len
+    for key, length in windows.items():
+        if limit is not None and length > limit:
+            raise ShrinkError(f"{key}={length} is longer than model {cfg.model.name!r}'s context of {limit} tokens")
+
+
+def _run_dir(run_dir: str | Path | None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _run_name(cfg: DictConfig) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().job.override_dirname
+        if overrides:
+            return overrides
+    except ValueError:
+        pass
+    return f"{cfg.model.name}-{cfg.method.name}-{cfg.schedule.name}-b{cfg.budget}"
+
+
+def _evaluate(cfg: DictConfig, model, tokenizer, device: torch.device, which: str, results: dict) -> None:
+    ppl = cfg.eval.get("ppl")
+    if ppl is None:
+        return
+    model.to(device)
+    for corpus in ppl.corpora:
+        windows = data.test_windows(corpus, tokenizer, ppl.seq_len, ppl.max_tokens, cfg.model.add_bos)
+        score = perplexity(model, windows, ppl.batch_size, device, desc=f"ppl {corpus} ({which})")
+        entry = results.setdefault("ppl", {}).setdefault(corpus, {"seq_len": ppl.seq_len, "tokens": score["tokens"]})
+        entry[which] = score["ppl"]
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
+    """Run one job; returns the objective (compressed perplexity on the first eval corpus)."""
+    folder = RunFolder(_run_dir(run_dir))
+    try:
+        validate(cfg)
+    except ShrinkError:
+        remove_if_empty(folder.path)
+        raise
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, str(getattr(cfg.dtype, "value", cfg.dtype)))
+    unit = BudgetUnit(cfg.budget_unit)
+    folder.start(cfg)
+    tracker = make_tracker(cfg.logger)
+    tracker.start(folder.path, OmegaConf.to_container(cfg, resolve=True), _run_name(cfg))
+    try:
+        loaded = load_model(cfg.model, dtype, seed=cfg.seed)
+        model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
+        t_loaded = time.perf_counter()
+        params_dense, dense_cost = _params(model), blocks_cost(adapter)
+        results: dict[str, Any] = {}
+        _evaluate(cfg, model, tokenizer, device, "dense", results)
+        t_dense_eval = time.perf_counter()
+
+        windows = data.calibration_windows(
+            cfg.calib.corpus, tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
+        )
+        plan = make_plan(cfg.schedule.name, adapter, float(cfg.budget), unit)
+        folder.add_plan(plan.rows())
+        tracker.log_plan(plan.rows())
+        method = build_method(cfg.method)
+        model.to(device)
+
+        def on_block(index: int, result, seconds: float) -> None:
+            rows = [{"block": index, **row, "block_seconds": seconds} for row in result.records]
+            folder.add_block(index, rows, result.spectra)
+            tracker.log_block(index, rows, result.spectra)
+
+        t_compress = time.perf_counter()
+        compress_layerwise(
+            adapter,
+            windows,
+            cfg.calib.batch_size,
+            method.compress_block,
+            plan.for_block,
+            unit,
+            Propagate(cfg.propagate),
+            device,
+            on_block,
+            needs_stats=method.needs_stats,
+        )
+        compress_seconds = time.perf_counter() - t_compress
+        model.to("cpu")
+        kept_cost = blocks_cost(adapter)
+        achieved = kept_cost.of(unit) / dense_cost.of(unit)
+        if achieved > float(cfg.budget) + 1e-9:
+            raise RuntimeError(f"achieved budget {achieved:.6f} exceeds the requested {cfg.budget} (a bug)")
+        if cfg.save_model:
+            info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
+            checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info)
+        t_eval = time.perf_counter()
+        _evaluate(cfg, model, tokenizer, device, "compressed", results)
+        t_end = time.perf_counter()
+        metrics = {
+            "status": "ok",
+            "model": cfg.model.name,
+            "method": cfg.method.name,
+            "schedule": cfg.schedule.name,
+            "budget": float(cfg.budget),
+            "budget_unit": unit.value,
+            "budget_achieved": achieved,
+            "params_dense": params_dense,
+            "params_compressed": _params(model),
+            "block_params_dense": dense_cost.params,
+            "block_params_compressed": kept_cost.params,
+            "block_macs_dense": dense_cost.macs,
+            "block_macs_compressed": kept_cost.macs,
+            "compress_seconds": compress_seconds,
+            "load_seconds": t_loaded - t_start,
+            "eval_seconds": (t_dense_eval - t_loaded) + (t_end - t_eval),
+            "total_seconds": t_end - t_start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seed": cfg.seed,
+            "device": device.type,
+            "propagate": Propagate(cfg.propagate).value,
+            "calib": {"corpus": cfg.calib.corpus, "nsamples": cfg.calib.nsamples, "seq_len": cfg.calib.seq_len},
+            "eval": results,
+        }
+        folder.finish(metrics)
+        tracker.log_metrics(metrics)
+        tracker.finish("ok")
+    except BaseException:
+        tracker.finish("failed")
+        raise
+    print(summary(metrics, folder.path))
+    ppl = results.get("ppl")
+    return next(iter(ppl.values()))["compressed"] if ppl else None
+
+
+def summary(m: dict[str, Any], path: Path) -> str:
+    lines = [
+        f"shrink: {m['model']}  method={m['method']}  schedule={m['schedule']}  "
+        f"budget={m['budget']:g} {m['budget_unit']} (achieved {m['budget_achieved']:.4f})",
+        f"  params     {m['params_dense'] / 1e6:.2f}M -> {m['params_compressed'] / 1e6:.2f}M "
+        f"(block linears {m['block_params_dense'] / 1e6:.2f}M -> {m['block_params_compressed'] / 1e6:.2f}M)",
+    ]
+    for corpus, r in m["eval"].get("ppl", {}).items():
+        lines.append(
+            f"  ppl {corpus:<7}dense {r['dense']:.2f} -> compressed {r['compressed']:.2f} "
+            f"({r['tokens']} tokens, {r['seq_len']}-token windows)"
+        )
+    lines.append(
+        f"  time       load {m['load_seconds']:.1f}s  compress {m['compress_seconds']:.1f}s  "
+        f"eval {m['eval_seconds']:.1f}s  total {m['total_seconds']:.1f}s  (peak RSS {m['peak_rss_mb']:.0f} MB)"
+    )
+    lines.append(f"  run folder {path}")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""Streaming second moments of layer inputs: memory O(d^2), never O(tokens)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import NumericalError
+
+
+class SecondMoment:
+    """Accumulates XᵀX and Σx in float64 over any number of token batches."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu", where: str = "") -> None:
+        self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.count = 0
+        self.where = where
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float64)
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"non-finite activations at the input of {self.where or 'a site'}")
+        self.xtx.addmm_(x.T, x)
+        self.sum += x.sum(0)
+        self.count += x.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.xtx.shape[0]
+
+    def moment(self) -> torch.Tensor:
+        """E[xxᵀ] (uncentred), the matrix every activation-aware method works with."""
+        if self.count == 0:
+            raise NumericalError(f"no tokens reached {self.where or 'a site'}")
+        return self.xtx / self.count
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)

@@ -1,0 +1,58 @@
+"""Module edits shared by every method: low-rank pairs and replacing submodules in place."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """y = second(first(x)): a rank-r factor pair standing in for an out×in Linear.
+
+    Costs r·(in+out) weights (+ the bias), so it is only worth it when r < in·out/(in+out).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, **factory) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False, **factory)
+        self.second = nn.Linear(rank, out_features, bias=bias, **factory)
+
+    @classmethod
+    def from_factors(
+        cls, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear
+    ) -> LowRankLinear:
+        """left: out×r, right: r×in, so that W ≈ left @ right; dtype/device follow `like`."""
+        dtype, device = like.weight.dtype, like.weight.device
+        module = cls(right.shape[1], left.shape[0], right.shape[0], bias=bias is not None, dtype=dtype, device=device)
+        with torch.no_grad():
+            module.first.weight.copy_(right)
+            module.second.weight.copy_(left)
+            if bias is not None:
+                module.second.bias.copy_(bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.second.weight @ self.first.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Swap the submodule at dotted `path` for `new` and return the old one."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    old = getattr(parent, name)
+    setattr(parent, name, new)
+    return old
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The out×in matrix a Linear-like module applies."""
+    if isinstance(module, LowRankLinear):
+        return module.dense_weight()
+    return module.weight

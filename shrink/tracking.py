@@ -1,0 +1,128 @@
+"""One tracking interface with three backends: none, jsonl, wandb.
+
+The run folder's own files (config.yaml, metrics.json, layers.jsonl, spectra.npz) are written by
+`shrink.outputs` whatever the backend; a tracker sends the same things elsewhere. Only this file
+imports wandb, and only when that backend is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from .errors import ShrinkError
+
+
+class Tracker:
+    """The no-op backend; every other backend overrides what it sends."""
+
+    def start(self, run_dir: Path, config: dict[str, Any], name: str) -> None: ...
+
+    def log_block(self, index: int, rows: list[dict[str, Any]], spectra: dict[str, np.ndarray]) -> None: ...
+
+    def log_plan(self, rows: list[dict[str, Any]]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None: ...
+
+    def finish(self, status: str = "ok") -> None: ...
+
+
+class JsonlTracker(Tracker):
+    """Appends one JSON event per line to `events.jsonl` in the run folder."""
+
+    def start(self, run_dir: Path, config: dict[str, Any], name: str) -> None:
+        self.path = run_dir / "events.jsonl"
+        self._write({"event": "start", "name": name, "config": config})
+
+    def _write(self, event: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(event, default=float) + "\n")
+
+    def log_block(self, index: int, rows: list[dict[str, Any]], spectra: dict[str, np.ndarray]) -> None:
+        self._write({"event": "block", "block": index, "rows": rows})
+
+    def log_plan(self, rows: list[dict[str, Any]]) -> None:
+        self._write({"event": "plan", "rows": rows})
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        self._write({"event": "metrics", "metrics": metrics})
+
+    def finish(self, status: str = "ok") -> None:
+        self._write({"event": "finish", "status": status})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[key] = v
+    return out
+
+
+class WandbTracker(Tracker):
+    """Weights & Biases: config, per-block spectra line plots, per-layer table, summary metrics."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.rows: list[dict[str, Any]] = []
+
+    def start(self, run_dir: Path, config: dict[str, Any], name: str) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=self.cfg.project,
+            entity=self.cfg.entity,
+            mode=str(self.cfg.mode.value if hasattr(self.cfg.mode, "value") else self.cfg.mode),
+            group=self.cfg.group,
+            tags=list(self.cfg.tags),
+            name=name,
+            dir=str(run_dir),
+            config=config,
+            reinit="finish_previous",
+        )
+
+    def log_block(self, index: int, rows: list[dict[str, Any]], spectra: dict[str, np.ndarray]) -> None:
+        self.rows.extend(rows)
+        if spectra:
+            keys = list(spectra)
+            plot = self.wandb.plot.line_series(
+                xs=[list(range(len(spectra[k]))) for k in keys],
+                ys=[spectra[k].tolist() for k in keys],
+                keys=keys,
+                title=f"block {index}: singular values",
+                xname="index",
+            )
+            self.run.log({f"spectra/block_{index:03d}": plot, "block": index})
+
+    def log_plan(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            cols = list(rows[0])
+            self.run.log({"plan": self.wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        if self.rows:
+            cols = sorted({c for r in self.rows for c in r})
+            table = self.wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in self.rows])
+            self.run.log({"layers": table})
+        self.run.summary.update(_flatten(metrics))
+
+    def finish(self, status: str = "ok") -> None:
+        self.run.finish(exit_code=0 if status == "ok" else 1)
+
+
+def make_tracker(cfg: DictConfig) -> Tracker:
+    if cfg.name == "none":
+        return Tracker()
+    if cfg.name == "jsonl":
+        return JsonlTracker()
+    if cfg.name == "wandb":
+        return WandbTracker(cfg)
+    raise ShrinkError(f"unknown logger {cfg.name!r}; valid: none, jsonl, wandb")
