@@ -57,11 +57,16 @@ def blocks_cost(adapter: Adapter) -> Cost:
     return total
 
 
-def largest_rank(in_features: int, out_features: int, bias: bool, fraction: float, unit: BudgetUnit) -> int | None:
+def largest_rank(
+    in_features: int, out_features: int, bias: bool, fraction: float, unit: BudgetUnit
+) -> int | None:
     """The largest rank whose factor pair costs at most `fraction` of the dense matrix.
 
-    None when even that rank is not cheaper than the dense matrix: the matrix stays dense.
+    None when the target keeps everything (fraction ≥ 1) or when that rank is not cheaper than the
+    dense matrix: the matrix stays dense.
     """
+    if fraction >= 1.0:
+        return None
     bias_cost = out_features if (bias and BudgetUnit(unit) == BudgetUnit.params) else 0
     dense = in_features * out_features + bias_cost
     allowed = fraction * dense - bias_cost
@@ -83,7 +88,11 @@ class Plan:
         return self.targets[index]
 
     def rows(self) -> list[dict]:
-        return [{"block": b, "site": s, "target": f} for b, sites in self.targets.items() for s, f in sites.items()]
+        return [
+            {"block": b, "site": s, "target": f}
+            for b, sites in self.targets.items()
+            for s, f in sites.items()
+        ]
 
 
 def uniform(adapter: Adapter, budget: float, unit: BudgetUnit) -> Plan:

@@ -11,6 +11,7 @@ alive at a time.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +68,9 @@ class BlockResult:
 
 
 @torch.no_grad()
-def catch_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int, device: torch.device) -> Calls:
+def catch_block_inputs(
+    adapter: Adapter, windows: torch.Tensor, batch_size: int, device: torch.device
+) -> Calls:
     model, blocks = adapter.model, adapter.blocks()
     calls = Calls([], [[] for _ in blocks], [[] for _ in blocks])
     last = len(blocks) - 1
@@ -89,10 +92,8 @@ def catch_block_inputs(adapter: Adapter, windows: torch.Tensor, batch_size: int,
     try:
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=ids, use_cache=False) if adapter.causal else model(input_ids=ids)
-            except _StopForward:
-                pass
     finally:
         for block in blocks:
             del block.forward
@@ -138,8 +139,11 @@ def compress_layerwise(
         sites = adapter.sites(block)
 
         @torch.no_grad()
-        def run_all(block=block, i=i) -> list[torch.Tensor]:
-            return [adapter.run_block(block, h, calls.args[i][b], calls.kwargs[i][b]) for b, h in enumerate(hidden)]
+        def run_all(block=block, i=i, inputs=hidden) -> list[torch.Tensor]:
+            return [
+                adapter.run_block(block, h, calls.args[i][b], calls.kwargs[i][b])
+                for b, h in enumerate(inputs)
+            ]
 
         start = time.perf_counter()
         if needs_stats or propagate == Propagate.dense:

@@ -64,8 +64,13 @@ def structural_edits(model: nn.Module, head: str) -> list[dict[str, Any]]:
         elif isinstance(module, nn.Linear):
             ref = reference.get(path)
             shape = (module.in_features, module.out_features, module.bias is not None)
-            if not isinstance(ref, nn.Linear) or (ref.in_features, ref.out_features, ref.bias is not None) != shape:
-                edits.append({"kind": "linear", "path": path, "in": shape[0], "out": shape[1], "bias": shape[2]})
+            if (
+                not isinstance(ref, nn.Linear)
+                or (ref.in_features, ref.out_features, ref.bias is not None) != shape
+            ):
+                edits.append(
+                    {"kind": "linear", "path": path, "in": shape[0], "out": shape[1], "bias": shape[2]}
+                )
     return edits
 
 
@@ -105,7 +110,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise ShrinkError(f"{str(folder)!r} is not a shrink checkpoint (no {MANIFEST})")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ShrinkError(f"{path} has format {manifest.get('format')!r} v{manifest.get('version')}; expected {FORMAT} v{VERSION}")
+        raise ShrinkError(
+            f"{path} has format {manifest.get('format')!r} v{manifest.get('version')}; expected {FORMAT} v{VERSION}"
+        )
     return manifest
 
 

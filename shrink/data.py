@@ -1,7 +1,10 @@
 """Text corpora for calibration and perplexity, tokenised into fixed windows.
 
 Every corpus has a calibration part and a disjoint test part. Offline corpora are split by
-document (the last tenth of the documents is the test part); hub corpora use their own splits.
+document: every tenth document is test text, the rest calibration text. Interleaving keeps both
+parts representative (the packaged Wikipedia dump ends with hundreds of near-identical species
+stubs, which a contiguous tail split would make the whole test set). Hub corpora use their own
+splits.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from .assets import package_file
 from .errors import ShrinkError
 
-TEST_FRACTION = 0.1
+TEST_EVERY = 10  # document i is test text when i % TEST_EVERY == TEST_EVERY - 1
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,9 @@ class PackagedText:
         return [line.strip() for line in text.splitlines() if line.strip()]  # one document a line
 
     def part(self, which: str) -> str:
+        is_test = which == "test"
         docs = self.documents()
-        cut = len(docs) - max(1, round(TEST_FRACTION * len(docs)))
-        chosen = docs[:cut] if which == "calib" else docs[cut:]
-        return "\n\n".join(chosen)
+        return "\n\n".join(d for i, d in enumerate(docs) if (i % TEST_EVERY == TEST_EVERY - 1) == is_test)
 
 
 @dataclass(frozen=True)
@@ -127,12 +129,19 @@ def _with_bos(windows: torch.Tensor, tokenizer: PreTrainedTokenizerBase, add_bos
 
 
 def calibration_windows(
-    name: str, tokenizer: PreTrainedTokenizerBase, nsamples: int, seq_len: int, seed: int, add_bos: bool = False
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    nsamples: int,
+    seq_len: int,
+    seed: int,
+    add_bos: bool = False,
 ) -> torch.Tensor:
     """`nsamples` windows of `seq_len` tokens at seeded random offsets of the calibration part."""
     stream = token_stream(name, "calib", tokenizer)
     if stream.numel() <= seq_len:
-        raise ShrinkError(f"corpus {name!r} has only {stream.numel()} calibration tokens; seq_len is {seq_len}")
+        raise ShrinkError(
+            f"corpus {name!r} has only {stream.numel()} calibration tokens; seq_len is {seq_len}"
+        )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq_len, (nsamples,), generator=gen)
     windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
@@ -148,5 +157,7 @@ def test_windows(
         stream = stream[:max_tokens]
     count = stream.numel() // seq_len
     if count == 0:
-        raise ShrinkError(f"corpus {name!r}: test part has {stream.numel()} tokens, fewer than seq_len={seq_len}")
+        raise ShrinkError(
+            f"corpus {name!r}: test part has {stream.numel()} tokens, fewer than seq_len={seq_len}"
+        )
     return _with_bos(stream[: count * seq_len].view(count, seq_len), tokenizer, add_bos)

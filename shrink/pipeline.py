@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -34,8 +35,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_known_keys(node: Any, where: str = "") -> None:
+    """Reject keys that no schema declares, including ones forced in with Hydra's `+key=` syntax."""
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = {f.name for f in dataclasses.fields(schema)}
+        for key in node:
+            if key not in known and not (where == "" and key == "hydra"):
+                raise ShrinkError(
+                    f"unknown config key {where + str(key)!r}; valid keys here: {', '.join(sorted(known))}"
+                )
+    for key in node:
+        if not (where == "" and key == "hydra"):
+            check_known_keys(node[key], f"{where}{key}.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no weights, so bad input fails before expensive work."""
+    check_known_keys(cfg)
     if not 0.0 < float(cfg.budget) <= 1.0:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
     check_method(cfg.method.name)
@@ -61,7 +80,9 @@ def validate(cfg: DictConfig) -> None:
         windows["eval.ppl.seq_len"] = ppl.seq_len
     for key, length in windows.items():
         if limit is not None and length > limit:
-            raise ShrinkError(f"{key}={length} is longer than model {cfg.model.name!r}'s context of {limit} tokens")
+            raise ShrinkError(
+                f"{key}={length} is longer than model {cfg.model.name!r}'s context of {limit} tokens"
+            )
 
 
 def _run_dir(run_dir: str | Path | None) -> Path:
@@ -92,7 +113,9 @@ def _evaluate(cfg: DictConfig, model, tokenizer, device: torch.device, which: st
     for corpus in ppl.corpora:
         windows = data.test_windows(corpus, tokenizer, ppl.seq_len, ppl.max_tokens, cfg.model.add_bos)
         score = perplexity(model, windows, ppl.batch_size, device, desc=f"ppl {corpus} ({which})")
-        entry = results.setdefault("ppl", {}).setdefault(corpus, {"seq_len": ppl.seq_len, "tokens": score["tokens"]})
+        entry = results.setdefault("ppl", {}).setdefault(
+            corpus, {"seq_len": ppl.seq_len, "tokens": score["tokens"]}
+        )
         entry[which] = score["ppl"]
 
 
@@ -186,7 +209,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             "seed": cfg.seed,
             "device": device.type,
             "propagate": Propagate(cfg.propagate).value,
-            "calib": {"corpus": cfg.calib.corpus, "nsamples": cfg.calib.nsamples, "seq_len": cfg.calib.seq_len},
+            "calib": {
+                "corpus": cfg.calib.corpus,
+                "nsamples": cfg.calib.nsamples,
+                "seq_len": cfg.calib.seq_len,
+            },
             "eval": results,
         }
         folder.finish(metrics)

@@ -24,7 +24,9 @@ class LowRankLinear(nn.Module):
     ) -> LowRankLinear:
         """left: out×r, right: r×in, so that W ≈ left @ right; dtype/device follow `like`."""
         dtype, device = like.weight.dtype, like.weight.device
-        module = cls(right.shape[1], left.shape[0], right.shape[0], bias=bias is not None, dtype=dtype, device=device)
+        module = cls(
+            right.shape[1], left.shape[0], right.shape[0], bias=bias is not None, dtype=dtype, device=device
+        )
         with torch.no_grad():
             module.first.weight.copy_(right)
             module.second.weight.copy_(left)

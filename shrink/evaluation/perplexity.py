@@ -11,7 +11,9 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, desc: str = "ppl") -> dict:
+def perplexity(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, desc: str = "ppl"
+) -> dict:
     """exp(mean next-token NLL) over every predicted token of every window.
 
     Log-probabilities are computed in float32 whatever the model's dtype.

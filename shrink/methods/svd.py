@@ -39,7 +39,9 @@ class SVD(Method):
                 if rank is not None:
                     if moment is not None:
                         error = output_error(linear.weight.double() - left @ right, linear.weight, moment)
-                    replace_submodule(ctx.block, path, LowRankLinear.from_factors(left, right, linear.bias, linear))
+                    replace_submodule(
+                        ctx.block, path, LowRankLinear.from_factors(left, right, linear.bias, linear)
+                    )
                 kept_cost = module_cost(ctx.block.get_submodule(path))
                 records.append(
                     {
@@ -54,7 +56,9 @@ class SVD(Method):
                         "macs_kept": kept_cost.macs,
                         "target": fraction,
                         "rel_error": error,
-                        "energy_kept": float((singular[: rank or len(singular)] ** 2).sum() / (singular**2).sum()),
+                        "energy_kept": float(
+                            (singular[: rank or len(singular)] ** 2).sum() / (singular**2).sum()
+                        ),
                         "seconds": time.perf_counter() - start,
                     }
                 )

@@ -50,7 +50,9 @@ class OPTAdapter(Adapter):
 
     def heads(self) -> HeadLayout:
         c = self.config
-        return HeadLayout(c.num_attention_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads)
+        return HeadLayout(
+            c.num_attention_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads
+        )
 
 
 class BertAdapter(Adapter):
@@ -77,7 +79,9 @@ class BertAdapter(Adapter):
 
     def heads(self) -> HeadLayout:
         c = self.config
-        return HeadLayout(c.num_attention_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads)
+        return HeadLayout(
+            c.num_attention_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads
+        )
 
 
 class DistilBertAdapter(Adapter):

@@ -33,7 +33,11 @@ from .packaged import PACKAGED, check_installed, gguf_model_dir, packaged_model_
 
 OFFLINE_MODELS = "smollm2-135m, gemma3-270m, minilm-l6 (packaged), tiny-llama, tiny-opt, tiny-bert"
 
-AUTO_CLASSES = {Head.causal_lm: AutoModelForCausalLM, Head.masked_lm: AutoModelForMaskedLM, Head.base: AutoModel}
+AUTO_CLASSES = {
+    Head.causal_lm: AutoModelForCausalLM,
+    Head.masked_lm: AutoModelForMaskedLM,
+    Head.base: AutoModel,
+}
 
 
 @dataclass
@@ -152,7 +156,9 @@ def load_model(cfg: ModelConf, dtype: torch.dtype, seed: int = 0) -> Loaded:
         try:
             model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kw)
         except OSError as err:
-            raise ShrinkError(f"model {cfg.name!r}: no safetensors weights could be loaded from {folder!r} ({err})")
+            raise ShrinkError(
+                f"model {cfg.name!r}: no safetensors weights could be loaded from {folder!r} ({err})"
+            ) from err
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
     model.eval()
     model.requires_grad_(False)

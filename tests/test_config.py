@@ -1,0 +1,72 @@
+"""Every config group composes; schemas reject unknown keys and bad values at composition."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from shrink.errors import ShrinkError
+from shrink.pipeline import check_known_keys
+
+from .conftest import CONF, make_cfg
+
+GROUPS = ["model", "method", "schedule", "calib", "eval", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    cfg = make_cfg(f"{group}={option}")
+    assert cfg[group].name == option
+
+
+def test_experiment_composes():
+    cfg = make_cfg("+experiment=smoke")
+    assert cfg.calib.nsamples == 4 and cfg.logger.name == "jsonl"
+
+
+def test_defaults():
+    cfg = make_cfg()
+    assert (cfg.model.name, cfg.method.name, cfg.schedule.name, cfg.budget) == (
+        "smollm2-135m",
+        "svd",
+        "uniform",
+        0.5,
+    )
+    assert cfg.logger.mode.value == "offline"
+
+
+@pytest.mark.parametrize("override", ["method.rank=3", "calib.samples=3", "model.weights=x", "unknown_key=1"])
+def test_unknown_keys_fail_at_composition(override):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)):
+        make_cfg(override)
+
+
+@pytest.mark.parametrize("override", ["+method.rank=3", "+calib.samples=3", "+unknown_key=1"])
+def test_forced_unknown_keys_fail_at_validation(override):
+    """Hydra's `+key=` forces a key past the schema; validation still names and rejects it."""
+    with pytest.raises(ShrinkError, match=override[1:].split("=")[0].replace(".", r"\.")):
+        check_known_keys(make_cfg(override))
+
+
+def test_model_tiny_kwargs_are_free_form():
+    check_known_keys(make_cfg("model=tiny-llama", "+model.tiny.rope_theta=10.0"))
+
+
+@pytest.mark.parametrize(
+    "override", ["budget_unit=flops", "device=tpu", "propagate=sometimes", "budget=half", "dtype=int8"]
+)
+def test_bad_values_fail(override):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        make_cfg(override)
+    assert override.split("=")[1] in str(err.value) or override.split("=")[1] in str(err.value.__cause__)
+
+
+def test_unknown_group_option_names_choices():
+    with pytest.raises(ConfigCompositionException) as err:
+        make_cfg("method=nope")
+    assert "nope" in str(err.value) and "svd" in str(err.value)

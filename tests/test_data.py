@@ -1,0 +1,26 @@
+"""Calibration and test text are disjoint; windows are seeded and cut as the papers do."""
+
+from __future__ import annotations
+
+import torch
+
+from shrink import data
+from shrink.models.loading import byte_tokenizer
+
+
+def test_offline_parts_are_disjoint():
+    for name in ("wiki", "c4-sample"):
+        corpus = data.CORPORA[name]
+        calib = set(corpus.part("calib").split("\n\n"))
+        test = set(corpus.part("test").split("\n\n"))
+        assert calib and test and not (calib & test)
+
+
+def test_windows_are_seeded_and_nonoverlapping():
+    tok = byte_tokenizer()
+    a = data.calibration_windows("wiki", tok, 4, 64, seed=1)
+    assert torch.equal(a, data.calibration_windows("wiki", tok, 4, 64, seed=1))
+    assert not torch.equal(a, data.calibration_windows("wiki", tok, 4, 64, seed=2))
+    test = data.test_windows("wiki", tok, 100, max_tokens=1000)
+    stream = data.token_stream("wiki", "test", tok)[:1000]
+    assert test.shape == (10, 100) and torch.equal(test.flatten(), stream)

@@ -1,0 +1,52 @@
+"""The default `python launch.py` path on the real offline SmolLM2-135M (small calibration set)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import shrink
+from shrink import data
+from shrink.evaluation import perplexity
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_default_launch_on_smollm2(tmp_path):
+    folder = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "launch.py",
+        "logger=jsonl",
+        "calib.nsamples=4",
+        "calib.seq_len=256",
+        "eval.ppl.max_tokens=2048",
+        f"hydra.run.dir={folder}",
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "shrink: smollm2-135m  method=svd" in out.stdout and "ppl wiki" in out.stdout
+
+    m = json.loads((folder / "metrics.json").read_text())
+    assert m["model"] == "smollm2-135m" and m["params_dense"] == 134_515_008
+    assert m["budget_achieved"] <= m["budget"] == 0.5
+    ppl = m["eval"]["ppl"]["wiki"]
+    assert 10 < ppl["dense"] < 40, ppl  # held-out Wikipedia, 1024-token windows
+    assert math.isfinite(ppl["compressed"]) and ppl["compressed"] > ppl["dense"]
+    for name in ("config.yaml", "layers.jsonl", "spectra.npz", "plan.jsonl", "model/manifest.json"):
+        assert (folder / name).is_file(), name
+
+    # the saved checkpoint reloads to the very model that was evaluated
+    model = shrink.load(folder / "model")
+    tokenizer = shrink.load_tokenizer(folder / "model")
+    assert sum(p.numel() for p in model.parameters()) == m["params_compressed"]
+    windows = data.test_windows("wiki", tokenizer, ppl["seq_len"], 2048)
+    again = perplexity(model, windows, 1, torch.device("cpu"))["ppl"]
+    assert again == pytest.approx(ppl["compressed"], rel=1e-5)

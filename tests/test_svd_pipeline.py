@@ -1,0 +1,88 @@
+"""`svd` through the whole pipeline on every tiny family: budgets, logits, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import shrink
+from shrink.budget import largest_rank
+from shrink.config import BudgetUnit
+
+from .conftest import TINY, make_cfg, tiny_overrides
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("budget", [0.3, 0.6, 0.9])
+def test_achieved_never_exceeds_requested(run_job, model, budget):
+    metrics, _ = run_job(*tiny_overrides(model), f"budget={budget}", "save_model=false")
+    assert 0 < metrics["budget_achieved"] <= budget
+    assert metrics["block_params_compressed"] < metrics["block_params_dense"]
+    assert metrics["params_compressed"] < metrics["params_dense"]
+
+
+@pytest.mark.parametrize("model", TINY)
+def test_macs_unit(run_job, model):
+    metrics, _ = run_job(*tiny_overrides(model), "budget=0.5", "budget_unit=macs", "save_model=false")
+    assert metrics["block_macs_compressed"] / metrics["block_macs_dense"] == pytest.approx(
+        metrics["budget_achieved"]
+    )
+    assert metrics["budget_achieved"] <= 0.5
+
+
+@pytest.mark.parametrize("model", TINY)
+def test_full_budget_keeps_logits(run_job, model):
+    from shrink.models import load_model
+
+    metrics, folder = run_job(*tiny_overrides(model), "budget=1.0")
+    assert metrics["budget_achieved"] == 1.0
+    dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0).model
+    ids = torch.randint(0, 255, (2, 32))
+    assert torch.equal(logits(shrink.load(folder / "model"), ids), logits(dense, ids))
+
+
+@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("propagate", ["compressed", "dense"])
+def test_save_load_reproduces_logits_and_counts(run_job, monkeypatch, model, propagate):
+    from shrink import checkpoint
+    from shrink.models import load_model
+
+    ids = torch.randint(0, 255, (2, 32))
+    in_memory = {}
+    real_save = checkpoint.save
+
+    def save_and_remember(model_obj, *args, **kwargs):
+        in_memory["logits"] = logits(model_obj, ids)
+        return real_save(model_obj, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save_and_remember)
+    metrics, folder = run_job(*tiny_overrides(model), "budget=0.4", f"propagate={propagate}")
+    reloaded = shrink.load(folder / "model")
+    assert torch.equal(logits(reloaded, ids), in_memory["logits"])
+
+    with safe_open(folder / "model" / "model.safetensors", "pt") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f)
+    assert stored == metrics["params_compressed"] == sum(p.numel() for p in reloaded.parameters())
+    dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0).model
+    assert stored < sum(p.numel() for p in dense.parameters())
+    assert not torch.allclose(logits(reloaded, ids), logits(dense, ids))
+
+
+def test_rank_rule_counts_pairs_and_biases():
+    # square 64x64 without bias at half budget: r(m+n) <= 0.5 m n  ->  r = 16
+    assert largest_rank(64, 64, False, 0.5, BudgetUnit.params) == 16
+    # with a bias the pair must also pay for it in params, not in MACs
+    r = largest_rank(64, 192, True, 0.5, BudgetUnit.params)
+    assert r * (64 + 192) + 192 <= 0.5 * (64 * 192 + 192) < (r + 1) * (64 + 192) + 192
+    assert largest_rank(64, 192, True, 0.5, BudgetUnit.macs) == (64 * 192 // 2) // 256
+    # no rank is cheaper than the dense matrix at budget 1: stays dense
+    assert largest_rank(64, 64, False, 1.0, BudgetUnit.params) is None
