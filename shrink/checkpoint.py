@@ -111,7 +111,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ShrinkError(
-            f"{path} has format {manifest.get('format')!r} v{manifest.get('version')}; expected {FORMAT} v{VERSION}"
+            f"{path} has format {manifest.get('format')!r} v{manifest.get('version')}; "
+            f"expected {FORMAT} v{VERSION}"
         )
     return manifest
 

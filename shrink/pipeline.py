@@ -69,7 +69,8 @@ def validate(cfg: DictConfig) -> None:
             data.check_corpus(corpus)
         if Head(cfg.model.head) != Head.causal_lm:
             raise ShrinkError(
-                f"eval {cfg.eval.name!r} measures perplexity, which needs a causal LM; model {cfg.model.name!r} "
+                f"eval {cfg.eval.name!r} measures perplexity, which needs a causal LM; "
+                f"model {cfg.model.name!r} "
                 f"has head {Head(cfg.model.head).value!r}: use eval=none"
             )
     resolve_device(cfg.device)
@@ -241,7 +242,8 @@ def summary(m: dict[str, Any], path: Path) -> str:
         )
     lines.append(
         f"  time       load {m['load_seconds']:.1f}s  compress {m['compress_seconds']:.1f}s  "
-        f"eval {m['eval_seconds']:.1f}s  total {m['total_seconds']:.1f}s  (peak RSS {m['peak_rss_mb']:.0f} MB)"
+        f"eval {m['eval_seconds']:.1f}s  total {m['total_seconds']:.1f}s  "
+        f"(peak RSS {m['peak_rss_mb']:.0f} MB)"
     )
     lines.append(f"  run folder {path}")
     return "\n".join(lines)

@@ -138,7 +138,8 @@ def build_adapter(model: nn.Module) -> Adapter:
     cls = adapter_class_for(model.config.model_type)
     if cls is None:
         raise ShrinkError(
-            f"model_type {model.config.model_type!r} has no adapter; supported: {', '.join(supported_model_types())}"
+            f"model_type {model.config.model_type!r} has no adapter; "
+            f"supported: {', '.join(supported_model_types())}"
         )
     return cls(model)
 
