@@ -13,7 +13,8 @@ import shrink.config  # noqa: F401  (registers schemas)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-TINY = ["tiny-llama", "tiny-opt", "tiny-bert"]
+TINY = ["tiny-llama", "tiny-opt", "tiny-bert", "tiny-qwen2", "tiny-distilbert"]
+ENCODERS = {"tiny-bert", "tiny-distilbert"}
 # Small enough that a whole job takes a second or two on a tiny model.
 FAST = ["logger=none", "calib.nsamples=4", "calib.seq_len=64", "calib.batch_size=2", "device=cpu"]
 FAST_PPL = ["eval.ppl.seq_len=128", "eval.ppl.max_tokens=1024"]
@@ -28,7 +29,7 @@ def make_cfg(*overrides: str):
 
 def tiny_overrides(model: str) -> list[str]:
     """Encoders have no perplexity; causal tiny models evaluate on a short test text."""
-    return [f"model={model}", *FAST, *(["eval=none"] if model == "tiny-bert" else FAST_PPL)]
+    return [f"model={model}", *FAST, *(["eval=none"] if model in ENCODERS else FAST_PPL)]
 
 
 @pytest.fixture
