@@ -44,9 +44,22 @@ class PackagedText:
         return [line.strip() for line in text.splitlines() if line.strip()]  # one document a line
 
     def part(self, which: str) -> str:
-        is_test = which == "test"
-        docs = self.documents()
-        return "\n\n".join(d for i, d in enumerate(docs) if (i % TEST_EVERY == TEST_EVERY - 1) == is_test)
+        calib, test = _split_documents(tuple(self.documents()))
+        return "\n\n".join(test if which == "test" else calib)
+
+
+MIN_DOCUMENT_CHARS = 64  # shorter "documents" are titles of empty articles
+
+
+@lru_cache(maxsize=4)
+def _split_documents(docs: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Every TEST_EVERY-th distinct document is test text, unless it occurs verbatim in the
+    calibration text (duplicates and quoted stubs would leak)."""
+    unique = [d for d in dict.fromkeys(docs) if len(d) >= MIN_DOCUMENT_CHARS]
+    calib = [d for i, d in enumerate(unique) if i % TEST_EVERY != TEST_EVERY - 1]
+    joined = "\n\n".join(calib)
+    test = [d for i, d in enumerate(unique) if i % TEST_EVERY == TEST_EVERY - 1 and d not in joined]
+    return calib, test
 
 
 @dataclass(frozen=True)
