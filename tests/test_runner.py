@@ -77,3 +77,24 @@ def test_wandb_offline_backend(run_job, monkeypatch, tmp_path):
     _, folder = run_job("model=tiny-opt", *FAST, *FAST_PPL, "logger=wandb", "save_model=false")
     runs = list((folder / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_adapters_describe_every_family():
+    import torch
+
+    from shrink.models import load_model
+
+    from .conftest import TINY, make_cfg
+
+    expected_kv = {"tiny-llama": 2, "tiny-qwen2": 2, "tiny-opt": 4, "tiny-bert": 4, "tiny-distilbert": 4}
+    for name in TINY:
+        loaded = load_model(make_cfg(f"model={name}").model, torch.float32)
+        adapter = loaded.adapter
+        heads = adapter.heads()
+        assert (heads.n_heads, heads.n_kv_heads, heads.head_dim) == (4, expected_kv[name], 16)
+        for block in adapter.blocks():
+            sites = adapter.sites(block)
+            assert [s.role for s in sites] == ["attn_in", "attn_out", "mlp_in", "mlp_out"]
+            for site in sites:
+                ins = {block.get_submodule(p).in_features for p in site.linears}
+                assert len(ins) == 1, f"{name} {site.name}: linears of one site must share an input"

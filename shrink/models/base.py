@@ -36,6 +36,8 @@ class Adapter(ABC):
     family: str = ""
     model_types: tuple[str, ...] = ()
     causal: bool = True
+    # role -> linears (relative to the block) that read that role's input, in forward order
+    site_paths: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -45,12 +47,14 @@ class Adapter(ABC):
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         """The block list, given `model.base_model` (the same for every head class)."""
 
-    @abstractmethod
     def sites(self, block: nn.Module) -> list[Site]:
         """The block's linears grouped by shared input, in forward order."""
+        return [Site(role, role, paths) for role, paths in self.site_paths.items()]
 
-    @abstractmethod
-    def heads(self) -> HeadLayout: ...
+    def heads(self) -> HeadLayout:
+        """Multi-head attention with as many KV heads as query heads (overridden for GQA)."""
+        n_heads = self.config.num_attention_heads
+        return HeadLayout(n_heads, n_heads, self.config.hidden_size // n_heads)
 
     def blocks(self) -> nn.ModuleList:
         return self._blocks_of(self.model.base_model)

@@ -1,10 +1,10 @@
-"""Adapters for the supported architecture families."""
+"""Adapters for the supported architecture families: where blocks and their linears live."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, HeadLayout, Site
+from .base import Adapter, HeadLayout
 
 
 class LlamaAdapter(Adapter):
@@ -12,17 +12,15 @@ class LlamaAdapter(Adapter):
 
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "gemma")
+    site_paths = {
+        "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "attn_out": ("self_attn.o_proj",),
+        "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+        "mlp_out": ("mlp.down_proj",),
+    }
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.layers
-
-    def sites(self, block: nn.Module) -> list[Site]:
-        return [
-            Site("attn_in", "attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            Site("attn_out", "attn_out", ("self_attn.o_proj",)),
-            Site("mlp_in", "mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
-            Site("mlp_out", "mlp_out", ("mlp.down_proj",)),
-        ]
 
     def heads(self) -> HeadLayout:
         c = self.config
@@ -36,52 +34,32 @@ class OPTAdapter(Adapter):
 
     family = "opt"
     model_types = ("opt",)
+    site_paths = {
+        "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "attn_out": ("self_attn.out_proj",),
+        "mlp_in": ("fc1",),
+        "mlp_out": ("fc2",),
+    }
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.decoder.layers
 
-    def sites(self, block: nn.Module) -> list[Site]:
-        return [
-            Site("attn_in", "attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            Site("attn_out", "attn_out", ("self_attn.out_proj",)),
-            Site("mlp_in", "mlp_in", ("fc1",)),
-            Site("mlp_out", "mlp_out", ("fc2",)),
-        ]
-
-    def heads(self) -> HeadLayout:
-        c = self.config
-        return HeadLayout(
-            c.num_attention_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads
-        )
-
 
 class BertAdapter(Adapter):
-    """BERT / MiniLM encoders: post-LN blocks, GELU intermediate layer."""
+    """BERT / MiniLM / RoBERTa encoders: post-LN blocks, GELU intermediate layer."""
 
     family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta")
     causal = False
+    site_paths = {
+        "attn_in": ("attention.self.query", "attention.self.key", "attention.self.value"),
+        "attn_out": ("attention.output.dense",),
+        "mlp_in": ("intermediate.dense",),
+        "mlp_out": ("output.dense",),
+    }
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.encoder.layer
-
-    def sites(self, block: nn.Module) -> list[Site]:
-        return [
-            Site(
-                "attn_in",
-                "attn_in",
-                ("attention.self.query", "attention.self.key", "attention.self.value"),
-            ),
-            Site("attn_out", "attn_out", ("attention.output.dense",)),
-            Site("mlp_in", "mlp_in", ("intermediate.dense",)),
-            Site("mlp_out", "mlp_out", ("output.dense",)),
-        ]
-
-    def heads(self) -> HeadLayout:
-        c = self.config
-        return HeadLayout(
-            c.num_attention_heads, c.num_attention_heads, c.hidden_size // c.num_attention_heads
-        )
 
 
 class DistilBertAdapter(Adapter):
@@ -90,24 +68,19 @@ class DistilBertAdapter(Adapter):
     family = "distilbert"
     model_types = ("distilbert",)
     causal = False
+    site_paths = {
+        "attn_in": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
+        "attn_out": ("attention.out_lin",),
+        "mlp_in": ("ffn.lin1",),
+        "mlp_out": ("ffn.lin2",),
+    }
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.transformer.layer
 
-    def sites(self, block: nn.Module) -> list[Site]:
-        return [
-            Site("attn_in", "attn_in", ("attention.q_lin", "attention.k_lin", "attention.v_lin")),
-            Site("attn_out", "attn_out", ("attention.out_lin",)),
-            Site("mlp_in", "mlp_in", ("ffn.lin1",)),
-            Site("mlp_out", "mlp_out", ("ffn.lin2",)),
-        ]
-
     def heads(self) -> HeadLayout:
         c = self.config
         return HeadLayout(c.n_heads, c.n_heads, c.dim // c.n_heads)
-
-    def max_positions(self) -> int | None:
-        return self.config.max_position_embeddings
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, OPTAdapter, BertAdapter, DistilBertAdapter)
