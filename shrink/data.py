@@ -128,7 +128,9 @@ def _text(name: str, which: str) -> str:
 
 def token_stream(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The whole part as one 1-D tensor of token ids (no special tokens)."""
-    ids = tokenizer(_text(name, which), add_special_tokens=False, return_attention_mask=False).input_ids
+    ids = tokenizer(
+        _text(name, which), add_special_tokens=False, return_attention_mask=False, verbose=False
+    ).input_ids
     return torch.tensor(ids, dtype=torch.long)
 
 
