@@ -101,7 +101,12 @@ def catch_block_inputs(
 
 
 def _collect_stats(
-    ctx_block: nn.Module, sites: list[Site], index: int, run_all: Callable[[], list[torch.Tensor]], device
+    ctx_block: nn.Module,
+    sites: list[Site],
+    index: int,
+    run_all: Callable[[], list[torch.Tensor]],
+    device,
+    sketch_rows: Callable[[Site, int], int],
 ) -> tuple[dict[str, SecondMoment], list[torch.Tensor]]:
     """One pass over the block with pre-hooks on each site's first linear; returns stats and outputs."""
     stats: dict[str, SecondMoment] = {}
@@ -109,7 +114,13 @@ def _collect_stats(
     for site in sites:
         first = ctx_block.get_submodule(site.linears[0])
         dim = first.in_features
-        stats[site.name] = acc = SecondMoment(dim, device=device, where=f"block {index} {site.name}")
+        stats[site.name] = acc = SecondMoment(
+            dim,
+            device=device,
+            where=f"block {index} {site.name}",
+            sketch_rows=sketch_rows(site, dim),
+            seed=index,
+        )
         handles.append(first.register_forward_pre_hook(lambda _m, args, acc=acc: acc.update(args[0])))
     try:
         outputs = run_all()
@@ -130,6 +141,7 @@ def compress_layerwise(
     device: torch.device,
     on_block: Callable[[int, BlockResult, float], None],
     needs_stats: bool = True,
+    sketch_rows: Callable[[Site, int], int] = lambda site, dim: 0,
 ) -> None:
     """Compress every block in order; `on_block(index, result, seconds)` reports as it goes."""
     calls = catch_block_inputs(adapter, windows, batch_size, device)
@@ -147,7 +159,7 @@ def compress_layerwise(
 
         start = time.perf_counter()
         if needs_stats or propagate == Propagate.dense:
-            stats, outputs = _collect_stats(block, sites, i, run_all, device)
+            stats, outputs = _collect_stats(block, sites, i, run_all, device, sketch_rows)
         else:
             stats, outputs = {}, []
         ctx = BlockContext(

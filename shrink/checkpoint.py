@@ -71,6 +71,25 @@ def structural_edits(model: nn.Module, head: str) -> list[dict[str, Any]]:
                 edits.append(
                     {"kind": "linear", "path": path, "in": shape[0], "out": shape[1], "bias": shape[2]}
                 )
+    edits.extend(_attribute_edits(model, reference))
+    return edits
+
+
+def _attribute_edits(model: nn.Module, reference: dict[str, nn.Module]) -> list[dict[str, Any]]:
+    """Head-count attributes of attention modules that differ from the base architecture."""
+    from .models import build_adapter
+
+    adapter = build_adapter(model)
+    edits = []
+    for index in range(len(adapter.blocks())):
+        prefix = adapter.block_path(index)
+        for rel, attributes in adapter.head_attributes.items():
+            path = f"{prefix}.{rel}"
+            module = model.get_submodule(path)
+            for name in attributes:
+                value = getattr(module, name)
+                if value != getattr(reference[path], name):
+                    edits.append({"kind": "attr", "path": path, "name": name, "value": value})
     return edits
 
 
@@ -119,12 +138,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def _apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> None:
     factory = {"device": "meta", "dtype": dtype}
+    if edit["kind"] == "attr":
+        setattr(model.get_submodule(edit["path"]), edit["name"], edit["value"])
+        return
     if edit["kind"] == "low_rank":
         new = LowRankLinear(edit["in"], edit["out"], edit["rank"], bias=edit["bias"], **factory)
     elif edit["kind"] == "linear":
         new = nn.Linear(edit["in"], edit["out"], bias=edit["bias"], **factory)
     else:
-        raise ShrinkError(f"unknown edit kind {edit['kind']!r} in manifest; valid: low_rank, linear")
+        raise ShrinkError(f"unknown edit kind {edit['kind']!r} in manifest; valid: low_rank, linear, attr")
     replace_submodule(model, edit["path"], new)
 
 

@@ -81,6 +81,22 @@ class SVDConf(MethodConf):
     name: str = "svd"
 
 
+class IDSelection(str, Enum):
+    cholesky = "cholesky"  # pivoted Cholesky of the streamed Gram matrix (default)
+    sketch_qr = "sketch_qr"  # pivoted QR of a streamed Gaussian row sketch ΩZ (exact check)
+
+
+@dataclass
+class IDConf(MethodConf):
+    name: str = "id"
+    selection: IDSelection = IDSelection.cholesky
+    sketch_oversample: float = 2.0  # sketch_qr: rows of ΩZ per column of Z
+    weight_by_outgoing: bool = True  # scale column j of Z by ‖W_next[:, j]‖ before selecting
+    ridge: float = 1e-8  # relative ridge when G[J,J] is singular
+    ffn: bool = True  # prune FFN neurons
+    heads: bool = True  # prune attention heads
+
+
 @dataclass
 class ScheduleConf:
     name: str = MISSING
@@ -152,6 +168,7 @@ def register_schemas() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConf)
     cs.store(group="method", name="base_svd", node=SVDConf)
+    cs.store(group="method", name="base_id", node=IDConf)
     cs.store(group="schedule", name="base_uniform", node=UniformConf)
     cs.store(group="calib", name="base_calib", node=CalibConf)
     cs.store(group="eval", name="base_eval", node=EvalConf)

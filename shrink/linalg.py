@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .errors import NumericalError
@@ -32,3 +34,123 @@ def output_error(delta: torch.Tensor, weight: torch.Tensor, moment: torch.Tensor
     if den <= 0:
         return float("nan")
     return float((num / den).sqrt())
+
+
+def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy column selection of the ID from the Gram matrix G = ZᵀZ.
+
+    Picking, at each step, the column with the largest residual after projection onto the chosen
+    ones is QR with column pivoting of Z, computed from G alone (pivoted Cholesky), so no
+    activation matrix is needed. Returns the pivots in selection order and |R_jj| of each (the
+    residual norm of that column when it was chosen; the greedy schedule ranks by it). Columns
+    already in the span of the chosen ones (residual ≤ rtol·max diag) are appended with |R_jj|=0.
+    """
+    g = gram.to(torch.float64)
+    n = g.shape[0]
+    k = min(k, n)
+    residual = torch.diagonal(g).clone()
+    floor = rtol * float(residual.max().clamp_min(0))
+    factor = torch.zeros(n, k, dtype=torch.float64, device=g.device)
+    chosen = torch.zeros(n, dtype=torch.bool, device=g.device)
+    pivots, r_diag = [], []
+    for i in range(k):
+        masked = torch.where(chosen, torch.full_like(residual, -float("inf")), residual)
+        j = int(masked.argmax())
+        pivots.append(j)
+        chosen[j] = True
+        if residual[j] <= floor:
+            r_diag.append(0.0)
+            continue
+        r_jj = residual[j].sqrt()
+        column = (g[:, j] - factor[:, :i] @ factor[j, :i]) / r_jj
+        factor[:, i] = column
+        residual = (residual - column**2).clamp_min(0)
+        residual[chosen] = 0
+        r_diag.append(float(r_jj))
+    return torch.tensor(pivots, dtype=torch.long), torch.tensor(r_diag, dtype=torch.float64)
+
+
+def pivoted_qr(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns chosen by QR with column pivoting (modified Gram–Schmidt) of an explicit matrix.
+
+    Used on a Gaussian row sketch ΩZ as an independent check of `pivoted_cholesky`.
+    """
+    a = matrix.to(torch.float64).clone()
+    chosen = torch.zeros(a.shape[1], dtype=torch.bool)
+    pivots = []
+    for _ in range(min(k, a.shape[1])):
+        norms = (a * a).sum(0)
+        norms[chosen] = -1.0
+        j = int(norms.argmax())
+        pivots.append(j)
+        chosen[j] = True
+        q = a[:, j] / a[:, j].norm().clamp_min(1e-300)
+        a -= torch.outer(q, q @ a)
+    return torch.tensor(pivots, dtype=torch.long)
+
+
+def interpolation_matrix(gram: torch.Tensor, keep: torch.Tensor, ridge: float = 1e-8) -> torch.Tensor:
+    """T (k × n) with Z ≈ Z[:, keep] T in least squares: T = G[J,J]⁻¹ G[J,:], and T[:, J] = I.
+
+    G[J,J] may be singular (dead neurons, duplicated heads): a ridge of `ridge`·mean(diag) is
+    added when its Cholesky fails, escalated tenfold up to 1e-2·mean(diag).
+    """
+    g = gram.to(torch.float64)
+    gjj = g[keep][:, keep]
+    scale = float(torch.diagonal(gjj).mean().clamp_min(1e-300))
+    jitter = 0.0
+    while True:
+        chol, info = torch.linalg.cholesky_ex(
+            gjj + jitter * scale * torch.eye(len(keep), dtype=g.dtype, device=g.device)
+        )
+        if int(info) == 0:
+            break
+        jitter = ridge if jitter == 0.0 else jitter * 10
+        if jitter > 1e-2:
+            raise NumericalError("interpolation system is singular even with a 1e-2 ridge")
+    t = torch.cholesky_solve(g[keep], chol)
+    t[:, keep] = torch.eye(len(keep), dtype=t.dtype, device=t.device)
+    return t
+
+
+def block_pivoted_cholesky(
+    gram: torch.Tensor,
+    block_size: int,
+    count: int,
+    eligible: Callable[[list[int]], torch.Tensor] | None = None,
+    rtol: float = 1e-12,
+) -> tuple[list[int], torch.Tensor]:
+    """The ID's greedy selection over blocks of columns (attention heads) from G = ZᵀZ.
+
+    At each step the eligible block with the largest residual energy (the squared Frobenius norm
+    of what is left of it after projection onto every column chosen so far) is chosen and all its
+    columns join the basis. `eligible(chosen)` returns a mask over blocks (constraints such as
+    equal heads per KV group). Returns the chosen blocks in order and the residual norm of each
+    when chosen.
+    """
+    g = gram.to(torch.float64)
+    n = g.shape[0]
+    n_blocks = n // block_size
+    residual = torch.diagonal(g).clone()
+    floor = rtol * float(residual.max().clamp_min(0))
+    factor = torch.zeros(n, n, dtype=torch.float64, device=g.device)
+    rank = 0
+    chosen: list[int] = []
+    scores = []
+    for _ in range(min(count, n_blocks)):
+        energy = residual.view(n_blocks, block_size).sum(1)
+        mask = eligible(chosen) if eligible is not None else torch.ones(n_blocks, dtype=torch.bool)
+        mask[chosen] = False
+        energy = torch.where(mask.to(energy.device), energy, torch.full_like(energy, -float("inf")))
+        b = int(energy.argmax())
+        chosen.append(b)
+        scores.append(float(energy[b].clamp_min(0).sqrt()))
+        for j in range(b * block_size, (b + 1) * block_size):
+            if residual[j] <= floor:
+                continue
+            column = (g[:, j] - factor[:, :rank] @ factor[j, :rank]) / residual[j].sqrt()
+            factor[:, rank] = column
+            rank += 1
+            residual = (residual - column**2).clamp_min(0)
+            residual[j] = 0
+    return chosen, torch.tensor(scores, dtype=torch.float64)

@@ -175,6 +175,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             device,
             on_block,
             needs_stats=method.needs_stats,
+            sketch_rows=method.sketch_rows,
         )
         compress_seconds = time.perf_counter() - t_compress
         model.to("cpu")

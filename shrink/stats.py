@@ -8,19 +8,39 @@ from .errors import NumericalError
 
 
 class SecondMoment:
-    """Accumulates XᵀX and Σx in float64 over any number of token batches."""
+    """Accumulates XᵀX and Σx in float64 over any number of token batches.
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu", where: str = "") -> None:
+    With `sketch_rows` > 0 it also accumulates a Gaussian row sketch ΩX (sketch_rows × dim), drawn
+    batch by batch from a seeded generator, for methods that check against an explicit matrix.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        device: torch.device | str = "cpu",
+        where: str = "",
+        sketch_rows: int = 0,
+        seed: int = 0,
+    ) -> None:
         self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.count = 0
         self.where = where
+        self.sketch = (
+            torch.zeros(sketch_rows, dim, dtype=torch.float64, device=device) if sketch_rows else None
+        )
+        self._gen = torch.Generator(device=device).manual_seed(seed) if sketch_rows else None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float64)
         if not torch.isfinite(x).all():
             raise NumericalError(f"non-finite activations at the input of {self.where or 'a site'}")
         self.xtx.addmm_(x.T, x)
+        if self.sketch is not None:
+            omega = torch.randn(
+                self.sketch.shape[0], x.shape[0], generator=self._gen, dtype=x.dtype, device=x.device
+            )
+            self.sketch.addmm_(omega, x)
         self.sum += x.sum(0)
         self.count += x.shape[0]
 

@@ -58,3 +58,28 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, LowRankLinear):
         return module.dense_weight()
     return module.weight
+
+
+def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    """A Linear holding `weight` (out×in) and `bias`, in the dtype and device of `like`."""
+    dtype, device = like.weight.dtype, like.weight.device
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, device=device)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module
+
+
+def keep_outputs(block: nn.Module, path: str, rows: torch.Tensor) -> None:
+    """Shrink the Linear at `path` to the output units `rows` (weight rows and bias entries)."""
+    linear = block.get_submodule(path)
+    rows = rows.to(linear.weight.device)
+    bias = linear.bias[rows] if linear.bias is not None else None
+    replace_submodule(block, path, new_linear(linear.weight[rows], bias, linear))
+
+
+def set_inputs(block: nn.Module, path: str, weight: torch.Tensor) -> None:
+    """Replace the Linear at `path` by one reading fewer inputs: new out×k `weight`, same bias."""
+    linear = block.get_submodule(path)
+    replace_submodule(block, path, new_linear(weight, linear.bias, linear))

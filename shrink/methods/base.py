@@ -18,6 +18,10 @@ class Method(ABC):
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
 
+    def sketch_rows(self, site, dim: int) -> int:
+        """Rows of the Gaussian sketch ΩX the runner should stream for `site` (0: none)."""
+        return 0
+
     @abstractmethod
     def compress_block(self, ctx: BlockContext) -> BlockResult:
         """Edit `ctx.block` in place to meet `ctx.targets`; return per-layer rows and spectra."""

@@ -38,6 +38,9 @@ class Adapter(ABC):
     causal: bool = True
     # role -> linears (relative to the block) that read that role's input, in forward order
     site_paths: dict[str, tuple[str, ...]] = {}
+    # attention-module attributes that hold head counts: path -> attribute -> "heads" | "kv_groups"
+    # | "head_width" (heads × head size); updated when heads are pruned, recorded in checkpoints
+    head_attributes: dict[str, dict[str, str]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -55,6 +58,21 @@ class Adapter(ABC):
         """Multi-head attention with as many KV heads as query heads (overridden for GQA)."""
         n_heads = self.config.num_attention_heads
         return HeadLayout(n_heads, n_heads, self.config.hidden_size // n_heads)
+
+    def set_head_counts(self, block: nn.Module, n_heads: int, n_kv_heads: int) -> None:
+        """Tell the block's attention module how many heads its (pruned) projections now hold."""
+        head_dim = self.heads().head_dim
+        values = {"heads": n_heads, "kv_groups": n_heads // n_kv_heads, "head_width": n_heads * head_dim}
+        for path, attributes in self.head_attributes.items():
+            module = block.get_submodule(path)
+            for attribute, kind in attributes.items():
+                setattr(module, attribute, values[kind])
+
+    def head_counts(self, block: nn.Module) -> tuple[int, int]:
+        """(query heads, KV heads) the block's projections hold now, read from their shapes."""
+        head_dim = self.heads().head_dim
+        q, k = (block.get_submodule(p) for p in self.site_paths["attn_in"][:2])
+        return q.out_features // head_dim, k.out_features // head_dim
 
     def blocks(self) -> nn.ModuleList:
         return self._blocks_of(self.model.base_model)

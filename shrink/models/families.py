@@ -18,6 +18,7 @@ class LlamaAdapter(Adapter):
         "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
         "mlp_out": ("mlp.down_proj",),
     }
+    head_attributes = {"self_attn": {"num_key_value_groups": "kv_groups"}}
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.layers
@@ -40,6 +41,7 @@ class OPTAdapter(Adapter):
         "mlp_in": ("fc1",),
         "mlp_out": ("fc2",),
     }
+    head_attributes = {"self_attn": {"num_heads": "heads"}}
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.decoder.layers
@@ -57,6 +59,7 @@ class BertAdapter(Adapter):
         "mlp_in": ("intermediate.dense",),
         "mlp_out": ("output.dense",),
     }
+    head_attributes = {"attention.self": {"num_attention_heads": "heads", "all_head_size": "head_width"}}
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.encoder.layer
@@ -74,6 +77,7 @@ class DistilBertAdapter(Adapter):
         "mlp_in": ("ffn.lin1",),
         "mlp_out": ("ffn.lin2",),
     }
+    head_attributes = {"attention": {"n_heads": "heads"}}
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.transformer.layer

@@ -1,0 +1,231 @@
+"""`id`: STAT — structured pruning by interpolative decomposition (Chee et al., model-preserving).
+
+FFN: Z is the input of the down projection (post-activation hidden units). A column ID
+Z ≈ Z[:, J] T picks the neurons J to keep; columns are weighted by the norms of their outgoing
+weights so the selection minimises the block's output error. The kept neurons' rows of up/gate
+(fc1) stay, the correction folds into the next layer: W_down ← W_down Tᵀ.
+
+Heads: Z is the attention output (input of o_proj); each head's slice is one block of columns.
+Heads are chosen by the block version of the same greedy ID, dropped heads are reconstructed
+from all kept head dimensions by least squares (T folded into o_proj), and q/k/v rows are sliced.
+With grouped-query attention every kept KV group keeps the same number of query heads, and a KV
+head goes only with all of its query heads.
+
+The pivoted QR of Z selects the same columns as the pivoted Cholesky of ZᵀZ, so the streamed
+second moment is enough; `selection: sketch_qr` runs pivoted QR on a streamed Gaussian row
+sketch ΩZ instead, as a check. T always comes from the exact Gram matrix.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..budget import module_cost
+from ..capture import BlockContext, BlockResult
+from ..config import BudgetUnit, IDSelection
+from ..errors import ShrinkError
+from ..linalg import block_pivoted_cholesky, interpolation_matrix, output_error, pivoted_cholesky, pivoted_qr
+from ..surgery import keep_outputs, set_inputs
+from . import register
+from .base import Method
+
+
+def _unit_cost(linears, unit: BudgetUnit, per_row: bool) -> int:
+    """Cost of one output row (per_row) or one input column of each Linear in `linears`."""
+    total = 0
+    for lin in linears:
+        width = lin.in_features if per_row else lin.out_features
+        total += width + (1 if per_row and lin.bias is not None and unit == BudgetUnit.params else 0)
+    return total
+
+
+def _spread(weight: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
+    """The out×width matrix that applies `weight` to the kept input columns of the full input."""
+    full = torch.zeros(weight.shape[0], width, dtype=weight.dtype, device=weight.device)
+    full[:, columns] = weight
+    return full
+
+
+def _fixed_cost(linear, unit: BudgetUnit) -> int:
+    return linear.out_features if (linear.bias is not None and unit == BudgetUnit.params) else 0
+
+
+def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
+    """The target of a unit spanning two sites, weighted by their dense costs."""
+    costs = {
+        n: sum(module_cost(ctx.block.get_submodule(p)).of(ctx.unit) for p in _site(ctx, n).linears)
+        for n in names
+    }
+    return sum(ctx.targets[n] * costs[n] for n in names) / sum(costs.values())
+
+
+def _site(ctx: BlockContext, role: str):
+    return next(s for s in ctx.sites if s.role == role)
+
+
+def _record(ctx, unit_name, kept, total, before, paths, fraction, error, start, **extra) -> dict:
+    after = [module_cost(ctx.block.get_submodule(p)) for p in paths]
+    return {
+        "site": unit_name,
+        "kept": kept,
+        "total": total,
+        "params_dense": sum(c.params for c in before),
+        "params_kept": sum(c.params for c in after),
+        "macs_dense": sum(c.macs for c in before),
+        "macs_kept": sum(c.macs for c in after),
+        "target": fraction,
+        "rel_error": error,
+        "seconds": time.perf_counter() - start,
+        **extra,
+    }
+
+
+@register
+class InterpolativeDecomposition(Method):
+    name = "id"
+
+    def sketch_rows(self, site, dim: int) -> int:
+        if self.cfg.selection != IDSelection.sketch_qr or site.role not in ("mlp_out", "attn_out"):
+            return 0
+        return max(1, int(self.cfg.sketch_oversample * dim))
+
+    def compress_block(self, ctx: BlockContext) -> BlockResult:
+        records, spectra = [], {}
+        if self.cfg.ffn:
+            records.append(self._prune_ffn(ctx, spectra))
+        if self.cfg.heads:
+            records.append(self._prune_heads(ctx, spectra))
+        return BlockResult(records, spectra)
+
+    def _weights(self, next_linear) -> torch.Tensor:
+        if not self.cfg.weight_by_outgoing:
+            return torch.ones(next_linear.in_features, dtype=torch.float64, device=next_linear.weight.device)
+        return next_linear.weight.detach().to(torch.float64).norm(dim=0)
+
+    # ---- FFN neurons -------------------------------------------------------------------------
+    def _prune_ffn(self, ctx: BlockContext, spectra: dict) -> dict:
+        start = time.perf_counter()
+        site_in, site_out = _site(ctx, "mlp_in"), _site(ctx, "mlp_out")
+        ins = [ctx.block.get_submodule(p) for p in site_in.linears]
+        down = ctx.block.get_submodule(site_out.linears[0])
+        paths = [*site_in.linears, site_out.linears[0]]
+        before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
+        n = down.in_features
+        fraction = _site_fraction(ctx, ("mlp_in", "mlp_out"))
+        per_neuron = _unit_cost(ins, ctx.unit, per_row=True) + _unit_cost([down], ctx.unit, per_row=False)
+        fixed = _fixed_cost(down, ctx.unit)
+        k = min(n, int((fraction * (n * per_neuron + fixed) - fixed) // per_neuron))
+        if k < 1:
+            raise ShrinkError(f"block {ctx.index}: FFN target {fraction:.4f} cannot keep even one neuron")
+
+        stats = ctx.stats[site_out.name]
+        gram = stats.xtx
+        w = self._weights(down)
+        order, r_diag = pivoted_cholesky(gram * w[:, None] * w[None, :], n)
+        spectra["mlp_out.id_residuals"] = r_diag.cpu().numpy()
+        if self.cfg.selection == IDSelection.sketch_qr:
+            order = pivoted_qr(stats.sketch * w[None, :], k)
+        keep = order[:k].sort().values.to(gram.device)
+        t = interpolation_matrix(gram, keep, self.cfg.ridge)
+        w_down = down.weight.detach().to(torch.float64)
+        new_down = w_down @ t.T
+        error = output_error(w_down - _spread(new_down, keep, n), w_down, stats.moment())
+        for path in site_in.linears:
+            keep_outputs(ctx.block, path, keep)
+        set_inputs(ctx.block, site_out.linears[0], new_down)
+        return _record(ctx, "mlp", k, n, before, paths, fraction, error, start)
+
+    # ---- attention heads ---------------------------------------------------------------------
+    def _head_plan(self, ctx: BlockContext, q_lin, k_lin, o_lin, fraction: float) -> tuple[int, int]:
+        """(kept KV groups m, query heads per group q) of largest cost within the target."""
+        layout = ctx.heads
+        n_heads, n_kv = ctx.adapter.head_counts(ctx.block)
+        group = n_heads // n_kv
+        dh = layout.head_dim
+        per_q = dh * (_unit_cost([q_lin], ctx.unit, True) + _unit_cost([o_lin], ctx.unit, False))
+        per_kv = dh * 2 * _unit_cost([k_lin], ctx.unit, True)
+        if n_kv == n_heads:  # MHA: a head carries its own k/v
+            per_q, per_kv = per_q + per_kv, 0
+        fixed = _fixed_cost(o_lin, ctx.unit)
+        allowed = fraction * (n_heads * per_q + n_kv * per_kv + fixed) - fixed
+        best = None
+        for m in range(1, n_kv + 1):
+            for q in range(1, group + 1):
+                cost = m * q * per_q + m * per_kv
+                if cost <= allowed + 1e-9 and (best is None or (cost, m * q) > best[0]):
+                    best = ((cost, m * q), m, q)
+        if best is None:
+            raise ShrinkError(f"block {ctx.index}: attention target {fraction:.4f} cannot keep even one head")
+        return best[1], best[2]
+
+    def _prune_heads(self, ctx: BlockContext, spectra: dict) -> dict:
+        start = time.perf_counter()
+        site_in, site_out = _site(ctx, "attn_in"), _site(ctx, "attn_out")
+        q_path, k_path, v_path = site_in.linears
+        o_path = site_out.linears[0]
+        q_lin, k_lin, o_lin = (ctx.block.get_submodule(p) for p in (q_path, k_path, o_path))
+        paths = [q_path, k_path, v_path, o_path]
+        before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
+        n_heads, n_kv = ctx.adapter.head_counts(ctx.block)
+        group, dh = n_heads // n_kv, ctx.heads.head_dim
+        fraction = _site_fraction(ctx, ("attn_in", "attn_out"))
+        m, q = self._head_plan(ctx, q_lin, k_lin, o_lin, fraction)
+
+        stats = ctx.stats[site_out.name]
+        gram = stats.xtx
+        w = self._weights(o_lin)
+
+        def eligible(chosen: list[int]) -> torch.Tensor:
+            counts = torch.zeros(n_kv, dtype=torch.long)
+            for h in chosen:
+                counts[h // group] += 1
+            opened = int((counts > 0).sum())
+            groups = torch.arange(n_heads) // group
+            room = counts[groups] < q
+            may_open = (counts[groups] > 0) | (opened < m)
+            return room & may_open
+
+        if self.cfg.selection == IDSelection.sketch_qr:
+            heads = self._sketch_heads(stats.sketch * w[None, :], dh, m * q, eligible)
+        else:
+            heads, scores = block_pivoted_cholesky(gram * w[:, None] * w[None, :], dh, m * q, eligible)
+            spectra["attn_out.head_residuals"] = scores.cpu().numpy()
+        heads = sorted(heads)  # grouped by KV head in order, as repeat_kv expects
+        kv_kept = sorted({h // group for h in heads})
+        dims = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(gram.device)
+        t = interpolation_matrix(gram, dims, self.cfg.ridge)
+        w_o = o_lin.weight.detach().to(torch.float64)
+        new_o = w_o @ t.T
+        error = output_error(w_o - _spread(new_o, dims, w_o.shape[1]), w_o, stats.moment())
+
+        keep_outputs(ctx.block, q_path, dims)
+        if n_kv != n_heads:
+            kv_dims = torch.cat([torch.arange(g * dh, (g + 1) * dh) for g in kv_kept]).to(gram.device)
+        else:
+            kv_dims = dims
+        keep_outputs(ctx.block, k_path, kv_dims)
+        keep_outputs(ctx.block, v_path, kv_dims)
+        set_inputs(ctx.block, o_path, new_o)
+        ctx.adapter.set_head_counts(ctx.block, len(heads), len(kv_kept) if n_kv != n_heads else len(heads))
+        return _record(
+            ctx, "attn", len(heads), n_heads, before, paths, fraction, error, start, kept_kv=len(kv_kept)
+        )
+
+    @staticmethod
+    def _sketch_heads(sketch: torch.Tensor, dh: int, count: int, eligible) -> list[int]:
+        """Block pivoted QR on the explicit sketch: the check path for head selection."""
+        a = sketch.to(torch.float64).clone()
+        n_heads = a.shape[1] // dh
+        chosen: list[int] = []
+        for _ in range(count):
+            energy = (a * a).sum(0).view(n_heads, dh).sum(1)
+            mask = eligible(chosen)
+            mask[chosen] = False
+            energy[~mask] = -1.0
+            h = int(energy.argmax())
+            chosen.append(h)
+            basis, _ = torch.linalg.qr(a[:, h * dh : (h + 1) * dh])
+            a -= basis @ (basis.T @ a)
+        return chosen
