@@ -52,12 +52,13 @@ def _fixed_cost(linear, unit: BudgetUnit) -> int:
     return linear.out_features if (linear.bias is not None and unit == BudgetUnit.params) else 0
 
 
+def _site_cost(ctx: BlockContext, role: str) -> int:
+    return sum(module_cost(ctx.block.get_submodule(p)).of(ctx.unit) for p in _site(ctx, role).linears)
+
+
 def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
     """The target of a unit spanning two sites, weighted by their dense costs."""
-    costs = {
-        n: sum(module_cost(ctx.block.get_submodule(p)).of(ctx.unit) for p in _site(ctx, n).linears)
-        for n in names
-    }
+    costs = {n: _site_cost(ctx, n) for n in names}
     return sum(ctx.targets[n] * costs[n] for n in names) / sum(costs.values())
 
 
@@ -92,11 +93,26 @@ class InterpolativeDecomposition(Method):
         return max(1, int(self.cfg.sketch_oversample * dim))
 
     def compress_block(self, ctx: BlockContext) -> BlockResult:
+        """Heads first, then neurons: the block as a whole keeps at most its target.
+
+        Heads come in coarse units (a whole head, or a KV group under GQA), so the head count
+        rarely lands on its share exactly; the FFN, last, gets whatever the block's allowance
+        leaves, so the per-block fraction is met as closely as the granularity allows.
+        """
         records, spectra = [], {}
-        if self.cfg.ffn:
-            records.append(self._prune_ffn(ctx, spectra))
+        allowance = sum(ctx.targets[s.name] * _site_cost(ctx, s.name) for s in ctx.sites)
+        attn_cost = _site_cost(ctx, "attn_in") + _site_cost(ctx, "attn_out")
+        ffn_cost = _site_cost(ctx, "mlp_in") + _site_cost(ctx, "mlp_out")
         if self.cfg.heads:
-            records.append(self._prune_heads(ctx, spectra))
+            share = (
+                _site_fraction(ctx, ("attn_in", "attn_out"))
+                if self.cfg.ffn
+                else (allowance - ffn_cost) / attn_cost
+            )
+            records.append(self._prune_heads(ctx, spectra, share))
+            attn_cost = _site_cost(ctx, "attn_in") + _site_cost(ctx, "attn_out")
+        if self.cfg.ffn:
+            records.append(self._prune_ffn(ctx, spectra, (allowance - attn_cost) / ffn_cost))
         return BlockResult(records, spectra)
 
     def _weights(self, next_linear) -> torch.Tensor:
@@ -105,7 +121,7 @@ class InterpolativeDecomposition(Method):
         return next_linear.weight.detach().to(torch.float64).norm(dim=0)
 
     # ---- FFN neurons -------------------------------------------------------------------------
-    def _prune_ffn(self, ctx: BlockContext, spectra: dict) -> dict:
+    def _prune_ffn(self, ctx: BlockContext, spectra: dict, fraction: float) -> dict:
         start = time.perf_counter()
         site_in, site_out = _site(ctx, "mlp_in"), _site(ctx, "mlp_out")
         ins = [ctx.block.get_submodule(p) for p in site_in.linears]
@@ -113,12 +129,14 @@ class InterpolativeDecomposition(Method):
         paths = [*site_in.linears, site_out.linears[0]]
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
         n = down.in_features
-        fraction = _site_fraction(ctx, ("mlp_in", "mlp_out"))
         per_neuron = _unit_cost(ins, ctx.unit, per_row=True) + _unit_cost([down], ctx.unit, per_row=False)
         fixed = _fixed_cost(down, ctx.unit)
         k = min(n, int((fraction * (n * per_neuron + fixed) - fixed) // per_neuron))
         if k < 1:
-            raise ShrinkError(f"block {ctx.index}: FFN target {fraction:.4f} cannot keep even one neuron")
+            raise ShrinkError(
+                f"block {ctx.index}: after the heads, the FFN's share ({fraction:.4f}) cannot keep even one "
+                "neuron; raise the budget"
+            )
 
         stats = ctx.stats[site_out.name]
         gram = stats.xtx
@@ -139,7 +157,8 @@ class InterpolativeDecomposition(Method):
 
     # ---- attention heads ---------------------------------------------------------------------
     def _head_plan(self, ctx: BlockContext, q_lin, k_lin, o_lin, fraction: float) -> tuple[int, int]:
-        """(kept KV groups m, query heads per group q) of largest cost within the target."""
+        """(kept KV groups m, query heads per group q) of largest cost within the target; one head
+        (one KV group) at least, whose excess the FFN then pays for."""
         layout = ctx.heads
         n_heads, n_kv = ctx.adapter.head_counts(ctx.block)
         group = n_heads // n_kv
@@ -156,11 +175,9 @@ class InterpolativeDecomposition(Method):
                 cost = m * q * per_q + m * per_kv
                 if cost <= allowed + 1e-9 and (best is None or (cost, m * q) > best[0]):
                     best = ((cost, m * q), m, q)
-        if best is None:
-            raise ShrinkError(f"block {ctx.index}: attention target {fraction:.4f} cannot keep even one head")
-        return best[1], best[2]
+        return (best[1], best[2]) if best is not None else (1, 1)
 
-    def _prune_heads(self, ctx: BlockContext, spectra: dict) -> dict:
+    def _prune_heads(self, ctx: BlockContext, spectra: dict, fraction: float) -> dict:
         start = time.perf_counter()
         site_in, site_out = _site(ctx, "attn_in"), _site(ctx, "attn_out")
         q_path, k_path, v_path = site_in.linears
@@ -170,7 +187,6 @@ class InterpolativeDecomposition(Method):
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
         n_heads, n_kv = ctx.adapter.head_counts(ctx.block)
         group, dh = n_heads // n_kv, ctx.heads.head_dim
-        fraction = _site_fraction(ctx, ("attn_in", "attn_out"))
         m, q = self._head_plan(ctx, q_lin, k_lin, o_lin, fraction)
 
         stats = ctx.stats[site_out.name]

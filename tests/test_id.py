@@ -1,0 +1,125 @@
+"""`id` (STAT): exactness at k = all, GQA constraints, selection paths, and ID quality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shrink
+from shrink.linalg import block_pivoted_cholesky, interpolation_matrix, pivoted_cholesky, pivoted_qr
+from shrink.models import build_adapter, load_model
+
+from .conftest import TINY, make_cfg, tiny_overrides
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert", "tiny-distilbert"])
+def test_keeping_everything_reproduces_logits(run_job, model):
+    """Budget 1 runs the whole ID path with k = n: T = I, so the model must not change."""
+    metrics, folder = run_job(*tiny_overrides(model), "method=id", "budget=1.0")
+    dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0).model
+    ids = torch.randint(0, 255, (2, 48))
+    assert torch.allclose(
+        logits(shrink.load(folder / "model"), ids), logits(dense, ids), atol=1e-5, rtol=1e-5
+    )
+    assert metrics["budget_achieved"] == 1.0
+
+
+@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("budget", [0.4, 0.7])
+def test_pruned_model_is_smaller_dense_and_reloads(run_job, monkeypatch, model, budget):
+    from shrink import checkpoint
+
+    ids = torch.randint(0, 255, (2, 48))
+    seen = {}
+    real_save = checkpoint.save
+
+    def save_and_remember(model_obj, *args, **kwargs):
+        seen["logits"] = logits(model_obj, ids)
+        return real_save(model_obj, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save_and_remember)
+    metrics, folder = run_job(*tiny_overrides(model), "method=id", f"budget={budget}")
+    assert metrics["budget_achieved"] <= budget
+    reloaded = shrink.load(folder / "model")
+    assert torch.equal(logits(reloaded, ids), seen["logits"])
+    # physically smaller: plain Linear layers of reduced width, no masks, no extra modules
+    linears = [m for m in reloaded.modules() if isinstance(m, torch.nn.Linear)]
+    dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0).model
+    assert len(linears) == len([m for m in dense.modules() if isinstance(m, torch.nn.Linear)])
+    assert (
+        metrics["params_compressed"]
+        == sum(p.numel() for p in reloaded.parameters())
+        < metrics["params_dense"]
+    )
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+def test_gqa_keeps_equal_query_heads_per_kv_group(run_job, budget):
+    _, folder = run_job(*tiny_overrides("tiny-llama"), "method=id", f"budget={budget}", "save_model=true")
+    model = shrink.load(folder / "model")
+    adapter = build_adapter(model)
+    for block in adapter.blocks():
+        n_heads, n_kv = adapter.head_counts(block)
+        assert n_heads % n_kv == 0
+        assert block.self_attn.num_key_value_groups == n_heads // n_kv
+        assert block.self_attn.o_proj.in_features == n_heads * 16
+
+
+def structured_problem(n=48, tokens=3000, latent=10, seed=0):
+    """Columns that are noisy mixtures of a few latent factors with decaying scales."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(tokens, latent, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, latent)
+    z = basis @ torch.randn(latent, n, generator=gen, dtype=torch.float64)
+    return z + 1e-3 * torch.randn(tokens, n, generator=gen, dtype=torch.float64)
+
+
+def test_cholesky_and_sketched_qr_select_the_same_columns():
+    z = structured_problem()
+    gen = torch.Generator().manual_seed(1)
+    sketch = torch.randn(2 * z.shape[1], z.shape[0], generator=gen, dtype=torch.float64) @ z
+    chol, _ = pivoted_cholesky(z.T @ z, 10)
+    assert chol.tolist() == pivoted_qr(z, 10).tolist()  # exact: QR of Z itself
+    assert chol.tolist() == pivoted_qr(sketch, 10).tolist()  # the streamed-sketch check path
+
+
+def test_head_selection_from_gram_equals_block_qr():
+    """Block pivoted Cholesky of ZᵀZ selects exactly the heads of block pivoted QR of Z."""
+    from shrink.methods.id import InterpolativeDecomposition
+
+    always = lambda chosen: torch.ones(8, dtype=torch.bool)  # noqa: E731
+    for seed in range(3):
+        z = structured_problem(n=64, latent=40, seed=seed)
+        by_gram, _ = block_pivoted_cholesky(z.T @ z, 8, 5, always)
+        assert by_gram == InterpolativeDecomposition._sketch_heads(z, 8, 5, always)
+
+
+def test_id_beats_random_subsets():
+    z = structured_problem()
+    gram = z.T @ z
+    keep = pivoted_cholesky(gram, 10)[0].sort().values
+    error = (z - z[:, keep] @ interpolation_matrix(gram, keep)).norm()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        rand = torch.randperm(z.shape[1], generator=gen)[:10].sort().values
+        assert error < (z - z[:, rand] @ interpolation_matrix(gram, rand)).norm()
+
+
+def test_singular_gram_is_regularised_not_propagated():
+    z = structured_problem()
+    z = torch.cat([z, z[:, :5]], dim=1)  # duplicated neurons: G[J,J] singular if both kept
+    keep = torch.arange(z.shape[1])
+    t = interpolation_matrix(z.T @ z, keep)
+    assert torch.isfinite(t).all() and torch.equal(t, torch.eye(z.shape[1], dtype=t.dtype))
+
+
+def test_sketch_qr_selection_runs_end_to_end(run_job):
+    metrics, _ = run_job(
+        *tiny_overrides("tiny-llama"), "method=id", "method.selection=sketch_qr", "budget=0.6"
+    )
+    assert metrics["budget_achieved"] <= 0.6
