@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import shrink.config  # noqa: F401  (registers schemas)
@@ -43,3 +44,27 @@ def run_job(tmp_path):
         return json.loads((folder / "metrics.json").read_text()), folder
 
     return _run
+
+
+def logits(model, ids):
+    """Logits of a causal/masked LM, or last hidden states of a bare encoder."""
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture
+def saved_logits(monkeypatch):
+    """Records the in-memory compressed model's logits on `ids` at the moment it is saved."""
+    from shrink import checkpoint
+
+    ids = torch.randint(0, 255, (2, 48))
+    seen: dict = {"ids": ids}
+    real_save = checkpoint.save
+
+    def save_and_remember(model_obj, *args, **kwargs):
+        seen["logits"] = logits(model_obj, ids)
+        return real_save(model_obj, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", save_and_remember)
+    return seen

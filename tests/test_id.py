@@ -9,13 +9,7 @@ import shrink
 from shrink.linalg import block_pivoted_cholesky, interpolation_matrix, pivoted_cholesky, pivoted_qr
 from shrink.models import build_adapter, load_model
 
-from .conftest import TINY, make_cfg, tiny_overrides
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+from .conftest import TINY, logits, make_cfg, tiny_overrides
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert", "tiny-distilbert"])
@@ -32,22 +26,11 @@ def test_keeping_everything_reproduces_logits(run_job, model):
 
 @pytest.mark.parametrize("model", TINY)
 @pytest.mark.parametrize("budget", [0.4, 0.7])
-def test_pruned_model_is_smaller_dense_and_reloads(run_job, monkeypatch, model, budget):
-    from shrink import checkpoint
-
-    ids = torch.randint(0, 255, (2, 48))
-    seen = {}
-    real_save = checkpoint.save
-
-    def save_and_remember(model_obj, *args, **kwargs):
-        seen["logits"] = logits(model_obj, ids)
-        return real_save(model_obj, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "save", save_and_remember)
+def test_pruned_model_is_smaller_dense_and_reloads(run_job, saved_logits, model, budget):
     metrics, folder = run_job(*tiny_overrides(model), "method=id", f"budget={budget}")
     assert metrics["budget_achieved"] <= budget
     reloaded = shrink.load(folder / "model")
-    assert torch.equal(logits(reloaded, ids), seen["logits"])
+    assert torch.equal(logits(reloaded, saved_logits["ids"]), saved_logits["logits"])
     # physically smaller: plain Linear layers of reduced width, no masks, no extra modules
     linears = [m for m in reloaded.modules() if isinstance(m, torch.nn.Linear)]
     dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0).model

@@ -12,13 +12,7 @@ import shrink
 from shrink.budget import largest_rank
 from shrink.config import BudgetUnit
 
-from .conftest import TINY, make_cfg, tiny_overrides
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+from .conftest import TINY, logits, make_cfg, tiny_overrides
 
 
 @pytest.mark.parametrize("model", TINY)
@@ -52,22 +46,13 @@ def test_full_budget_keeps_logits(run_job, model):
 
 @pytest.mark.parametrize("model", TINY)
 @pytest.mark.parametrize("propagate", ["compressed", "dense"])
-def test_save_load_reproduces_logits_and_counts(run_job, monkeypatch, model, propagate):
-    from shrink import checkpoint
+def test_save_load_reproduces_logits_and_counts(run_job, saved_logits, model, propagate):
     from shrink.models import load_model
 
-    ids = torch.randint(0, 255, (2, 32))
-    in_memory = {}
-    real_save = checkpoint.save
-
-    def save_and_remember(model_obj, *args, **kwargs):
-        in_memory["logits"] = logits(model_obj, ids)
-        return real_save(model_obj, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "save", save_and_remember)
+    ids = saved_logits["ids"]
     metrics, folder = run_job(*tiny_overrides(model), "budget=0.4", f"propagate={propagate}")
     reloaded = shrink.load(folder / "model")
-    assert torch.equal(logits(reloaded, ids), in_memory["logits"])
+    assert torch.equal(logits(reloaded, ids), saved_logits["logits"])
 
     with safe_open(folder / "model" / "model.safetensors", "pt") as f:
         stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
