@@ -106,3 +106,12 @@ def test_sketch_qr_selection_runs_end_to_end(run_job):
         *tiny_overrides("tiny-llama"), "method=id", "method.selection=sketch_qr", "budget=0.6"
     )
     assert metrics["budget_achieved"] <= 0.6
+
+
+def test_heads_only_below_reach_fails_clearly(tmp_path):
+    from shrink.errors import ShrinkError
+    from shrink.pipeline import run
+
+    cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=id", "method.ffn=false", "budget=0.5")
+    with pytest.raises(ShrinkError, match=r"block 0: id with ffn=False, heads=True keeps .* over its target"):
+        run(cfg, run_dir=tmp_path / "run")

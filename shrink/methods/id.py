@@ -103,6 +103,7 @@ class InterpolativeDecomposition(Method):
         allowance = sum(ctx.targets[s.name] * _site_cost(ctx, s.name) for s in ctx.sites)
         attn_cost = _site_cost(ctx, "attn_in") + _site_cost(ctx, "attn_out")
         ffn_cost = _site_cost(ctx, "mlp_in") + _site_cost(ctx, "mlp_out")
+        dense = attn_cost + ffn_cost
         if self.cfg.heads:
             share = (
                 _site_fraction(ctx, ("attn_in", "attn_out"))
@@ -113,6 +114,13 @@ class InterpolativeDecomposition(Method):
             attn_cost = _site_cost(ctx, "attn_in") + _site_cost(ctx, "attn_out")
         if self.cfg.ffn:
             records.append(self._prune_ffn(ctx, spectra, (allowance - attn_cost) / ffn_cost))
+        kept = sum(_site_cost(ctx, s.name) for s in ctx.sites)
+        if kept > allowance + 1e-6:
+            raise ShrinkError(
+                f"block {ctx.index}: id with ffn={self.cfg.ffn}, heads={self.cfg.heads} keeps "
+                f"{kept / dense:.3f} of the block, over its target {allowance / dense:.3f}; "
+                "raise the budget or let id prune both neurons and heads"
+            )
         return BlockResult(records, spectra)
 
     def _weights(self, next_linear) -> torch.Tensor:
