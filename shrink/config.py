@@ -92,7 +92,7 @@ class IDConf(MethodConf):
     selection: IDSelection = IDSelection.cholesky
     sketch_oversample: float = 2.0  # sketch_qr: rows of ΩZ per column of Z
     weight_by_outgoing: bool = True  # scale column j of Z by ‖W_next[:, j]‖ before selecting
-    ridge: float = 1e-8  # relative ridge when G[J,J] is singular
+    ridge: float = 1e-2  # λ/mean(diag G[J,J]) of the ridge fit of T (always on; see linalg)
     ffn: bool = True  # prune FFN neurons
     heads: bool = True  # prune attention heads
 

@@ -115,3 +115,17 @@ def test_heads_only_below_reach_fails_clearly(tmp_path):
     cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=id", "method.ffn=false", "budget=0.5")
     with pytest.raises(ShrinkError, match=r"block 0: id with ffn=False, heads=True keeps .* over its target"):
         run(cfg, run_dir=tmp_path / "run")
+
+
+def test_interpolation_is_least_squares_without_ridge_and_bounded_with_it():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(200, 1, generator=gen, dtype=torch.float64)
+    noise = torch.randn(200, 2, generator=gen, dtype=torch.float64)
+    # kept columns 0 and 1 are nearly collinear; dropped column 2 leans on their tiny difference
+    z = torch.cat([base, base + 1e-4 * noise[:, :1], base + 0.1 * noise[:, 1:]], dim=1)
+    keep = torch.tensor([0, 1])
+    exact = interpolation_matrix(z.T @ z, keep, ridge=0.0)
+    lstsq = torch.linalg.lstsq(z[:, keep], z).solution
+    torch.testing.assert_close(exact, lstsq, rtol=1e-6, atol=1e-6)
+    assert exact.abs().max() > 10  # the fit exploits the near-collinearity
+    assert interpolation_matrix(z.T @ z, keep).abs().max() < 1.5  # the default ridge does not
