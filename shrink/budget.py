@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from torch import nn
 
 from .config import BudgetUnit
 from .errors import ShrinkError
-from .models import Adapter
+from .models import Adapter, Site
 from .surgery import LowRankLinear
 
 
@@ -42,18 +44,41 @@ def module_cost(module: nn.Module) -> Cost:
     raise TypeError(f"no cost model for {type(module).__name__}")
 
 
-def block_cost(adapter: Adapter, block: nn.Module) -> Cost:
+def attention_score_macs(adapter: Adapter, block: nn.Module, seq_len: int) -> int:
+    """MACs per token of QKᵀ and attention×V: 2·heads·head_dim·(keys a query sees on average).
+
+    A causal query at position t sees t keys, (L+1)/2 on average over a window of L tokens; an
+    encoder query sees all L. Zero when seq_len is 0 (linears only).
+    """
+    if seq_len <= 0:
+        return 0
+    n_heads, _ = adapter.head_counts(block)
+    head_dim = adapter.heads().head_dim
+    return n_heads * head_dim * (seq_len + 1) if adapter.causal else 2 * n_heads * head_dim * seq_len
+
+
+def site_cost(adapter: Adapter, block: nn.Module, site: Site, seq_len: int = 0) -> Cost:
+    """The site's linears, plus the attention-score MACs on `attn_out` (they scale with the heads
+    that o_proj reads, so pruning heads is what reduces them)."""
     total = Cost()
-    for site in adapter.sites(block):
-        for path in site.linears:
-            total = total + module_cost(block.get_submodule(path))
+    for path in site.linears:
+        total = total + module_cost(block.get_submodule(path))
+    if site.role == "attn_out":
+        total = total + Cost(0, attention_score_macs(adapter, block, seq_len))
     return total
 
 
-def blocks_cost(adapter: Adapter) -> Cost:
+def block_cost(adapter: Adapter, block: nn.Module, seq_len: int = 0) -> Cost:
+    total = Cost()
+    for site in adapter.sites(block):
+        total = total + site_cost(adapter, block, site, seq_len)
+    return total
+
+
+def blocks_cost(adapter: Adapter, seq_len: int = 0) -> Cost:
     total = Cost()
     for block in adapter.blocks():
-        total = total + block_cost(adapter, block)
+        total = total + block_cost(adapter, block, seq_len)
     return total
 
 
@@ -78,31 +103,192 @@ def largest_rank(
 
 @dataclass
 class Plan:
-    """Per-block, per-site kept fraction of cost, resolved before compression starts."""
+    """Per-block, per-site kept fraction of cost, resolved before compression starts.
+
+    `choices` holds what a schedule decided in a method's own units (heads per KV group, neurons,
+    ranks), keyed by block and by the name of the profile curve it came from; a method follows
+    them where present, so fractions never have to be rounded back to units.
+    """
 
     budget: float
     unit: BudgetUnit
     targets: dict[int, dict[str, float]] = field(default_factory=dict)
+    choices: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    curve_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def for_block(self, index: int) -> dict[str, float]:
         return self.targets[index]
 
+    def choices_for(self, index: int) -> dict[str, dict[str, Any]]:
+        return self.choices.get(index, {})
+
     def rows(self) -> list[dict]:
-        return [
-            {"block": b, "site": s, "target": f}
-            for b, sites in self.targets.items()
-            for s, f in sites.items()
-        ]
+        rows = []
+        for b, sites in self.targets.items():
+            for s, f in sites.items():
+                row = {"block": b, "site": s, "target": f}
+                for choice in self.choices_for(b).values():
+                    if s in choice.get("sites", ()):
+                        row.update({k: v for k, v in choice.items() if k != "sites"})
+                rows.append(row)
+        return rows
 
 
-def uniform(adapter: Adapter, budget: float, unit: BudgetUnit) -> Plan:
-    plan = Plan(budget, unit)
-    for i, block in enumerate(adapter.blocks()):
-        plan.targets[i] = {site.name: budget for site in adapter.sites(block)}
+@dataclass(frozen=True)
+class Option:
+    """One way to compress a unit of a block: what it costs (in the budget unit) and its
+    normalised calibration error (relative output error of the unit, 0 = exact)."""
+
+    cost: float
+    error: float
+    choice: dict[str, Any]
+
+
+@dataclass
+class Curve:
+    """The error-vs-cost options of one independently compressible unit of one block (a
+    method's profile: the FFN neurons, the heads, one matrix's rank)."""
+
+    block: int
+    name: str
+    sites: tuple[str, ...]
+    dense_cost: float
+    options: list[Option]
+
+
+@dataclass
+class PlanInputs:
+    """What schedules may use besides the budget."""
+
+    adapter: Adapter
+    budget: float
+    unit: BudgetUnit
+    seq_len: int = 0  # attention-score MACs are counted at this context length (macs only)
+    prunes_heads: bool = False  # the method removes heads, so attention-score MACs can shrink
+    curves: list[Curve] | None = None  # error profiles, for schedules that need them
+
+
+def _dense_costs(inputs: PlanInputs) -> tuple[list[dict[str, float]], list[float]]:
+    """Per block: each site's dense cost, and the attention-score MACs inside `attn_out`."""
+    sites, scores = [], []
+    for block in inputs.adapter.blocks():
+        sites.append(
+            {
+                s.name: site_cost(inputs.adapter, block, s, inputs.seq_len).of(inputs.unit)
+                for s in inputs.adapter.sites(block)
+            }
+        )
+        scores.append(
+            attention_score_macs(inputs.adapter, block, inputs.seq_len)
+            if inputs.unit == BudgetUnit.macs
+            else 0
+        )
+    return sites, scores
+
+
+def uniform(inputs: PlanInputs) -> Plan:
+    """The same kept fraction everywhere. Where the method cannot shrink the attention-score MACs
+    (it keeps every head), the linears of each block keep a little less so the block as a whole
+    keeps the budget's fraction."""
+    plan = Plan(inputs.budget, inputs.unit)
+    for i, (costs, score) in enumerate(zip(*_dense_costs(inputs), strict=True)):
+        fraction = inputs.budget
+        if score and not inputs.prunes_heads:
+            linears = sum(costs.values()) - score
+            fraction = (inputs.budget * sum(costs.values()) - score) / linears
+            if fraction <= 0:
+                raise ShrinkError(
+                    f"budget {inputs.budget} in macs cannot be met: block {i}'s attention-score MACs "
+                    f"alone are {score / sum(costs.values()):.3f} of the block and this method keeps "
+                    "every head; raise the budget or lower budget_seq_len"
+                )
+        plan.targets[i] = dict.fromkeys(costs, fraction)
     return plan
 
 
-SCHEDULES: dict[str, Callable[[Adapter, float, BudgetUnit], Plan]] = {"uniform": uniform}
+def greedy(inputs: PlanInputs) -> Plan:
+    """Global allocation by calibration error per unit cost (STAT's schedule).
+
+    Every unit (curve) offers options of (cost, normalised error). Minimising the summed error
+    under the cost budget is relaxed with a Lagrange multiplier μ, the price of one unit of cost:
+    each curve takes the option minimising error + μ·cost, and μ is bisected to the cheapest
+    price whose allocation fits. What is left of the budget is then spent greedily on the upgrade
+    with the largest error drop per unit cost that still fits. Sites no curve covers stay dense.
+    """
+    if not inputs.curves:
+        raise ShrinkError("schedule 'greedy' needs the method's error profiles, and it gave none")
+    site_costs, _ = _dense_costs(inputs)
+    total = sum(sum(c.values()) for c in site_costs)
+    covered = {(c.block, s) for c in inputs.curves for s in c.sites}
+    fixed = sum(
+        cost for b, costs in enumerate(site_costs) for s, cost in costs.items() if (b, s) not in covered
+    )
+    allowance = inputs.budget * total - fixed
+    costs = [np.array([o.cost for o in c.options], dtype=np.float64) for c in inputs.curves]
+    errors = [np.array([o.error for o in c.options], dtype=np.float64) for c in inputs.curves]
+
+    def pick(mu: float) -> list[int]:
+        return [int(np.lexsort((c, e + mu * c))[0]) for c, e in zip(costs, errors, strict=True)]
+
+    def spent(choice: list[int]) -> float:
+        return float(sum(c[j] for c, j in zip(costs, choice, strict=True)))
+
+    cheapest = float(sum(c.min() for c in costs))
+    if cheapest > allowance + 1e-9:
+        raise ShrinkError(
+            f"budget {inputs.budget} cannot be met by schedule 'greedy': the smallest option of every "
+            f"unit keeps {(cheapest + fixed) / total:.4f} of the block cost"
+        )
+    lo, hi = 0.0, 1.0 / max(total, 1.0)
+    while spent(pick(hi)) > allowance + 1e-9:
+        lo, hi = hi, hi * 2
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if spent(pick(mid)) > allowance + 1e-9:
+            lo = mid
+        else:
+            hi = mid
+    choice = pick(hi)
+    slack = allowance - spent(choice)
+    while True:  # spend the slack on the best-value upgrade that fits
+        best = None
+        for u, (c, e) in enumerate(zip(costs, errors, strict=True)):
+            extra, gain = c - c[choice[u]], e[choice[u]] - e
+            ok = (extra > 0) & (extra <= slack + 1e-9) & (gain > 0)
+            if ok.any():
+                rate = np.where(ok, gain / np.where(ok, extra, 1.0), -np.inf)
+                j = int(rate.argmax())
+                if best is None or rate[j] > best[0]:
+                    best = (rate[j], u, j)
+        if best is None:
+            break
+        _, u, j = best
+        slack -= costs[u][j] - costs[u][choice[u]]
+        choice[u] = j
+
+    plan = Plan(inputs.budget, inputs.unit)
+    for b, costs_b in enumerate(site_costs):
+        plan.targets[b] = dict.fromkeys(costs_b, 1.0)
+    for curve, j in zip(inputs.curves, choice, strict=True):
+        option = curve.options[j]
+        for s in curve.sites:
+            plan.targets[curve.block][s] = option.cost / curve.dense_cost
+        plan.choices.setdefault(curve.block, {})[curve.name] = {**option.choice, "sites": curve.sites}
+        plan.curve_rows.append(
+            {
+                "block": curve.block,
+                "unit": curve.name,
+                "cost": option.cost,
+                "dense_cost": curve.dense_cost,
+                "error": option.error,
+                **option.choice,
+            }
+        )
+    return plan
+
+
+SCHEDULES: dict[str, Callable[[PlanInputs], Plan]] = {"uniform": uniform, "greedy": greedy}
+NEEDS_PROFILES = {"greedy"}
 
 
 def check_schedule(name: str) -> None:
@@ -110,6 +296,6 @@ def check_schedule(name: str) -> None:
         raise ShrinkError(f"unknown schedule {name!r}; valid: {', '.join(sorted(SCHEDULES))}")
 
 
-def make_plan(name: str, adapter: Adapter, budget: float, unit: BudgetUnit) -> Plan:
+def make_plan(name: str, inputs: PlanInputs) -> Plan:
     check_schedule(name)
-    return SCHEDULES[name](adapter, budget, BudgetUnit(unit))
+    return SCHEDULES[name](inputs)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .budget import BudgetUnit
+from .budget import BudgetUnit, Curve, Plan, PlanInputs, site_cost, uniform
 from .config import Propagate
 from .errors import NumericalError
 from .models import Adapter, HeadLayout, Site
@@ -50,12 +50,17 @@ class BlockContext:
     sites: list[Site]
     stats: dict[str, SecondMoment]
     targets: dict[str, float]
+    choices: dict[str, dict[str, Any]]  # a schedule's decisions in the method's units (Plan.choices)
     heads: HeadLayout
     unit: BudgetUnit
     adapter: Adapter
     hidden: list[torch.Tensor]
     args: list[tuple[Any, ...]]
     kwargs: list[dict[str, Any]]
+    seq_len: int = 0  # context length of attention-score MACs (budget_unit: macs)
+
+    def site_cost(self, site: Site) -> int:
+        return site_cost(self.adapter, self.block, site, self.seq_len).of(self.unit)
 
     def run(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
         return self.adapter.run_block(self.block, hidden, self.args[batch], self.kwargs[batch])
@@ -135,19 +140,20 @@ def compress_layerwise(
     windows: torch.Tensor,
     batch_size: int,
     compress_block: Callable[[BlockContext], BlockResult],
-    targets: Callable[[int], dict[str, float]],
-    unit: BudgetUnit,
+    plan: Plan,
     propagate: Propagate,
     device: torch.device,
     on_block: Callable[[int, BlockResult, float], None],
     needs_stats: bool = True,
     sketch_rows: Callable[[Site, int], int] = lambda site, dim: 0,
+    seq_len: int = 0,
+    desc: str = "compress",
 ) -> None:
     """Compress every block in order; `on_block(index, result, seconds)` reports as it goes."""
     calls = catch_block_inputs(adapter, windows, batch_size, device)
     hidden = calls.hidden
     heads = adapter.heads()
-    for i, block in enumerate(tqdm(adapter.blocks(), desc="compress", unit="block")):
+    for i, block in enumerate(tqdm(adapter.blocks(), desc=desc, unit="block")):
         sites = adapter.sites(block)
 
         @torch.no_grad()
@@ -163,7 +169,19 @@ def compress_layerwise(
         else:
             stats, outputs = {}, []
         ctx = BlockContext(
-            i, block, sites, stats, targets(i), heads, unit, adapter, hidden, calls.args[i], calls.kwargs[i]
+            i,
+            block,
+            sites,
+            stats,
+            plan.for_block(i),
+            plan.choices_for(i),
+            heads,
+            plan.unit,
+            adapter,
+            hidden,
+            calls.args[i],
+            calls.kwargs[i],
+            seq_len,
         )
         result = compress_block(ctx)
         if propagate == Propagate.compressed:
@@ -173,3 +191,38 @@ def compress_layerwise(
             raise NumericalError(f"block {i} produced non-finite outputs ({propagate.value} propagation)")
         hidden = outputs
         on_block(i, result, seconds)
+
+
+def profile_layerwise(
+    adapter: Adapter,
+    windows: torch.Tensor,
+    batch_size: int,
+    profile_block: Callable[[BlockContext], list[Curve]],
+    unit: BudgetUnit,
+    device: torch.device,
+    seq_len: int = 0,
+    sketch_rows: Callable[[Site, int], int] = lambda site, dim: 0,
+) -> list[Curve]:
+    """The planning pass of schedules that allocate by error: every block's statistics on the
+    dense model's own activations, handed to the method's `profile`; nothing is edited."""
+    curves: list[Curve] = []
+
+    def profile(ctx: BlockContext) -> BlockResult:
+        curves.extend(profile_block(ctx))
+        return BlockResult([], {})
+
+    plan = uniform(PlanInputs(adapter, 1.0, unit, seq_len, prunes_heads=True))
+    compress_layerwise(
+        adapter,
+        windows,
+        batch_size,
+        profile,
+        plan,
+        Propagate.dense,
+        device,
+        lambda *_: None,
+        sketch_rows=sketch_rows,
+        seq_len=seq_len,
+        desc="profile",
+    )
+    return curves

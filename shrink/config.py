@@ -108,6 +108,11 @@ class UniformConf(ScheduleConf):
 
 
 @dataclass
+class GreedyConf(ScheduleConf):
+    name: str = "greedy"
+
+
+@dataclass
 class CalibConf:
     name: str = MISSING
     corpus: str = MISSING  # a key of shrink.data.CORPORA
@@ -155,6 +160,8 @@ class Config:
     logger: LoggerConf = MISSING
     budget: float = 0.5  # fraction of the compressible block weights kept
     budget_unit: BudgetUnit = BudgetUnit.params
+    # context length at which attention-score MACs (QKᵀ, AV) are counted; 0 counts linears only
+    budget_seq_len: int = 1024
     seed: int = 0
     device: Device = Device.auto
     dtype: DType = DType.float32
@@ -170,6 +177,7 @@ def register_schemas() -> None:
     cs.store(group="method", name="base_svd", node=SVDConf)
     cs.store(group="method", name="base_id", node=IDConf)
     cs.store(group="schedule", name="base_uniform", node=UniformConf)
+    cs.store(group="schedule", name="base_greedy", node=GreedyConf)
     cs.store(group="calib", name="base_calib", node=CalibConf)
     cs.store(group="eval", name="base_eval", node=EvalConf)
     cs.store(group="logger", name="base_logger", node=LoggerConf)

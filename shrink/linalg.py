@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -36,23 +37,33 @@ def output_error(delta: torch.Tensor, weight: torch.Tensor, moment: torch.Tensor
     return float((num / den).sqrt())
 
 
-def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+class Pivots(NamedTuple):
+    """A greedy ID selection: what was picked, in order, and what each pick left behind."""
+
+    order: torch.Tensor | list[int]  # columns (or column blocks) in selection order
+    r_diag: torch.Tensor  # |R_jj| of each pick (block: residual norm of the block when picked)
+    remaining: torch.Tensor  # ‖Z − P_J Z‖²_F before any pick and after each one (length picks+1)
+
+
+def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> Pivots:
     """Greedy column selection of the ID from the Gram matrix G = ZᵀZ.
 
     Picking, at each step, the column with the largest residual after projection onto the chosen
     ones is QR with column pivoting of Z, computed from G alone (pivoted Cholesky), so no
-    activation matrix is needed. Returns the pivots in selection order and |R_jj| of each (the
-    residual norm of that column when it was chosen; the greedy schedule ranks by it). Columns
-    already in the span of the chosen ones (residual ≤ rtol·max diag) are appended with |R_jj|=0.
+    activation matrix is needed. Returns the pivots in selection order, |R_jj| of each (the
+    residual norm of that column when it was chosen), and the trace of the Schur complement after
+    each pick, which is exactly the squared Frobenius error of the ID that keeps the first picks
+    (the greedy schedule uses it). Columns already in the span of the chosen ones (residual ≤
+    rtol·max diag) are appended with |R_jj|=0.
     """
     g = gram.to(torch.float64)
     n = g.shape[0]
     k = min(k, n)
-    residual = torch.diagonal(g).clone()
+    residual = torch.diagonal(g).clone().clamp_min(0)
     floor = rtol * float(residual.max().clamp_min(0))
     factor = torch.zeros(n, k, dtype=torch.float64, device=g.device)
     chosen = torch.zeros(n, dtype=torch.bool, device=g.device)
-    pivots, r_diag = [], []
+    pivots, r_diag, remaining = [], [], [float(residual.sum())]
     for i in range(k):
         masked = torch.where(chosen, torch.full_like(residual, -float("inf")), residual)
         j = int(masked.argmax())
@@ -60,6 +71,8 @@ def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> tuple[t
         chosen[j] = True
         if residual[j] <= floor:
             r_diag.append(0.0)
+            residual[j] = 0
+            remaining.append(float(residual.sum()))
             continue
         r_jj = residual[j].sqrt()
         column = (g[:, j] - factor[:, :i] @ factor[j, :i]) / r_jj
@@ -67,7 +80,13 @@ def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> tuple[t
         residual = (residual - column**2).clamp_min(0)
         residual[chosen] = 0
         r_diag.append(float(r_jj))
-    return torch.tensor(pivots, dtype=torch.long), torch.tensor(r_diag, dtype=torch.float64)
+        remaining.append(float(residual.sum()))
+    f64 = torch.float64
+    return Pivots(
+        torch.tensor(pivots, dtype=torch.long),
+        torch.tensor(r_diag, dtype=f64),
+        torch.tensor(remaining, dtype=f64),
+    )
 
 
 def pivoted_qr(matrix: torch.Tensor, k: int) -> torch.Tensor:
@@ -120,24 +139,24 @@ def block_pivoted_cholesky(
     count: int,
     eligible: Callable[[list[int]], torch.Tensor] | None = None,
     rtol: float = 1e-12,
-) -> tuple[list[int], torch.Tensor]:
+) -> Pivots:
     """The ID's greedy selection over blocks of columns (attention heads) from G = ZᵀZ.
 
     At each step the eligible block with the largest residual energy (the squared Frobenius norm
     of what is left of it after projection onto every column chosen so far) is chosen and all its
     columns join the basis. `eligible(chosen)` returns a mask over blocks (constraints such as
-    equal heads per KV group). Returns the chosen blocks in order and the residual norm of each
-    when chosen.
+    equal heads per KV group). Returns the chosen blocks in order, the residual norm of each when
+    chosen, and the residual energy ‖Z − P_J Z‖²_F before and after each pick.
     """
     g = gram.to(torch.float64)
     n = g.shape[0]
     n_blocks = n // block_size
-    residual = torch.diagonal(g).clone()
+    residual = torch.diagonal(g).clone().clamp_min(0)
     floor = rtol * float(residual.max().clamp_min(0))
     factor = torch.zeros(n, n, dtype=torch.float64, device=g.device)
     rank = 0
     chosen: list[int] = []
-    scores = []
+    scores, remaining = [], [float(residual.sum())]
     for _ in range(min(count, n_blocks)):
         energy = residual.view(n_blocks, block_size).sum(1)
         mask = eligible(chosen) if eligible is not None else torch.ones(n_blocks, dtype=torch.bool)
@@ -154,4 +173,8 @@ def block_pivoted_cholesky(
             rank += 1
             residual = (residual - column**2).clamp_min(0)
             residual[j] = 0
-    return chosen, torch.tensor(scores, dtype=torch.float64)
+        residual[b * block_size : (b + 1) * block_size] = 0
+        remaining.append(float(residual.sum()))
+    return Pivots(
+        chosen, torch.tensor(scores, dtype=torch.float64), torch.tensor(remaining, dtype=torch.float64)
+    )

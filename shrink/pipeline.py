@@ -13,12 +13,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, data
-from .budget import BudgetUnit, blocks_cost, check_schedule, make_plan
-from .capture import compress_layerwise
+from .budget import NEEDS_PROFILES, BudgetUnit, PlanInputs, blocks_cost, check_schedule, make_plan
+from .capture import compress_layerwise, profile_layerwise
 from .config import Head, Propagate
 from .errors import ShrinkError
 from .evaluation import perplexity
-from .methods import build_method, check_method
+from .methods import METHODS, build_method, check_method
 from .models import load_config, load_model
 from .outputs import RunFolder, remove_if_empty
 from .tracking import make_tracker
@@ -59,6 +59,14 @@ def validate(cfg: DictConfig) -> None:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
     check_method(cfg.method.name)
     check_schedule(cfg.schedule.name)
+    if cfg.schedule.name in NEEDS_PROFILES and not METHODS[cfg.method.name].has_profile:
+        with_profiles = sorted(n for n, m in METHODS.items() if m.has_profile)
+        raise ShrinkError(
+            f"schedule {cfg.schedule.name!r} allocates by the method's error profile, which method "
+            f"{cfg.method.name!r} does not provide; methods that do: {', '.join(with_profiles)}"
+        )
+    if cfg.budget_seq_len < 0:
+        raise ShrinkError(f"budget_seq_len must be ≥ 0 (0: count linears only), got {cfg.budget_seq_len}")
     for key in ("nsamples", "seq_len", "batch_size"):
         if cfg.calib[key] <= 0:
             raise ShrinkError(f"calib.{key} must be positive, got {cfg.calib[key]}")
@@ -144,7 +152,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         loaded = load_model(cfg.model, dtype, seed=cfg.seed)
         model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
         t_loaded = time.perf_counter()
-        params_dense, dense_cost = _params(model), blocks_cost(adapter)
+        seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
+        params_dense, dense_cost = _params(model), blocks_cost(adapter, seq_len)
         results: dict[str, Any] = {}
         _evaluate(cfg, model, tokenizer, device, "dense", results)
         t_dense_eval = time.perf_counter()
@@ -152,34 +161,47 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         windows = data.calibration_windows(
             cfg.calib.corpus, tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
         )
-        plan = make_plan(cfg.schedule.name, adapter, float(cfg.budget), unit)
-        folder.add_plan(plan.rows())
-        tracker.log_plan(plan.rows())
         method = build_method(cfg.method)
         model.to(device)
+        t_compress = time.perf_counter()
+        curves = None
+        if cfg.schedule.name in NEEDS_PROFILES:
+            curves = profile_layerwise(
+                adapter,
+                windows,
+                cfg.calib.batch_size,
+                method.profile,
+                unit,
+                device,
+                seq_len,
+                method.sketch_rows,
+            )
+        inputs = PlanInputs(adapter, float(cfg.budget), unit, seq_len, method.prunes_heads, curves)
+        plan = make_plan(cfg.schedule.name, inputs)
+        folder.add_plan(plan.rows())
+        tracker.log_plan(plan.rows())
 
         def on_block(index: int, result, seconds: float) -> None:
             rows = [{"block": index, **row, "block_seconds": seconds} for row in result.records]
             folder.add_block(index, rows, result.spectra)
             tracker.log_block(index, rows, result.spectra)
 
-        t_compress = time.perf_counter()
         compress_layerwise(
             adapter,
             windows,
             cfg.calib.batch_size,
             method.compress_block,
-            plan.for_block,
-            unit,
+            plan,
             Propagate(cfg.propagate),
             device,
             on_block,
             needs_stats=method.needs_stats,
             sketch_rows=method.sketch_rows,
+            seq_len=seq_len,
         )
         compress_seconds = time.perf_counter() - t_compress
         model.to("cpu")
-        kept_cost = blocks_cost(adapter)
+        kept_cost = blocks_cost(adapter, seq_len)
         achieved = kept_cost.of(unit) / dense_cost.of(unit)
         if achieved > float(cfg.budget) + 1e-9:
             raise RuntimeError(f"achieved budget {achieved:.6f} exceeds the requested {cfg.budget} (a bug)")
@@ -196,6 +218,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             "schedule": cfg.schedule.name,
             "budget": float(cfg.budget),
             "budget_unit": unit.value,
+            "budget_seq_len": seq_len,
             "budget_achieved": achieved,
             "params_dense": params_dense,
             "params_compressed": _params(model),

@@ -104,8 +104,10 @@ class WandbTracker(Tracker):
 
     def log_plan(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            cols = list(rows[0])
-            self.run.log({"plan": self.wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
+            cols = list(dict.fromkeys(c for r in rows for c in r))  # rows of different units differ
+            self.run.log(
+                {"plan": self.wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])}
+            )
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         if self.rows:

@@ -66,7 +66,7 @@ def test_cholesky_and_sketched_qr_select_the_same_columns():
     z = structured_problem()
     gen = torch.Generator().manual_seed(1)
     sketch = torch.randn(2 * z.shape[1], z.shape[0], generator=gen, dtype=torch.float64) @ z
-    chol, _ = pivoted_cholesky(z.T @ z, 10)
+    chol = pivoted_cholesky(z.T @ z, 10).order
     assert chol.tolist() == pivoted_qr(z, 10).tolist()  # exact: QR of Z itself
     assert chol.tolist() == pivoted_qr(sketch, 10).tolist()  # the streamed-sketch check path
 
@@ -78,14 +78,14 @@ def test_head_selection_from_gram_equals_block_qr():
     always = lambda chosen: torch.ones(8, dtype=torch.bool)  # noqa: E731
     for seed in range(3):
         z = structured_problem(n=64, latent=40, seed=seed)
-        by_gram, _ = block_pivoted_cholesky(z.T @ z, 8, 5, always)
+        by_gram = block_pivoted_cholesky(z.T @ z, 8, 5, always).order
         assert by_gram == InterpolativeDecomposition._sketch_heads(z, 8, 5, always)
 
 
 def test_id_beats_random_subsets():
     z = structured_problem()
     gram = z.T @ z
-    keep = pivoted_cholesky(gram, 10)[0].sort().values
+    keep = pivoted_cholesky(gram, 10).order.sort().values
     error = (z - z[:, keep] @ interpolation_matrix(gram, keep)).norm()
     gen = torch.Generator().manual_seed(3)
     for _ in range(20):

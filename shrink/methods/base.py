@@ -6,7 +6,9 @@ from abc import ABC, abstractmethod
 
 from omegaconf import DictConfig
 
+from ..budget import Curve
 from ..capture import BlockContext, BlockResult
+from ..errors import ShrinkError
 
 
 class Method(ABC):
@@ -14,6 +16,7 @@ class Method(ABC):
 
     name: str = ""
     needs_stats: bool = True  # whether the runner must accumulate input second moments
+    has_profile: bool = False  # implements `profile`, so error-driven schedules (greedy) can plan it
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -25,3 +28,12 @@ class Method(ABC):
     @abstractmethod
     def compress_block(self, ctx: BlockContext) -> BlockResult:
         """Edit `ctx.block` in place to meet `ctx.targets`; return per-layer rows and spectra."""
+
+    @property
+    def prunes_heads(self) -> bool:
+        """Whether the method removes attention heads (and so their attention-score MACs)."""
+        return False
+
+    def profile(self, ctx: BlockContext) -> list[Curve]:
+        """Error-vs-cost options of each unit of the block, from its statistics; edits nothing."""
+        raise ShrinkError(f"method {self.name!r} has no error profile, so it cannot run schedule 'greedy'")

@@ -19,10 +19,11 @@ sketch ΩZ instead, as a check. T always comes from the exact Gram matrix.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from ..budget import module_cost
+from ..budget import Curve, Option, attention_score_macs, module_cost
 from ..capture import BlockContext, BlockResult
 from ..config import BudgetUnit, IDSelection
 from ..errors import ShrinkError
@@ -52,8 +53,12 @@ def _fixed_cost(linear, unit: BudgetUnit) -> int:
     return linear.out_features if (linear.bias is not None and unit == BudgetUnit.params) else 0
 
 
+def _site(ctx: BlockContext, role: str):
+    return next(s for s in ctx.sites if s.role == role)
+
+
 def _site_cost(ctx: BlockContext, role: str) -> int:
-    return sum(module_cost(ctx.block.get_submodule(p)).of(ctx.unit) for p in _site(ctx, role).linears)
+    return ctx.site_cost(_site(ctx, role))
 
 
 def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
@@ -62,8 +67,75 @@ def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
     return sum(ctx.targets[n] * costs[n] for n in names) / sum(costs.values())
 
 
-def _site(ctx: BlockContext, role: str):
-    return next(s for s in ctx.sites if s.role == role)
+@dataclass(frozen=True)
+class FFNCosts:
+    neurons: int
+    per_neuron: int
+    fixed: int  # the down projection's bias
+
+    def of(self, k: int) -> int:
+        return k * self.per_neuron + self.fixed
+
+
+def _ffn_costs(ctx: BlockContext) -> FFNCosts:
+    ins = [ctx.block.get_submodule(p) for p in _site(ctx, "mlp_in").linears]
+    down = ctx.block.get_submodule(_site(ctx, "mlp_out").linears[0])
+    per = _unit_cost(ins, ctx.unit, per_row=True) + _unit_cost([down], ctx.unit, per_row=False)
+    return FFNCosts(down.in_features, per, _fixed_cost(down, ctx.unit))
+
+
+@dataclass(frozen=True)
+class HeadCosts:
+    """Cost of keeping m KV groups of q query heads: a query head costs its q and o slices (and
+    its attention-score MACs in `macs`), a KV head its k and v slices. Under MHA a head carries
+    its own k/v, so groups are single heads."""
+
+    n_heads: int
+    n_kv: int
+    per_q: int
+    per_kv: int
+    fixed: int  # o_proj's bias
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv
+
+    def of(self, m: int, q: int) -> int:
+        return m * q * self.per_q + m * self.per_kv + self.fixed
+
+    def options(self) -> list[tuple[int, int]]:
+        return [(m, q) for m in range(1, self.n_kv + 1) for q in range(1, self.group + 1)]
+
+
+def _head_costs(ctx: BlockContext) -> HeadCosts:
+    q_path, k_path, _ = _site(ctx, "attn_in").linears
+    q_lin, k_lin = ctx.block.get_submodule(q_path), ctx.block.get_submodule(k_path)
+    o_lin = ctx.block.get_submodule(_site(ctx, "attn_out").linears[0])
+    n_heads, n_kv = ctx.adapter.head_counts(ctx.block)
+    dh = ctx.heads.head_dim
+    scores = attention_score_macs(ctx.adapter, ctx.block, ctx.seq_len) // n_heads
+    per_q = dh * (_unit_cost([q_lin], ctx.unit, True) + _unit_cost([o_lin], ctx.unit, False))
+    per_q += scores if ctx.unit == BudgetUnit.macs else 0
+    per_kv = dh * 2 * _unit_cost([k_lin], ctx.unit, True)
+    if n_kv == n_heads:  # MHA: a head carries its own k/v
+        per_q, per_kv = per_q + per_kv, 0
+    return HeadCosts(n_heads, n_kv, per_q, per_kv, _fixed_cost(o_lin, ctx.unit))
+
+
+def _group_constraint(n_heads: int, n_kv: int, m: int, q: int):
+    """Mask of heads that may still be picked so that at most m KV groups open and each holds at
+    most q query heads: the selection ends with exactly q heads in each of m groups."""
+    group = n_heads // n_kv
+    groups = torch.arange(n_heads) // group
+
+    def eligible(chosen: list[int]) -> torch.Tensor:
+        counts = torch.zeros(n_kv, dtype=torch.long)
+        for h in chosen:
+            counts[h // group] += 1
+        opened = int((counts > 0).sum())
+        return (counts[groups] < q) & ((counts[groups] > 0) | (opened < m))
+
+    return eligible
 
 
 def _record(ctx, unit_name, kept, total, before, paths, fraction, error, start, **extra) -> dict:
@@ -83,9 +155,16 @@ def _record(ctx, unit_name, kept, total, before, paths, fraction, error, start, 
     }
 
 
+def _relative(remaining: torch.Tensor) -> float:
+    """Relative Frobenius error after the last pick, from the residual energies."""
+    total = float(remaining[0])
+    return (max(float(remaining[-1]), 0.0) / total) ** 0.5 if total > 0 else 0.0
+
+
 @register
 class InterpolativeDecomposition(Method):
     name = "id"
+    has_profile = True
 
     def sketch_rows(self, site, dim: int) -> int:
         if self.cfg.selection != IDSelection.sketch_qr or site.role not in ("mlp_out", "attn_out"):
@@ -114,6 +193,8 @@ class InterpolativeDecomposition(Method):
             attn_cost = _site_cost(ctx, "attn_in") + _site_cost(ctx, "attn_out")
         if self.cfg.ffn:
             records.append(self._prune_ffn(ctx, spectra, (allowance - attn_cost) / ffn_cost))
+        elif "mlp" in ctx.choices:
+            raise ShrinkError("the plan chose FFN widths but method.ffn is false")
         kept = sum(_site_cost(ctx, s.name) for s in ctx.sites)
         if kept > allowance + 1e-6:
             raise ShrinkError(
@@ -130,16 +211,18 @@ class InterpolativeDecomposition(Method):
 
     # ---- FFN neurons -------------------------------------------------------------------------
     def _prune_ffn(self, ctx: BlockContext, spectra: dict, fraction: float) -> dict:
+        """Keep the neurons the schedule chose (Plan.choices), else as many as `fraction` allows."""
         start = time.perf_counter()
         site_in, site_out = _site(ctx, "mlp_in"), _site(ctx, "mlp_out")
-        ins = [ctx.block.get_submodule(p) for p in site_in.linears]
         down = ctx.block.get_submodule(site_out.linears[0])
         paths = [*site_in.linears, site_out.linears[0]]
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
-        n = down.in_features
-        per_neuron = _unit_cost(ins, ctx.unit, per_row=True) + _unit_cost([down], ctx.unit, per_row=False)
-        fixed = _fixed_cost(down, ctx.unit)
-        k = min(n, int((fraction * (n * per_neuron + fixed) - fixed) // per_neuron))
+        costs = _ffn_costs(ctx)
+        n = costs.neurons
+        if "mlp" in ctx.choices:
+            k = int(ctx.choices["mlp"]["neurons"])
+        else:
+            k = min(n, int((fraction * costs.of(n) - costs.fixed) // costs.per_neuron))
         if k < 1:
             raise ShrinkError(
                 f"block {ctx.index}: after the heads, the FFN's share ({fraction:.4f}) cannot keep even one "
@@ -149,8 +232,9 @@ class InterpolativeDecomposition(Method):
         stats = ctx.stats[site_out.name]
         gram = stats.xtx
         w = self._weights(down)
-        order, r_diag = pivoted_cholesky(gram * w[:, None] * w[None, :], n)
-        spectra["mlp_out.id_residuals"] = r_diag.cpu().numpy()
+        pivots = pivoted_cholesky(gram * w[:, None] * w[None, :], n)
+        spectra["mlp_out.id_residuals"] = pivots.r_diag.cpu().numpy()
+        order = pivots.order
         if self.cfg.selection == IDSelection.sketch_qr:
             order = pivoted_qr(stats.sketch * w[None, :], k)
         keep = order[:k].sort().values.to(gram.device)
@@ -164,25 +248,20 @@ class InterpolativeDecomposition(Method):
         return _record(ctx, "mlp", k, n, before, paths, fraction, error, start)
 
     # ---- attention heads ---------------------------------------------------------------------
-    def _head_plan(self, ctx: BlockContext, q_lin, k_lin, o_lin, fraction: float) -> tuple[int, int]:
-        """(kept KV groups m, query heads per group q) of largest cost within the target; one head
-        (one KV group) at least, whose excess the FFN then pays for."""
-        layout = ctx.heads
-        n_heads, n_kv = ctx.adapter.head_counts(ctx.block)
-        group = n_heads // n_kv
-        dh = layout.head_dim
-        per_q = dh * (_unit_cost([q_lin], ctx.unit, True) + _unit_cost([o_lin], ctx.unit, False))
-        per_kv = dh * 2 * _unit_cost([k_lin], ctx.unit, True)
-        if n_kv == n_heads:  # MHA: a head carries its own k/v
-            per_q, per_kv = per_q + per_kv, 0
-        fixed = _fixed_cost(o_lin, ctx.unit)
-        allowed = fraction * (n_heads * per_q + n_kv * per_kv + fixed) - fixed
+    @staticmethod
+    def _head_plan(ctx: BlockContext, fraction: float) -> tuple[int, int]:
+        """(kept KV groups m, query heads per group q): the schedule's choice (Plan.choices) if it
+        made one, else the largest cost within the target; one head (one KV group) at least, whose
+        excess the FFN then pays for."""
+        if "attn" in ctx.choices:
+            return int(ctx.choices["attn"]["kv_groups"]), int(ctx.choices["attn"]["heads_per_group"])
+        costs = _head_costs(ctx)
+        allowed = fraction * costs.of(costs.n_kv, costs.group)
         best = None
-        for m in range(1, n_kv + 1):
-            for q in range(1, group + 1):
-                cost = m * q * per_q + m * per_kv
-                if cost <= allowed + 1e-9 and (best is None or (cost, m * q) > best[0]):
-                    best = ((cost, m * q), m, q)
+        for m, q in costs.options():
+            cost = costs.of(m, q)
+            if cost <= allowed + 1e-9 and (best is None or (cost, m * q) > best[0]):
+                best = ((cost, m * q), m, q)
         return (best[1], best[2]) if best is not None else (1, 1)
 
     def _prune_heads(self, ctx: BlockContext, spectra: dict, fraction: float) -> dict:
@@ -190,32 +269,25 @@ class InterpolativeDecomposition(Method):
         site_in, site_out = _site(ctx, "attn_in"), _site(ctx, "attn_out")
         q_path, k_path, v_path = site_in.linears
         o_path = site_out.linears[0]
-        q_lin, k_lin, o_lin = (ctx.block.get_submodule(p) for p in (q_path, k_path, o_path))
+        o_lin = ctx.block.get_submodule(o_path)
         paths = [q_path, k_path, v_path, o_path]
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
         n_heads, n_kv = ctx.adapter.head_counts(ctx.block)
         group, dh = n_heads // n_kv, ctx.heads.head_dim
-        m, q = self._head_plan(ctx, q_lin, k_lin, o_lin, fraction)
+        m, q = self._head_plan(ctx, fraction)
 
         stats = ctx.stats[site_out.name]
         gram = stats.xtx
         w = self._weights(o_lin)
 
-        def eligible(chosen: list[int]) -> torch.Tensor:
-            counts = torch.zeros(n_kv, dtype=torch.long)
-            for h in chosen:
-                counts[h // group] += 1
-            opened = int((counts > 0).sum())
-            groups = torch.arange(n_heads) // group
-            room = counts[groups] < q
-            may_open = (counts[groups] > 0) | (opened < m)
-            return room & may_open
+        eligible = _group_constraint(n_heads, n_kv, m, q)
 
         if self.cfg.selection == IDSelection.sketch_qr:
             heads = self._sketch_heads(stats.sketch * w[None, :], dh, m * q, eligible)
         else:
-            heads, scores = block_pivoted_cholesky(gram * w[:, None] * w[None, :], dh, m * q, eligible)
-            spectra["attn_out.head_residuals"] = scores.cpu().numpy()
+            picked = block_pivoted_cholesky(gram * w[:, None] * w[None, :], dh, m * q, eligible)
+            heads = list(picked.order)
+            spectra["attn_out.head_residuals"] = picked.r_diag.cpu().numpy()
         heads = sorted(heads)  # grouped by KV head in order, as repeat_kv expects
         kv_kept = sorted({h // group for h in heads})
         dims = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(gram.device)
@@ -236,6 +308,52 @@ class InterpolativeDecomposition(Method):
         return _record(
             ctx, "attn", len(heads), n_heads, before, paths, fraction, error, start, kept_kv=len(kv_kept)
         )
+
+    # ---- error profiles for the greedy schedule ---------------------------------------------------
+    def profile(self, ctx: BlockContext) -> list[Curve]:
+        """Every size this block could take, with its ID error, normalised per unit.
+
+        FFN: keeping the first k pivots of the weighted problem leaves the Schur complement's trace
+        (exactly ‖Z_w − P_J Z_w‖²_F; each |R_jj|² is its drop at one pick), so keeping k neurons
+        has relative error √(remaining_k / remaining_0). Heads: the same block selection as at
+        compression time for every (kept KV groups, heads per group), with its relative error.
+        """
+        curves = []
+        if self.cfg.heads:
+            site_out = _site(ctx, "attn_out")
+            o_lin = ctx.block.get_submodule(site_out.linears[0])
+            w = self._weights(o_lin)
+            gram = ctx.stats[site_out.name].xtx * w[:, None] * w[None, :]
+            costs = _head_costs(ctx)
+            options = []
+            for m, q in costs.options():
+                eligible = _group_constraint(costs.n_heads, costs.n_kv, m, q)
+                left = block_pivoted_cholesky(gram, ctx.heads.head_dim, m * q, eligible).remaining
+                options.append(
+                    Option(
+                        costs.of(m, q),
+                        _relative(left),
+                        {"heads": m * q, "kv_groups": m, "heads_per_group": q},
+                    )
+                )
+            dense = _site_cost(ctx, "attn_in") + _site_cost(ctx, "attn_out")
+            curves.append(Curve(ctx.index, "attn", ("attn_in", "attn_out"), dense, options))
+        if self.cfg.ffn:
+            site_out = _site(ctx, "mlp_out")
+            w = self._weights(ctx.block.get_submodule(site_out.linears[0]))
+            gram = ctx.stats[site_out.name].xtx * w[:, None] * w[None, :]
+            costs = _ffn_costs(ctx)
+            left = pivoted_cholesky(gram, costs.neurons).remaining
+            total = float(left[0]) if float(left[0]) > 0 else 1.0
+            errors = (left[1:].clamp_min(0) / total).sqrt().tolist()
+            options = [Option(costs.of(k), e, {"neurons": k}) for k, e in enumerate(errors, start=1)]
+            dense = _site_cost(ctx, "mlp_in") + _site_cost(ctx, "mlp_out")
+            curves.append(Curve(ctx.index, "mlp", ("mlp_in", "mlp_out"), dense, options))
+        return curves
+
+    @property
+    def prunes_heads(self) -> bool:
+        return bool(self.cfg.heads)
 
     @staticmethod
     def _sketch_heads(sketch: torch.Tensor, dh: int, count: int, eligible) -> list[int]:

@@ -1,0 +1,148 @@
+"""`schedule=greedy`: error profiles, global allocation, and per-layer sizes that reload."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import shrink
+from shrink.budget import Curve, Option, PlanInputs, greedy
+from shrink.errors import ShrinkError
+from shrink.linalg import pivoted_cholesky
+from shrink.models import build_adapter, load_model
+
+from .conftest import logits, make_cfg, tiny_overrides
+
+ID_MODELS = ["tiny-llama", "tiny-opt", "tiny-bert", "tiny-qwen2", "tiny-distilbert"]
+
+
+def test_residual_energy_is_the_exact_id_error():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 12, generator=gen, dtype=torch.float64) @ torch.randn(
+        12, 20, generator=gen, dtype=torch.float64
+    )
+    pivots = pivoted_cholesky(z.T @ z, 20)
+    for k in (1, 5, 11):
+        keep = pivots.order[:k]
+        q, _ = torch.linalg.qr(z[:, keep])
+        exact = (z - q @ (q.T @ z)).norm() ** 2
+        assert float(pivots.remaining[k]) == pytest.approx(float(exact), rel=1e-8)
+    assert float(pivots.remaining[0]) == pytest.approx(float((z**2).sum()))
+
+
+class _NoAdapter:
+    """greedy only needs per-site dense costs; stand in for an adapter with a fixed layout."""
+
+
+def _curves(errors_by_unit: list[list[float]], unit_cost: float) -> list[Curve]:
+    curves = []
+    for b, errs in enumerate(errors_by_unit):
+        options = [Option(unit_cost * (k + 1), e, {"neurons": k + 1}) for k, e in enumerate(errs)]
+        curves.append(Curve(b, "mlp", ("mlp",), unit_cost * len(errs), options))
+    return curves
+
+
+def _allocate(curves, budget, monkeypatch):
+    from shrink import budget as budget_module
+
+    sites = [{"mlp": c.dense_cost} for c in curves]
+    monkeypatch.setattr(budget_module, "_dense_costs", lambda inputs: (sites, [0] * len(sites)))
+    return greedy(PlanInputs(_NoAdapter(), budget, "params", curves=curves))
+
+
+def test_greedy_meets_budget_and_is_optimal_on_small_problems(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(5):
+        units = []
+        for _ in range(4):  # four blocks of six neurons, convex error curves of different scales
+            drops = (
+                torch.rand(6, generator=gen).sort(descending=True).values
+                * (trial + 1)
+                * torch.rand(1, generator=gen)
+            )
+            units.append([float(drops[k + 1 :].sum()) for k in range(6)])
+        curves = _curves(units, 10.0)
+        plan = _allocate(curves, 0.5, monkeypatch)
+        kept = [plan.choices[b]["mlp"]["neurons"] for b in range(4)]
+        assert sum(kept) * 10 <= 0.5 * 240
+        best = min(
+            sum(units[b][k - 1] for b, k in enumerate(ks))
+            for ks in itertools.product(range(1, 7), repeat=4)
+            if sum(ks) * 10 <= 120
+        )
+        assert sum(units[b][k - 1] for b, k in enumerate(kept)) == pytest.approx(best, abs=1e-9)
+
+
+def test_greedy_gives_more_to_units_with_larger_errors(monkeypatch):
+    flat = [1.0 - k / 8 for k in range(1, 9)]  # every neuron matters
+    easy = [0.01 * (1.0 - k / 8) for k in range(1, 9)]  # almost redundant
+    plan = _allocate(_curves([flat, easy], 1.0), 0.5, monkeypatch)
+    assert plan.choices[0]["mlp"]["neurons"] > plan.choices[1]["mlp"]["neurons"]
+
+
+def test_greedy_below_the_smallest_option_fails_clearly(monkeypatch):
+    with pytest.raises(ShrinkError, match="budget 0.05 cannot be met by schedule 'greedy'"):
+        _allocate(_curves([[0.5, 0.0], [0.5, 0.0]], 1.0), 0.05, monkeypatch)
+
+
+@pytest.mark.parametrize("model", ID_MODELS)
+def test_greedy_id_meets_budget_follows_plan_and_reloads(run_job, saved_logits, model):
+    metrics, folder = run_job(*tiny_overrides(model), "method=id", "schedule=greedy", "budget=0.6")
+    assert metrics["budget_achieved"] <= 0.6
+    assert metrics["budget_achieved"] > 0.55
+    plan = [json.loads(line) for line in (folder / "plan.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "layers.jsonl").read_text().splitlines()]
+    chosen = {(r["block"], "mlp"): r["neurons"] for r in plan if r["site"] == "mlp_out"}
+    chosen |= {(r["block"], "attn"): r["heads"] for r in plan if r["site"] == "attn_out"}
+    assert {(r["block"], r["site"]): r["kept"] for r in rows} == chosen
+    assert (folder / "kept.png").read_bytes()[:4] == b"\x89PNG"
+    reloaded = shrink.load(folder / "model")
+    assert torch.equal(logits(reloaded, saved_logits["ids"]), saved_logits["logits"])
+
+
+def test_greedy_sizes_differ_per_layer_and_reload(run_job):
+    """Blocks with different spectra get different widths, and those per-layer widths reload."""
+    _, folder = run_job(*tiny_overrides("tiny-llama"), "method=id", "schedule=greedy", "budget=0.5")
+    model = shrink.load(folder / "model")
+    adapter = build_adapter(model)
+    widths = [block.mlp.down_proj.in_features for block in adapter.blocks()]
+    assert len(set(widths)) > 1
+    for block in adapter.blocks():
+        n_heads, n_kv = adapter.head_counts(block)
+        assert n_heads % n_kv == 0 and block.self_attn.num_key_value_groups == n_heads // n_kv
+
+
+def test_greedy_needs_a_method_with_profiles(tmp_path):
+    from shrink.pipeline import run
+
+    cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=svd", "schedule=greedy")
+    with pytest.raises(ShrinkError, match="method 'svd' does not provide; methods that do: id"):
+        run(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "greedy"])
+def test_attention_score_macs_count_and_shrink_with_heads(run_job, schedule):
+    metrics, _ = run_job(
+        *tiny_overrides("tiny-llama"),
+        "method=id",
+        f"schedule={schedule}",
+        "budget_unit=macs",
+        "budget_seq_len=128",
+        "budget=0.5",
+    )
+    dense = load_model(make_cfg(*tiny_overrides("tiny-llama")).model, torch.float32).model
+    linears = sum(
+        m.weight.numel()
+        for n, m in dense.named_modules()
+        if n.startswith("model.layers") and isinstance(m, torch.nn.Linear)
+    )
+    # 2 layers × 4 heads × head_dim 16 × (128 + 1) keys·MACs on top of the linears
+    assert metrics["block_macs_dense"] == linears + 2 * 4 * 16 * 129
+    assert metrics["budget_achieved"] <= 0.5
+    assert metrics["block_macs_compressed"] / metrics["block_macs_dense"] == pytest.approx(
+        metrics["budget_achieved"]
+    )
