@@ -166,6 +166,7 @@ class PlanInputs:
     seq_len: int = 0  # attention-score MACs are counted at this context length (macs only)
     prunes_heads: bool = False  # the method removes heads, so attention-score MACs can shrink
     curves: list[Curve] | None = None  # error profiles, for schedules that need them
+    min_keep: float = 0.0  # greedy: the least share of its dense cost any unit keeps
 
 
 def _dense_costs(inputs: PlanInputs) -> tuple[list[dict[str, float]], list[float]]:
@@ -206,12 +207,18 @@ def uniform(inputs: PlanInputs) -> Plan:
     return plan
 
 
+def _at_least(options: list[Option], floor: float) -> list[Option]:
+    """The options costing at least `floor` (the most expensive one always stays)."""
+    kept = [o for o in options if o.cost >= floor - 1e-9]
+    return kept or [max(options, key=lambda o: o.cost)]
+
+
 def greedy(inputs: PlanInputs) -> Plan:
     """Global allocation by calibration error per unit cost (STAT's schedule).
 
-    Every unit (curve) offers options of (cost, normalised error). Minimising the summed error
+    Every unit (curve) offers options of (cost, normalised error e). Minimising the summed e²
     under the cost budget is relaxed with a Lagrange multiplier μ, the price of one unit of cost:
-    each curve takes the option minimising error + μ·cost, and μ is bisected to the cheapest
+    each curve takes the option minimising e² + μ·cost, and μ is bisected to the cheapest
     price whose allocation fits. What is left of the budget is then spent greedily on the upgrade
     with the largest error drop per unit cost that still fits. Sites no curve covers stay dense.
     """
@@ -224,8 +231,14 @@ def greedy(inputs: PlanInputs) -> Plan:
         cost for b, costs in enumerate(site_costs) for s, cost in costs.items() if (b, s) not in covered
     )
     allowance = inputs.budget * total - fixed
-    costs = [np.array([o.cost for o in c.options], dtype=np.float64) for c in inputs.curves]
-    errors = [np.array([o.error for o in c.options], dtype=np.float64) for c in inputs.curves]
+    curves = [
+        Curve(c.block, c.name, c.sites, c.dense_cost, _at_least(c.options, inputs.min_keep * c.dense_cost))
+        for c in inputs.curves
+    ]
+    costs = [np.array([o.cost for o in c.options], dtype=np.float64) for c in curves]
+    # squared relative errors (energy fractions) add up across units; the plain relative error
+    # is a square root, steep near 0, which would make finishing any unit look worth its cost
+    errors = [np.array([o.error for o in c.options], dtype=np.float64) ** 2 for c in curves]
 
     def pick(mu: float) -> list[int]:
         return [int(np.lexsort((c, e + mu * c))[0]) for c, e in zip(costs, errors, strict=True)]
@@ -237,7 +250,7 @@ def greedy(inputs: PlanInputs) -> Plan:
     if cheapest > allowance + 1e-9:
         raise ShrinkError(
             f"budget {inputs.budget} cannot be met by schedule 'greedy': the smallest option of every "
-            f"unit keeps {(cheapest + fixed) / total:.4f} of the block cost"
+            f"unit keeps {(cheapest + fixed) / total:.4f} of the block cost (min_keep={inputs.min_keep})"
         )
     lo, hi = 0.0, 1.0 / max(total, 1.0)
     while spent(pick(hi)) > allowance + 1e-9:
@@ -269,7 +282,7 @@ def greedy(inputs: PlanInputs) -> Plan:
     plan = Plan(inputs.budget, inputs.unit)
     for b, costs_b in enumerate(site_costs):
         plan.targets[b] = dict.fromkeys(costs_b, 1.0)
-    for curve, j in zip(inputs.curves, choice, strict=True):
+    for curve, j in zip(curves, choice, strict=True):
         option = curve.options[j]
         for s in curve.sites:
             plan.targets[curve.block][s] = option.cost / curve.dense_cost

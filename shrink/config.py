@@ -110,6 +110,9 @@ class UniformConf(ScheduleConf):
 @dataclass
 class GreedyConf(ScheduleConf):
     name: str = "greedy"
+    # no unit keeps less than this share of its dense cost (guards units whose calibration energy
+    # is dominated by a few outlier tokens; see README, schedules)
+    min_keep: float = 0.3
 
 
 @dataclass

@@ -176,7 +176,15 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
                 seq_len,
                 method.sketch_rows,
             )
-        inputs = PlanInputs(adapter, float(cfg.budget), unit, seq_len, method.prunes_heads, curves)
+        inputs = PlanInputs(
+            adapter,
+            float(cfg.budget),
+            unit,
+            seq_len,
+            method.prunes_heads,
+            curves,
+            float(cfg.schedule.get("min_keep", 0.0)),
+        )
         plan = make_plan(cfg.schedule.name, inputs)
         folder.add_plan(plan.rows())
         tracker.log_plan(plan.rows())

@@ -68,12 +68,12 @@ def test_greedy_meets_budget_and_is_optimal_on_small_problems(monkeypatch):
         plan = _allocate(curves, 0.5, monkeypatch)
         kept = [plan.choices[b]["mlp"]["neurons"] for b in range(4)]
         assert sum(kept) * 10 <= 0.5 * 240
-        best = min(
-            sum(units[b][k - 1] for b, k in enumerate(ks))
-            for ks in itertools.product(range(1, 7), repeat=4)
-            if sum(ks) * 10 <= 120
-        )
-        assert sum(units[b][k - 1] for b, k in enumerate(kept)) == pytest.approx(best, abs=1e-9)
+
+        def loss(ks, units=units):  # greedy minimises the summed squared relative errors
+            return sum(units[b][k - 1] ** 2 for b, k in enumerate(ks))
+
+        best = min(loss(ks) for ks in itertools.product(range(1, 7), repeat=4) if sum(ks) * 10 <= 120)
+        assert loss(kept) == pytest.approx(best, abs=1e-9)
 
 
 def test_greedy_gives_more_to_units_with_larger_errors(monkeypatch):

@@ -1,0 +1,157 @@
+"""Issue 3's measurements: perplexity, compression time and CPU latency of `id` vs `svd`.
+
+For every (method, schedule, budget) it runs the launcher (skipping runs whose metrics.json
+exists, so an interrupted bench resumes), then times the saved checkpoint's forward pass against
+the dense model's, next to their MAC ratio, and writes a Markdown table and a JSON file.
+
+    .venv/bin/python bench/id_vs_svd.py                       # SmolLM2-135M, the README table
+    .venv/bin/python bench/id_vs_svd.py --budgets 0.8 --runs id:greedy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import shrink  # noqa: E402
+from shrink import data  # noqa: E402
+from shrink.budget import blocks_cost  # noqa: E402
+from shrink.models import build_adapter, load_model  # noqa: E402
+from shrink.pipeline import resolve_device  # noqa: E402
+
+
+def launch(out: Path, model: str, method: str, schedule: str, budget: float, tokens: int) -> dict:
+    folder = out / f"{method}-{schedule}-b{budget}"
+    if not (folder / "metrics.json").exists():
+        cmd = [
+            sys.executable, str(ROOT / "launch.py"), f"model={model}", f"method={method}",
+            f"schedule={schedule}", f"budget={budget}", "logger=none", f"eval.ppl.max_tokens={tokens}",
+            f"hydra.run.dir={folder}",
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads((folder / "metrics.json").read_text()) | {"folder": str(folder)}
+
+
+@torch.no_grad()
+def latency(model, ids: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one forward pass, after warm-up."""
+    for _ in range(2):
+        model(input_ids=ids, use_cache=False)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def macs_per_token(model, seq_len: int) -> tuple[int, int]:
+    """(block MACs, whole-model MACs incl. the LM head) per token at `seq_len`."""
+    adapter = build_adapter(model)
+    blocks = blocks_cost(adapter, seq_len).macs
+    head = model.get_output_embeddings()
+    return blocks, blocks + (head.weight.numel() if head is not None else 0)
+
+
+@torch.no_grad()
+def calibration_forward_seconds(model, tokenizer, cfg) -> float:
+    windows = data.calibration_windows(cfg.calib.corpus, tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, 0)
+    start = time.perf_counter()
+    for i in range(0, len(windows), cfg.calib.batch_size):
+        model(input_ids=windows[i : i + cfg.calib.batch_size], use_cache=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.5])
+    parser.add_argument("--runs", nargs="+", default=["id:uniform", "id:greedy", "svd:uniform"])
+    parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens for perplexity")
+    parser.add_argument("--seq-len", type=int, default=512, help="latency: tokens per forward")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "id_vs_svd")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for budget in args.budgets:
+        for run in args.runs:
+            method, schedule = run.split(":")
+            results.append(launch(args.out, args.model, method, schedule, budget, args.tokens))
+
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(results[0]["folder"]) / "config.yaml")
+    torch.set_num_threads(torch.get_num_threads())
+    loaded = load_model(cfg.model, torch.float32)
+    dense = loaded.model.to(resolve_device("cpu"))
+    ids = torch.randint(
+        0, dense.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    dense_s = latency(dense, ids, args.repeats)
+    dense_blocks, dense_all = macs_per_token(dense, args.seq_len)
+    forward_s = calibration_forward_seconds(dense, loaded.tokenizer, cfg)
+    rows = []
+    for m in results:
+        model = shrink.load(Path(m["folder"]) / "model")
+        blocks, whole = macs_per_token(model, args.seq_len)
+        seconds = latency(model, ids, args.repeats)
+        ppl = m["eval"]["ppl"]["wiki"]
+        rows.append(
+            {
+                "method": m["method"],
+                "schedule": m["schedule"],
+                "budget": m["budget"],
+                "achieved": m["budget_achieved"],
+                "ppl_dense": ppl["dense"],
+                "ppl": ppl["compressed"],
+                "compress_s": m["compress_seconds"],
+                "compress_x_forward": m["compress_seconds"] / forward_s,
+                "latency_ms": 1000 * seconds,
+                "speedup": dense_s / seconds,
+                "block_mac_ratio": blocks / dense_blocks,
+                "model_mac_ratio": whole / dense_all,
+            }
+        )
+        del model
+    meta = {
+        "model": args.model,
+        "threads": torch.get_num_threads(),
+        "latency_seq_len": args.seq_len,
+        "dense_latency_ms": 1000 * dense_s,
+        "calibration_forward_s": forward_s,
+        "eval_tokens": args.tokens,
+    }
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        f"{args.model}, held-out wiki ppl ({args.tokens} tokens, dense {rows[0]['ppl_dense']:.2f}); "
+        f"latency: batch 1 × {args.seq_len} tokens, {meta['threads']} CPU threads, dense "
+        f"{meta['dense_latency_ms']:.0f} ms; one dense forward over the calibration set: {forward_s:.1f} s",
+        "",
+        "| method | schedule | budget | achieved | ppl | compress s (× fwd) | latency ms | speedup "
+        "| block MAC ratio | model MAC ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['schedule']} | {r['budget']} | {r['achieved']:.4f} | {r['ppl']:.2f} "
+            f"| {r['compress_s']:.0f} ({r['compress_x_forward']:.0f}×) | {r['latency_ms']:.0f} "
+            f"| {r['speedup']:.2f}× | {r['block_mac_ratio']:.3f} | {r['model_mac_ratio']:.3f} |"
+        )
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
