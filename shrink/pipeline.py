@@ -65,6 +65,12 @@ def validate(cfg: DictConfig) -> None:
             f"schedule {cfg.schedule.name!r} allocates by the method's error profile, which method "
             f"{cfg.method.name!r} does not provide; methods that do: {', '.join(with_profiles)}"
         )
+    min_keep = cfg.schedule.get("min_keep")
+    if min_keep is not None and not 0.0 <= float(min_keep) <= float(cfg.budget):
+        raise ShrinkError(
+            f"schedule.min_keep={min_keep} must lie in [0, budget={cfg.budget}]: every unit keeps at "
+            "least that share, so a larger floor cannot meet the budget"
+        )
     if cfg.budget_seq_len < 0:
         raise ShrinkError(f"budget_seq_len must be ≥ 0 (0: count linears only), got {cfg.budget_seq_len}")
     for key in ("nsamples", "seq_len", "batch_size"):

@@ -45,12 +45,12 @@ def _curves(errors_by_unit: list[list[float]], unit_cost: float) -> list[Curve]:
     return curves
 
 
-def _allocate(curves, budget, monkeypatch):
+def _allocate(curves, budget, monkeypatch, min_keep=0.0):
     from shrink import budget as budget_module
 
     sites = [{"mlp": c.dense_cost} for c in curves]
     monkeypatch.setattr(budget_module, "_dense_costs", lambda inputs: (sites, [0] * len(sites)))
-    return greedy(PlanInputs(_NoAdapter(), budget, "params", curves=curves))
+    return greedy(PlanInputs(_NoAdapter(), budget, "params", curves=curves, min_keep=min_keep))
 
 
 def test_greedy_meets_budget_and_is_optimal_on_small_problems(monkeypatch):
@@ -81,6 +81,16 @@ def test_greedy_gives_more_to_units_with_larger_errors(monkeypatch):
     easy = [0.01 * (1.0 - k / 8) for k in range(1, 9)]  # almost redundant
     plan = _allocate(_curves([flat, easy], 1.0), 0.5, monkeypatch)
     assert plan.choices[0]["mlp"]["neurons"] > plan.choices[1]["mlp"]["neurons"]
+
+
+def test_min_keep_floors_every_unit(monkeypatch):
+    flat = [1.0 - k / 10 for k in range(1, 11)]
+    redundant = [0.0] * 10  # one neuron reproduces the unit exactly: unfloored greedy keeps 1
+    curves = _curves([flat, redundant], 1.0)
+    assert _allocate(curves, 0.5, monkeypatch).choices[1]["mlp"]["neurons"] == 1
+    plan = _allocate(curves, 0.5, monkeypatch, min_keep=0.3)
+    assert plan.choices[1]["mlp"]["neurons"] == 3
+    assert plan.choices[0]["mlp"]["neurons"] == 7
 
 
 def test_greedy_below_the_smallest_option_fails_clearly(monkeypatch):
@@ -120,6 +130,16 @@ def test_greedy_needs_a_method_with_profiles(tmp_path):
 
     cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=svd", "schedule=greedy")
     with pytest.raises(ShrinkError, match="method 'svd' does not provide; methods that do: id"):
+        run(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["schedule.min_keep=0.6", "schedule.min_keep=-0.1"])
+def test_greedy_floor_above_budget_fails_before_work(tmp_path, override):
+    from shrink.pipeline import run
+
+    cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=id", "schedule=greedy", "budget=0.5", override)
+    with pytest.raises(ShrinkError, match=r"schedule.min_keep=-?0.\d must lie in \[0, budget=0.5\]"):
         run(cfg, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
