@@ -127,9 +127,12 @@ class Plan:
         for b, sites in self.targets.items():
             for s, f in sites.items():
                 row = {"block": b, "site": s, "target": f}
-                for choice in self.choices_for(b).values():
-                    if s in choice.get("sites", ()):
-                        row.update({k: v for k, v in choice.items() if k != "sites"})
+                mine = {n: c for n, c in self.choices_for(b).items() if s in c.get("sites", ())}
+                plain = [{k: v for k, v in c.items() if k != "sites"} for c in mine.values()]
+                if len(mine) == 1:  # one unit spans the site (id): its choice inline
+                    row.update(plain[0])
+                elif mine:  # one unit per linear (low-rank): a choice per linear
+                    row["choices"] = dict(zip(mine, plain, strict=True))
                 rows.append(row)
         return rows
 
@@ -167,6 +170,7 @@ class PlanInputs:
     prunes_heads: bool = False  # the method removes heads, so attention-score MACs can shrink
     curves: list[Curve] | None = None  # error profiles, for schedules that need them
     min_keep: float = 0.0  # greedy: the least share of its dense cost any unit keeps
+    k: int = 0  # last_k / first_k: how many blocks are compressed
 
 
 def _dense_costs(inputs: PlanInputs) -> tuple[list[dict[str, float]], list[float]]:
@@ -187,24 +191,97 @@ def _dense_costs(inputs: PlanInputs) -> tuple[list[dict[str, float]], list[float
     return sites, scores
 
 
+def _block_fraction(
+    inputs: PlanInputs, index: int, costs: dict[str, float], score: float, fraction: float
+) -> float:
+    """The per-site fraction that keeps `fraction` of block `index`. Where the method cannot shrink
+    the attention-score MACs (it keeps every head), the linears keep a little less."""
+    if not score or inputs.prunes_heads:
+        return fraction
+    linears = sum(costs.values()) - score
+    adjusted = (fraction * sum(costs.values()) - score) / linears
+    if adjusted <= 0:
+        raise ShrinkError(
+            f"budget {inputs.budget} in macs cannot be met: block {index}'s attention-score MACs "
+            f"alone are {score / sum(costs.values()):.3f} of the block and this method keeps "
+            "every head; raise the budget or lower budget_seq_len"
+        )
+    return adjusted
+
+
 def uniform(inputs: PlanInputs) -> Plan:
-    """The same kept fraction everywhere. Where the method cannot shrink the attention-score MACs
-    (it keeps every head), the linears of each block keep a little less so the block as a whole
-    keeps the budget's fraction."""
+    """The same kept fraction everywhere."""
     plan = Plan(inputs.budget, inputs.unit)
     for i, (costs, score) in enumerate(zip(*_dense_costs(inputs), strict=True)):
-        fraction = inputs.budget
-        if score and not inputs.prunes_heads:
-            linears = sum(costs.values()) - score
-            fraction = (inputs.budget * sum(costs.values()) - score) / linears
-            if fraction <= 0:
-                raise ShrinkError(
-                    f"budget {inputs.budget} in macs cannot be met: block {i}'s attention-score MACs "
-                    f"alone are {score / sum(costs.values()):.3f} of the block and this method keeps "
-                    "every head; raise the budget or lower budget_seq_len"
-                )
-        plan.targets[i] = dict.fromkeys(costs, fraction)
+        plan.targets[i] = dict.fromkeys(costs, _block_fraction(inputs, i, costs, score, inputs.budget))
     return plan
+
+
+def _only_k(inputs: PlanInputs, last: bool) -> Plan:
+    site_costs, scores = _dense_costs(inputs)
+    n, k = len(site_costs), inputs.k
+    which = "last_k" if last else "first_k"
+    if not 1 <= k <= n:
+        raise ShrinkError(f"schedule {which}: k={k} must be between 1 and the model's {n} blocks")
+    chosen = set(range(n - k, n)) if last else set(range(k))
+    totals = [sum(c.values()) for c in site_costs]
+    rest = sum(t for i, t in enumerate(totals) if i not in chosen)
+    fraction = (inputs.budget * sum(totals) - rest) / sum(totals[i] for i in chosen)
+    if fraction <= 0:
+        raise ShrinkError(
+            f"budget {inputs.budget} cannot be met by compressing only the {which.split('_')[0]} {k} of "
+            f"{n} blocks: the other blocks alone keep {rest / sum(totals):.3f}; raise k or the budget"
+        )
+    plan = Plan(inputs.budget, inputs.unit)
+    for i, (costs, score) in enumerate(zip(site_costs, scores, strict=True)):
+        f = _block_fraction(inputs, i, costs, score, min(fraction, 1.0)) if i in chosen else 1.0
+        plan.targets[i] = dict.fromkeys(costs, f)
+    return plan
+
+
+def last_k(inputs: PlanInputs) -> Plan:
+    """LLM-ROM's heuristic: only the last k blocks are compressed, at the block budget that meets
+    the global one (the early blocks, which every later one builds on, stay dense)."""
+    return _only_k(inputs, last=True)
+
+
+def first_k(inputs: PlanInputs) -> Plan:
+    """Lillama's bottom-first counterpart: only the first k blocks are compressed."""
+    return _only_k(inputs, last=False)
+
+
+def energy(inputs: PlanInputs) -> Plan:
+    """A global threshold on retained energy: every unit keeps its cheapest option whose squared
+    relative error (discarded energy) is at most t, with t bisected to the smallest value whose
+    allocation fits the budget. For low-rank methods this is the rank at which each matrix keeps a
+    fraction 1 − t of its spectrum's energy (of W·S for svdllm, of WCWᵀ for rom)."""
+    if not inputs.curves:
+        raise ShrinkError("schedule 'energy' needs the method's error profiles, and it gave none")
+    site_costs, _ = _dense_costs(inputs)
+    total = sum(sum(c.values()) for c in site_costs)
+    allowance = inputs.budget * total - (total - sum(c.dense_cost for c in inputs.curves))
+    costs = [np.array([o.cost for o in c.options], dtype=np.float64) for c in inputs.curves]
+    errors = [np.array([o.error for o in c.options], dtype=np.float64) ** 2 for c in inputs.curves]
+
+    def pick(t: float) -> list[int]:
+        return [int(np.where(e <= t + 1e-15, c, np.inf).argmin()) for c, e in zip(costs, errors, strict=True)]
+
+    def spent(choice: list[int]) -> float:
+        return float(sum(c[j] for c, j in zip(costs, choice, strict=True)))
+
+    if spent(pick(1.0)) > allowance + 1e-9:
+        raise ShrinkError(
+            f"budget {inputs.budget} cannot be met by schedule 'energy': the smallest option of every unit "
+            "already exceeds it"
+        )
+    lo, hi = 0.0, 1.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if spent(pick(mid)) > allowance + 1e-9:
+            lo = mid
+        else:
+            hi = mid
+    return _plan_from(inputs, site_costs, list(inputs.curves), pick(hi))
 
 
 def _at_least(options: list[Option], floor: float) -> list[Option]:
@@ -226,10 +303,7 @@ def greedy(inputs: PlanInputs) -> Plan:
         raise ShrinkError("schedule 'greedy' needs the method's error profiles, and it gave none")
     site_costs, _ = _dense_costs(inputs)
     total = sum(sum(c.values()) for c in site_costs)
-    covered = {(c.block, s) for c in inputs.curves for s in c.sites}
-    fixed = sum(
-        cost for b, costs in enumerate(site_costs) for s, cost in costs.items() if (b, s) not in covered
-    )
+    fixed = total - sum(c.dense_cost for c in inputs.curves)  # what no unit can shrink
     allowance = inputs.budget * total - fixed
     curves = [
         Curve(c.block, c.name, c.sites, c.dense_cost, _at_least(c.options, inputs.min_keep * c.dense_cost))
@@ -279,13 +353,21 @@ def greedy(inputs: PlanInputs) -> Plan:
         slack -= costs[u][j] - costs[u][choice[u]]
         choice[u] = j
 
+    return _plan_from(inputs, site_costs, curves, choice)
+
+
+def _plan_from(inputs: PlanInputs, site_costs, curves: list[Curve], choice: list[int]) -> Plan:
+    """Targets: per site, the kept share of the dense cost of the units covering it."""
     plan = Plan(inputs.budget, inputs.unit)
     for b, costs_b in enumerate(site_costs):
         plan.targets[b] = dict.fromkeys(costs_b, 1.0)
+    kept: dict[tuple[int, str], list[float]] = {}
     for curve, j in zip(curves, choice, strict=True):
         option = curve.options[j]
         for s in curve.sites:
-            plan.targets[curve.block][s] = option.cost / curve.dense_cost
+            cell = kept.setdefault((curve.block, s), [0.0, 0.0])
+            cell[0] += option.cost
+            cell[1] += curve.dense_cost
         plan.choices.setdefault(curve.block, {})[curve.name] = {**option.choice, "sites": curve.sites}
         plan.curve_rows.append(
             {
@@ -297,11 +379,19 @@ def greedy(inputs: PlanInputs) -> Plan:
                 **option.choice,
             }
         )
+    for (b, s), (cost, dense) in kept.items():
+        plan.targets[b][s] = cost / dense
     return plan
 
 
-SCHEDULES: dict[str, Callable[[PlanInputs], Plan]] = {"uniform": uniform, "greedy": greedy}
-NEEDS_PROFILES = {"greedy"}
+SCHEDULES: dict[str, Callable[[PlanInputs], Plan]] = {
+    "uniform": uniform,
+    "last_k": last_k,
+    "first_k": first_k,
+    "energy": energy,
+    "greedy": greedy,
+}
+NEEDS_PROFILES = {"greedy", "energy"}
 
 
 def check_schedule(name: str) -> None:

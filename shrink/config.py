@@ -81,6 +81,18 @@ class SVDConf(MethodConf):
     name: str = "svd"
 
 
+@dataclass
+class ROMConf(MethodConf):
+    name: str = "rom"
+    center: bool = False  # PCA of centred outputs, the mean folded into a (counted) bias
+
+
+@dataclass
+class SVDLLMConf(MethodConf):
+    name: str = "svdllm"
+    ridge: float = 0.0  # λ/mean(diag C) added before the Cholesky; raised from 1e-10 if C is singular
+
+
 class IDSelection(str, Enum):
     cholesky = "cholesky"  # pivoted Cholesky of the streamed Gram matrix (default)
     sketch_qr = "sketch_qr"  # pivoted QR of a streamed Gaussian row sketch ΩZ (exact check)
@@ -113,6 +125,23 @@ class GreedyConf(ScheduleConf):
     # no unit keeps less than this share of its dense cost (guards units whose calibration energy
     # is dominated by a few outlier tokens; see README, schedules)
     min_keep: float = 0.3
+
+
+@dataclass
+class LastKConf(ScheduleConf):
+    name: str = "last_k"
+    k: int = 10  # compress only the last k blocks
+
+
+@dataclass
+class FirstKConf(ScheduleConf):
+    name: str = "first_k"
+    k: int = 10  # compress only the first k blocks
+
+
+@dataclass
+class EnergyConf(ScheduleConf):
+    name: str = "energy"
 
 
 @dataclass
@@ -179,8 +208,13 @@ def register_schemas() -> None:
     cs.store(group="model", name="base_model", node=ModelConf)
     cs.store(group="method", name="base_svd", node=SVDConf)
     cs.store(group="method", name="base_id", node=IDConf)
+    cs.store(group="method", name="base_rom", node=ROMConf)
+    cs.store(group="method", name="base_svdllm", node=SVDLLMConf)
     cs.store(group="schedule", name="base_uniform", node=UniformConf)
     cs.store(group="schedule", name="base_greedy", node=GreedyConf)
+    cs.store(group="schedule", name="base_last_k", node=LastKConf)
+    cs.store(group="schedule", name="base_first_k", node=FirstKConf)
+    cs.store(group="schedule", name="base_energy", node=EnergyConf)
     cs.store(group="calib", name="base_calib", node=CalibConf)
     cs.store(group="eval", name="base_eval", node=EvalConf)
     cs.store(group="logger", name="base_logger", node=LoggerConf)

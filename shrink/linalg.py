@@ -37,6 +37,42 @@ def output_error(delta: torch.Tensor, weight: torch.Tensor, moment: torch.Tensor
     return float((num / den).sqrt())
 
 
+def affine_output_error(
+    delta: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor,
+    moment: torch.Tensor,
+    mean: torch.Tensor,
+) -> float:
+    """Relative output error ‖ΔX + δ1ᵀ‖/‖WX‖ when the bias moves by δ too (centred factorisations):
+    E‖Δx + δ‖² = tr(Δ C Δᵀ) + 2 δᵀΔμ + ‖δ‖² with C = E[xxᵀ], μ = E[x]."""
+    if shift is None:
+        return output_error(delta, weight, moment)
+    d, c, mu, sh = (t.to(torch.float64) for t in (delta, moment, mean, shift))
+    w = weight.to(torch.float64)
+    num = (torch.einsum("ij,jk,ik->", d, c, d) + 2 * sh @ (d @ mu) + sh @ sh).clamp_min(0)
+    den = torch.einsum("ij,jk,ik->", w, c, w)
+    return float((num / den).sqrt()) if den > 0 else float("nan")
+
+
+def whitening(moment: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
+    """Lower-triangular S with S Sᵀ = C + λI, λ = ridge·mean(diag C), raised tenfold (from 1e-10 when
+    ridge is 0) until the Cholesky succeeds. Returns S and the λ/mean(diag) used."""
+    c = moment.to(torch.float64)
+    scale = float(torch.diagonal(c).mean().clamp_min(1e-300))
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    jitter = ridge
+    while True:
+        chol, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
+        if int(info) == 0:
+            return chol, jitter
+        jitter = max(jitter * 10, 1e-10)
+        if jitter > 1.0:
+            raise NumericalError(
+                "input second moment is not positive definite even with a ridge of mean(diag)"
+            )
+
+
 class Pivots(NamedTuple):
     """A greedy ID selection: what was picked, in order, and what each pick left behind."""
 

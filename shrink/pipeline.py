@@ -190,6 +190,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             method.prunes_heads,
             curves,
             float(cfg.schedule.get("min_keep", 0.0)),
+            int(cfg.schedule.get("k", 0)),
         )
         plan = make_plan(cfg.schedule.name, inputs)
         folder.add_plan(plan.rows())

@@ -1,0 +1,39 @@
+"""`svdllm`: truncation-aware data whitening (SVD-LLM, Wang et al.).
+
+S = Cholesky(C + λI) of the input second moment; the SVD of W S = U Σ Vᵀ truncated at rank r
+gives the pair (U_r Σ_r) · (V_rᵀ S⁻¹). Because ‖(W − Ŵ)X‖² = ‖(W − Ŵ)S‖²_F when C = S Sᵀ, the
+squared output error is exactly the sum of the discarded σ_i², so truncating the smallest
+singular values is the right choice. λ = `ridge`·mean(diag C) (default 0); when C is singular
+(dead inputs, fewer tokens than dimensions) λ rises tenfold from 1e-10 until the Cholesky
+succeeds, and the λ used is logged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import NumericalError
+from ..linalg import whitening
+from ..stats import SecondMoment
+from . import register
+from .lowrank import Factorisation, LowRank
+
+
+@register
+class SVDLLM(LowRank):
+    name = "svdllm"
+
+    def factorise(self, linear: nn.Linear, stats: SecondMoment | None) -> Factorisation:
+        if stats is None:
+            raise NumericalError("svdllm needs the input statistics of every site")
+        w = linear.weight.detach().to(torch.float64)
+        s, self.last_ridge = whitening(stats.moment(), float(self.cfg.ridge))
+        u, sigma, vh = torch.linalg.svd(w @ s, full_matrices=False)
+        bias = linear.bias.detach().to(torch.float64) if linear.bias is not None else None
+
+        def build(rank: int):
+            right = torch.linalg.solve_triangular(s, vh[:rank], upper=False, left=False)
+            return u[:, :rank] * sigma[:rank], right, bias
+
+        return Factorisation(sigma**2, build, sigma)
