@@ -160,6 +160,19 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         t_loaded = time.perf_counter()
         seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
         params_dense, dense_cost = _params(model), blocks_cost(adapter, seq_len)
+        method = build_method(cfg.method)
+        inputs = PlanInputs(
+            adapter,
+            float(cfg.budget),
+            unit,
+            seq_len,
+            method.prunes_heads,
+            None,
+            float(cfg.schedule.get("min_keep", 0.0)),
+            int(cfg.schedule.get("k", 0)),
+        )
+        # schedules that need no profiles are planned now, so a budget they cannot meet fails early
+        plan = None if cfg.schedule.name in NEEDS_PROFILES else make_plan(cfg.schedule.name, inputs)
         results: dict[str, Any] = {}
         _evaluate(cfg, model, tokenizer, device, "dense", results)
         t_dense_eval = time.perf_counter()
@@ -167,12 +180,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         windows = data.calibration_windows(
             cfg.calib.corpus, tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
         )
-        method = build_method(cfg.method)
         model.to(device)
         t_compress = time.perf_counter()
-        curves = None
-        if cfg.schedule.name in NEEDS_PROFILES:
-            curves = profile_layerwise(
+        if plan is None:
+            inputs.curves = profile_layerwise(
                 adapter,
                 windows,
                 cfg.calib.batch_size,
@@ -182,17 +193,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
                 seq_len,
                 method.sketch_rows,
             )
-        inputs = PlanInputs(
-            adapter,
-            float(cfg.budget),
-            unit,
-            seq_len,
-            method.prunes_heads,
-            curves,
-            float(cfg.schedule.get("min_keep", 0.0)),
-            int(cfg.schedule.get("k", 0)),
-        )
-        plan = make_plan(cfg.schedule.name, inputs)
+            plan = make_plan(cfg.schedule.name, inputs)
         folder.add_plan(plan.rows())
         tracker.log_plan(plan.rows())
 
