@@ -258,6 +258,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             "eval": results,
         }
         folder.finish(metrics)
+        tracker.log_image("kept", folder.path / "kept.png")
         tracker.log_metrics(metrics)
         tracker.finish("ok")
     except BaseException:

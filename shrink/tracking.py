@@ -28,6 +28,8 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, Any]) -> None: ...
 
+    def log_image(self, name: str, path: Path) -> None: ...
+
     def finish(self, status: str = "ok") -> None: ...
 
 
@@ -108,6 +110,10 @@ class WandbTracker(Tracker):
             self.run.log(
                 {"plan": self.wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])}
             )
+
+    def log_image(self, name: str, path: Path) -> None:
+        if path.exists():
+            self.run.log({name: self.wandb.Image(str(path))})
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         if self.rows:

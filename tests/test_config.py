@@ -33,7 +33,7 @@ def test_defaults():
     cfg = make_cfg()
     assert (cfg.model.name, cfg.method.name, cfg.schedule.name, cfg.budget) == (
         "smollm2-135m",
-        "svd",
+        "id",
         "uniform",
         0.5,
     )
