@@ -41,7 +41,9 @@ def test_svd_factors_are_the_best_rank_r():
 
 
 def test_layers_and_spectra_are_written(run_job):
-    metrics, folder = run_job("model=tiny-llama", *FAST, *FAST_PPL, "logger=jsonl", "save_model=false")
+    metrics, folder = run_job(
+        "model=tiny-llama", "method=svd", *FAST, *FAST_PPL, "logger=jsonl", "save_model=false"
+    )
     rows = [json.loads(line) for line in (folder / "layers.jsonl").read_text().splitlines()]
     assert {r["block"] for r in rows} == {0, 1}
     assert {r["linear"] for r in rows} >= {"self_attn.q_proj", "mlp.down_proj"}

@@ -18,7 +18,7 @@ from .conftest import TINY, logits, make_cfg, tiny_overrides
 @pytest.mark.parametrize("model", TINY)
 @pytest.mark.parametrize("budget", [0.3, 0.6, 0.9])
 def test_achieved_never_exceeds_requested(run_job, model, budget):
-    metrics, _ = run_job(*tiny_overrides(model), f"budget={budget}", "save_model=false")
+    metrics, _ = run_job(*tiny_overrides(model), "method=svd", f"budget={budget}", "save_model=false")
     assert 0 < metrics["budget_achieved"] <= budget
     assert metrics["block_params_compressed"] < metrics["block_params_dense"]
     assert metrics["params_compressed"] < metrics["params_dense"]
@@ -30,6 +30,7 @@ def test_macs_unit(run_job, model, seq_len):
     """svd keeps every head, so with attention-score MACs counted its linears must keep less."""
     metrics, _ = run_job(
         *tiny_overrides(model),
+        "method=svd",
         "budget=0.5",
         "budget_unit=macs",
         f"budget_seq_len={seq_len}",
@@ -46,7 +47,7 @@ def test_macs_unit(run_job, model, seq_len):
 def test_full_budget_keeps_logits(run_job, model):
     from shrink.models import load_model
 
-    metrics, folder = run_job(*tiny_overrides(model), "budget=1.0")
+    metrics, folder = run_job(*tiny_overrides(model), "method=svd", "budget=1.0")
     assert metrics["budget_achieved"] == 1.0
     dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0).model
     ids = torch.randint(0, 255, (2, 32))
@@ -59,7 +60,7 @@ def test_save_load_reproduces_logits_and_counts(run_job, saved_logits, model, pr
     from shrink.models import load_model
 
     ids = saved_logits["ids"]
-    metrics, folder = run_job(*tiny_overrides(model), "budget=0.4", f"propagate={propagate}")
+    metrics, folder = run_job(*tiny_overrides(model), "method=svd", "budget=0.4", f"propagate={propagate}")
     reloaded = shrink.load(folder / "model")
     assert torch.equal(logits(reloaded, ids), saved_logits["logits"])
 
