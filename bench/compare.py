@@ -1,11 +1,12 @@
-"""Issue 3's measurements: perplexity, compression time and CPU latency of `id` vs `svd`.
+"""Compare methods and schedules: perplexity, compression time and CPU latency per budget.
 
 For every (method, schedule, budget) it runs the launcher (skipping runs whose metrics.json
-exists, so an interrupted bench resumes), then times the saved checkpoint's forward pass against
-the dense model's, next to their MAC ratio, and writes a Markdown table and a JSON file.
+exists, so an interrupted bench resumes; a run that fails is reported with its error line), then
+times the saved checkpoint's forward pass against the dense model's, next to their MAC ratio,
+and writes a Markdown table and a JSON file. A run is `method:schedule[:override,...]`.
 
-    .venv/bin/python bench/id_vs_svd.py                       # SmolLM2-135M, the README table
-    .venv/bin/python bench/id_vs_svd.py --budgets 0.8 --runs id:greedy
+    .venv/bin/python bench/compare.py                        # id vs svd on SmolLM2-135M (README)
+    .venv/bin/python bench/compare.py --runs rom:uniform svdllm:last_k:schedule.k=20 --out bench/results/lowrank
 """
 
 from __future__ import annotations
@@ -30,16 +31,22 @@ from shrink.models import build_adapter, load_model  # noqa: E402
 from shrink.pipeline import resolve_device  # noqa: E402
 
 
-def launch(out: Path, model: str, method: str, schedule: str, budget: float, tokens: int) -> dict:
-    folder = out / f"{method}-{schedule}-b{budget}"
+def launch(out: Path, model: str, run: str, budget: float, tokens: int) -> dict:
+    """Metrics of one run (launching it unless done), or {"error": last stderr line}."""
+    method, schedule, *extra = run.split(":")
+    overrides = [o for group in extra for o in group.split(",") if o]
+    folder = out / "-".join([method, schedule, *overrides, f"b{budget}"]).replace("=", "")
     if not (folder / "metrics.json").exists():
         cmd = [
             sys.executable, str(ROOT / "launch.py"), f"model={model}", f"method={method}",
             f"schedule={schedule}", f"budget={budget}", "logger=none", f"eval.ppl.max_tokens={tokens}",
-            f"hydra.run.dir={folder}",
+            f"hydra.run.dir={folder}", *overrides,
         ]  # fmt: skip
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    return json.loads((folder / "metrics.json").read_text()) | {"folder": str(folder)}
+        done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+            return {"run": run, "budget": budget, "error": lines[-1] if lines else f"exit {done.returncode}"}
+    return json.loads((folder / "metrics.json").read_text()) | {"folder": str(folder), "run": run}
 
 
 @torch.no_grad()
@@ -81,35 +88,42 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="latency: tokens per forward")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "id_vs_svd")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     results = []
     for budget in args.budgets:
         for run in args.runs:
-            method, schedule = run.split(":")
-            results.append(launch(args.out, args.model, method, schedule, budget, args.tokens))
+            results.append(launch(args.out, args.model, run, budget, args.tokens))
+    done = [m for m in results if "error" not in m]
+    if not done:
+        raise SystemExit("every run failed: " + "; ".join(m["error"] for m in results))
 
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(results[0]["folder"]) / "config.yaml")
+    cfg = OmegaConf.load(Path(done[0]["folder"]) / "config.yaml")
     torch.set_num_threads(torch.get_num_threads())
     loaded = load_model(cfg.model, torch.float32)
     dense = loaded.model.to(resolve_device("cpu"))
     ids = torch.randint(
         0, dense.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0)
     )
-    dense_s = latency(dense, ids, args.repeats)
+    dense_s = float("nan") if args.no_latency else latency(dense, ids, args.repeats)
     dense_blocks, dense_all = macs_per_token(dense, args.seq_len)
     forward_s = calibration_forward_seconds(dense, loaded.tokenizer, cfg)
     rows = []
     for m in results:
+        if "error" in m:
+            rows.append({"run": m["run"], "budget": m["budget"], "error": m["error"]})
+            continue
         model = shrink.load(Path(m["folder"]) / "model")
         blocks, whole = macs_per_token(model, args.seq_len)
-        seconds = latency(model, ids, args.repeats)
+        seconds = float("nan") if args.no_latency else latency(model, ids, args.repeats)
         ppl = m["eval"]["ppl"]["wiki"]
         rows.append(
             {
+                "run": m["run"],
                 "method": m["method"],
                 "schedule": m["schedule"],
                 "budget": m["budget"],
@@ -134,18 +148,22 @@ def main() -> None:
         "eval_tokens": args.tokens,
     }
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    dense_ppl = next(r["ppl_dense"] for r in rows if "error" not in r)
     lines = [
-        f"{args.model}, held-out wiki ppl ({args.tokens} tokens, dense {rows[0]['ppl_dense']:.2f}); "
+        f"{args.model}, held-out wiki ppl ({args.tokens} tokens, dense {dense_ppl:.2f}); "
         f"latency: batch 1 × {args.seq_len} tokens, {meta['threads']} CPU threads, dense "
         f"{meta['dense_latency_ms']:.0f} ms; one dense forward over the calibration set: {forward_s:.1f} s",
         "",
-        "| method | schedule | budget | achieved | ppl | compress s (× fwd) | latency ms | speedup "
+        "| run | budget | achieved | ppl | compress s (× fwd) | latency ms | speedup "
         "| block MAC ratio | model MAC ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['run']} | {r['budget']} | failed: {r['error']} | | | | | | |")
+            continue
         lines.append(
-            f"| {r['method']} | {r['schedule']} | {r['budget']} | {r['achieved']:.4f} | {r['ppl']:.2f} "
+            f"| {r['run']} | {r['budget']} | {r['achieved']:.4f} | {r['ppl']:.4g} "
             f"| {r['compress_s']:.0f} ({r['compress_x_forward']:.0f}×) | {r['latency_ms']:.0f} "
             f"| {r['speedup']:.2f}× | {r['block_mac_ratio']:.3f} | {r['model_mac_ratio']:.3f} |"
         )
