@@ -6,7 +6,7 @@ times the saved checkpoint's forward pass against the dense model's, next to the
 and writes a Markdown table and a JSON file. A run is `method:schedule[:override,...]`.
 
     .venv/bin/python bench/compare.py                        # id vs svd on SmolLM2-135M (README)
-    .venv/bin/python bench/compare.py --runs rom:uniform svdllm:last_k:schedule.k=20 --out bench/results/lowrank
+    .venv/bin/python bench/compare.py --runs rom:uniform svdllm:last_k:schedule.k=20 --out bench/results/lr
 """
 
 from __future__ import annotations
