@@ -250,38 +250,73 @@ def first_k(inputs: PlanInputs) -> Plan:
     return _only_k(inputs, last=False)
 
 
+@dataclass
+class _Profiles:
+    """The curves as arrays, with the cost allowance they share."""
+
+    curves: list[Curve]
+    site_costs: list[dict[str, float]]
+    budget: float
+    total: float  # dense cost of all blocks
+    fixed: float  # what no unit can shrink
+    costs: list[np.ndarray]
+    errors: list[np.ndarray]  # squared relative errors: energy fractions, additive across units
+
+    @property
+    def allowance(self) -> float:
+        return self.budget * self.total - self.fixed
+
+    def spent(self, choice: list[int]) -> float:
+        return float(sum(c[j] for c, j in zip(self.costs, choice, strict=True)))
+
+
+def _profiles(inputs: PlanInputs, name: str, min_keep: float = 0.0) -> _Profiles:
+    if not inputs.curves:
+        raise ShrinkError(f"schedule {name!r} needs the method's error profiles, and it gave none")
+    site_costs, _ = _dense_costs(inputs)
+    total = sum(sum(c.values()) for c in site_costs)
+    curves = [
+        Curve(c.block, c.name, c.sites, c.dense_cost, _at_least(c.options, min_keep * c.dense_cost))
+        for c in inputs.curves
+    ]
+    return _Profiles(
+        curves,
+        site_costs,
+        inputs.budget,
+        total,
+        total - sum(c.dense_cost for c in curves),
+        [np.array([o.cost for o in c.options], dtype=np.float64) for c in curves],
+        [np.array([o.error for o in c.options], dtype=np.float64) ** 2 for c in curves],
+    )
+
+
+def _smallest_fitting(fits: Callable[[float], bool], lo: float, hi: float, steps: int = 100) -> float:
+    """Bisection for the smallest x in [lo, hi] with fits(x), given fits(hi) and monotonicity."""
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
 def energy(inputs: PlanInputs) -> Plan:
     """A global threshold on retained energy: every unit keeps its cheapest option whose squared
     relative error (discarded energy) is at most t, with t bisected to the smallest value whose
     allocation fits the budget. For low-rank methods this is the rank at which each matrix keeps a
     fraction 1 − t of its spectrum's energy (of W·S for svdllm, of WCWᵀ for rom)."""
-    if not inputs.curves:
-        raise ShrinkError("schedule 'energy' needs the method's error profiles, and it gave none")
-    site_costs, _ = _dense_costs(inputs)
-    total = sum(sum(c.values()) for c in site_costs)
-    allowance = inputs.budget * total - (total - sum(c.dense_cost for c in inputs.curves))
-    costs = [np.array([o.cost for o in c.options], dtype=np.float64) for c in inputs.curves]
-    errors = [np.array([o.error for o in c.options], dtype=np.float64) ** 2 for c in inputs.curves]
+    p = _profiles(inputs, "energy")
 
     def pick(t: float) -> list[int]:
-        return [int(np.where(e <= t + 1e-15, c, np.inf).argmin()) for c, e in zip(costs, errors, strict=True)]
+        return [
+            int(np.where(e <= t + 1e-15, c, np.inf).argmin()) for c, e in zip(p.costs, p.errors, strict=True)
+        ]
 
-    def spent(choice: list[int]) -> float:
-        return float(sum(c[j] for c, j in zip(costs, choice, strict=True)))
-
-    if spent(pick(1.0)) > allowance + 1e-9:
+    if p.spent(pick(1.0)) > p.allowance + 1e-9:
         raise ShrinkError(
             f"budget {inputs.budget} cannot be met by schedule 'energy': the smallest option of every unit "
             "already exceeds it"
         )
-    lo, hi = 0.0, 1.0
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        if spent(pick(mid)) > allowance + 1e-9:
-            lo = mid
-        else:
-            hi = mid
-    return _plan_from(inputs, site_costs, list(inputs.curves), pick(hi))
+    t = _smallest_fitting(lambda t: p.spent(pick(t)) <= p.allowance + 1e-9, 0.0, 1.0)
+    return _plan_from(inputs, p.site_costs, p.curves, pick(t))
 
 
 def _at_least(options: list[Option], floor: float) -> list[Option]:
@@ -297,45 +332,28 @@ def greedy(inputs: PlanInputs) -> Plan:
     under the cost budget is relaxed with a Lagrange multiplier μ, the price of one unit of cost:
     each curve takes the option minimising e² + μ·cost, and μ is bisected to the cheapest
     price whose allocation fits. What is left of the budget is then spent greedily on the upgrade
-    with the largest error drop per unit cost that still fits. Sites no curve covers stay dense.
+    with the largest error drop per unit cost that still fits. Squared relative errors are used
+    because they add up across units; the plain relative error is a square root, steep near 0,
+    which would make finishing any unit look worth its cost.
     """
-    if not inputs.curves:
-        raise ShrinkError("schedule 'greedy' needs the method's error profiles, and it gave none")
-    site_costs, _ = _dense_costs(inputs)
-    total = sum(sum(c.values()) for c in site_costs)
-    fixed = total - sum(c.dense_cost for c in inputs.curves)  # what no unit can shrink
-    allowance = inputs.budget * total - fixed
-    curves = [
-        Curve(c.block, c.name, c.sites, c.dense_cost, _at_least(c.options, inputs.min_keep * c.dense_cost))
-        for c in inputs.curves
-    ]
-    costs = [np.array([o.cost for o in c.options], dtype=np.float64) for c in curves]
-    # squared relative errors (energy fractions) add up across units; the plain relative error
-    # is a square root, steep near 0, which would make finishing any unit look worth its cost
-    errors = [np.array([o.error for o in c.options], dtype=np.float64) ** 2 for c in curves]
+    p = _profiles(inputs, "greedy", inputs.min_keep)
+    costs, errors, allowance = p.costs, p.errors, p.allowance
 
     def pick(mu: float) -> list[int]:
         return [int(np.lexsort((c, e + mu * c))[0]) for c, e in zip(costs, errors, strict=True)]
-
-    def spent(choice: list[int]) -> float:
-        return float(sum(c[j] for c, j in zip(costs, choice, strict=True)))
 
     cheapest = float(sum(c.min() for c in costs))
     if cheapest > allowance + 1e-9:
         raise ShrinkError(
             f"budget {inputs.budget} cannot be met by schedule 'greedy': the smallest option of every "
-            f"unit keeps {(cheapest + fixed) / total:.4f} of the block cost (min_keep={inputs.min_keep})"
+            f"unit keeps {(cheapest + p.fixed) / p.total:.4f} of the block cost (min_keep={inputs.min_keep})"
         )
-    lo, hi = 0.0, 1.0 / max(total, 1.0)
-    while spent(pick(hi)) > allowance + 1e-9:
-        lo, hi = hi, hi * 2
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if spent(pick(mid)) > allowance + 1e-9:
-            lo = mid
-        else:
-            hi = mid
-    choice = pick(hi)
+    hi = 1.0 / max(p.total, 1.0)
+    while p.spent(pick(hi)) > allowance + 1e-9:
+        hi *= 2
+    mu = _smallest_fitting(lambda mu: p.spent(pick(mu)) <= allowance + 1e-9, 0.0, hi)
+    spent = p.spent
+    choice = pick(mu)
     slack = allowance - spent(choice)
     while True:  # spend the slack on the best-value upgrade that fits
         best = None
@@ -353,7 +371,7 @@ def greedy(inputs: PlanInputs) -> Plan:
         slack -= costs[u][j] - costs[u][choice[u]]
         choice[u] = j
 
-    return _plan_from(inputs, site_costs, curves, choice)
+    return _plan_from(inputs, p.site_costs, p.curves, choice)
 
 
 def _plan_from(inputs: PlanInputs, site_costs, curves: list[Curve], choice: list[int]) -> Plan:

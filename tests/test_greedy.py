@@ -125,11 +125,13 @@ def test_greedy_sizes_differ_per_layer_and_reload(run_job):
         assert n_heads % n_kv == 0 and block.self_attn.num_key_value_groups == n_heads // n_kv
 
 
-def test_greedy_needs_a_method_with_profiles(tmp_path):
+def test_greedy_needs_a_method_with_profiles(tmp_path, monkeypatch):
+    from shrink.methods.svd import SVD
     from shrink.pipeline import run
 
+    monkeypatch.setattr(SVD, "has_profile", False)  # as a method without `profile` would be
     cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=svd", "schedule=greedy")
-    with pytest.raises(ShrinkError, match="method 'svd' does not provide; methods that do: id"):
+    with pytest.raises(ShrinkError, match="method 'svd' does not provide; methods that do: id, rom, svdllm"):
         run(cfg, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
