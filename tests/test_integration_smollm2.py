@@ -25,8 +25,8 @@ def test_default_launch_on_smollm2(tmp_path):
         sys.executable,
         "launch.py",
         "logger=jsonl",
-        "calib.nsamples=4",
-        "calib.seq_len=256",
+        "calib.nsamples=8",
+        "calib.seq_len=512",
         "eval.ppl.max_tokens=2048",
         f"hydra.run.dir={folder}",
     ]
@@ -40,8 +40,8 @@ def test_default_launch_on_smollm2(tmp_path):
     ppl = m["eval"]["ppl"]["wiki"]
     assert 10 < ppl["dense"] < 40, ppl  # held-out Wikipedia, 1024-token windows
     assert math.isfinite(ppl["compressed"]) and ppl["compressed"] > ppl["dense"]
-    # id at half the block weights, even from 1024 calibration tokens, stays a language model
-    # (about 4-6x the dense perplexity; truncated SVD at this budget is above 1e8)
+    # id at half the block weights from 4096 calibration tokens stays a language model (truncated
+    # SVD at this budget is above 1e8; with only 1024 tokens, fewer than the FFN width, id gives ~57x)
     assert ppl["compressed"] < 15 * ppl["dense"], ppl
     for name in ("config.yaml", "layers.jsonl", "spectra.npz", "plan.jsonl", "model/manifest.json"):
         assert (folder / name).is_file(), name
