@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .budget import BudgetUnit, Curve, Plan, PlanInputs, site_cost, uniform
+from .budget import BudgetUnit, Curve, Plan, PlanInputs, site_cost
 from .config import Propagate
 from .errors import NumericalError
 from .models import Adapter, HeadLayout, Site
+from .schedules import uniform
 from .stats import SecondMoment
 
 

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, data
-from .budget import NEEDS_PROFILES, BudgetUnit, PlanInputs, blocks_cost, check_schedule, make_plan
+from .budget import BudgetUnit, PlanInputs, blocks_cost
 from .capture import compress_layerwise, profile_layerwise
 from .config import Head, Propagate
 from .errors import ShrinkError
@@ -21,6 +21,7 @@ from .evaluation import perplexity
 from .methods import METHODS, build_method, check_method
 from .models import load_config, load_model
 from .outputs import RunFolder, remove_if_empty
+from .schedules import NEEDS_PROFILES, check_schedule, make_plan
 from .tracking import make_tracker
 
 log = logging.getLogger("shrink")

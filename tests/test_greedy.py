@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import shrink
-from shrink.budget import Curve, Option, PlanInputs, greedy
+from shrink.budget import Curve, Option, PlanInputs
 from shrink.errors import ShrinkError
 from shrink.linalg import pivoted_cholesky
 from shrink.models import build_adapter, load_model
+from shrink.schedules import greedy
 
 from .conftest import logits, make_cfg, tiny_overrides
 
@@ -46,7 +47,7 @@ def _curves(errors_by_unit: list[list[float]], unit_cost: float) -> list[Curve]:
 
 
 def _allocate(curves, budget, monkeypatch, min_keep=0.0):
-    from shrink import budget as budget_module
+    from shrink import schedules as budget_module
 
     sites = [{"mlp": c.dense_cost} for c in curves]
     monkeypatch.setattr(budget_module, "_dense_costs", lambda inputs: (sites, [0] * len(sites)))

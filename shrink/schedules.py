@@ -1,0 +1,264 @@
+"""Schedules: turn the global budget into per-block, per-site targets (a Plan) before compression.
+
+`uniform`, `last_k`, `first_k` need only the cost model; `energy` and `greedy` also need the
+method's error profiles (Curves) from a planning pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .budget import BudgetUnit, Curve, Option, Plan, PlanInputs, attention_score_macs, site_cost
+from .errors import ShrinkError
+
+
+def _dense_costs(inputs: PlanInputs) -> tuple[list[dict[str, float]], list[float]]:
+    """Per block: each site's dense cost, and the attention-score MACs inside `attn_out`."""
+    sites, scores = [], []
+    for block in inputs.adapter.blocks():
+        sites.append(
+            {
+                s.name: site_cost(inputs.adapter, block, s, inputs.seq_len).of(inputs.unit)
+                for s in inputs.adapter.sites(block)
+            }
+        )
+        scores.append(
+            attention_score_macs(inputs.adapter, block, inputs.seq_len)
+            if inputs.unit == BudgetUnit.macs
+            else 0
+        )
+    return sites, scores
+
+
+def _block_fraction(
+    inputs: PlanInputs, index: int, costs: dict[str, float], score: float, fraction: float
+) -> float:
+    """The per-site fraction that keeps `fraction` of block `index`. Where the method cannot shrink
+    the attention-score MACs (it keeps every head), the linears keep a little less."""
+    if not score or inputs.prunes_heads:
+        return fraction
+    linears = sum(costs.values()) - score
+    adjusted = (fraction * sum(costs.values()) - score) / linears
+    if adjusted <= 0:
+        raise ShrinkError(
+            f"budget {inputs.budget} in macs cannot be met: block {index}'s attention-score MACs "
+            f"alone are {score / sum(costs.values()):.3f} of the block and this method keeps "
+            "every head; raise the budget or lower budget_seq_len"
+        )
+    return adjusted
+
+
+def uniform(inputs: PlanInputs) -> Plan:
+    """The same kept fraction everywhere."""
+    plan = Plan(inputs.budget, inputs.unit)
+    for i, (costs, score) in enumerate(zip(*_dense_costs(inputs), strict=True)):
+        plan.targets[i] = dict.fromkeys(costs, _block_fraction(inputs, i, costs, score, inputs.budget))
+    return plan
+
+
+def _only_k(inputs: PlanInputs, last: bool) -> Plan:
+    site_costs, scores = _dense_costs(inputs)
+    n, k = len(site_costs), inputs.k
+    which = "last_k" if last else "first_k"
+    if not 1 <= k <= n:
+        raise ShrinkError(f"schedule {which}: k={k} must be between 1 and the model's {n} blocks")
+    chosen = set(range(n - k, n)) if last else set(range(k))
+    totals = [sum(c.values()) for c in site_costs]
+    rest = sum(t for i, t in enumerate(totals) if i not in chosen)
+    fraction = (inputs.budget * sum(totals) - rest) / sum(totals[i] for i in chosen)
+    if fraction <= 0:
+        raise ShrinkError(
+            f"budget {inputs.budget} cannot be met by compressing only the {which.split('_')[0]} {k} of "
+            f"{n} blocks: the other blocks alone keep {rest / sum(totals):.3f}; raise k or the budget"
+        )
+    plan = Plan(inputs.budget, inputs.unit)
+    for i, (costs, score) in enumerate(zip(site_costs, scores, strict=True)):
+        f = _block_fraction(inputs, i, costs, score, min(fraction, 1.0)) if i in chosen else 1.0
+        plan.targets[i] = dict.fromkeys(costs, f)
+    return plan
+
+
+def last_k(inputs: PlanInputs) -> Plan:
+    """LLM-ROM's heuristic: only the last k blocks are compressed, at the block budget that meets
+    the global one (the early blocks, which every later one builds on, stay dense)."""
+    return _only_k(inputs, last=True)
+
+
+def first_k(inputs: PlanInputs) -> Plan:
+    """Lillama's bottom-first counterpart: only the first k blocks are compressed."""
+    return _only_k(inputs, last=False)
+
+
+@dataclass
+class _Profiles:
+    """The curves as arrays, with the cost allowance they share."""
+
+    curves: list[Curve]
+    site_costs: list[dict[str, float]]
+    budget: float
+    total: float  # dense cost of all blocks
+    fixed: float  # what no unit can shrink
+    costs: list[np.ndarray]
+    errors: list[np.ndarray]  # squared relative errors: energy fractions, additive across units
+
+    @property
+    def allowance(self) -> float:
+        return self.budget * self.total - self.fixed
+
+    def spent(self, choice: list[int]) -> float:
+        return float(sum(c[j] for c, j in zip(self.costs, choice, strict=True)))
+
+
+def _profiles(inputs: PlanInputs, name: str, min_keep: float = 0.0) -> _Profiles:
+    if not inputs.curves:
+        raise ShrinkError(f"schedule {name!r} needs the method's error profiles, and it gave none")
+    site_costs, _ = _dense_costs(inputs)
+    total = sum(sum(c.values()) for c in site_costs)
+    curves = [
+        Curve(c.block, c.name, c.sites, c.dense_cost, _at_least(c.options, min_keep * c.dense_cost))
+        for c in inputs.curves
+    ]
+    return _Profiles(
+        curves,
+        site_costs,
+        inputs.budget,
+        total,
+        total - sum(c.dense_cost for c in curves),
+        [np.array([o.cost for o in c.options], dtype=np.float64) for c in curves],
+        [np.array([o.error for o in c.options], dtype=np.float64) ** 2 for c in curves],
+    )
+
+
+def _smallest_fitting(fits: Callable[[float], bool], lo: float, hi: float, steps: int = 100) -> float:
+    """Bisection for the smallest x in [lo, hi] with fits(x), given fits(hi) and monotonicity."""
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def energy(inputs: PlanInputs) -> Plan:
+    """A global threshold on retained energy: every unit keeps its cheapest option whose squared
+    relative error (discarded energy) is at most t, with t bisected to the smallest value whose
+    allocation fits the budget. For low-rank methods this is the rank at which each matrix keeps a
+    fraction 1 − t of its spectrum's energy (of W·S for svdllm, of WCWᵀ for rom)."""
+    p = _profiles(inputs, "energy")
+
+    def pick(t: float) -> list[int]:
+        return [
+            int(np.where(e <= t + 1e-15, c, np.inf).argmin()) for c, e in zip(p.costs, p.errors, strict=True)
+        ]
+
+    if p.spent(pick(1.0)) > p.allowance + 1e-9:
+        raise ShrinkError(
+            f"budget {inputs.budget} cannot be met by schedule 'energy': the smallest option of every unit "
+            "already exceeds it"
+        )
+    t = _smallest_fitting(lambda t: p.spent(pick(t)) <= p.allowance + 1e-9, 0.0, 1.0)
+    return _plan_from(inputs, p.site_costs, p.curves, pick(t))
+
+
+def _at_least(options: list[Option], floor: float) -> list[Option]:
+    """The options costing at least `floor` (the most expensive one always stays)."""
+    kept = [o for o in options if o.cost >= floor - 1e-9]
+    return kept or [max(options, key=lambda o: o.cost)]
+
+
+def greedy(inputs: PlanInputs) -> Plan:
+    """Global allocation by calibration error per unit cost (STAT's schedule).
+
+    Every unit (curve) offers options of (cost, normalised error e). Minimising the summed e²
+    under the cost budget is relaxed with a Lagrange multiplier μ, the price of one unit of cost:
+    each curve takes the option minimising e² + μ·cost, and μ is bisected to the cheapest
+    price whose allocation fits. What is left of the budget is then spent greedily on the upgrade
+    with the largest error drop per unit cost that still fits. Squared relative errors are used
+    because they add up across units; the plain relative error is a square root, steep near 0,
+    which would make finishing any unit look worth its cost.
+    """
+    p = _profiles(inputs, "greedy", inputs.min_keep)
+    costs, errors, allowance = p.costs, p.errors, p.allowance
+
+    def pick(mu: float) -> list[int]:
+        return [int(np.lexsort((c, e + mu * c))[0]) for c, e in zip(costs, errors, strict=True)]
+
+    cheapest = float(sum(c.min() for c in costs))
+    if cheapest > allowance + 1e-9:
+        raise ShrinkError(
+            f"budget {inputs.budget} cannot be met by schedule 'greedy': the smallest option of every "
+            f"unit keeps {(cheapest + p.fixed) / p.total:.4f} of the block cost (min_keep={inputs.min_keep})"
+        )
+    hi = 1.0 / max(p.total, 1.0)
+    while p.spent(pick(hi)) > allowance + 1e-9:
+        hi *= 2
+    mu = _smallest_fitting(lambda mu: p.spent(pick(mu)) <= allowance + 1e-9, 0.0, hi)
+    spent = p.spent
+    choice = pick(mu)
+    slack = allowance - spent(choice)
+    while True:  # spend the slack on the best-value upgrade that fits
+        best = None
+        for u, (c, e) in enumerate(zip(costs, errors, strict=True)):
+            extra, gain = c - c[choice[u]], e[choice[u]] - e
+            ok = (extra > 0) & (extra <= slack + 1e-9) & (gain > 0)
+            if ok.any():
+                rate = np.where(ok, gain / np.where(ok, extra, 1.0), -np.inf)
+                j = int(rate.argmax())
+                if best is None or rate[j] > best[0]:
+                    best = (rate[j], u, j)
+        if best is None:
+            break
+        _, u, j = best
+        slack -= costs[u][j] - costs[u][choice[u]]
+        choice[u] = j
+
+    return _plan_from(inputs, p.site_costs, p.curves, choice)
+
+
+def _plan_from(inputs: PlanInputs, site_costs, curves: list[Curve], choice: list[int]) -> Plan:
+    """Targets: per site, the kept share of the dense cost of the units covering it."""
+    plan = Plan(inputs.budget, inputs.unit)
+    for b, costs_b in enumerate(site_costs):
+        plan.targets[b] = dict.fromkeys(costs_b, 1.0)
+    kept: dict[tuple[int, str], list[float]] = {}
+    for curve, j in zip(curves, choice, strict=True):
+        option = curve.options[j]
+        for s in curve.sites:
+            cell = kept.setdefault((curve.block, s), [0.0, 0.0])
+            cell[0] += option.cost
+            cell[1] += curve.dense_cost
+        plan.choices.setdefault(curve.block, {})[curve.name] = {**option.choice, "sites": curve.sites}
+        plan.curve_rows.append(
+            {
+                "block": curve.block,
+                "unit": curve.name,
+                "cost": option.cost,
+                "dense_cost": curve.dense_cost,
+                "error": option.error,
+                **option.choice,
+            }
+        )
+    for (b, s), (cost, dense) in kept.items():
+        plan.targets[b][s] = cost / dense
+    return plan
+
+
+SCHEDULES: dict[str, Callable[[PlanInputs], Plan]] = {
+    "uniform": uniform,
+    "last_k": last_k,
+    "first_k": first_k,
+    "energy": energy,
+    "greedy": greedy,
+}
+NEEDS_PROFILES = {"greedy", "energy"}
+
+
+def check_schedule(name: str) -> None:
+    if name not in SCHEDULES:
+        raise ShrinkError(f"unknown schedule {name!r}; valid: {', '.join(sorted(SCHEDULES))}")
+
+
+def make_plan(name: str, inputs: PlanInputs) -> Plan:
+    check_schedule(name)
+    return SCHEDULES[name](inputs)
