@@ -59,12 +59,37 @@ class BlockContext:
     args: list[tuple[Any, ...]]
     kwargs: list[dict[str, Any]]
     seq_len: int = 0  # context length of attention-score MACs (budget_unit: macs)
+    # methods with `needs_teacher`: the dense model's inputs of this block on the same windows,
+    # and the dense block's outputs on them (computed before the method edits the block)
+    teacher_hidden: list[torch.Tensor] | None = None
+    teacher_outputs: list[torch.Tensor] | None = None
 
     def site_cost(self, site: Site) -> int:
         return site_cost(self.adapter, self.block, site, self.seq_len).of(self.unit)
 
-    def run(self, hidden: torch.Tensor, batch: int) -> torch.Tensor:
-        return self.adapter.run_block(self.block, hidden, self.args[batch], self.kwargs[batch])
+    def run(self, hidden: torch.Tensor, batch: int, rows: slice | None = None) -> torch.Tensor:
+        """The block on `hidden` with calibration batch `batch`'s extra inputs; `rows` selects
+        windows of that batch (then `hidden` holds only those rows)."""
+        args, kwargs = self.args[batch], self.kwargs[batch]
+        if rows is not None:
+            size = self.hidden[batch].shape[0]
+            args, kwargs = take_rows(args, rows, size), take_rows(kwargs, rows, size)
+        return self.adapter.run_block(self.block, hidden, args, kwargs)
+
+
+def take_rows(value: Any, rows: slice, batch: int) -> Any:
+    """`value` (cached block arguments) restricted to windows `rows` of a batch of `batch` windows:
+    tensors whose first dimension is the batch are sliced; broadcast ones (first dimension 1, as
+    rotary tables) and everything else pass through unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if batch > 1 and value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(take_rows(v, rows, batch) for v in value)
+    if isinstance(value, list):
+        return [take_rows(v, rows, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: take_rows(v, rows, batch) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -149,10 +174,14 @@ def compress_layerwise(
     sketch_rows: Callable[[Site, int], int] = lambda site, dim: 0,
     seq_len: int = 0,
     desc: str = "compress",
+    needs_teacher: bool = False,
 ) -> None:
-    """Compress every block in order; `on_block(index, result, seconds)` reports as it goes."""
+    """Compress every block in order, bottom first; `on_block(index, result, seconds)` reports as
+    it goes. With `needs_teacher` a second stream of block inputs, the dense model's, runs beside
+    the compressed one (one more block forward per block)."""
     calls = catch_block_inputs(adapter, windows, batch_size, device)
     hidden = calls.hidden
+    teacher = hidden if needs_teacher else None
     heads = adapter.heads()
     for i, block in enumerate(tqdm(adapter.blocks(), desc=desc, unit="block")):
         sites = adapter.sites(block)
@@ -169,6 +198,10 @@ def compress_layerwise(
             stats, outputs = _collect_stats(block, sites, i, run_all, device, sketch_rows)
         else:
             stats, outputs = {}, []
+        teacher_out = None
+        if teacher is not None:
+            same = propagate == Propagate.dense and len(outputs) == len(teacher)
+            teacher_out = outputs if same else run_all(inputs=teacher)
         ctx = BlockContext(
             i,
             block,
@@ -183,6 +216,8 @@ def compress_layerwise(
             calls.args[i],
             calls.kwargs[i],
             seq_len,
+            teacher,
+            teacher_out,
         )
         result = compress_block(ctx)
         if propagate == Propagate.compressed:
@@ -190,7 +225,7 @@ def compress_layerwise(
         seconds = time.perf_counter() - start
         if not all(torch.isfinite(o).all() for o in outputs):
             raise NumericalError(f"block {i} produced non-finite outputs ({propagate.value} propagation)")
-        hidden = outputs
+        hidden, teacher = outputs, teacher_out
         on_block(i, result, seconds)
 
 

@@ -93,6 +93,32 @@ class SVDLLMConf(MethodConf):
     ridge: float = 0.0  # λ/mean(diag C) added before the Cholesky; raised from 1e-10 if C is singular
 
 
+class DistillInit(str, Enum):
+    svd = "svd"  # truncated SVD of each weight (Lillama's choice)
+    svdllm = "svdllm"  # whitened SVD on the block's calibration inputs
+
+
+class DistillInputs(str, Enum):
+    teacher = "teacher"  # the dense model's block inputs
+    student = "student"  # the compressed model's own block inputs (detached)
+    teacher_student = "teacher+student"  # both losses, summed, in one step (Lillama)
+
+
+@dataclass
+class DistillConf(MethodConf):
+    name: str = "distill"
+    init: DistillInit = DistillInit.svd
+    ridge: float = 0.0  # init=svdllm: λ/mean(diag C), as in method=svdllm
+    # a DistillInputs value; a plain string because OmegaConf matches enums by member name and
+    # `teacher+student` is not a valid name (checked in shrink.validate)
+    inputs: str = DistillInputs.teacher_student.value
+    steps: int = 60  # AdamW steps per block
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 2  # calibration windows per step (at most calib.batch_size)
+    eval_every: int = 20  # steps between full calibration-loss checks; the best factors are kept
+
+
 class IDSelection(str, Enum):
     cholesky = "cholesky"  # pivoted Cholesky of the streamed Gram matrix (default)
     sketch_qr = "sketch_qr"  # pivoted QR of a streamed Gaussian row sketch ΩZ (exact check)
@@ -210,6 +236,7 @@ def register_schemas() -> None:
     cs.store(group="method", name="base_id", node=IDConf)
     cs.store(group="method", name="base_rom", node=ROMConf)
     cs.store(group="method", name="base_svdllm", node=SVDLLMConf)
+    cs.store(group="method", name="base_distill", node=DistillConf)
     cs.store(group="schedule", name="base_uniform", node=UniformConf)
     cs.store(group="schedule", name="base_greedy", node=GreedyConf)
     cs.store(group="schedule", name="base_last_k", node=LastKConf)

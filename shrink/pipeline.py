@@ -59,6 +59,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 < float(cfg.budget) <= 1.0:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
     check_method(cfg.method.name)
+    METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size))
     check_schedule(cfg.schedule.name)
     if cfg.schedule.name in NEEDS_PROFILES and not METHODS[cfg.method.name].has_profile:
         with_profiles = sorted(n for n, m in METHODS.items() if m.has_profile)
@@ -215,6 +216,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             needs_stats=method.needs_stats,
             sketch_rows=method.sketch_rows,
             seq_len=seq_len,
+            needs_teacher=method.needs_teacher,
         )
         compress_seconds = time.perf_counter() - t_compress
         model.to("cpu")

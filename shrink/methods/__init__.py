@@ -25,6 +25,6 @@ def build_method(cfg: DictConfig) -> Method:
     return METHODS[cfg.name](cfg)
 
 
-from . import id, rom, svd, svdllm  # noqa: E402,F401  (register themselves)
+from . import distill, id, rom, svd, svdllm  # noqa: E402,F401  (register themselves)
 
 __all__ = ["METHODS", "Method", "build_method", "check_method", "register"]

@@ -17,9 +17,14 @@ class Method(ABC):
     name: str = ""
     needs_stats: bool = True  # whether the runner must accumulate input second moments
     has_profile: bool = False  # implements `profile`, so error-driven schedules (greedy) can plan it
+    needs_teacher: bool = False  # the runner must give it the dense model's block inputs and outputs
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
+
+    @staticmethod
+    def check(cfg: DictConfig, calib_batch: int | None = None) -> None:
+        """Value checks of the method's own config keys, run before any model is loaded."""
 
     def sketch_rows(self, site, dim: int) -> int:
         """Rows of the Gaussian sketch ΩX the runner should stream for `site` (0: none)."""

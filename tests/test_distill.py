@@ -1,0 +1,150 @@
+"""`method=distill`: the loss falls, never ends above its initialisation, every input mode runs,
+the result reloads, and the runner's teacher stream and row slicing are what the method assumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import shrink
+from shrink.capture import BlockContext, BlockResult, compress_layerwise, take_rows
+from shrink.config import Propagate
+from shrink.errors import ShrinkError
+from shrink.methods.distill import token_losses
+from shrink.models import load_model
+from shrink.pipeline import run
+from shrink.schedules import make_plan
+from shrink.budget import BudgetUnit, PlanInputs
+
+from .conftest import TINY, logits, make_cfg, tiny_overrides
+
+FAST_DISTILL = ["method=distill", "method.steps=12", "method.eval_every=4"]
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "layers.jsonl").read_text().splitlines()]
+
+
+def test_token_loss_is_smallest_at_the_target():
+    y = torch.randn(2, 5, 8)
+    exact = token_losses(y, y)
+    assert torch.allclose(exact, torch.full_like(exact, -torch.nn.functional.logsigmoid(torch.tensor(1.0))))
+    assert (token_losses(y + 0.1 * torch.randn_like(y), y) > exact).all()
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt"])
+def test_distillation_lowers_the_calibration_loss(run_job, model):
+    _, folder = run_job(*tiny_overrides(model), *FAST_DISTILL, "method.lr=3e-3", "budget=0.5")
+    rows = _rows(folder)
+    assert rows and all(r["distill_loss"] < r["distill_loss_init"] for r in rows)
+    assert all(r["distill_best_step"] > 0 and r["distill_steps"] == 12 for r in rows)
+
+
+def _block_weights(folder):
+    return {k: v for k, v in shrink.load(folder / "model").state_dict().items() if ".layers." in k}
+
+
+def test_never_returns_factors_worse_than_the_initialisation(run_job):
+    """A learning rate that wrecks every step: the best factors seen are the initial ones."""
+    base = [*tiny_overrides("tiny-llama"), *FAST_DISTILL, "budget=0.5"]
+    _, init = run_job(*base, "method.steps=0", name="init")
+    _, wild = run_job(*base, "method.lr=50", name="wild")
+    rows = _rows(wild)
+    assert all(r["distill_loss"] <= r["distill_loss_init"] for r in rows)
+    assert all(r["distill_best_step"] == 0 for r in rows)
+    a, b = _block_weights(init), _block_weights(wild)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("inputs", ["teacher", "student", "teacher+student"])
+@pytest.mark.parametrize("init", ["svd", "svdllm"])
+def test_every_input_mode_and_init_runs_saves_and_reloads(run_job, saved_logits, inputs, init):
+    metrics, folder = run_job(
+        *tiny_overrides("tiny-llama"), *FAST_DISTILL, f"method.inputs={inputs}", f"method.init={init}", "budget=0.6"
+    )
+    assert metrics["budget_achieved"] <= 0.6 and metrics["method"] == "distill"
+    assert all(r["distill_loss"] <= r["distill_loss_init"] for r in _rows(folder))
+    assert torch.equal(logits(shrink.load(folder / "model"), saved_logits["ids"]), saved_logits["logits"])
+
+
+@pytest.mark.parametrize("model", TINY)
+def test_distill_runs_on_every_family(run_job, model):
+    metrics, _ = run_job(*tiny_overrides(model), *FAST_DISTILL, "budget=0.6", "save_model=false")
+    assert metrics["budget_achieved"] <= 0.6
+
+
+def test_greedy_plans_distill_from_its_initialisation(run_job):
+    metrics, _ = run_job(
+        *tiny_overrides("tiny-llama"), *FAST_DISTILL, "schedule=greedy", "schedule.min_keep=0.1", "budget=0.6"
+    )
+    assert metrics["budget_achieved"] <= 0.6
+
+
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("method.inputs=both", ["both", "teacher+student"]),
+        ("method.batch_size=8", ["method.batch_size=8", "calib.batch_size=2"]),
+        ("method.steps=-1", ["method.steps"]),
+        ("method.lr=0", ["method.lr"]),
+    ],
+)
+def test_bad_distill_settings_fail_before_loading(tmp_path, override, words):
+    folder = tmp_path / "run"
+    with pytest.raises(ShrinkError) as err:
+        run(make_cfg(*tiny_overrides("tiny-llama"), "method=distill", override), run_dir=folder)
+    assert all(w in str(err.value) for w in words) and "\n" not in str(err.value)
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert"])
+def test_a_slice_of_a_batch_runs_like_the_whole_batch(model):
+    """take_rows slices masks and per-window tensors and leaves broadcast ones alone."""
+    cfg = make_cfg(*tiny_overrides(model))
+    loaded = load_model(cfg.model, torch.float32, seed=0)
+    adapter = loaded.adapter
+    windows = torch.randint(0, 255, (3, 16))
+    seen = {}
+
+    def record(ctx: BlockContext) -> BlockResult:
+        seen["full"] = ctx.run(ctx.hidden[0], 0)
+        seen["part"] = ctx.run(ctx.hidden[0][1:3], 0, slice(1, 3))
+        return BlockResult([], {})
+
+    plan = make_plan("uniform", PlanInputs(adapter, 1.0, BudgetUnit.params, 0, True))
+    with torch.no_grad():
+        compress_layerwise(adapter, windows, 3, record, plan, Propagate.dense, torch.device("cpu"), lambda *_: None)
+    assert torch.allclose(seen["part"], seen["full"][1:3], atol=1e-5)
+    assert take_rows({"a": (torch.ones(3, 2), torch.ones(1, 2)), "b": None}, slice(0, 1), 3)["a"][1].shape == (1, 2)
+
+
+def test_the_teacher_stream_is_the_dense_models_hidden_states():
+    """With compressed propagation the method still sees the dense model's block inputs/outputs."""
+    cfg = make_cfg(*tiny_overrides("tiny-llama"))
+    loaded = load_model(cfg.model, torch.float32, seed=0)
+    adapter, model = loaded.adapter, loaded.model
+    windows = torch.randint(0, 255, (2, 16))
+    with torch.no_grad():
+        dense = model(input_ids=windows, output_hidden_states=True).hidden_states
+    seen = []
+
+    def zero_out_mlp(ctx: BlockContext) -> BlockResult:
+        seen.append((ctx.teacher_hidden[0].clone(), ctx.teacher_outputs[0].clone(), ctx.hidden[0].clone()))
+        down = ctx.block.get_submodule("mlp.down_proj")
+        with torch.no_grad():
+            down.weight.mul_(0.5)  # the compressed stream drifts away from the dense one
+        return BlockResult([], {})
+
+    plan = make_plan("uniform", PlanInputs(adapter, 1.0, BudgetUnit.params, 0, True))
+    compress_layerwise(
+        adapter, windows, 2, zero_out_mlp, plan, Propagate.compressed, torch.device("cpu"), lambda *_: None,
+        needs_teacher=True,
+    )  # fmt: skip
+    assert len(seen) == len(adapter.blocks())
+    for i, (teacher_in, teacher_out, student_in) in enumerate(seen):
+        assert torch.allclose(teacher_in, dense[i], atol=1e-5)
+        if i + 1 < len(seen):  # the last hidden state of HF models has the final norm applied
+            assert torch.allclose(teacher_out, dense[i + 1], atol=1e-5)
+    assert not torch.allclose(seen[-1][2], seen[-1][0], atol=1e-3)
