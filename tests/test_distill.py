@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import shrink
+from shrink.budget import BudgetUnit, PlanInputs
 from shrink.capture import BlockContext, BlockResult, compress_layerwise, take_rows
 from shrink.config import Propagate
 from shrink.errors import ShrinkError
@@ -16,7 +17,6 @@ from shrink.methods.distill import token_losses
 from shrink.models import load_model
 from shrink.pipeline import run
 from shrink.schedules import make_plan
-from shrink.budget import BudgetUnit, PlanInputs
 
 from .conftest import TINY, logits, make_cfg, tiny_overrides
 
@@ -62,7 +62,11 @@ def test_never_returns_factors_worse_than_the_initialisation(run_job):
 @pytest.mark.parametrize("init", ["svd", "svdllm"])
 def test_every_input_mode_and_init_runs_saves_and_reloads(run_job, saved_logits, inputs, init):
     metrics, folder = run_job(
-        *tiny_overrides("tiny-llama"), *FAST_DISTILL, f"method.inputs={inputs}", f"method.init={init}", "budget=0.6"
+        *tiny_overrides("tiny-llama"),
+        *FAST_DISTILL,
+        f"method.inputs={inputs}",
+        f"method.init={init}",
+        "budget=0.6",
     )
     assert metrics["budget_achieved"] <= 0.6 and metrics["method"] == "distill"
     assert all(r["distill_loss"] <= r["distill_loss_init"] for r in _rows(folder))
@@ -115,9 +119,12 @@ def test_a_slice_of_a_batch_runs_like_the_whole_batch(model):
 
     plan = make_plan("uniform", PlanInputs(adapter, 1.0, BudgetUnit.params, 0, True))
     with torch.no_grad():
-        compress_layerwise(adapter, windows, 3, record, plan, Propagate.dense, torch.device("cpu"), lambda *_: None)
+        compress_layerwise(
+            adapter, windows, 3, record, plan, Propagate.dense, torch.device("cpu"), lambda *_: None
+        )
     assert torch.allclose(seen["part"], seen["full"][1:3], atol=1e-5)
-    assert take_rows({"a": (torch.ones(3, 2), torch.ones(1, 2)), "b": None}, slice(0, 1), 3)["a"][1].shape == (1, 2)
+    sliced = take_rows({"a": (torch.ones(3, 2), torch.ones(1, 2)), "b": None}, slice(0, 1), 3)
+    assert sliced["a"][0].shape == (1, 2) and sliced["a"][1].shape == (1, 2) and sliced["b"] is None
 
 
 def test_the_teacher_stream_is_the_dense_models_hidden_states():
@@ -143,7 +150,7 @@ def test_the_teacher_stream_is_the_dense_models_hidden_states():
         needs_teacher=True,
     )  # fmt: skip
     assert len(seen) == len(adapter.blocks())
-    for i, (teacher_in, teacher_out, student_in) in enumerate(seen):
+    for i, (teacher_in, teacher_out, _) in enumerate(seen):
         assert torch.allclose(teacher_in, dense[i], atol=1e-5)
         if i + 1 < len(seen):  # the last hidden state of HF models has the final norm applied
             assert torch.allclose(teacher_out, dense[i + 1], atol=1e-5)

@@ -22,7 +22,7 @@ class Method(ABC):
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
 
-    @staticmethod
+    @staticmethod  # noqa: B027  (an optional hook: most methods have nothing to check)
     def check(cfg: DictConfig, calib_batch: int | None = None) -> None:
         """Value checks of the method's own config keys, run before any model is loaded."""
 

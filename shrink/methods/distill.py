@@ -72,12 +72,16 @@ class Distill(Method):
     def check(cfg: DictConfig, calib_batch: int | None = None) -> None:
         """The method's own value checks, so a bad setting fails before any model is loaded."""
         if cfg.inputs not in INPUT_CHOICES:
-            raise ShrinkError(f"method.inputs={cfg.inputs!r} is not valid; choose one of {', '.join(INPUT_CHOICES)}")
+            choices = ", ".join(INPUT_CHOICES)
+            raise ShrinkError(f"method.inputs={cfg.inputs!r} is not valid; choose one of {choices}")
         for key in ("steps", "eval_every", "batch_size"):
-            if int(cfg[key]) < (0 if key == "steps" else 1):
-                raise ShrinkError(f"method.{key} must be {'≥ 0' if key == 'steps' else '≥ 1'}, got {cfg[key]}")
+            least = 0 if key == "steps" else 1
+            if int(cfg[key]) < least:
+                raise ShrinkError(f"method.{key} must be ≥ {least}, got {cfg[key]}")
         if float(cfg.lr) <= 0 or float(cfg.weight_decay) < 0:
-            raise ShrinkError(f"method.lr must be > 0 and weight_decay ≥ 0, got {cfg.lr} and {cfg.weight_decay}")
+            raise ShrinkError(
+                f"method.lr must be > 0 and method.weight_decay ≥ 0, got {cfg.lr} and {cfg.weight_decay}"
+            )
         if calib_batch is not None and int(cfg.batch_size) > calib_batch:
             raise ShrinkError(
                 f"method.batch_size={cfg.batch_size} exceeds calib.batch_size={calib_batch}: a step takes "
@@ -151,8 +155,9 @@ class Distill(Method):
                 if not order:
                     order = torch.randperm(len(chunks), generator=gen).tolist()
                 b, rows = chunks[order.pop()]
+                target = ctx.teacher_outputs[b][rows]
                 loss = sum(
-                    token_losses(ctx.run(self._inputs(ctx, src)[b][rows], b, rows), ctx.teacher_outputs[b][rows]).mean()
+                    token_losses(ctx.run(self._inputs(ctx, src)[b][rows], b, rows), target).mean()
                     for src in self.sources
                 )
                 if not torch.isfinite(loss):
@@ -169,11 +174,18 @@ class Distill(Method):
                         best, best_step, kept = current, step, [p.detach().clone() for p in params]
         finally:
             with torch.no_grad():
-                for p, value in zip(params, kept):
+                for p, value in zip(params, kept, strict=True):
                     p.copy_(value)
             for p, flag in flags:
                 p.requires_grad_(flag)
-        log.info("distill block %d: loss %.4f -> %.4f (best at step %d of %d)", ctx.index, init, best, best_step, done)
+        log.info(
+            "distill block %d: loss %.4f -> %.4f (best at step %d of %d)",
+            ctx.index,
+            init,
+            best,
+            best_step,
+            done,
+        )
         return {
             "distill_loss_init": init,
             "distill_loss": best,
