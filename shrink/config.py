@@ -112,11 +112,11 @@ class DistillConf(MethodConf):
     # a DistillInputs value; a plain string because OmegaConf matches enums by member name and
     # `teacher+student` is not a valid name (checked in shrink.validate)
     inputs: str = DistillInputs.teacher_student.value
-    steps: int = 60  # AdamW steps per block
-    lr: float = 1e-4
+    steps: int = 32  # AdamW steps per block
+    lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 2  # calibration windows per step (at most calib.batch_size)
-    eval_every: int = 20  # steps between full calibration-loss checks; the best factors are kept
+    eval_every: int = 16  # steps between full calibration-loss checks; the best factors are kept
 
 
 class IDSelection(str, Enum):

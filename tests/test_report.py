@@ -1,0 +1,56 @@
+"""`python -m shrink.report`: one table and one plot from many run folders, failed runs marked."""
+
+from __future__ import annotations
+
+import json
+
+from shrink import report
+
+
+def _metrics(folder, method, budget, ppl, status="ok", **extra):
+    folder.mkdir(parents=True)
+    m = {
+        "status": status,
+        "model": "m",
+        "method": method,
+        "schedule": "uniform",
+        "budget": budget,
+        "budget_achieved": budget - 0.001,
+        "compress_seconds": 1.5,
+        "eval": {"ppl": {"wiki": {"dense": 10.0, "compressed": ppl}}} if ppl else {},
+        **extra,
+    }
+    (folder / "metrics.json").write_text(json.dumps(m))
+
+
+def test_report_collects_runs_into_a_table_csv_and_plot(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    _metrics(runs / "a", "id", 0.5, 30.0)
+    _metrics(runs / "b", "id", 0.8, 15.0)
+    _metrics(runs / "nested" / "c", "svd", 0.5, 900.0)
+    _metrics(runs / "d", "svd", 0.8, None, status="failed", error="ShrinkError: boom")
+    (runs / "unfinished").mkdir()  # no metrics.json: not a run
+    out = tmp_path / "out"
+    assert report.main([str(runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("| model | method | schedule | budget | achieved | ppl_dense | ppl |")
+    body = printed[2:]
+    assert [line.split(" | ")[1:4] for line in body] == [
+        ["id", "uniform", "0.8"],
+        ["id", "uniform", "0.5"],
+        ["svd", "uniform", "0.8"],
+        ["svd", "uniform", "0.5"],
+    ]
+    assert "| 30 |" in body[1] and "| 0.499 |" in body[1]
+    assert "failed: ShrinkError: boom" in body[2]
+    csv_lines = (out / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("model,method,schedule,budget")
+    assert (out / "ppl_vs_budget.png").stat().st_size > 1000
+    assert (out / "report.md").read_text().splitlines() == printed
+
+
+def test_report_on_nothing_fails_clearly(tmp_path, capsys):
+    assert report.main([str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert report.main([str(tmp_path)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
