@@ -191,6 +191,7 @@ class PplConf:
 class EvalConf:
     name: str = MISSING
     ppl: PplConf | None = None
+    cache_dense: bool = True  # reuse the dense model's scores across runs (shrink/evaluation/cache.py)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from .budget import BudgetUnit, PlanInputs, blocks_cost
 from .capture import compress_layerwise, profile_layerwise
 from .config import Head, Propagate
 from .errors import ShrinkError
-from .evaluation import perplexity
+from .evaluation import cache, perplexity
 from .methods import METHODS, build_method, check_method
 from .models import load_config, load_model
 from .outputs import RunFolder, remove_if_empty
@@ -123,13 +123,32 @@ def _run_name(cfg: DictConfig) -> str:
 
 
 def _evaluate(cfg: DictConfig, model, tokenizer, device: torch.device, which: str, results: dict) -> None:
+    """Score `model` with every evaluator of the suite; the dense scores come from the cache when
+    an identical dense evaluation ran before (`eval.cache_dense`)."""
     ppl = cfg.eval.get("ppl")
     if ppl is None:
         return
     model.to(device)
+    use_cache = which == "dense" and bool(cfg.eval.get("cache_dense", False))
     for corpus in ppl.corpora:
         windows = data.test_windows(corpus, tokenizer, ppl.seq_len, ppl.max_tokens, cfg.model.add_bos)
-        score = perplexity(model, windows, ppl.batch_size, device, desc=f"ppl {corpus} ({which})")
+        key = None
+        if use_cache:
+            key = cache.dense_key(
+                OmegaConf.to_container(cfg.model, resolve=True),
+                int(cfg.seed),
+                str(getattr(cfg.dtype, "value", cfg.dtype)),
+                device.type,
+                "ppl",
+                {"corpus": corpus, "windows": cache.fingerprint(windows)},
+            )
+        score = cache.load(key) if key else None
+        if score is None:
+            score = perplexity(model, windows, ppl.batch_size, device, desc=f"ppl {corpus} ({which})")
+            if key:
+                cache.store(key, score)
+        elif which == "dense":
+            results.setdefault("dense_cached", []).append(f"ppl.{corpus}")
         entry = results.setdefault("ppl", {}).setdefault(
             corpus, {"seq_len": ppl.seq_len, "tokens": score["tokens"]}
         )

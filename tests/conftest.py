@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ FAST = ["logger=none", "calib.nsamples=4", "calib.seq_len=64", "calib.batch_size
 FAST_PPL = ["eval.ppl.seq_len=128", "eval.ppl.max_tokens=1024"]
 
 os.environ.setdefault("WANDB_SILENT", "true")
+# Dense-evaluation cache: one fresh folder per test session, never the user's cache.
+os.environ["SHRINK_EVAL_CACHE"] = tempfile.mkdtemp(prefix="shrink-eval-cache-")
 
 
 def make_cfg(*overrides: str):

@@ -54,3 +54,16 @@ def test_report_on_nothing_fails_clearly(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert report.main([str(tmp_path)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_the_dense_evaluation_is_cached_across_runs(run_job):
+    from .conftest import tiny_overrides
+
+    base = [*tiny_overrides("tiny-llama"), "method=svd", "save_model=false", "eval.ppl.max_tokens=512"]
+    first, _ = run_job(*base, "budget=0.8", name="first")
+    second, _ = run_job(*base, "budget=0.6", name="second")
+    off, _ = run_job(*base, "budget=0.6", "eval.cache_dense=false", name="off")
+    other_seed, _ = run_job(*base, "budget=0.6", "seed=1", name="seed")
+    assert "dense_cached" not in first["eval"] and second["eval"]["dense_cached"] == ["ppl.wiki"]
+    assert second["eval"]["ppl"]["wiki"]["dense"] == first["eval"]["ppl"]["wiki"]["dense"]
+    assert "dense_cached" not in off["eval"] and "dense_cached" not in other_seed["eval"]
