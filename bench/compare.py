@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -26,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import shrink  # noqa: E402
 from shrink import data  # noqa: E402
-from shrink.budget import blocks_cost  # noqa: E402
-from shrink.models import build_adapter, load_model  # noqa: E402
+from shrink.evaluation.speed import latency, macs_per_token  # noqa: E402
+from shrink.models import load_model  # noqa: E402
 from shrink.pipeline import resolve_device  # noqa: E402
 
 
@@ -47,27 +46,6 @@ def launch(out: Path, model: str, run: str, budget: float, tokens: int) -> dict:
             lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
             return {"run": run, "budget": budget, "error": lines[-1] if lines else f"exit {done.returncode}"}
     return json.loads((folder / "metrics.json").read_text()) | {"folder": str(folder), "run": run}
-
-
-@torch.no_grad()
-def latency(model, ids: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one forward pass, after warm-up."""
-    for _ in range(2):
-        model(input_ids=ids, use_cache=False)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def macs_per_token(model, seq_len: int) -> tuple[int, int]:
-    """(block MACs, whole-model MACs incl. the LM head) per token at `seq_len`."""
-    adapter = build_adapter(model)
-    blocks = blocks_cost(adapter, seq_len).macs
-    head = model.get_output_embeddings()
-    return blocks, blocks + (head.weight.numel() if head is not None else 0)
 
 
 @torch.no_grad()

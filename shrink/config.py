@@ -202,10 +202,20 @@ class ZeroShotConf:
 
 
 @dataclass
+class SpeedConf:
+    batch_size: int = 1
+    seq_len: int = 512
+    repeats: int = 10  # timed forward passes; the median is reported
+    warmup: int = 2
+    seed: int = 0  # of the random token ids
+
+
+@dataclass
 class EvalConf:
     name: str = MISSING
     ppl: PplConf | None = None
     zeroshot: ZeroShotConf | None = None
+    speed: SpeedConf | None = None
     cache_dense: bool = True  # reuse the dense model's scores across runs (shrink/evaluation/cache.py)
 
 

@@ -87,6 +87,8 @@ def validate(cfg: DictConfig) -> None:
     windows = {"calib.seq_len": cfg.calib.seq_len}
     if ppl is not None:
         windows["eval.ppl.seq_len"] = ppl.seq_len
+    if cfg.eval.get("speed") is not None:
+        windows["eval.speed.seq_len"] = cfg.eval.speed.seq_len
     for key, length in windows.items():
         if limit is not None and length > limit:
             raise ShrinkError(
@@ -112,6 +114,10 @@ def _run_name(cfg: DictConfig) -> str:
     except ValueError:
         pass
     return f"{cfg.model.name}-{cfg.method.name}-{cfg.schedule.name}-b{cfg.budget}"
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def _params(model) -> int:
@@ -228,6 +234,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             "eval_seconds": (t_dense_eval - t_loaded) + (t_end - t_eval),
             "total_seconds": t_end - t_start,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "checkpoint_mb": _folder_mb(folder.path / "model") if cfg.save_model else None,
             "seed": cfg.seed,
             "device": device.type,
             "propagate": Propagate(cfg.propagate).value,
@@ -269,6 +276,13 @@ def summary(m: dict[str, Any], path: Path) -> str:
                 f"  {task:<15}{r['metric']} dense {r['dense']:.3f} -> compressed {r['compressed']:.3f} "
                 f"(n={r['n']}, stderr {r.get('compressed_stderr') or 0:.3f})"
             )
+    sp = m["eval"].get("speed", {})
+    if "speedup" in sp:
+        lines.append(
+            f"  speed      {sp['dense']['latency_ms']:.0f} ms -> {sp['compressed']['latency_ms']:.0f} ms "
+            f"({sp['speedup']:.2f}x; model MAC ratio {sp['model_mac_ratio']:.3f}, "
+            f"batch {sp['dense']['batch_size']} x {sp['dense']['seq_len']} tokens)"
+        )
     if "mean" in zs:
         lines.append(
             f"  zero-shot mean  dense {zs['mean']['dense']:.3f} -> compressed {zs['mean']['compressed']:.3f}"

@@ -67,3 +67,32 @@ def test_the_dense_evaluation_is_cached_across_runs(run_job):
     assert "dense_cached" not in first["eval"] and second["eval"]["dense_cached"] == ["ppl.wiki"]
     assert second["eval"]["ppl"]["wiki"]["dense"] == first["eval"]["ppl"]["wiki"]["dense"]
     assert "dense_cached" not in off["eval"] and "dense_cached" not in other_seed["eval"]
+
+
+def test_speed_suite_reports_latency_next_to_the_mac_ratio(run_job):
+    from .conftest import tiny_overrides
+
+    metrics, folder = run_job(
+        *tiny_overrides("tiny-llama"), "method=id", "budget=0.5", "eval=speed", "eval.speed.repeats=2",
+        "eval.speed.seq_len=64", "eval.ppl.max_tokens=512", "eval.ppl.seq_len=128",
+    )  # fmt: skip
+    speed = metrics["eval"]["speed"]
+    for which in ("dense", "compressed"):
+        assert speed[which]["latency_ms"] > 0 and speed[which]["tokens_per_s"] > 0
+        assert speed[which]["batch_size"] == 1 and speed[which]["seq_len"] == 64
+    assert speed["speedup"] > 0
+    # the LM head is not compressed, so the whole model's MAC ratio lies between the blocks' and 1
+    assert (
+        0 < speed["block_mac_ratio"] <= 0.5 + 1e-9 and speed["block_mac_ratio"] < speed["model_mac_ratio"] < 1
+    )
+    assert speed["weight_bytes_ratio"] < 1
+    assert metrics["checkpoint_mb"] > 0
+
+
+def test_speed_suite_runs_on_an_encoder(run_job):
+    metrics, _ = run_job(
+        "model=tiny-bert", "logger=none", "calib.nsamples=4", "calib.seq_len=64", "calib.batch_size=2",
+        "device=cpu", "eval=speed", "eval.ppl=null", "eval.speed.repeats=1", "eval.speed.seq_len=32",
+        "save_model=false",
+    )  # fmt: skip
+    assert metrics["eval"]["speed"]["speedup"] > 0

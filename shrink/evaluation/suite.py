@@ -14,11 +14,18 @@ from ..config import Head, TaskSource
 from ..errors import ShrinkError
 from . import cache, zeroshot
 from .perplexity import perplexity
+from .speed import measure
 
 
 def check_suite(cfg: DictConfig) -> None:
     """Everything about the suite that can fail without weights."""
-    ppl, zs = cfg.eval.get("ppl"), cfg.eval.get("zeroshot")
+    ppl, zs, speed = cfg.eval.get("ppl"), cfg.eval.get("zeroshot"), cfg.eval.get("speed")
+    if speed is not None:
+        for key in ("batch_size", "seq_len", "repeats"):
+            if speed[key] < 1:
+                raise ShrinkError(f"eval.speed.{key} must be ≥ 1, got {speed[key]}")
+        if speed.warmup < 0:
+            raise ShrinkError(f"eval.speed.warmup must be ≥ 0, got {speed.warmup}")
     if ppl is not None:
         for corpus in ppl.corpora:
             data.check_corpus(corpus)
@@ -74,10 +81,14 @@ def evaluate_suite(
     cfg: DictConfig, model, tokenizer, device: torch.device, which: str, results: dict, folder: Path
 ) -> None:
     """Score `model` ("dense" or "compressed") with every evaluator; fill `results` in place."""
-    ppl, zs = cfg.eval.get("ppl"), cfg.eval.get("zeroshot")
-    if ppl is None and zs is None:
+    ppl, zs, speed = cfg.eval.get("ppl"), cfg.eval.get("zeroshot"), cfg.eval.get("speed")
+    if ppl is None and zs is None and speed is None:
         return
     model.to(device)
+    if speed is not None:  # timed first, before the other evaluators warm caches differently
+        results.setdefault("speed", {})[which] = measure_speed(model, speed, device)
+        if which == "compressed" and "dense" in results["speed"]:
+            results["speed"].update(speed_ratios(results["speed"]))
     for corpus in ppl.corpora if ppl is not None else []:
         windows = data.test_windows(corpus, tokenizer, ppl.seq_len, ppl.max_tokens, cfg.model.add_bos)
         score = _cached(
@@ -126,6 +137,34 @@ def evaluate_suite(
             results,
         )
         merge_zeroshot(results.setdefault("zeroshot", {}), scores, which)
+
+
+def measure_speed(model, speed: DictConfig, device: torch.device) -> dict[str, Any]:
+    values = measure(
+        model,
+        int(speed.batch_size),
+        int(speed.seq_len),
+        int(speed.repeats),
+        int(speed.warmup),
+        device,
+        int(speed.seed),
+    )
+    return values | {
+        "batch_size": int(speed.batch_size),
+        "seq_len": int(speed.seq_len),
+        "device": device.type,
+    }
+
+
+def speed_ratios(table: dict[str, Any]) -> dict[str, float]:
+    """Speedup next to what the MAC count allows, and the weight-size ratio."""
+    dense, comp = table["dense"], table["compressed"]
+    return {
+        "speedup": dense["latency_ms"] / comp["latency_ms"],
+        "model_mac_ratio": comp["model_macs_per_token"] / dense["model_macs_per_token"],
+        "block_mac_ratio": comp["block_macs_per_token"] / dense["block_macs_per_token"],
+        "weight_bytes_ratio": comp["weight_bytes"] / dense["weight_bytes"],
+    }
 
 
 def merge_zeroshot(table: dict[str, Any], scores: dict[str, Any], which: str) -> None:
