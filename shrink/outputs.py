@@ -38,11 +38,19 @@ class RunFolder:
         for name, values in spectra.items():
             self.spectra[f"block{index:03d}/{name}"] = np.asarray(values, dtype=np.float64)
 
-    def finish(self, metrics: dict[str, Any]) -> None:
+    def finish(self, metrics: dict[str, Any]) -> list[Path]:
+        """Write spectra, plots and (last) metrics.json; returns the plots written."""
         np.savez_compressed(self.path / "spectra.npz", **self.spectra)
+        plots = []
         if self.rows:
-            plot_kept(self.rows, self.path / "kept.png")
+            plots.append(plot_kept(self.rows, self.path / "kept.png"))
+        if self.spectra:
+            plots.append(plot_spectra(self.spectra, self.path / "spectra.png"))
+        tasks = {k: v for k, v in metrics.get("eval", {}).get("zeroshot", {}).items() if k != "mean"}
+        if tasks:
+            plots.append(plot_tasks(tasks, self.path / "zeroshot.png"))
         (self.path / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+        return plots
 
 
 def remove_if_empty(path: str | Path) -> None:
@@ -55,12 +63,63 @@ def remove_if_empty(path: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def plot_kept(rows: list[dict[str, Any]], path: Path) -> None:
-    """Kept share of each site's parameters per block, and (for pruning) kept units per block."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_spectra(spectra: dict[str, np.ndarray], path: Path) -> Path:
+    """One panel per site linear (`self_attn.q_proj`, …): its spectrum in every block, normalised
+    by the largest value, coloured from the first block (light) to the last (dark)."""
+    plt = _pyplot()
+    by_name: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for key, values in spectra.items():
+        block, _, name = key.partition("/")
+        if len(values) and np.max(np.abs(values)) > 0:
+            by_name.setdefault(name, []).append((int(block.removeprefix("block")), np.asarray(values)))
+    cols = min(3, max(1, len(by_name)))
+    rows = -(-len(by_name) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    blocks = max((b for series in by_name.values() for b, _ in series), default=0) + 1
+    for ax, (name, series) in zip(axes.flat, sorted(by_name.items()), strict=False):
+        for block, values in sorted(series, key=lambda item: item[0]):
+            v = np.sort(np.abs(values))[::-1]
+            ax.plot(v / v[0], color=plt.cm.viridis(block / max(1, blocks - 1)), linewidth=0.8)
+        ax.set(title=name, xlabel="index", yscale="log")
+    for ax in list(axes.flat)[len(by_name) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_tasks(tasks: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Dense vs compressed main metric per zero-shot task, with the stderr as error bars."""
+    plt = _pyplot()
+    names = list(tasks)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(names)), 3.5))
+    for offset, which in ((-0.2, "dense"), (0.2, "compressed")):
+        values = [tasks[t].get(which) or 0.0 for t in names]
+        errors = [tasks[t].get(f"{which}_stderr") or 0.0 for t in names]
+        ax.bar(x + offset, values, 0.4, yerr=errors, label=which, capsize=2)
+    ax.set_xticks(x, [f"{t}\n({tasks[t]['metric']})" for t in names], fontsize="small")
+    ax.set(ylabel="score", ylim=(0, 1), title="zero-shot tasks")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_kept(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Kept share of each site's parameters per block, and (for pruning) kept units per block."""
+    plt = _pyplot()
 
     units = [r for r in rows if "kept" in r and "total" in r]
     fig, axes = plt.subplots(1, 2 if units else 1, figsize=(11 if units else 6, 3.5), squeeze=False)
@@ -86,3 +145,4 @@ def plot_kept(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return path

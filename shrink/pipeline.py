@@ -245,8 +245,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             },
             "eval": results,
         }
-        folder.finish(metrics)
-        tracker.log_image("kept", folder.path / "kept.png")
+        for plot in folder.finish(metrics):
+            tracker.log_image(plot.stem, plot)
         tracker.log_metrics(metrics)
         tracker.finish("ok")
     except BaseException:

@@ -120,6 +120,11 @@ class WandbTracker(Tracker):
             cols = sorted({c for r in self.rows for c in r})
             table = self.wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in self.rows])
             self.run.log({"layers": table})
+        tasks = {k: v for k, v in metrics.get("eval", {}).get("zeroshot", {}).items() if k != "mean"}
+        if tasks:
+            cols = ["task", "metric", "n", "dense", "dense_stderr", "compressed", "compressed_stderr"]
+            data = [[t, *(row.get(c) for c in cols[1:])] for t, row in tasks.items()]
+            self.run.log({"zeroshot": self.wandb.Table(columns=cols, data=data)})
         self.run.summary.update(_flatten(metrics))
 
     def finish(self, status: str = "ok") -> None:

@@ -49,6 +49,7 @@ def test_layers_and_spectra_are_written(run_job):
     assert {r["linear"] for r in rows} >= {"self_attn.q_proj", "mlp.down_proj"}
     assert all(0 <= r["rel_error"] < 1.5 and r["params_kept"] <= r["params_dense"] for r in rows)
     spectra = dict(__import__("numpy").load(folder / "spectra.npz"))
+    assert (folder / "spectra.png").stat().st_size > 1000 and (folder / "kept.png").is_file()
     assert len(spectra) == len(rows) and all((v[:-1] >= v[1:]).all() for v in spectra.values())
     events = [json.loads(line)["event"] for line in (folder / "events.jsonl").read_text().splitlines()]
     assert events[0] == "start" and events[-1] == "finish" and events.count("block") == 2

@@ -36,8 +36,11 @@ def test_offline_task_files_use_absolute_paths(tmp_path):
         assert path.startswith("/") and path.endswith((".arrow", ".jsonl.gz"))
 
 
-def test_every_offline_task_runs_on_a_tiny_model(run_job):
-    """All seven tasks, two items each, on the dense and the compressed model of one run."""
+def test_every_offline_task_runs_on_a_tiny_model(run_job, monkeypatch, tmp_path):
+    """All seven tasks, two items each, on the dense and the compressed model of one run; the
+    second run logs its per-task table to an offline W&B run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     metrics, folder = run_job(
         *tiny_overrides("tiny-llama"), "method=svd", "budget=0.7", "eval=zeroshot", "eval.zeroshot.limit=2",
         "eval.ppl.max_tokens=512", "eval.ppl.seq_len=128", "save_model=false",
@@ -50,10 +53,11 @@ def test_every_offline_task_runs_on_a_tiny_model(run_job):
         assert 0.0 <= row["dense"] <= 1.0 and 0.0 <= row["compressed"] <= 1.0
     assert table["mean"]["dense"] == pytest.approx(sum(table[t]["dense"] for t in PAPER_TASKS) / 7)
     assert (folder / "lm_eval_tasks" / "piqa_offline.yaml").is_file()
+    assert (folder / "zeroshot.png").stat().st_size > 1000
 
     again, _ = run_job(
         *tiny_overrides("tiny-llama"), "method=svd", "budget=0.5", "eval=zeroshot", "eval.zeroshot.limit=2",
-        "eval.ppl.max_tokens=512", "eval.ppl.seq_len=128", "save_model=false", name="again",
+        "eval.ppl.max_tokens=512", "eval.ppl.seq_len=128", "save_model=false", "logger=wandb", name="again",
     )  # fmt: skip
     assert "zeroshot" in again["eval"]["dense_cached"]
     assert again["eval"]["zeroshot"]["mean"]["dense"] == table["mean"]["dense"]
