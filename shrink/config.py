@@ -211,11 +211,24 @@ class SpeedConf:
 
 
 @dataclass
+class GlueConf:
+    """Offline encoder evaluation from embeddings (shrink/evaluation/encoders.py)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["cosine", "mrpc", "sst2"])
+    corpus: str = "wiki"  # held-out sentences for `cosine`
+    sentences: int = 256
+    batch_size: int = 32
+    max_len: int = 128
+    seed: int = 0  # of the SST-2 probe's folds
+
+
+@dataclass
 class EvalConf:
     name: str = MISSING
     ppl: PplConf | None = None
     zeroshot: ZeroShotConf | None = None
     speed: SpeedConf | None = None
+    glue: GlueConf | None = None
     cache_dense: bool = True  # reuse the dense model's scores across runs (shrink/evaluation/cache.py)
 
 

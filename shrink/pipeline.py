@@ -213,6 +213,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info)
         t_eval = time.perf_counter()
         evaluate_suite(cfg, model, tokenizer, device, "compressed", results, folder.path)
+        results.pop("_state", None)  # evaluators' private state (dense embeddings), not a metric
         t_end = time.perf_counter()
         metrics = {
             "status": "ok",
@@ -275,6 +276,15 @@ def summary(m: dict[str, Any], path: Path) -> str:
             lines.append(
                 f"  {task:<15}{r['metric']} dense {r['dense']:.3f} -> compressed {r['compressed']:.3f} "
                 f"(n={r['n']}, stderr {r.get('compressed_stderr') or 0:.3f})"
+            )
+    for task, r in m["eval"].get("glue", {}).items():
+        if task == "cosine":
+            lines.append(
+                f"  glue cosine    compressed vs dense embeddings: mean {r['value']:.4f}, p5 {r['p5']:.4f}"
+            )
+        else:
+            lines.append(
+                f"  glue {task:<10}{r['metric']} dense {r['dense']:.4f} -> compressed {r['compressed']:.4f}"
             )
     sp = m["eval"].get("speed", {})
     if "speedup" in sp:

@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import data
 from ..config import Head, TaskSource
 from ..errors import ShrinkError
-from . import cache, zeroshot
+from . import cache, encoders, zeroshot
 from .perplexity import perplexity
 from .speed import measure
 
@@ -20,6 +21,15 @@ from .speed import measure
 def check_suite(cfg: DictConfig) -> None:
     """Everything about the suite that can fail without weights."""
     ppl, zs, speed = cfg.eval.get("ppl"), cfg.eval.get("zeroshot"), cfg.eval.get("speed")
+    glue = cfg.eval.get("glue")
+    if glue is not None:
+        encoders.check_tasks(list(glue.tasks))
+        data.check_corpus(glue.corpus)
+        if Head(cfg.model.head) == Head.causal_lm:
+            raise ShrinkError(
+                f"eval {cfg.eval.name!r} scores sentence embeddings of an encoder; model {cfg.model.name!r} "
+                "is a causal LM: use eval=ppl, quick or zeroshot"
+            )
     if speed is not None:
         for key in ("batch_size", "seq_len", "repeats"):
             if speed[key] < 1:
@@ -82,7 +92,8 @@ def evaluate_suite(
 ) -> None:
     """Score `model` ("dense" or "compressed") with every evaluator; fill `results` in place."""
     ppl, zs, speed = cfg.eval.get("ppl"), cfg.eval.get("zeroshot"), cfg.eval.get("speed")
-    if ppl is None and zs is None and speed is None:
+    glue = cfg.eval.get("glue")
+    if ppl is None and zs is None and speed is None and glue is None:
         return
     model.to(device)
     if speed is not None:  # timed first, before the other evaluators warm caches differently
@@ -106,6 +117,8 @@ def evaluate_suite(
             corpus, {"seq_len": ppl.seq_len, "tokens": score["tokens"]}
         )
         entry[which] = score["ppl"]
+    if glue is not None:
+        _glue(cfg, glue, model, tokenizer, device, which, results)
     if zs is not None:
         tasks, offline = list(zs.tasks), TaskSource(zs.source) == TaskSource.offline
         settings = {
@@ -137,6 +150,37 @@ def evaluate_suite(
             results,
         )
         merge_zeroshot(results.setdefault("zeroshot", {}), scores, which)
+
+
+def _glue(cfg: DictConfig, glue: DictConfig, model, tokenizer, device, which: str, results: dict) -> None:
+    """Encoder scores; the dense embeddings of the held-out sentences are kept (private state,
+    and in the dense cache) so the compressed ones can be compared with them."""
+    tasks = list(glue.tasks)
+
+    def compute() -> dict[str, Any]:
+        out = encoders.evaluate(
+            model, tokenizer, tasks, glue.corpus, int(glue.sentences), int(glue.batch_size),
+            int(glue.max_len), int(glue.seed), device,
+        )  # fmt: skip
+        if "_embeddings" in out:
+            out["_embeddings"] = out["_embeddings"].astype("float32").tolist()
+        return out
+
+    settings = {"name": "", **OmegaConf.to_container(glue, resolve=True), "data": zeroshot.lm_eval_version()}
+    scores = _cached(cfg, device, which, "glue", settings, compute, results)
+    table = results.setdefault("glue", {})
+    state = results.setdefault("_state", {})
+    for task in tasks:
+        if task == "cosine":
+            emb = np.asarray(scores["_embeddings"], dtype=np.float64)
+            if which == "dense":
+                state["glue_embeddings"] = emb
+            else:
+                table["cosine"] = encoders.embedding_similarity(state["glue_embeddings"], emb)
+            continue
+        row = scores[task]
+        entry = table.setdefault(task, {"metric": row["metric"], "n": row["n"]})
+        entry[which] = row["value"]
 
 
 def measure_speed(model, speed: DictConfig, device: torch.device) -> dict[str, Any]:
