@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint, data
 from .budget import BudgetUnit, PlanInputs, blocks_cost
-from .capture import compress_layerwise, profile_layerwise
+from .capture import compress_layerwise, place_except_blocks, profile_layerwise
 from .config import Propagate
 from .errors import ShrinkError
 from .evaluation.suite import check_suite, evaluate_suite
@@ -166,7 +166,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         windows = data.calibration_windows(
             cfg.calib.corpus, tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
         )
-        model.to(device)
+        if device.type == "cpu":
+            model.to(device)
+        else:  # only one block at a time goes to the accelerator (compress_layerwise)
+            model.to("cpu")
+            place_except_blocks(adapter, device)
         t_compress = time.perf_counter()
         if plan is None:
             inputs.curves = profile_layerwise(

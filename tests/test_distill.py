@@ -155,3 +155,20 @@ def test_the_teacher_stream_is_the_dense_models_hidden_states():
         if i + 1 < len(seen):  # the last hidden state of HF models has the final norm applied
             assert torch.allclose(teacher_out, dense[i + 1], atol=1e-5)
     assert not torch.allclose(seen[-1][2], seen[-1][0], atol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert"])
+def test_only_the_blocks_stay_behind_when_the_rest_moves_to_an_accelerator(model):
+    """The runner's accelerator layout, checked with the meta device standing in for a GPU."""
+    from shrink.capture import place_except_blocks
+
+    loaded = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0)
+    adapter = loaded.adapter
+    place_except_blocks(adapter, torch.device("meta"))
+    inside = {id(p) for block in adapter.blocks() for p in block.parameters()}
+    assert inside and all(p.device.type == "cpu" for block in adapter.blocks() for p in block.parameters())
+    outside = [p for p in adapter.model.parameters() if id(p) not in inside]
+    assert outside and all(p.device.type == "meta" for p in outside)
+    head, embed = adapter.model.get_output_embeddings(), adapter.model.get_input_embeddings()
+    if head is not None and adapter.model.config.tie_word_embeddings:
+        assert head.weight is embed.weight  # tied weights stay one tensor
