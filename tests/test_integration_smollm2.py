@@ -53,3 +53,25 @@ def test_default_launch_on_smollm2(tmp_path):
     windows = data.test_windows("wiki", tokenizer, ppl["seq_len"], 2048)
     again = perplexity(model, windows, 1, torch.device("cpu"))["ppl"]
     assert again == pytest.approx(ppl["compressed"], rel=1e-5)
+
+
+def test_quick_suite_on_smollm2(tmp_path):
+    """`eval=quick` (fewer items) on the real model: zero-shot scores in a sane range, dense near
+    the reference figures of shared/OFFLINE.md, a mild compression keeps them above chance."""
+    from shrink.pipeline import run
+
+    from .conftest import make_cfg
+
+    overrides = [
+        "eval=quick", "eval.zeroshot.limit=40", "eval.ppl.max_tokens=2048", "logger=none",
+        "calib.nsamples=8", "calib.seq_len=256", "budget=0.9", "save_model=false",
+    ]  # fmt: skip
+    run(make_cfg(*overrides), run_dir=tmp_path / "run")
+    zs = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]["zeroshot"]
+    chance = {"piqa": 0.5, "arc_easy": 0.25, "hellaswag": 0.25}
+    for task, floor in chance.items():
+        row = zs[task]
+        assert row["n"] == 40 and row["dense_stderr"] > 0
+        assert floor + 0.05 < row["dense"] < 0.85, (task, row)  # reference: 0.64, 0.50, 0.47
+        assert floor - 0.1 < row["compressed"] <= 1.0, (task, row)
+    assert 0.35 < zs["mean"]["dense"] < 0.75
