@@ -217,7 +217,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info)
         t_eval = time.perf_counter()
         evaluate_suite(cfg, model, tokenizer, device, "compressed", results, folder.path)
-        results.pop("_state", None)  # evaluators' private state (dense embeddings), not a metric
         t_end = time.perf_counter()
         metrics = {
             "status": "ok",

@@ -56,8 +56,10 @@ def test_report_on_nothing_fails_clearly(tmp_path, capsys):
     assert "no metrics.json" in capsys.readouterr().err
 
 
-def test_the_dense_evaluation_is_cached_across_runs(run_job):
+def test_the_dense_evaluation_is_cached_across_runs(run_job, monkeypatch, tmp_path):
     from .conftest import tiny_overrides
+
+    monkeypatch.setenv("SHRINK_EVAL_CACHE", str(tmp_path / "cache"))  # empty, whatever ran before
 
     base = [*tiny_overrides("tiny-llama"), "method=svd", "save_model=false", "eval.ppl.max_tokens=512"]
     first, _ = run_job(*base, "budget=0.8", name="first")

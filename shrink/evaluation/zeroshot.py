@@ -94,12 +94,16 @@ def check_tasks(tasks: list[str]) -> None:
 
 
 @functools.cache
-def _builtin_yaml(task: str) -> Path:
-    """Path of lm-eval's own YAML for `task`, found through its task index (no hub needed)."""
+def _builtin_index() -> dict[str, Any]:
+    """lm-eval's index of its built-in tasks; building it scans every task YAML (seconds), once."""
     from lm_eval.tasks import TaskManager
 
-    entry = TaskManager().task_index.get(task)
-    path = getattr(entry, "yaml_path", None)
+    return TaskManager().task_index
+
+
+def _builtin_yaml(task: str) -> Path:
+    """Path of lm-eval's own YAML for `task`, found through its task index (no hub needed)."""
+    path = getattr(_builtin_index().get(task), "yaml_path", None)
     if not path:
         raise ShrinkError(f"lm-eval has no built-in task {task!r} to base the offline task on")
     return Path(path)
@@ -175,7 +179,8 @@ def evaluate(
     check_tasks(tasks)
     if offline:
         names = write_offline_tasks(task_dir, tasks)
-        manager = TaskManager(include_path=str(task_dir))
+        # the task files include the built-in YAMLs by path, so the default index is not needed
+        manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     else:
         names, manager = [TASKS[t].builtin for t in tasks], TaskManager()
     model.eval()
