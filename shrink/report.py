@@ -26,6 +26,9 @@ COLUMNS = [
     "ppl",
     "zeroshot_dense",
     "zeroshot",
+    "glue_task",
+    "glue_dense",
+    "glue",
     "compress_s",
     "status",
     "folder",
@@ -38,7 +41,8 @@ def find_runs(folders: list[Path]) -> list[Path]:
 
 
 def row_of(path: Path) -> dict[str, Any]:
-    """One table row from a run's `metrics.json` (the first perplexity corpus; the zero-shot mean)."""
+    """One table row from a run's `metrics.json` (the first perplexity corpus; the zero-shot mean;
+    the first GLUE task)."""
     m = json.loads(path.read_text())
     row: dict[str, Any] = {k: m.get(k) for k in ("model", "method", "schedule", "budget")}
     row["status"] = m.get("status", "ok") if m.get("status") != "failed" else f"failed: {m.get('error', '?')}"
@@ -49,6 +53,11 @@ def row_of(path: Path) -> dict[str, Any]:
     row["ppl_dense"], row["ppl"] = ppl.get("dense"), ppl.get("compressed")
     mean = evals.get("zeroshot", {}).get("mean", {})
     row["zeroshot_dense"], row["zeroshot"] = mean.get("dense"), mean.get("compressed")
+    glue = {t: r for t, r in evals.get("glue", {}).items() if t != "cosine"}
+    if glue:  # the first GLUE task scored (eval=glue-hub scores one), with its metric
+        task, r = next(iter(glue.items()))
+        row["glue_task"] = f"{task} ({r.get('metric')})"
+        row["glue_dense"], row["glue"] = r.get("dense"), r.get("compressed")
     row["folder"] = str(path.parent)
     return row
 

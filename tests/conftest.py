@@ -19,7 +19,7 @@ TINY = ["tiny-llama", "tiny-opt", "tiny-bert", "tiny-qwen2", "tiny-distilbert"]
 ENCODERS = {"tiny-bert", "tiny-distilbert"}
 # Small enough that a whole job takes a second or two on a tiny model.
 FAST = ["logger=none", "calib.nsamples=4", "calib.seq_len=64", "calib.batch_size=2", "device=cpu"]
-FAST_PPL = ["eval.ppl.seq_len=128", "eval.ppl.max_tokens=1024"]
+FAST_PPL = ["eval=ppl", "eval.ppl.seq_len=128", "eval.ppl.max_tokens=1024"]
 
 os.environ.setdefault("WANDB_SILENT", "true")
 # Dense-evaluation cache: one fresh folder per test session, never the user's cache.

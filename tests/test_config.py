@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from shrink.errors import ShrinkError
@@ -12,6 +13,8 @@ from shrink.pipeline import check_known_keys
 from .conftest import CONF, make_cfg
 
 GROUPS = ["model", "method", "schedule", "calib", "eval", "logger"]
+# options that read another group's settings (the GLUE task of eval=glue-hub)
+COMPANIONS = {("model", "bert-glue"): ["eval=glue-hub"], ("calib", "glue-train"): ["eval=glue-hub"]}
 
 
 def options(group: str) -> list[str]:
@@ -20,8 +23,9 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group, option):
-    cfg = make_cfg(f"{group}={option}")
+    cfg = make_cfg(f"{group}={option}", *COMPANIONS.get((group, option), []))
     assert cfg[group].name == option
+    OmegaConf.to_container(cfg, resolve=True)
 
 
 def test_experiment_composes():

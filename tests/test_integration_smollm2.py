@@ -28,15 +28,19 @@ def test_default_launch_on_smollm2(tmp_path):
         "calib.nsamples=8",
         "calib.seq_len=512",
         "eval.ppl.max_tokens=2048",
+        "eval.zeroshot.limit=40",  # the default suite is `quick`; 40 items keep the test short
         f"hydra.run.dir={folder}",
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "shrink: smollm2-135m  method=id" in out.stdout and "ppl wiki" in out.stdout
+    assert "zero-shot mean" in out.stdout
 
     m = json.loads((folder / "metrics.json").read_text())
     assert m["model"] == "smollm2-135m" and m["params_dense"] == 134_515_008
     assert m["budget_achieved"] <= m["budget"] == 0.5
+    assert sorted(m["eval"]["zeroshot"]) == ["arc_easy", "hellaswag", "mean", "piqa"]
+    assert all(0 <= row["compressed"] <= 1 for row in m["eval"]["zeroshot"].values() if "n" in row)
     ppl = m["eval"]["ppl"]["wiki"]
     assert 10 < ppl["dense"] < 40, ppl  # held-out Wikipedia, 1024-token windows
     assert math.isfinite(ppl["compressed"]) and ppl["compressed"] > ppl["dense"]

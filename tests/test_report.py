@@ -98,3 +98,13 @@ def test_speed_suite_runs_on_an_encoder(run_job):
         "save_model=false",
     )  # fmt: skip
     assert metrics["eval"]["speed"]["speedup"] > 0
+
+
+def test_report_shows_the_glue_score(tmp_path):
+    glue = {
+        "cosine": {"value": 0.9},
+        "mrpc": {"metric": "accuracy", "n": 408, "dense": 0.86, "compressed": 0.81},
+    }
+    _metrics(tmp_path / "g", "id", 0.5, None, eval={"glue": glue})
+    row = report.row_of(tmp_path / "g" / "metrics.json")
+    assert (row["glue_task"], row["glue_dense"], row["glue"]) == ("mrpc (accuracy)", 0.86, 0.81)

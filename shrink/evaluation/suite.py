@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import data
 from ..config import Head, TaskSource
 from ..errors import ShrinkError
-from . import cache, encoders, zeroshot
+from . import cache, encoders, glue_hub, zeroshot
 from .perplexity import perplexity
 from .speed import measure
 
@@ -21,7 +21,14 @@ from .speed import measure
 def check_suite(cfg: DictConfig) -> None:
     """Everything about the suite that can fail without weights."""
     ppl, zs, speed = cfg.eval.get("ppl"), cfg.eval.get("zeroshot"), cfg.eval.get("speed")
-    glue = cfg.eval.get("glue")
+    glue, hub = cfg.eval.get("glue"), cfg.eval.get("glue_hub")
+    if hub is not None:
+        glue_hub.check(str(hub.task), str(hub.data), int(hub.limit), int(hub.batch_size), int(hub.max_len))
+        if Head(cfg.model.head) != Head.sequence_classification:
+            raise ShrinkError(
+                f"eval {cfg.eval.name!r} scores a fine-tuned classifier; model {cfg.model.name!r} has head "
+                f"{Head(cfg.model.head).value!r}: use model=bert-glue or a head=sequence_classification model"
+            )
     if glue is not None:
         encoders.check_tasks(list(glue.tasks))
         data.check_corpus(glue.corpus)
@@ -92,8 +99,8 @@ def evaluate_suite(
 ) -> None:
     """Score `model` ("dense" or "compressed") with every evaluator; fill `results` in place."""
     ppl, zs, speed = cfg.eval.get("ppl"), cfg.eval.get("zeroshot"), cfg.eval.get("speed")
-    glue = cfg.eval.get("glue")
-    if ppl is None and zs is None and speed is None and glue is None:
+    glue, hub = cfg.eval.get("glue"), cfg.eval.get("glue_hub")
+    if all(x is None for x in (ppl, zs, speed, glue, hub)):
         return
     model.to(device)
     if speed is not None:  # timed first, before the other evaluators warm caches differently
@@ -119,6 +126,8 @@ def evaluate_suite(
         entry[which] = score["ppl"]
     if glue is not None:
         _glue(cfg, glue, model, tokenizer, device, which, results)
+    if hub is not None:
+        _glue_hub(cfg, hub, model, tokenizer, device, which, results)
     if zs is not None:
         tasks, offline = list(zs.tasks), TaskSource(zs.source) == TaskSource.offline
         settings = {
@@ -181,6 +190,23 @@ def _glue(cfg: DictConfig, glue: DictConfig, model, tokenizer, device, which: st
         row = scores[task]
         entry = table.setdefault(task, {"metric": row["metric"], "n": row["n"]})
         entry[which] = row["value"]
+
+
+def _glue_hub(cfg: DictConfig, hub: DictConfig, model, tokenizer, device, which: str, results: dict) -> None:
+    task, data, limit = str(hub.task), str(hub.data), int(hub.limit)
+    rows, names = glue_hub.load_rows(task, data, limit)
+    settings = {"name": task, "data": glue_hub.fingerprint(rows), "max_len": int(hub.max_len)}
+    batch_size, max_len = int(hub.batch_size), int(hub.max_len)
+    scores = _cached(
+        cfg, device, which, "glue_hub", settings,
+        lambda: glue_hub.evaluate(model, tokenizer, task, rows, names, batch_size, max_len, device),
+        results,
+    )  # fmt: skip
+    row = scores[task]
+    entry = results.setdefault("glue", {}).setdefault(task, {"metric": row["metric"], "n": row["n"]})
+    entry[which] = row["value"]
+    for extra in sorted(set(row) - {"metric", "n", "value"}):
+        entry[f"{which}_{extra}"] = row[extra]
 
 
 def measure_speed(model, speed: DictConfig, device: torch.device) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
@@ -36,6 +37,7 @@ OFFLINE_MODELS = "smollm2-135m, gemma3-270m, minilm-l6 (packaged), tiny-llama, t
 AUTO_CLASSES = {
     Head.causal_lm: AutoModelForCausalLM,
     Head.masked_lm: AutoModelForMaskedLM,
+    Head.sequence_classification: AutoModelForSequenceClassification,
     Head.base: AutoModel,
 }
 
