@@ -188,22 +188,31 @@ def compress_layerwise(
     plan: Plan,
     propagate: Propagate,
     device: torch.device,
-    on_block: Callable[[int, BlockResult, float], None],
+    on_block: Callable[..., None],
     needs_stats: bool = True,
     sketch_rows: Callable[[Site, int], int] = lambda site, dim: 0,
     seq_len: int = 0,
     desc: str = "compress",
     needs_teacher: bool = False,
+    start: int = 0,
+    start_inputs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
 ) -> None:
-    """Compress every block in order, bottom first; `on_block(index, result, seconds)` reports as
-    it goes. With `needs_teacher` a second stream of block inputs, the dense model's, runs beside
-    the compressed one (one more block forward per block)."""
+    """Compress every block in order, bottom first; `on_block(index, result, seconds, outputs,
+    teacher_outputs)` reports as it goes, with the next block's inputs. With `needs_teacher` a
+    second stream of block inputs, the dense model's, runs beside the compressed one (one more
+    block forward per block). `start` > 0 resumes: blocks before it are done, and `start_inputs`
+    are block `start`'s (hidden, teacher) inputs as saved by `on_block`."""
     calls = catch_block_inputs(adapter, windows, batch_size, device)
     hidden = calls.hidden
     teacher = hidden if needs_teacher else None
+    if start_inputs is not None:
+        hidden = [h.to(device) for h in start_inputs[0]]
+        teacher = [t.to(device) for t in start_inputs[1]] if needs_teacher else None
     heads = adapter.heads()
     offload = device.type != "cpu"  # on an accelerator only the current block lives there
-    for i, block in enumerate(tqdm(adapter.blocks(), desc=desc, unit="block")):
+    blocks = list(adapter.blocks())
+    for i in tqdm(range(start, len(blocks)), desc=desc, unit="block", initial=start, total=len(blocks)):
+        block = blocks[i]
         if offload:
             block.to(device)
         sites = adapter.sites(block)
@@ -250,7 +259,7 @@ def compress_layerwise(
         hidden, teacher = outputs, teacher_out
         if offload:
             block.to("cpu")
-        on_block(i, result, seconds)
+        on_block(i, result, seconds, hidden, teacher)
 
 
 def profile_layerwise(

@@ -279,6 +279,11 @@ class Config:
     dtype: DType = DType.float32
     propagate: Propagate = Propagate.compressed
     save_model: bool = True
+    # write per-block checkpoints to <run>/progress while compressing (removed when the run ends)
+    block_checkpoints: bool = True
+    # continue the run folder: a finished run is skipped, an interrupted one goes on after its last
+    # finished block (needs hydra.run.dir / hydra.sweep.dir of that run)
+    resume: bool = False
 
 
 def register_schemas() -> None:

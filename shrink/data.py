@@ -116,8 +116,14 @@ CORPORA: dict[str, PackagedText | HubText] = {
     # GPTQ's Penn Treebank, sentences joined by spaces; the dataset is script-only, and datasets ≥ 4
     # runs no scripts, so it is read from the hub's parquet export
     "ptb": HubText(
-        "ptb-text-only/ptb_text_only", "penn_treebank", "train", "test", "sentence", "ptb",
-        join=" ", revision="refs/convert/parquet",
+        "ptb-text-only/ptb_text_only",
+        "penn_treebank",
+        "train",
+        "test",
+        "sentence",
+        "ptb",
+        join=" ",
+        revision="refs/convert/parquet",
     ),  # fmt: skip
 }
 # GLUE training sentences (calibration for eval=glue-hub), dev sentences as the test part

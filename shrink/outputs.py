@@ -53,6 +53,31 @@ class RunFolder:
         return plots
 
 
+def write_failed(path: str | Path, cfg: DictConfig, error: BaseException) -> None:
+    """`metrics.json` with `status: failed`, so a sweep's report lists the job and why it failed;
+    the traceback goes to `error.txt`."""
+    import traceback
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "error.txt").write_text("".join(traceback.format_exception(error)))
+    message = str(error).splitlines()[0] if str(error) else ""
+    metrics = {
+        "status": "failed",
+        "error": f"{type(error).__name__}: {message}".rstrip(": "),
+        **{k: OmegaConf.select(cfg, f"{k}.name") for k in ("model", "method", "schedule")},
+        "budget": OmegaConf.select(cfg, "budget"),
+    }
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+
+
+def read_metrics(path: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(path) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def remove_if_empty(path: str | Path) -> None:
     """Delete a run folder that holds nothing but Hydra's own start-up files (a run that failed
     validation), so it cannot be mistaken for a run."""

@@ -22,7 +22,8 @@ from .evaluation import glue_hub
 from .evaluation.suite import check_suite, evaluate_suite
 from .methods import METHODS, build_method, check_method
 from .models import load_config, load_model
-from .outputs import RunFolder, remove_if_empty
+from .outputs import RunFolder, read_metrics, remove_if_empty, write_failed
+from .progress import Progress
 from .schedules import NEEDS_PROFILES, check_schedule, make_plan
 from .tracking import make_tracker
 
@@ -112,16 +113,22 @@ def _run_dir(run_dir: str | Path | None) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
-def _run_name(cfg: DictConfig) -> str:
+def _run_name_and_group(cfg: DictConfig) -> tuple[str, str | None]:
+    """W&B run name from the job's overrides; in a sweep, the group is the sweep folder's name
+    unless `logger.group` sets one."""
+    name = f"{cfg.model.name}-{cfg.method.name}-{cfg.schedule.name}-b{cfg.budget}"
+    group = cfg.logger.get("group")
     try:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
-        overrides = HydraConfig.get().job.override_dirname
-        if overrides:
-            return overrides
-    except ValueError:
+        hydra_cfg = HydraConfig.get()
+        name = hydra_cfg.job.override_dirname or name
+        if group is None and hydra_cfg.mode == RunMode.MULTIRUN:
+            group = Path(hydra_cfg.sweep.dir).name
+    except ValueError:  # not under Hydra (tests, the Python API)
         pass
-    return f"{cfg.model.name}-{cfg.method.name}-{cfg.schedule.name}-b{cfg.budget}"
+    return name, group
 
 
 def _folder_mb(path: Path) -> float:
@@ -135,11 +142,19 @@ def _params(model) -> int:
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
     """Run one job; returns the objective (compressed perplexity on the first eval corpus)."""
     folder = RunFolder(_run_dir(run_dir))
+    previous = read_metrics(folder.path) if cfg.resume else None
+    if previous is not None and previous.get("status") == "ok":
+        print(f"shrink: {folder.path} has finished already (resume=true): skipped")
+        return _objective(previous)
     try:
         validate(cfg)
+        progress = Progress(folder.path, _identity(cfg))
+        done = progress.finished() if cfg.resume else -1
     except ShrinkError:
         remove_if_empty(folder.path)
         raise
+    if not cfg.resume:
+        progress.clear()
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -147,7 +162,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
     unit = BudgetUnit(cfg.budget_unit)
     folder.start(cfg)
     tracker = make_tracker(cfg.logger)
-    tracker.start(folder.path, OmegaConf.to_container(cfg, resolve=True), _run_name(cfg))
+    tracker.start(folder.path, OmegaConf.to_container(cfg, resolve=True), *_run_name_and_group(cfg))
     try:
         loaded = load_model(cfg.model, dtype, seed=cfg.seed)
         model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
@@ -195,10 +210,23 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         folder.add_plan(plan.rows())
         tracker.log_plan(plan.rows())
 
-        def on_block(index: int, result, seconds: float) -> None:
+        def on_block(index: int, result, seconds: float, hidden, teacher) -> None:
             rows = [{"block": index, **row, "block_seconds": seconds} for row in result.records]
             folder.add_block(index, rows, result.spectra)
             tracker.log_block(index, rows, result.spectra)
+            if cfg.block_checkpoints:
+                progress.save_block(
+                    index, model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher
+                )
+
+        start_inputs = None
+        if done >= 0:  # resume: rebuild the finished blocks, feed the next one its saved inputs
+            records, hidden, teacher = progress.restore(model, adapter, done)
+            for index, (rows, spectra) in enumerate(records):
+                folder.add_block(index, rows, spectra)
+                tracker.log_block(index, rows, spectra)
+            start_inputs = (hidden, teacher)
+            log.info("resuming after block %d of %d", done, len(adapter.blocks()))
 
         compress_layerwise(
             adapter,
@@ -213,6 +241,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             sketch_rows=method.sketch_rows,
             seq_len=seq_len,
             needs_teacher=method.needs_teacher,
+            start=done + 1,
+            start_inputs=start_inputs,
         )
         compress_seconds = time.perf_counter() - t_compress
         model.to("cpu")
@@ -242,6 +272,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             "block_macs_dense": dense_cost.macs,
             "block_macs_compressed": kept_cost.macs,
             "compress_seconds": compress_seconds,
+            "resumed_after_block": done if done >= 0 else None,
             "load_seconds": t_loaded - t_start,
             "eval_seconds": (t_dense_eval - t_loaded) + (t_end - t_eval),
             "total_seconds": t_end - t_start,
@@ -261,12 +292,27 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             tracker.log_image(plot.stem, plot)
         tracker.log_metrics(metrics)
         tracker.finish("ok")
-    except BaseException:
+        progress.clear()
+    except BaseException as err:
         tracker.finish("failed")
+        write_failed(folder.path, cfg, err)
         raise
     print(summary(metrics, folder.path))
-    ppl = results.get("ppl")
+    return _objective(metrics)
+
+
+def _objective(metrics: dict[str, Any]) -> float | None:
+    """What a sweeper minimises: the compressed perplexity on the first corpus, if any."""
+    ppl = metrics.get("eval", {}).get("ppl")
     return next(iter(ppl.values()))["compressed"] if ppl else None
+
+
+def _identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config that decides a run's result (what a resumed run must match)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("resume", "hydra", "logger", "eval"):
+        config.pop(key, None)
+    return config
 
 
 def summary(m: dict[str, Any], path: Path) -> str:

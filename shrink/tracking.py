@@ -20,7 +20,7 @@ from .errors import ShrinkError
 class Tracker:
     """The no-op backend; every other backend overrides what it sends."""
 
-    def start(self, run_dir: Path, config: dict[str, Any], name: str) -> None: ...
+    def start(self, run_dir: Path, config: dict[str, Any], name: str, group: str | None = None) -> None: ...
 
     def log_block(self, index: int, rows: list[dict[str, Any]], spectra: dict[str, np.ndarray]) -> None: ...
 
@@ -36,9 +36,9 @@ class Tracker:
 class JsonlTracker(Tracker):
     """Appends one JSON event per line to `events.jsonl` in the run folder."""
 
-    def start(self, run_dir: Path, config: dict[str, Any], name: str) -> None:
+    def start(self, run_dir: Path, config: dict[str, Any], name: str, group: str | None = None) -> None:
         self.path = run_dir / "events.jsonl"
-        self._write({"event": "start", "name": name, "config": config})
+        self._write({"event": "start", "name": name, "group": group, "config": config})
 
     def _write(self, event: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -75,7 +75,7 @@ class WandbTracker(Tracker):
         self.cfg = cfg
         self.rows: list[dict[str, Any]] = []
 
-    def start(self, run_dir: Path, config: dict[str, Any], name: str) -> None:
+    def start(self, run_dir: Path, config: dict[str, Any], name: str, group: str | None = None) -> None:
         import wandb
 
         self.wandb = wandb
@@ -83,7 +83,7 @@ class WandbTracker(Tracker):
             project=self.cfg.project,
             entity=self.cfg.entity,
             mode=str(self.cfg.mode.value if hasattr(self.cfg.mode, "value") else self.cfg.mode),
-            group=self.cfg.group,
+            group=group,
             tags=list(self.cfg.tags),
             name=name,
             dir=str(run_dir),
