@@ -1,9 +1,12 @@
-"""Compare methods and schedules: perplexity, compression time and CPU latency per budget.
+"""Compare methods and schedules: perplexity, compression time, peak memory and CPU latency per budget.
 
 For every (method, schedule, budget) it runs the launcher (skipping runs whose metrics.json
 exists, so an interrupted bench resumes; a run that fails is reported with its error line), then
 times the saved checkpoint's forward pass against the dense model's, next to their MAC ratio,
-and writes a Markdown table and a JSON file. A run is `method:schedule[:override,...]`.
+and writes a Markdown table and a JSON file. Compression time is also given as a multiple of one
+dense forward pass over the calibration set, and the run's peak RSS as a multiple of the fp32 model
+size. A run is `method:schedule[:override,...]`; `python -m shrink.report <out>` plots
+perplexity against budget from the same folders.
 
     .venv/bin/python bench/compare.py                        # id vs svd on SmolLM2-135M (README)
     .venv/bin/python bench/compare.py --runs rom:uniform svdllm:last_k:schedule.k=20 --out bench/results/lr
@@ -31,15 +34,16 @@ from shrink.pipeline import resolve_device  # noqa: E402
 
 
 def launch(out: Path, model: str, run: str, budget: float, tokens: int) -> dict:
-    """Metrics of one run (launching it unless done), or {"error": last stderr line}."""
+    """Metrics of one run (launching it unless it finished before), or {"error": last stderr line}."""
     method, schedule, *extra = run.split(":")
     overrides = [o for group in extra for o in group.split(",") if o]
     folder = out / "-".join([method, schedule, *overrides, f"b{budget}"]).replace("=", "")
-    if not (folder / "metrics.json").exists():
+    previous = folder / "metrics.json"
+    if not previous.exists() or json.loads(previous.read_text()).get("status") != "ok":
         cmd = [
             sys.executable, str(ROOT / "launch.py"), f"model={model}", f"method={method}",
-            f"schedule={schedule}", f"budget={budget}", "logger=none", f"eval.ppl.max_tokens={tokens}",
-            f"hydra.run.dir={folder}", *overrides,
+            f"schedule={schedule}", f"budget={budget}", "logger=none", "eval=ppl",
+            f"eval.ppl.max_tokens={tokens}", f"hydra.run.dir={folder}", "resume=true", *overrides,
         ]  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
@@ -110,6 +114,8 @@ def main() -> None:
                 "ppl": ppl["compressed"],
                 "compress_s": m["compress_seconds"],
                 "compress_x_forward": m["compress_seconds"] / forward_s,
+                "peak_rss_mb": m["peak_rss_mb"],
+                "rss_x_fp32": m["peak_rss_mb"] * 2**20 / (4 * m["params_dense"]),
                 "latency_ms": 1000 * seconds,
                 "speedup": dense_s / seconds,
                 "block_mac_ratio": blocks / dense_blocks,
@@ -132,17 +138,18 @@ def main() -> None:
         f"latency: batch 1 × {args.seq_len} tokens, {meta['threads']} CPU threads, dense "
         f"{meta['dense_latency_ms']:.0f} ms; one dense forward over the calibration set: {forward_s:.1f} s",
         "",
-        "| run | budget | achieved | ppl | compress s (× fwd) | latency ms | speedup "
-        "| block MAC ratio | model MAC ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | budget | achieved | ppl | compress s (× fwd) | peak RSS MB (× fp32 model) | latency ms "
+        "| speedup | block MAC ratio | model MAC ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['run']} | {r['budget']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['run']} | {r['budget']} | failed: {r['error']} | | | | | | | |")
             continue
         lines.append(
             f"| {r['run']} | {r['budget']} | {r['achieved']:.4f} | {r['ppl']:.4g} "
-            f"| {r['compress_s']:.0f} ({r['compress_x_forward']:.0f}×) | {r['latency_ms']:.0f} "
+            f"| {r['compress_s']:.0f} ({r['compress_x_forward']:.0f}×) "
+            f"| {r['peak_rss_mb']:.0f} ({r['rss_x_fp32']:.1f}×) | {r['latency_ms']:.0f} "
             f"| {r['speedup']:.2f}× | {r['block_mac_ratio']:.3f} | {r['model_mac_ratio']:.3f} |"
         )
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
