@@ -41,9 +41,17 @@ def _empty_model(config, head: str) -> nn.Module:
         return _auto_class(head).from_config(config)
 
 
-def structural_edits(model: nn.Module, head: str) -> list[dict[str, Any]]:
-    """Every module whose type or shape differs from the base architecture's."""
-    reference = dict(_empty_model(model.config, head).named_modules())
+def reference_modules(model: nn.Module, head: str) -> dict[str, nn.Module]:
+    """The base architecture's modules by path (built on the meta device), to compare edits with."""
+    return dict(_empty_model(model.config, head).named_modules())
+
+
+def structural_edits(
+    model: nn.Module, head: str, reference: dict[str, nn.Module] | None = None
+) -> list[dict[str, Any]]:
+    """Every module whose type or shape differs from the base architecture's (`reference`, when a
+    caller that asks often has built it once)."""
+    reference = reference if reference is not None else reference_modules(model, head)
     edits: list[dict[str, Any]] = []
     low_rank_prefixes: list[str] = []
     for path, module in model.named_modules():

