@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from .budget import BudgetUnit, Curve, Plan, PlanInputs, site_cost
 from .config import Propagate
 from .errors import NumericalError
 from .models import Adapter, HeadLayout, Site
+from .placement import Placement, Resident
 from .schedules import uniform
 from .stats import SecondMoment
 
@@ -196,12 +197,16 @@ def compress_layerwise(
     needs_teacher: bool = False,
     start: int = 0,
     start_inputs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    placement: Placement | None = None,
 ) -> None:
     """Compress every block in order, bottom first; `on_block(index, result, seconds, outputs,
     teacher_outputs)` reports as it goes, with the next block's inputs. With `needs_teacher` a
     second stream of block inputs, the dense model's, runs beside the compressed one (one more
     block forward per block). `start` > 0 resumes: blocks before it are done, and `start_inputs`
-    are block `start`'s (hidden, teacher) inputs as saved by `on_block`."""
+    are block `start`'s (hidden, teacher) inputs as saved by `on_block`. `placement` brings each
+    block to `device` (or in from a store) and takes it away after `on_block` (default: the
+    model is loaded, and on an accelerator only the current block is there)."""
+    placement = placement or Resident(device)
     calls = catch_block_inputs(adapter, windows, batch_size, device)
     hidden = calls.hidden
     teacher = hidden if needs_teacher else None
@@ -209,12 +214,10 @@ def compress_layerwise(
         hidden = [h.to(device) for h in start_inputs[0]]
         teacher = [t.to(device) for t in start_inputs[1]] if needs_teacher else None
     heads = adapter.heads()
-    offload = device.type != "cpu"  # on an accelerator only the current block lives there
     blocks = list(adapter.blocks())
     for i in tqdm(range(start, len(blocks)), desc=desc, unit="block", initial=start, total=len(blocks)):
         block = blocks[i]
-        if offload:
-            block.to(device)
+        placement.enter(i, block)
         sites = adapter.sites(block)
 
         @torch.no_grad()
@@ -224,7 +227,7 @@ def compress_layerwise(
                 for b, h in enumerate(inputs)
             ]
 
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         if needs_stats or propagate == Propagate.dense:
             stats, outputs = _collect_stats(block, sites, i, run_all, device, sketch_rows)
         else:
@@ -253,13 +256,12 @@ def compress_layerwise(
         result = compress_block(ctx)
         if propagate == Propagate.compressed:
             outputs = run_all()
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - t0
         if not all(torch.isfinite(o).all() for o in outputs):
             raise NumericalError(f"block {i} produced non-finite outputs ({propagate.value} propagation)")
         hidden, teacher = outputs, teacher_out
-        if offload:
-            block.to("cpu")
         on_block(i, result, seconds, hidden, teacher)
+        placement.leave(i, block)
 
 
 def profile_layerwise(
@@ -271,6 +273,7 @@ def profile_layerwise(
     device: torch.device,
     seq_len: int = 0,
     sketch_rows: Callable[[Site, int], int] = lambda site, dim: 0,
+    placement: Placement | None = None,
 ) -> list[Curve]:
     """The planning pass of schedules that allocate by error: every block's statistics on the
     dense model's own activations, handed to the method's `profile`; nothing is edited."""
@@ -293,5 +296,46 @@ def profile_layerwise(
         sketch_rows=sketch_rows,
         seq_len=seq_len,
         desc="profile",
+        placement=placement,
     )
     return curves
+
+
+@torch.no_grad()
+def forward_by_blocks(
+    adapter: Adapter,
+    windows: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    placement: Placement,
+    desc: str = "forward",
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """The model's outputs on `windows`, one batch at a time, computed block by block (for
+    `stream=true`, where the blocks come from a store): each block is brought in once, run on
+    every batch and released; then the model runs once more per batch with every block replaced
+    by a stub, the last one returning the stored output, so the model's own code applies the final
+    norm and head. Yields (input ids, model output) per batch; holds one block and the hidden
+    states of all windows."""
+    calls = catch_block_inputs(adapter, windows, batch_size, device)
+    hidden, blocks = calls.hidden, adapter.blocks()
+    for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
+        placement.enter(i, blocks[i])
+        args, kwargs = calls.args[i], calls.kwargs[i]
+        hidden = [adapter.run_block(blocks[i], h, args[b], kwargs[b]) for b, h in enumerate(hidden)]
+        placement.leave(i, blocks[i])
+    del calls
+    last = len(blocks) - 1
+    for b, first in enumerate(range(0, windows.shape[0], batch_size)):
+        ids = windows[first : first + batch_size].to(device)
+        for i, block in enumerate(blocks):
+            block.forward = lambda h, *_a, out=hidden[b], i=i, **_k: out if i == last else h
+        try:
+            yield (
+                ids,
+                adapter.model(input_ids=ids, use_cache=False)
+                if adapter.causal
+                else adapter.model(input_ids=ids),
+            )
+        finally:
+            for block in blocks:
+                del block.forward

@@ -3,7 +3,9 @@
 The manifest holds the base config and every module that differs from what that config builds
 (low-rank pairs, resized linears). `load` rebuilds the base architecture without allocating its
 weights, applies the edits, then assigns the saved tensors, so the logits equal the in-memory
-compressed model's exactly.
+compressed model's exactly. A model compressed with `stream=true` is written as shards (what
+lies outside the blocks, then one shard per block, read from the run's block files) with a
+transformers-style index, so saving it too holds one block at a time.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import Head
 from .errors import ShrinkError
+from .placement import BlockState
 from .surgery import LowRankLinear, replace_submodule
 
 FORMAT = "shrink-checkpoint"
 VERSION = 1
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 MANIFEST = "manifest.json"
 
 
@@ -107,8 +111,11 @@ def save(
     folder: str | Path,
     head: str,
     info: dict[str, Any] | None = None,
+    block_states: BlockState | None = None,
 ) -> Path:
-    """Write the checkpoint to `folder` atomically (a partial save never looks complete)."""
+    """Write the checkpoint to `folder` atomically (a partial save never looks complete).
+    `block_states(i)` gives block i's tensors when the model's blocks are on the meta device
+    (`stream=true`); the weights are then sharded by block."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,13 +129,48 @@ def save(
         "edits": structural_edits(model, head),
         "info": info or {},
     }
-    save_model(model, str(tmp / WEIGHTS))
+    if block_states is None:
+        save_model(model, str(tmp / WEIGHTS))
+    else:
+        _save_sharded(model, tmp, block_states)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def _save_sharded(model: nn.Module, folder: Path, block_states: BlockState) -> None:
+    from .models import build_adapter
+
+    adapter = build_adapter(model)
+    prefixes = [adapter.block_path(i) + "." for i in range(len(adapter.blocks()))]
+    rest: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()  # tied tensors are saved once (load re-ties them)
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if not tensor.is_meta and not name.startswith(tuple(prefixes)) and key not in seen:
+            seen.add(key)
+            rest[name] = tensor.detach().cpu().contiguous()
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k in range(len(prefixes) + 1):  # shard 1: outside the blocks; shard k + 2: block k
+        tensors = rest if k == 0 else {prefixes[k - 1] + n: t for n, t in block_states(k - 1).items()}
+        file = f"model-{k + 1:05d}-of-{len(prefixes) + 1:05d}.safetensors"
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / file))
+        weight_map |= dict.fromkeys(tensors, file)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX).write_text(json.dumps(index, indent=1))
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the lone file, or the shards its index names."""
+    if (folder / INDEX).is_file():
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    return [folder / WEIGHTS]
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -168,7 +210,9 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     model = _empty_model(config, manifest["head"])
     for edit in manifest["edits"]:
         _apply_edit(model, edit, dtype)
-    state = load_file(str(folder / WEIGHTS), device=str(device))
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(folder):
+        state |= load_file(str(file), device=str(device))
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise ShrinkError(f"{folder}: weights not in the rebuilt model: {result.unexpected_keys[:5]}")

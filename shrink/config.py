@@ -279,6 +279,9 @@ class Config:
     dtype: DType = DType.float32
     propagate: Propagate = Propagate.compressed
     save_model: bool = True
+    # read one block at a time from the model's safetensors shards (models larger than memory);
+    # evaluation is then perplexity only, computed block by block
+    stream: bool = False
     # write per-block checkpoints to <run>/progress while compressing (removed when the run ends)
     block_checkpoints: bool = True
     # continue the run folder: a finished run is skipped, an interrupted one goes on after its last

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import checkpoint, data
+from . import checkpoint, data, rss
 from .budget import BudgetUnit, PlanInputs, blocks_cost
 from .capture import compress_layerwise, place_except_blocks, profile_layerwise
 from .config import Propagate
@@ -22,9 +21,12 @@ from .evaluation import glue_hub
 from .evaluation.suite import check_suite, evaluate_suite
 from .methods import METHODS, build_method, check_method
 from .models import load_config, load_model
+from .models.streaming import check_streamable, load_streamed
 from .outputs import RunFolder, read_metrics, remove_if_empty, write_failed
+from .placement import Resident, Streamed
 from .progress import Progress
 from .schedules import NEEDS_PROFILES, check_schedule, make_plan
+from .summary import summary
 from .tracking import make_tracker
 
 log = logging.getLogger("shrink")
@@ -87,6 +89,8 @@ def validate(cfg: DictConfig) -> None:
             raise ShrinkError(f"calib.{key} must be positive, got {cfg.calib[key]}")
     data.check_corpus(cfg.calib.corpus)
     check_suite(cfg)
+    if cfg.stream:
+        check_stream(cfg)
     ppl = cfg.eval.get("ppl")
     resolve_device(cfg.device)
     config = load_config(cfg.model)
@@ -103,6 +107,22 @@ def validate(cfg: DictConfig) -> None:
             raise ShrinkError(
                 f"{key}={length} is longer than model {cfg.model.name!r}'s context of {limit} tokens"
             )
+
+
+def check_stream(cfg: DictConfig) -> None:
+    """What `stream=true` cannot do: it needs shards to read, and evaluates perplexity only."""
+    check_streamable(cfg.model)
+    whole = [k for k in ("zeroshot", "speed", "glue", "glue_hub") if cfg.eval.get(k) is not None]
+    if whole:
+        raise ShrinkError(
+            f"stream=true evaluates perplexity only (block by block); eval {cfg.eval.name!r} also runs "
+            f"{', '.join(whole)}, which need the whole model: use eval=ppl or eval=none, then evaluate "
+            "the saved checkpoint"
+        )
+    if not cfg.block_checkpoints:
+        raise ShrinkError(
+            "stream=true keeps the compressed blocks in <run>/progress: set block_checkpoints=true"
+        )
 
 
 def _run_dir(run_dir: str | Path | None) -> Path:
@@ -156,6 +176,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
     if not cfg.resume:
         progress.clear()
     t_start = time.perf_counter()
+    rss.reset_peak()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, str(getattr(cfg.dtype, "value", cfg.dtype)))
@@ -164,7 +185,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
     tracker = make_tracker(cfg.logger)
     tracker.start(folder.path, OmegaConf.to_container(cfg, resolve=True), *_run_name_and_group(cfg))
     try:
-        loaded = load_model(cfg.model, dtype, seed=cfg.seed)
+        if cfg.stream:  # blocks on the meta device, read from the shards one at a time
+            loaded, fetch = load_streamed(cfg.model, dtype)
+            dense_blocks = Streamed(fetch, device, dtype)
+            place_except_blocks(loaded.adapter, device)
+        else:
+            loaded, dense_blocks = load_model(cfg.model, dtype, seed=cfg.seed), None
         model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
         t_loaded = time.perf_counter()
         seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
@@ -183,17 +209,18 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         # schedules that need no profiles are planned now, so a budget they cannot meet fails early
         plan = None if cfg.schedule.name in NEEDS_PROFILES else make_plan(cfg.schedule.name, inputs)
         results: dict[str, Any] = {}
-        evaluate_suite(cfg, model, tokenizer, device, "dense", results, folder.path)
+        evaluate_suite(cfg, model, tokenizer, device, "dense", results, folder.path, dense_blocks)
         t_dense_eval = time.perf_counter()
 
         windows = data.calibration_windows(
             cfg.calib.corpus, tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
         )
-        if device.type == "cpu":
+        if dense_blocks is None and device.type == "cpu":
             model.to(device)
-        else:  # only one block at a time goes to the accelerator (compress_layerwise)
+        elif dense_blocks is None:  # only one block at a time goes to the accelerator (Resident)
             model.to("cpu")
             place_except_blocks(adapter, device)
+        placement = dense_blocks or Resident(device)
         t_compress = time.perf_counter()
         if plan is None:
             inputs.curves = profile_layerwise(
@@ -205,6 +232,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
                 device,
                 seq_len,
                 method.sketch_rows,
+                placement,
             )
             plan = make_plan(cfg.schedule.name, inputs)
         folder.add_plan(plan.rows())
@@ -221,7 +249,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
 
         start_inputs = None
         if done >= 0:  # resume: rebuild the finished blocks, feed the next one its saved inputs
-            records, hidden, teacher = progress.restore(model, adapter, done)
+            records, hidden, teacher = progress.restore(model, adapter, done, weights=not cfg.stream)
             for index, (rows, spectra) in enumerate(records):
                 folder.add_block(index, rows, spectra)
                 tracker.log_block(index, rows, spectra)
@@ -243,18 +271,22 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             needs_teacher=method.needs_teacher,
             start=done + 1,
             start_inputs=start_inputs,
+            placement=placement,
         )
         compress_seconds = time.perf_counter() - t_compress
-        model.to("cpu")
+        compressed_blocks = Streamed(progress.block_state, device, dtype) if cfg.stream else None
+        if not cfg.stream:
+            model.to("cpu")
         kept_cost = blocks_cost(adapter, seq_len)
         achieved = kept_cost.of(unit) / dense_cost.of(unit)
         if achieved > float(cfg.budget) + 1e-9:
             raise RuntimeError(f"achieved budget {achieved:.6f} exceeds the requested {cfg.budget} (a bug)")
         if cfg.save_model:
             info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
-            checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info)
+            states = progress.block_state if cfg.stream else None
+            checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info, states)
         t_eval = time.perf_counter()
-        evaluate_suite(cfg, model, tokenizer, device, "compressed", results, folder.path)
+        evaluate_suite(cfg, model, tokenizer, device, "compressed", results, folder.path, compressed_blocks)
         t_end = time.perf_counter()
         metrics = {
             "status": "ok",
@@ -276,10 +308,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             "load_seconds": t_loaded - t_start,
             "eval_seconds": (t_dense_eval - t_loaded) + (t_end - t_eval),
             "total_seconds": t_end - t_start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": rss.peak_mb(),
             "checkpoint_mb": _folder_mb(folder.path / "model") if cfg.save_model else None,
             "seed": cfg.seed,
             "device": device.type,
+            "stream": bool(cfg.stream),
             "propagate": Propagate(cfg.propagate).value,
             "calib": {
                 "corpus": cfg.calib.corpus,
@@ -313,51 +346,3 @@ def _identity(cfg: DictConfig) -> dict[str, Any]:
     for key in ("resume", "hydra", "logger", "eval"):
         config.pop(key, None)
     return config
-
-
-def summary(m: dict[str, Any], path: Path) -> str:
-    lines = [
-        f"shrink: {m['model']}  method={m['method']}  schedule={m['schedule']}  "
-        f"budget={m['budget']:g} {m['budget_unit']} (achieved {m['budget_achieved']:.4f})",
-        f"  params     {m['params_dense'] / 1e6:.2f}M -> {m['params_compressed'] / 1e6:.2f}M "
-        f"(block linears {m['block_params_dense'] / 1e6:.2f}M -> {m['block_params_compressed'] / 1e6:.2f}M)",
-    ]
-    for corpus, r in m["eval"].get("ppl", {}).items():
-        lines.append(
-            f"  ppl {corpus:<7}dense {r['dense']:.2f} -> compressed {r['compressed']:.2f} "
-            f"({r['tokens']} tokens, {r['seq_len']}-token windows)"
-        )
-    zs = m["eval"].get("zeroshot", {})
-    for task, r in zs.items():
-        if task != "mean":
-            lines.append(
-                f"  {task:<15}{r['metric']} dense {r['dense']:.3f} -> compressed {r['compressed']:.3f} "
-                f"(n={r['n']}, stderr {r.get('compressed_stderr') or 0:.3f})"
-            )
-    for task, r in m["eval"].get("glue", {}).items():
-        if task == "cosine":
-            lines.append(
-                f"  glue cosine    compressed vs dense embeddings: mean {r['value']:.4f}, p5 {r['p5']:.4f}"
-            )
-        else:
-            lines.append(
-                f"  glue {task:<10}{r['metric']} dense {r['dense']:.4f} -> compressed {r['compressed']:.4f}"
-            )
-    sp = m["eval"].get("speed", {})
-    if "speedup" in sp:
-        lines.append(
-            f"  speed      {sp['dense']['latency_ms']:.0f} ms -> {sp['compressed']['latency_ms']:.0f} ms "
-            f"({sp['speedup']:.2f}x; model MAC ratio {sp['model_mac_ratio']:.3f}, "
-            f"batch {sp['dense']['batch_size']} x {sp['dense']['seq_len']} tokens)"
-        )
-    if "mean" in zs:
-        lines.append(
-            f"  zero-shot mean  dense {zs['mean']['dense']:.3f} -> compressed {zs['mean']['compressed']:.3f}"
-        )
-    lines.append(
-        f"  time       load {m['load_seconds']:.1f}s  compress {m['compress_seconds']:.1f}s  "
-        f"eval {m['eval_seconds']:.1f}s  total {m['total_seconds']:.1f}s  "
-        f"(peak RSS {m['peak_rss_mb']:.0f} MB)"
-    )
-    lines.append(f"  run folder {path}")
-    return "\n".join(lines)

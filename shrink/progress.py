@@ -101,22 +101,26 @@ class Progress:
         _atomic_json(self.path / "state.json", {"finished": index, "config": self.config})
         (self.path / f"inputs_{index - 1:03d}.safetensors").unlink(missing_ok=True)  # superseded
 
+    def block_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Finished block `index`'s tensors (block-relative names): the store of `stream=true`."""
+        return load_file(str(self.path / f"block_{index:03d}.safetensors"))
+
     def restore(
-        self, model: nn.Module, adapter: Adapter, upto: int
+        self, model: nn.Module, adapter: Adapter, upto: int, weights: bool = True
     ) -> tuple[
         list[tuple[list[dict[str, Any]], dict[str, np.ndarray]]], list[torch.Tensor], list[torch.Tensor]
     ]:
         """Rebuild blocks 0..upto in `model`; returns their (rows, spectra) and the saved inputs
-        of block upto+1 (hidden, teacher)."""
+        of block upto+1 (hidden, teacher). Without `weights` (`stream=true`) only the blocks'
+        structure is rebuilt; their tensors stay in the block files."""
         dtype = next(model.parameters()).dtype
         records = []
         for index in range(upto + 1):
             record = json.loads((self.path / f"block_{index:03d}.json").read_text())
             for edit in record["edits"]:
                 _apply_edit(model, edit, dtype)
-            block = adapter.blocks()[index]
-            state = load_file(str(self.path / f"block_{index:03d}.safetensors"))
-            block.load_state_dict(state, strict=True, assign=True)
+            if weights:
+                adapter.blocks()[index].load_state_dict(self.block_state(index), strict=True, assign=True)
             spectra = {k: np.asarray(v, dtype=np.float64) for k, v in record["spectra"].items()}
             records.append((record["rows"], spectra))
         streams = load_file(str(self.path / f"inputs_{upto:03d}.safetensors"))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import shrink
+import shrink.pipeline
 from shrink import data
 from shrink.evaluation import perplexity
 
@@ -79,3 +80,31 @@ def test_quick_suite_on_smollm2(tmp_path):
         assert floor + 0.05 < row["dense"] < 0.85, (task, row)  # reference: 0.64, 0.50, 0.47
         assert floor - 0.1 < row["compressed"] <= 1.0, (task, row)
     assert 0.35 < zs["mean"]["dense"] < 0.75
+
+
+def test_streamed_run_on_smollm2(tmp_path):
+    """stream=true on the real model: perplexities equal the loaded models', the sharded
+    checkpoint reloads to the model that was evaluated."""
+    from shrink.models import load_model
+
+    from .conftest import make_cfg
+
+    folder = tmp_path / "run"
+    overrides = ["stream=true", "eval=ppl", "eval.ppl.max_tokens=2048", "eval.cache_dense=false"]
+    overrides += ["calib.nsamples=4", "calib.seq_len=256", "budget=0.8", "logger=none"]
+    shrink.pipeline.run(make_cfg(*overrides), run_dir=folder)
+    m = json.loads((folder / "metrics.json").read_text())
+    ppl = m["eval"]["ppl"]["wiki"]
+    assert m["stream"] and (folder / "model" / "model.safetensors.index.json").is_file()
+    assert len(list((folder / "model").glob("model-*.safetensors"))) == 31
+
+    cfg = make_cfg(*overrides)
+    dense = load_model(cfg.model, torch.float32)
+    windows = data.test_windows("wiki", dense.tokenizer, ppl["seq_len"], 2048)
+    assert perplexity(dense.model, windows, 1, torch.device("cpu"))["ppl"] == pytest.approx(
+        ppl["dense"], rel=1e-6
+    )
+    model = shrink.load(folder / "model")
+    assert sum(p.numel() for p in model.parameters()) == m["params_compressed"]
+    again = perplexity(model, windows, 1, torch.device("cpu"))["ppl"]
+    assert again == pytest.approx(ppl["compressed"], rel=1e-6)

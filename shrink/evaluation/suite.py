@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 from .. import data
 from ..config import Head, TaskSource
 from ..errors import ShrinkError
+from ..placement import Placement
 from . import cache, encoders, glue_hub, zeroshot
-from .perplexity import perplexity
+from .perplexity import perplexity, perplexity_by_blocks
 from .speed import measure
 
 
@@ -95,14 +96,24 @@ def _cached(
 
 
 def evaluate_suite(
-    cfg: DictConfig, model, tokenizer, device: torch.device, which: str, results: dict, folder: Path
+    cfg: DictConfig,
+    model,
+    tokenizer,
+    device: torch.device,
+    which: str,
+    results: dict,
+    folder: Path,
+    blocks: Placement | None = None,
 ) -> None:
-    """Score `model` ("dense" or "compressed") with every evaluator; fill `results` in place."""
+    """Score `model` ("dense" or "compressed") with every evaluator; fill `results` in place.
+    With `blocks` (`stream=true`: the model's blocks are on the meta device and come from that
+    store) perplexity is computed block by block, and it is the only evaluator allowed."""
     ppl, zs, speed = cfg.eval.get("ppl"), cfg.eval.get("zeroshot"), cfg.eval.get("speed")
     glue, hub = cfg.eval.get("glue"), cfg.eval.get("glue_hub")
     if all(x is None for x in (ppl, zs, speed, glue, hub)):
         return
-    model.to(device)
+    if blocks is None:
+        model.to(device)
     if speed is not None:  # timed first, before the other evaluators warm caches differently
         results.setdefault("speed", {})[which] = measure_speed(model, speed, device)
         if which == "compressed" and "dense" in results["speed"]:
@@ -115,8 +126,12 @@ def evaluate_suite(
             which,
             "ppl",
             {"name": corpus, "windows": cache.fingerprint(windows)},
-            lambda windows=windows, corpus=corpus: perplexity(
-                model, windows, ppl.batch_size, device, desc=f"ppl {corpus} ({which})"
+            lambda windows=windows, corpus=corpus: (
+                perplexity(model, windows, ppl.batch_size, device, desc=f"ppl {corpus} ({which})")
+                if blocks is None
+                else perplexity_by_blocks(
+                    model, windows, ppl.batch_size, device, blocks, desc=f"ppl {corpus} ({which})"
+                )
             ),
             results,
         )

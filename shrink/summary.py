@@ -1,0 +1,54 @@
+"""The few lines a finished run prints: what was kept, the scores dense → compressed, the costs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def summary(m: dict[str, Any], path: Path) -> str:
+    lines = [
+        f"shrink: {m['model']}  method={m['method']}  schedule={m['schedule']}  "
+        f"budget={m['budget']:g} {m['budget_unit']} (achieved {m['budget_achieved']:.4f})",
+        f"  params     {m['params_dense'] / 1e6:.2f}M -> {m['params_compressed'] / 1e6:.2f}M "
+        f"(block linears {m['block_params_dense'] / 1e6:.2f}M -> {m['block_params_compressed'] / 1e6:.2f}M)",
+    ]
+    for corpus, r in m["eval"].get("ppl", {}).items():
+        lines.append(
+            f"  ppl {corpus:<7}dense {r['dense']:.2f} -> compressed {r['compressed']:.2f} "
+            f"({r['tokens']} tokens, {r['seq_len']}-token windows)"
+        )
+    zs = m["eval"].get("zeroshot", {})
+    for task, r in zs.items():
+        if task != "mean":
+            lines.append(
+                f"  {task:<15}{r['metric']} dense {r['dense']:.3f} -> compressed {r['compressed']:.3f} "
+                f"(n={r['n']}, stderr {r.get('compressed_stderr') or 0:.3f})"
+            )
+    for task, r in m["eval"].get("glue", {}).items():
+        if task == "cosine":
+            lines.append(
+                f"  glue cosine    compressed vs dense embeddings: mean {r['value']:.4f}, p5 {r['p5']:.4f}"
+            )
+        else:
+            lines.append(
+                f"  glue {task:<10}{r['metric']} dense {r['dense']:.4f} -> compressed {r['compressed']:.4f}"
+            )
+    sp = m["eval"].get("speed", {})
+    if "speedup" in sp:
+        lines.append(
+            f"  speed      {sp['dense']['latency_ms']:.0f} ms -> {sp['compressed']['latency_ms']:.0f} ms "
+            f"({sp['speedup']:.2f}x; model MAC ratio {sp['model_mac_ratio']:.3f}, "
+            f"batch {sp['dense']['batch_size']} x {sp['dense']['seq_len']} tokens)"
+        )
+    if "mean" in zs:
+        lines.append(
+            f"  zero-shot mean  dense {zs['mean']['dense']:.3f} -> compressed {zs['mean']['compressed']:.3f}"
+        )
+    lines.append(
+        f"  time       load {m['load_seconds']:.1f}s  compress {m['compress_seconds']:.1f}s  "
+        f"eval {m['eval_seconds']:.1f}s  total {m['total_seconds']:.1f}s  "
+        f"(peak RSS {m['peak_rss_mb']:.0f} MB)"
+    )
+    lines.append(f"  run folder {path}")
+    return "\n".join(lines)
