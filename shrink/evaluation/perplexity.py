@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..capture import forward_by_blocks
+from ..models import build_adapter
 from ..placement import Placement
 
 
@@ -41,9 +43,6 @@ def perplexity_by_blocks(
 ) -> dict:
     """`perplexity` for `stream=true`: the same batches, computed block by block with each block
     brought in from `placement`'s store (capture.forward_by_blocks), so the number is the same."""
-    from ..capture import forward_by_blocks
-    from ..models import build_adapter
-
     adapter = build_adapter(model)
     return perplexity_of(forward_by_blocks(adapter, windows, batch_size, device, placement, desc))
 
