@@ -103,7 +103,7 @@ class BlockResult:
 def catch_block_inputs(
     adapter: Adapter, windows: torch.Tensor, batch_size: int, device: torch.device
 ) -> Calls:
-    model, blocks = adapter.model, adapter.blocks()
+    blocks = adapter.blocks()
     calls = Calls([], [[] for _ in blocks], [[] for _ in blocks])
     last = len(blocks) - 1
 
@@ -125,7 +125,7 @@ def catch_block_inputs(
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
             with contextlib.suppress(_StopForward):
-                model(input_ids=ids, use_cache=False) if adapter.causal else model(input_ids=ids)
+                adapter.forward(ids)
     finally:
         for block in blocks:
             del block.forward
@@ -330,12 +330,7 @@ def forward_by_blocks(
         for i, block in enumerate(blocks):
             block.forward = lambda h, *_a, out=hidden[b], i=i, **_k: out if i == last else h
         try:
-            yield (
-                ids,
-                adapter.model(input_ids=ids, use_cache=False)
-                if adapter.causal
-                else adapter.model(input_ids=ids),
-            )
+            yield ids, adapter.forward(ids)
         finally:
             for block in blocks:
                 del block.forward

@@ -274,7 +274,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             placement=placement,
         )
         compress_seconds = time.perf_counter() - t_compress
-        compressed_blocks = Streamed(progress.block_state, device, dtype) if cfg.stream else None
+        stored = progress.block_state if cfg.stream else None  # the compressed blocks' store
         if not cfg.stream:
             model.to("cpu")
         kept_cost = blocks_cost(adapter, seq_len)
@@ -283,9 +283,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             raise RuntimeError(f"achieved budget {achieved:.6f} exceeds the requested {cfg.budget} (a bug)")
         if cfg.save_model:
             info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
-            states = progress.block_state if cfg.stream else None
-            checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info, states)
+            checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info, stored)
         t_eval = time.perf_counter()
+        compressed_blocks = Streamed(stored, device, dtype) if stored else None
         evaluate_suite(cfg, model, tokenizer, device, "compressed", results, folder.path, compressed_blocks)
         t_end = time.perf_counter()
         metrics = {

@@ -126,12 +126,10 @@ def evaluate_suite(
             which,
             "ppl",
             {"name": corpus, "windows": cache.fingerprint(windows)},
-            lambda windows=windows, corpus=corpus: (
-                perplexity(model, windows, ppl.batch_size, device, desc=f"ppl {corpus} ({which})")
+            lambda windows=windows, desc=f"ppl {corpus} ({which})": (
+                perplexity(model, windows, ppl.batch_size, device, desc)
                 if blocks is None
-                else perplexity_by_blocks(
-                    model, windows, ppl.batch_size, device, blocks, desc=f"ppl {corpus} ({which})"
-                )
+                else perplexity_by_blocks(model, windows, ppl.batch_size, device, blocks, desc)
             ),
             results,
         )

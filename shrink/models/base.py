@@ -85,6 +85,12 @@ class Adapter(ABC):
                 return name
         raise KeyError(index)
 
+    def forward(self, ids: torch.Tensor) -> Any:
+        """The whole model on token ids, without a KV cache (encoders take no `use_cache`)."""
+        if self.causal:
+            return self.model(input_ids=ids, use_cache=False)
+        return self.model(input_ids=ids)
+
     def max_positions(self) -> int | None:
         return getattr(self.config, "max_position_embeddings", None)
 

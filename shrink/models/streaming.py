@@ -20,12 +20,11 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from ..checkpoint import INDEX
 from ..config import Head, ModelConf, Source
 from ..errors import ShrinkError
 from ..placement import BlockState
 from .loading import AUTO_CLASSES, Loaded, _folder, _hub_kwargs, build_adapter, hub_reachable, load_config
-
-INDEX = "model.safetensors.index.json"
 
 
 def check_streamable(cfg: ModelConf) -> None:
