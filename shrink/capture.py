@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -119,17 +120,29 @@ def catch_block_inputs(
 
         return stub
 
-    for i, block in enumerate(blocks):
-        block.forward = stub_for(i)
-    try:
+    with replaced_forwards(blocks, [stub_for(i) for i in range(len(blocks))]):
         for start in range(0, windows.shape[0], batch_size):
             ids = windows[start : start + batch_size].to(device)
             with contextlib.suppress(_StopForward):
                 adapter.forward(ids)
-    finally:
-        for block in blocks:
-            del block.forward
     return calls
+
+
+@contextlib.contextmanager
+def replaced_forwards(blocks: Sequence[nn.Module], forwards: Sequence[Callable]) -> Iterator[None]:
+    """Swap each block's forward for a stub, then restore what was there: the class's forward,
+    or the wrapper that accelerate's hooks put on the instance (device-mapped models)."""
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block, forward in zip(blocks, forwards, strict=True):
+        block.forward = forward
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def place_except_blocks(adapter: Adapter, device: torch.device) -> None:
@@ -216,20 +229,20 @@ def compress_layerwise(
     heads = adapter.heads()
     blocks = list(adapter.blocks())
     for i in tqdm(range(start, len(blocks)), desc=desc, unit="block", initial=start, total=len(blocks)):
-        block = blocks[i]
+        block, here = blocks[i], placement.device_for(i)  # `here` differs by block in mapped models
         placement.enter(i, block)
         sites = adapter.sites(block)
+        hidden = send_to_device(hidden, here)
+        teacher = send_to_device(teacher, here)
+        args, kwargs = send_to_device(calls.args[i], here), send_to_device(calls.kwargs[i], here)
 
         @torch.no_grad()
-        def run_all(block=block, i=i, inputs=hidden) -> list[torch.Tensor]:
-            return [
-                adapter.run_block(block, h, calls.args[i][b], calls.kwargs[i][b])
-                for b, h in enumerate(inputs)
-            ]
+        def run_all(block=block, inputs=hidden, args=args, kwargs=kwargs) -> list[torch.Tensor]:
+            return [adapter.run_block(block, h, args[b], kwargs[b]) for b, h in enumerate(inputs)]
 
         t0 = time.perf_counter()
         if needs_stats or propagate == Propagate.dense:
-            stats, outputs = _collect_stats(block, sites, i, run_all, device, sketch_rows)
+            stats, outputs = _collect_stats(block, sites, i, run_all, here, sketch_rows)
         else:
             stats, outputs = {}, []
         teacher_out = None
@@ -247,8 +260,8 @@ def compress_layerwise(
             plan.unit,
             adapter,
             hidden,
-            calls.args[i],
-            calls.kwargs[i],
+            args,
+            kwargs,
             seq_len,
             teacher,
             teacher_out,
@@ -327,10 +340,7 @@ def forward_by_blocks(
     last = len(blocks) - 1
     for b, first in enumerate(range(0, windows.shape[0], batch_size)):
         ids = windows[first : first + batch_size].to(device)
-        for i, block in enumerate(blocks):
-            block.forward = lambda h, *_a, out=hidden[b], i=i, **_k: out if i == last else h
-        try:
-            yield ids, adapter.forward(ids)
-        finally:
-            for block in blocks:
-                del block.forward
+        stubs = [lambda h, *_a, out=hidden[b], i=i, **_k: out if i == last else h for i in range(len(blocks))]
+        with replaced_forwards(blocks, stubs):
+            output = adapter.forward(ids)
+        yield ids, output

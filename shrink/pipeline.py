@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from .config import Propagate
 from .errors import ShrinkError
 from .evaluation import glue_hub
 from .evaluation.suite import check_suite, evaluate_suite
+from .mapped import Mapped, check_block_map, check_device_map, is_mapped
 from .methods import METHODS, build_method, check_method
 from .models import load_config, load_model
 from .models.streaming import check_streamable, load_streamed
@@ -30,6 +32,7 @@ from .summary import summary
 from .tracking import make_tracker
 
 log = logging.getLogger("shrink")
+OFFLOAD = "offload"  # accelerate writes weights it offloads after converting them here (device_map)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,9 +94,11 @@ def validate(cfg: DictConfig) -> None:
     check_suite(cfg)
     if cfg.stream:
         check_stream(cfg)
+    check_mapping(cfg)
     ppl = cfg.eval.get("ppl")
     resolve_device(cfg.device)
     config = load_config(cfg.model)
+    check_block_map(cfg.model, config)
     if cfg.eval.get("glue_hub") is not None:
         glue_hub.check_model(str(cfg.eval.glue_hub.task), int(config.num_labels))
     limit = getattr(config, "max_position_embeddings", None)
@@ -123,6 +128,20 @@ def check_stream(cfg: DictConfig) -> None:
         raise ShrinkError(
             "stream=true keeps the compressed blocks in <run>/progress: set block_checkpoints=true"
         )
+
+
+def check_mapping(cfg: DictConfig) -> None:
+    """`model.device_map` needs weights on disk for accelerate to place, and excludes streaming."""
+    check_device_map(cfg.model)
+    if cfg.model.device_map is None:
+        return
+    if cfg.model.source == "tiny":
+        raise ShrinkError(
+            "model.device_map places weights read from files; a tiny random model has none: save it "
+            "and use model.source=local"
+        )
+    if cfg.stream:
+        raise ShrinkError("model.device_map and stream=true exclude each other: pick one way to place blocks")
 
 
 def _run_dir(run_dir: str | Path | None) -> Path:
@@ -190,8 +209,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             dense_blocks = Streamed(fetch, device, dtype)
             place_except_blocks(loaded.adapter, device)
         else:
-            loaded, dense_blocks = load_model(cfg.model, dtype, seed=cfg.seed), None
+            loaded = load_model(cfg.model, dtype, seed=cfg.seed, offload_folder=folder.path / OFFLOAD)
+            dense_blocks = None
         model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
+        mapped = Mapped.of(model, adapter) if is_mapped(model) else None
         t_loaded = time.perf_counter()
         seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
         params_dense, dense_cost = _params(model), blocks_cost(adapter, seq_len)
@@ -215,12 +236,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         windows = data.calibration_windows(
             cfg.calib.corpus, tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
         )
-        if dense_blocks is None and device.type == "cpu":
+        if mapped is not None or dense_blocks is not None:
+            pass  # accelerate placed the blocks, or they are read in one at a time
+        elif device.type == "cpu":
             model.to(device)
-        elif dense_blocks is None:  # only one block at a time goes to the accelerator (Resident)
+        else:  # only one block at a time goes to the accelerator (Resident)
             model.to("cpu")
             place_except_blocks(adapter, device)
-        placement = dense_blocks or Resident(device)
+        placement = mapped or dense_blocks or Resident(device)
         t_compress = time.perf_counter()
         if plan is None:
             inputs.curves = profile_layerwise(
@@ -249,7 +272,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
 
         start_inputs = None
         if done >= 0:  # resume: rebuild the finished blocks, feed the next one its saved inputs
-            records, hidden, teacher = progress.restore(model, adapter, done, weights=not cfg.stream)
+            records, hidden, teacher = progress.restore(
+                model, adapter, done, weights=not cfg.stream, placement=mapped
+            )
             for index, (rows, spectra) in enumerate(records):
                 folder.add_block(index, rows, spectra)
                 tracker.log_block(index, rows, spectra)
@@ -274,8 +299,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             placement=placement,
         )
         compress_seconds = time.perf_counter() - t_compress
-        stored = progress.block_state if cfg.stream else None  # the compressed blocks' store
-        if not cfg.stream:
+        # where the compressed blocks are read from for saving (and, streamed, for evaluating)
+        stored = progress.block_state if cfg.stream else mapped.state if mapped else None
+        if stored is None:
             model.to("cpu")
         kept_cost = blocks_cost(adapter, seq_len)
         achieved = kept_cost.of(unit) / dense_cost.of(unit)
@@ -285,7 +311,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
             checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info, stored)
         t_eval = time.perf_counter()
-        compressed_blocks = Streamed(stored, device, dtype) if stored else None
+        compressed_blocks = Streamed(stored, device, dtype) if cfg.stream else None
         evaluate_suite(cfg, model, tokenizer, device, "compressed", results, folder.path, compressed_blocks)
         t_end = time.perf_counter()
         metrics = {
@@ -312,6 +338,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
             "checkpoint_mb": _folder_mb(folder.path / "model") if cfg.save_model else None,
             "seed": cfg.seed,
             "device": device.type,
+            "device_map": mapped.summary() if mapped else None,
             "stream": bool(cfg.stream),
             "propagate": Propagate(cfg.propagate).value,
             "calib": {
@@ -330,6 +357,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         tracker.finish("failed")
         write_failed(folder.path, cfg, err)
         raise
+    finally:
+        shutil.rmtree(folder.path / OFFLOAD, ignore_errors=True)
     print(summary(metrics, folder.path))
     return _objective(metrics)
 

@@ -4,7 +4,9 @@
 (and back to the CPU after), so device memory holds one block plus what lies outside the blocks.
 `Streamed` (`stream=true`): the blocks sit on the meta device, holding no memory; `enter` reads one
 block's tensors from a store (the model's safetensors shards, or a run's finished block files) and
-`leave` drops them again, so host memory holds one block at a time as well.
+`leave` drops them again, so host memory holds one block at a time as well. `Mapped`
+(`mapped.py`): accelerate spread the model over devices while loading; each block is worked on
+where it was put.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ BlockState = Callable[[int], dict[str, torch.Tensor]]  # block index -> its tens
 
 
 class Placement(Protocol):
+    def device_for(self, index: int) -> torch.device: ...  # where block `index` runs
+
     def enter(self, index: int, block: nn.Module) -> None: ...
 
     def leave(self, index: int, block: nn.Module) -> None: ...
@@ -33,6 +37,9 @@ class Placement(Protocol):
 @dataclass
 class Resident:
     device: torch.device
+
+    def device_for(self, index: int) -> torch.device:
+        return self.device
 
     def enter(self, index: int, block: nn.Module) -> None:
         if self.device.type != "cpu":
@@ -48,6 +55,9 @@ class Streamed:
     fetch: BlockState
     device: torch.device
     dtype: torch.dtype
+
+    def device_for(self, index: int) -> torch.device:
+        return self.device
 
     def enter(self, index: int, block: nn.Module) -> None:
         state = {

@@ -28,6 +28,7 @@ from torch import nn
 from .checkpoint import _apply_edit, reference_modules, structural_edits
 from .errors import ShrinkError
 from .models import Adapter
+from .placement import Placement
 
 FOLDER = "progress"
 Record = tuple[list[dict[str, Any]], dict[str, np.ndarray]]  # a finished block's layer rows, spectra
@@ -106,21 +107,32 @@ class Progress:
         return load_file(str(self.path / f"block_{index:03d}.safetensors"))
 
     def restore(
-        self, model: nn.Module, adapter: Adapter, upto: int, weights: bool = True
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        upto: int,
+        weights: bool = True,
+        placement: Placement | None = None,
     ) -> tuple[
         list[tuple[list[dict[str, Any]], dict[str, np.ndarray]]], list[torch.Tensor], list[torch.Tensor]
     ]:
         """Rebuild blocks 0..upto in `model`; returns their (rows, spectra) and the saved inputs
         of block upto+1 (hidden, teacher). Without `weights` (`stream=true`) only the blocks'
-        structure is rebuilt; their tensors stay in the block files."""
+        structure is rebuilt; their tensors stay in the block files. A `placement` (device-mapped
+        models) takes each block in and out around its rebuilding, as the runner does."""
         dtype = next(model.parameters()).dtype
         records = []
         for index in range(upto + 1):
             record = json.loads((self.path / f"block_{index:03d}.json").read_text())
+            block = adapter.blocks()[index]
+            if placement is not None:
+                placement.enter(index, block)
             for edit in record["edits"]:
                 _apply_edit(model, edit, dtype)
             if weights:
-                adapter.blocks()[index].load_state_dict(self.block_state(index), strict=True, assign=True)
+                block.load_state_dict(self.block_state(index), strict=True, assign=True)
+            if placement is not None:
+                placement.leave(index, block)
             spectra = {k: np.asarray(v, dtype=np.float64) for k, v in record["spectra"].items()}
             records.append((record["rows"], spectra))
         streams = load_file(str(self.path / f"inputs_{upto:03d}.safetensors"))

@@ -36,6 +36,18 @@ def tiny_overrides(model: str) -> list[str]:
     return [f"model={model}", *FAST, *(["eval=none"] if model in ENCODERS else FAST_PPL)]
 
 
+def sharded_copy(tmp_path, model_name: str):
+    """A tiny random model saved as several safetensors shards, with its tokenizer."""
+    from shrink.models import load_model
+
+    tiny = load_model(make_cfg(f"model={model_name}").model, torch.float32, seed=0)
+    folder = tmp_path / f"{model_name}-sharded"
+    tiny.model.save_pretrained(folder, max_shard_size="40KB")
+    tiny.tokenizer.save_pretrained(folder)
+    assert len(list(folder.glob("*.safetensors"))) > 2 and (folder / "model.safetensors.index.json").exists()
+    return folder
+
+
 @pytest.fixture
 def run_job(tmp_path):
     """Run one job from overrides; returns (metrics, run folder)."""

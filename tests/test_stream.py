@@ -14,7 +14,7 @@ from shrink.pipeline import run
 from shrink.placement import Streamed
 from shrink.progress import Progress
 
-from .conftest import FAST, FAST_PPL, logits, make_cfg
+from .conftest import FAST, FAST_PPL, logits, make_cfg, sharded_copy
 
 # (tiny model, method, eval): Llama with dense propagation, OPT with a profiling pass, an encoder
 CASES = {
@@ -22,18 +22,6 @@ CASES = {
     "opt-svdllm-greedy": ("tiny-opt", ["method=svdllm", "schedule=greedy"], FAST_PPL),
     "bert-distill": ("tiny-bert", ["method=distill", "method.steps=4"], ["eval=none"]),
 }
-
-
-def sharded_copy(tmp_path, model_name: str):
-    """A tiny random model saved as several safetensors shards, with its tokenizer."""
-    from shrink.models import load_model
-
-    tiny = load_model(make_cfg(f"model={model_name}").model, torch.float32, seed=0)
-    folder = tmp_path / f"{model_name}-sharded"
-    tiny.model.save_pretrained(folder, max_shard_size="40KB")
-    tiny.tokenizer.save_pretrained(folder)
-    assert len(list(folder.glob("*.safetensors"))) > 2 and (folder / "model.safetensors.index.json").exists()
-    return folder
 
 
 def weights(folder):

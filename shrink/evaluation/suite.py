@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import data
 from ..config import Head, TaskSource
 from ..errors import ShrinkError
+from ..mapped import is_mapped
 from ..placement import Placement
 from . import cache, encoders, glue_hub, zeroshot
 from .perplexity import perplexity, perplexity_by_blocks
@@ -112,7 +113,7 @@ def evaluate_suite(
     glue, hub = cfg.eval.get("glue"), cfg.eval.get("glue_hub")
     if all(x is None for x in (ppl, zs, speed, glue, hub)):
         return
-    if blocks is None:
+    if blocks is None and not is_mapped(model):  # a device-mapped model stays where accelerate put it
         model.to(device)
     if speed is not None:  # timed first, before the other evaluators warm caches differently
         results.setdefault("speed", {})[which] = measure_speed(model, speed, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -28,6 +29,7 @@ from transformers import (
 
 from ..config import Head, ModelConf, Source
 from ..errors import ShrinkError
+from ..mapped import is_mapped, loading_kwargs, onload_outside_blocks
 from .base import Adapter
 from .families import adapter_class_for, supported_model_types
 from .packaged import PACKAGED, check_installed, gguf_model_dir, packaged_model_dir
@@ -146,8 +148,13 @@ def build_adapter(model: nn.Module) -> Adapter:
     return cls(model)
 
 
-def load_model(cfg: ModelConf, dtype: torch.dtype, seed: int = 0) -> Loaded:
-    """Load weights (safetensors only) and tokenizer on the CPU; the runner moves blocks to devices."""
+def load_model(
+    cfg: ModelConf, dtype: torch.dtype, seed: int = 0, offload_folder: str | Path | None = None
+) -> Loaded:
+    """Load weights (safetensors only) and tokenizer on the CPU, where the runner moves blocks to
+    devices; or, with `cfg.device_map`, spread over devices by accelerate, which may offload
+    weights that it must convert to `offload_folder` (the modules outside the blocks are then
+    read in: see mapped.py)."""
     config = load_config(cfg)
     auto = AUTO_CLASSES[Head(cfg.head)]
     if cfg.source == Source.tiny:
@@ -156,6 +163,8 @@ def load_model(cfg: ModelConf, dtype: torch.dtype, seed: int = 0) -> Loaded:
         tokenizer = byte_tokenizer()
     else:
         folder, kw = _folder(cfg), _hub_kwargs(cfg)
+        if cfg.device_map is not None:
+            kw |= loading_kwargs(cfg, offload_folder or tempfile.mkdtemp(prefix="shrink-offload-"))
         try:
             model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kw)
         except OSError as err:
@@ -165,4 +174,7 @@ def load_model(cfg: ModelConf, dtype: torch.dtype, seed: int = 0) -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
     model.eval()
     model.requires_grad_(False)
-    return Loaded(model, tokenizer, build_adapter(model))
+    adapter = build_adapter(model)
+    if is_mapped(model):
+        onload_outside_blocks(model, adapter)
+    return Loaded(model, tokenizer, adapter)

@@ -1,0 +1,136 @@
+"""model.device_map: a model spread by accelerate over devices (here the CPU and disk offload)
+is compressed where it lies, and gives the same run as a model loaded whole."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import shrink
+from shrink.errors import ShrinkError
+from shrink.mapped import Mapped
+from shrink.pipeline import run
+from shrink.progress import Progress
+
+from .conftest import FAST, FAST_PPL, make_cfg, sharded_copy
+
+# Llama: a dict map with one block, the final norm and the (tied) head offloaded to disk;
+# OPT: accelerate's own map under a memory cap too small for anything but the embeddings, with a
+# profiling pass (greedy) that must leave the dense blocks offloaded as it found them.
+LLAMA_MAP = (
+    "model.device_map={model.embed_tokens:cpu,model.rotary_emb:cpu,model.layers.0:cpu,"
+    "model.layers.1:disk,model.norm:disk,lm_head:disk}"
+)
+CASES = {
+    "llama-id-dict": ("tiny-llama", ["method=id"], [LLAMA_MAP], {"cpu": 1, "disk": 1}),
+    "opt-svdllm-greedy-auto": (
+        "tiny-opt",
+        ["method=svdllm", "schedule=greedy"],
+        ["model.device_map=auto", "model.max_memory={cpu:60000}"],
+        {"disk": 2},
+    ),
+}
+
+
+def _overrides(tmp_path, model_name: str) -> list[str]:
+    source = sharded_copy(tmp_path, model_name)
+    return [f"model={model_name}", "model.source=local", f"model.path={source}", *FAST, *FAST_PPL]
+
+
+def _metrics(folder) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def _same_weights(a_folder, b_folder) -> bool:
+    a, b = (shrink.load(f / "model").state_dict() for f in (a_folder, b_folder))
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_mapped_model_gives_the_loaded_run(tmp_path, monkeypatch, case):
+    model_name, method, mapping, counts = CASES[case]
+    overrides = [*_overrides(tmp_path, model_name), *method, "eval.cache_dense=false"]
+    run(make_cfg(*overrides), run_dir=tmp_path / "loaded")
+
+    real_leave, left = Mapped.leave, []
+
+    def leave_and_look(self, index, block):
+        real_leave(self, index, block)
+        left.append((index, self.homes[index], any(p.is_meta for p in block.parameters())))
+
+    monkeypatch.setattr(Mapped, "leave", leave_and_look)
+    run(make_cfg(*overrides, *mapping), run_dir=tmp_path / "mapped")
+
+    loaded, mapped = _metrics(tmp_path / "loaded"), _metrics(tmp_path / "mapped")
+    assert mapped["device_map"] == counts and loaded["device_map"] is None
+    for key in ("budget_achieved", "params_dense", "params_compressed", "eval"):
+        assert mapped[key] == loaded[key], key
+    assert _same_weights(tmp_path / "loaded", tmp_path / "mapped")
+    assert not (tmp_path / "mapped" / "offload").exists()
+    # a disk block is read in for its turn; a compressed one stays in memory (it is new), while
+    # an unchanged one (the profiling pass) goes back to disk
+    blocks = sum(counts.values())
+    profiled, compressed = left[:-blocks], left[-blocks:]
+    assert len(profiled) == (blocks if "schedule=greedy" in method else 0)
+    assert all(meta == (home == "disk") for _, home, meta in profiled)
+    assert [i for i, *_ in compressed] == list(range(blocks)) and not any(m for *_, m in compressed)
+
+
+def test_a_mapped_run_resumes_after_an_interruption(tmp_path, monkeypatch):
+    overrides = [*_overrides(tmp_path, "tiny-llama"), "method=svdllm", LLAMA_MAP]
+    run(make_cfg(*overrides), run_dir=tmp_path / "whole")
+
+    real_save = Progress.save_block
+
+    def save_then_die(self, index, *args, **kwargs):
+        real_save(self, index, *args, **kwargs)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "save_block", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(*overrides), run_dir=tmp_path / "resumed")
+    monkeypatch.setattr(Progress, "save_block", real_save)
+    run(make_cfg(*overrides, "resume=true"), run_dir=tmp_path / "resumed")
+    resumed, whole = _metrics(tmp_path / "resumed"), _metrics(tmp_path / "whole")
+    assert resumed["resumed_after_block"] == 0 and resumed["eval"]["ppl"] == whole["eval"]["ppl"]
+    assert _same_weights(tmp_path / "whole", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.device_map=everywhere"], "'everywhere' is not a strategy; valid: auto, balanced"),
+        (["model.device_map={model.layers.0:cuda:7}"], "'cuda:7' is not a device here; valid: cpu, disk"),
+        (["model.max_memory={cpu:1GiB}"], "max_memory applies with model.device_map only"),
+        (
+            ["model.device_map=auto", "stream=true", "eval=ppl"],
+            "device_map and stream=true exclude each other",
+        ),
+        (
+            ["model.device_map={model.layers.0:cpu,model.layers.1.mlp:disk,model.layers.1.self_attn:cpu}"],
+            r"puts block 1 \(model.layers.1\) on \['cpu', 'disk'\]; map whole blocks",
+        ),
+    ],
+)
+def test_bad_device_maps_fail_before_loading(tmp_path, monkeypatch, overrides, message):
+    source = tmp_path / "no-weights"
+    source.mkdir()
+    from shrink.models import load_model
+
+    tiny = load_model(make_cfg("model=tiny-llama").model, torch.float32)
+    tiny.model.config.save_pretrained(source)  # a config only: loading would fail
+    monkeypatch.setattr("shrink.pipeline.load_model", lambda *a, **k: pytest.fail("loaded"))
+    cfg = make_cfg(
+        "model=tiny-llama", "model.source=local", f"model.path={source}", "logger=none", *overrides
+    )
+    with pytest.raises(ShrinkError, match=message):
+        run(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tiny_random_model_cannot_be_mapped(tmp_path):
+    with pytest.raises(ShrinkError, match="tiny random model has none: save it"):
+        run(make_cfg("model=tiny-llama", "model.device_map=auto", "logger=none"), run_dir=tmp_path / "run")
