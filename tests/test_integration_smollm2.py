@@ -60,9 +60,11 @@ def test_default_launch_on_smollm2(tmp_path):
     assert again == pytest.approx(ppl["compressed"], rel=1e-5)
 
 
-def test_quick_suite_on_smollm2(tmp_path):
-    """`eval=quick` (fewer items) on the real model: zero-shot scores in a sane range, dense near
-    the reference figures of shared/OFFLINE.md, a mild compression keeps them above chance."""
+def test_quick_suite_on_a_mapped_smollm2(tmp_path):
+    """`eval=quick` (fewer items) on the real model, spread by accelerate over the CPU and disk
+    (`model.device_map`): zero-shot scores in a sane range, dense near the reference figures of
+    shared/OFFLINE.md (from the dense cache the default launch filled), a mild compression keeps
+    them above chance when lm-eval runs the mapped compressed model through accelerate's hooks."""
     from shrink.pipeline import run
 
     from .conftest import make_cfg
@@ -70,9 +72,12 @@ def test_quick_suite_on_smollm2(tmp_path):
     overrides = [
         "eval=quick", "eval.zeroshot.limit=40", "eval.ppl.max_tokens=2048", "logger=none",
         "calib.nsamples=8", "calib.seq_len=256", "budget=0.9", "save_model=false",
+        "model.device_map=auto", "model.max_memory={cpu:300MB}",  # about half the blocks on disk
     ]  # fmt: skip
     run(make_cfg(*overrides), run_dir=tmp_path / "run")
-    zs = json.loads((tmp_path / "run" / "metrics.json").read_text())["eval"]["zeroshot"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["device_map"]["disk"] > 0 and sum(metrics["device_map"].values()) == 30
+    zs = metrics["eval"]["zeroshot"]
     chance = {"piqa": 0.5, "arc_easy": 0.25, "hellaswag": 0.25}
     for task, floor in chance.items():
         row = zs[task]
