@@ -31,13 +31,14 @@ def main(cfg: DictConfig) -> float | None:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
         failure = err
-    # In a sweep, a failed job is recorded (metrics.json: status failed) and the sweep goes on;
-    # NaN is what sweepers such as Optuna take for a failed trial.
+    # In a sweep, a failed job is recorded (metrics.json: status failed) and the sweep goes on.
+    # It returns None, which the Optuna sweeper records as a failed trial (a NaN makes optuna 2.x
+    # raise inside the sweeper and ends the search).
     folder = hydra_cfg.runtime.output_dir
     if read_metrics(folder) is None:  # failed before the run began (bad config): record it too
         write_failed(folder, cfg, failure)
     logging.getLogger("shrink").error("job %s failed: %s", hydra_cfg.job.num, failure)
-    return float("nan")
+    return None
 
 
 if __name__ == "__main__":

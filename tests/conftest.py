@@ -48,6 +48,31 @@ def sharded_copy(tmp_path, model_name: str):
     return folder
 
 
+def interrupt_then_resume(monkeypatch, overrides: list[str], folder: Path) -> dict:
+    """Run a job that is killed right after block 0 is checkpointed, check what it leaves, resume
+    it with `resume=true`; returns the resumed run's metrics."""
+    from shrink.pipeline import run
+    from shrink.progress import Progress
+
+    real_save = Progress.save_block
+
+    def save_then_die(self, index, *args, **kwargs):
+        real_save(self, index, *args, **kwargs)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "save_block", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(*overrides), run_dir=folder)
+    assert json.loads((folder / "metrics.json").read_text())["status"] == "failed"
+    assert json.loads((folder / "progress" / "state.json").read_text())["finished"] == 0
+    monkeypatch.setattr(Progress, "save_block", real_save)
+    run(make_cfg(*overrides, "resume=true"), run_dir=folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["resumed_after_block"] == 0
+    return metrics
+
+
 @pytest.fixture
 def run_job(tmp_path):
     """Run one job from overrides; returns (metrics, run folder)."""

@@ -12,9 +12,8 @@ import shrink
 from shrink.errors import ShrinkError
 from shrink.mapped import Mapped
 from shrink.pipeline import run
-from shrink.progress import Progress
 
-from .conftest import FAST, FAST_PPL, make_cfg, sharded_copy
+from .conftest import FAST, FAST_PPL, interrupt_then_resume, make_cfg, sharded_copy
 
 # Llama: a dict map with one block, the final norm and the (tied) head offloaded to disk;
 # OPT: accelerate's own map under a memory cap too small for anything but the embeddings, with a
@@ -82,20 +81,8 @@ def test_a_mapped_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     overrides = [*_overrides(tmp_path, "tiny-llama"), "method=svdllm", LLAMA_MAP]
     run(make_cfg(*overrides), run_dir=tmp_path / "whole")
 
-    real_save = Progress.save_block
-
-    def save_then_die(self, index, *args, **kwargs):
-        real_save(self, index, *args, **kwargs)
-        if index == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Progress, "save_block", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(*overrides), run_dir=tmp_path / "resumed")
-    monkeypatch.setattr(Progress, "save_block", real_save)
-    run(make_cfg(*overrides, "resume=true"), run_dir=tmp_path / "resumed")
-    resumed, whole = _metrics(tmp_path / "resumed"), _metrics(tmp_path / "whole")
-    assert resumed["resumed_after_block"] == 0 and resumed["eval"]["ppl"] == whole["eval"]["ppl"]
+    resumed = interrupt_then_resume(monkeypatch, overrides, tmp_path / "resumed")
+    assert resumed["eval"]["ppl"] == _metrics(tmp_path / "whole")["eval"]["ppl"]
     assert _same_weights(tmp_path / "whole", tmp_path / "resumed")
 
 

@@ -95,7 +95,7 @@ def test_streamed_run_on_smollm2(tmp_path):
     from .conftest import make_cfg
 
     folder = tmp_path / "run"
-    overrides = ["stream=true", "eval=ppl", "eval.ppl.max_tokens=2048", "eval.cache_dense=false"]
+    overrides = ["stream=true", "eval=ppl", "eval.ppl.max_tokens=1024", "eval.cache_dense=false"]
     overrides += ["calib.nsamples=4", "calib.seq_len=256", "budget=0.8", "logger=none"]
     shrink.pipeline.run(make_cfg(*overrides), run_dir=folder)
     m = json.loads((folder / "metrics.json").read_text())
@@ -105,7 +105,7 @@ def test_streamed_run_on_smollm2(tmp_path):
 
     cfg = make_cfg(*overrides)
     dense = load_model(cfg.model, torch.float32)
-    windows = data.test_windows("wiki", dense.tokenizer, ppl["seq_len"], 2048)
+    windows = data.test_windows("wiki", dense.tokenizer, ppl["seq_len"], 1024)
     assert perplexity(dense.model, windows, 1, torch.device("cpu"))["ppl"] == pytest.approx(
         ppl["dense"], rel=1e-6
     )

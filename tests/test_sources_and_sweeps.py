@@ -1,16 +1,12 @@
-"""Model sources other than packaged/tiny, and Hydra multirun through the launcher."""
+"""Model sources other than packaged and tiny: a local safetensors folder."""
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 import torch
 
 from shrink.models import load_model
 
-from .conftest import FAST, FAST_PPL, ROOT, make_cfg
+from .conftest import FAST, FAST_PPL, make_cfg
 
 
 def test_local_safetensors_folder(run_job, tmp_path):
@@ -24,28 +20,4 @@ def test_local_safetensors_folder(run_job, tmp_path):
     )
     assert metrics["budget_achieved"] <= 0.5 and metrics["params_dense"] == sum(
         p.numel() for p in tiny.model.parameters()
-    )
-
-
-def test_multirun_with_hydra_grammar(tmp_path):
-    sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "launch.py",
-        "-m",
-        "model=tiny-llama",
-        "method=svd",
-        "budget=0.5,0.8",
-        *FAST,
-        *FAST_PPL,
-        f"hydra.sweep.dir={sweep}",
-        "save_model=false",
-    ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    runs = sorted(sweep.glob("*/metrics.json"))
-    budgets = sorted(json.loads(p.read_text())["budget"] for p in runs)
-    assert budgets == [0.5, 0.8]
-    assert all(
-        json.loads(p.read_text())["budget_achieved"] <= json.loads(p.read_text())["budget"] for p in runs
     )

@@ -12,9 +12,8 @@ import shrink
 from shrink.errors import ShrinkError
 from shrink.pipeline import run
 from shrink.placement import Streamed
-from shrink.progress import Progress
 
-from .conftest import FAST, FAST_PPL, logits, make_cfg, sharded_copy
+from .conftest import FAST, FAST_PPL, interrupt_then_resume, logits, make_cfg, sharded_copy
 
 # (tiny model, method, eval): Llama with dense propagation, OPT with a profiling pass, an encoder
 CASES = {
@@ -92,20 +91,7 @@ def test_stream_resumes_after_an_interruption(tmp_path, monkeypatch):
     overrides += ["stream=true", "method=svdllm"]
     run(make_cfg(*overrides), run_dir=tmp_path / "whole")
 
-    real_save = Progress.save_block
-
-    def save_then_die(self, index, *args, **kwargs):
-        real_save(self, index, *args, **kwargs)
-        if index == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Progress, "save_block", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(*overrides), run_dir=tmp_path / "resumed")
-    monkeypatch.setattr(Progress, "save_block", real_save)
-    run(make_cfg(*overrides, "resume=true"), run_dir=tmp_path / "resumed")
-    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert metrics["resumed_after_block"] == 0
+    metrics = interrupt_then_resume(monkeypatch, overrides, tmp_path / "resumed")
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from shrink import report
@@ -14,11 +15,11 @@ from shrink.errors import ShrinkError
 from shrink.pipeline import run
 from shrink.progress import Progress
 
-from .conftest import FAST, FAST_PPL, ROOT, make_cfg
+from .conftest import FAST, FAST_PPL, ROOT, interrupt_then_resume, make_cfg
 
 
-def _sweep(*overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "launch.py", "-m", "-cd", "sweeps", "-cn", "tiny", *overrides]
+def _sweep(*overrides: str, name: str = "tiny") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "launch.py", "-m", "-cd", "sweeps", "-cn", name, *overrides]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -56,10 +57,28 @@ def test_the_submitit_launcher_runs_a_sweep(tmp_path):
     assert statuses == ["ok", "ok"]
 
 
+def test_the_optuna_sweeper_searches_a_schedule_parameter(tmp_path):
+    """sweeps/optuna-greedy on a tiny model (basic launcher): TPE samples greedy's min_keep from
+    [0, 0.75] with a fixed seed; the second trial (0.54 > budget 0.5) fails validation, is recorded
+    and the search goes on; the best value is the lowest compressed perplexity of the other two."""
+    sweep = tmp_path / "sweep"
+    overrides = ["model=tiny-llama", *FAST, *FAST_PPL, "hydra.sweeper.n_trials=3"]
+    _sweep(
+        *overrides, "schedule.min_keep=interval(0.0,0.75)", f"hydra.sweep.dir={sweep}", name="optuna-greedy"
+    )
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+    assert [m["status"] for m in runs] == ["ok", "failed", "ok"]
+    assert "min_keep" in runs[1]["error"]
+    ok = [m for m in runs if m["status"] == "ok"]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == min(m["eval"]["ppl"]["wiki"]["compressed"] for m in ok)
+    assert 0.0 <= best["best_params"]["schedule.min_keep"] <= 0.5
+
+
 def test_every_ready_sweep_composes():
     from hydra import compose, initialize_config_dir
 
-    for name in ("methods-budgets", "schedules", "paper-grid", "tiny"):
+    for name in ("methods-budgets", "schedules", "paper-grid", "tiny", "optuna-greedy"):
         with initialize_config_dir(config_dir=str(ROOT / "sweeps"), version_base="1.3"):
             cfg = compose(name, [f"hydra.searchpath=[file://{ROOT / 'conf'}]"], return_hydra_config=True)
         assert cfg.hydra.sweeper.params, name
@@ -88,24 +107,8 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, monk
     whole = tmp_path / "whole"
     run(make_cfg(*overrides), run_dir=whole)
 
-    real_save = Progress.save_block
-
-    def save_then_die(self, index, *args, **kwargs):
-        real_save(self, index, *args, **kwargs)
-        if index == 0:
-            raise KeyboardInterrupt  # killed right after block 0 was checkpointed
-
     folder = tmp_path / "resumed"
-    monkeypatch.setattr(Progress, "save_block", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(make_cfg(*overrides), run_dir=folder)
-    assert json.loads((folder / "metrics.json").read_text())["status"] == "failed"
-    assert json.loads((folder / "progress" / "state.json").read_text())["finished"] == 0
-    monkeypatch.setattr(Progress, "save_block", real_save)
-
-    run(make_cfg(*overrides, "resume=true"), run_dir=folder)
-    metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["status"] == "ok" and metrics["resumed_after_block"] == 0
+    metrics = interrupt_then_resume(monkeypatch, overrides, folder)
     a, b = (
         load_file(str(whole / "model" / "model.safetensors")),
         load_file(str(folder / "model" / "model.safetensors")),
