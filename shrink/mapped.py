@@ -152,7 +152,8 @@ def _onload_own(module: nn.Module) -> list[tuple[nn.Module, AlignDevicesHook]]:
 def _offload_again(switched: list[tuple[nn.Module, AlignDevicesHook]]) -> None:
     for module, hook in switched:
         for name in _offloaded_tensors(module, hook):
-            set_module_tensor_to_device(module, name, "meta")
+            if name in hook.weights_map:  # what `_onload_own` read in, and nothing else
+                set_module_tensor_to_device(module, name, "meta")
         hook.offload = True
 
 
