@@ -78,10 +78,13 @@ def test_a_mapped_model_gives_the_loaded_run(tmp_path, monkeypatch, case):
 
 
 def test_a_mapped_run_resumes_after_an_interruption(tmp_path, monkeypatch):
-    overrides = [*_overrides(tmp_path, "tiny-llama"), "method=svdllm", LLAMA_MAP]
+    """A mapped run killed after block 0 resumes to the weights of an uninterrupted loaded run;
+    its dense perplexity comes from the cache the loaded run filled (placement is not in the key)."""
+    overrides = [*_overrides(tmp_path, "tiny-llama"), "method=svdllm"]
     run(make_cfg(*overrides), run_dir=tmp_path / "whole")
 
-    resumed = interrupt_then_resume(monkeypatch, overrides, tmp_path / "resumed")
+    resumed = interrupt_then_resume(monkeypatch, [*overrides, LLAMA_MAP], tmp_path / "resumed")
+    assert resumed["device_map"] == {"cpu": 1, "disk": 1} and resumed["eval"]["dense_cached"] == ["ppl.wiki"]
     assert resumed["eval"]["ppl"] == _metrics(tmp_path / "whole")["eval"]["ppl"]
     assert _same_weights(tmp_path / "whole", tmp_path / "resumed")
 

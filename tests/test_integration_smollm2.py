@@ -29,7 +29,7 @@ def test_default_launch_on_smollm2(tmp_path):
         "calib.nsamples=8",
         "calib.seq_len=512",
         "eval.ppl.max_tokens=2048",
-        "eval.zeroshot.limit=40",  # the default suite is `quick`; 40 items keep the test short
+        "eval.zeroshot.limit=30",  # the default suite is `quick`; 30 items keep the test short
         f"hydra.run.dir={folder}",
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -70,7 +70,7 @@ def test_quick_suite_on_a_mapped_smollm2(tmp_path):
     from .conftest import make_cfg
 
     overrides = [
-        "eval=quick", "eval.zeroshot.limit=40", "eval.ppl.max_tokens=2048", "logger=none",
+        "eval=quick", "eval.zeroshot.limit=30", "eval.ppl.max_tokens=2048", "logger=none",
         "calib.nsamples=8", "calib.seq_len=256", "budget=0.9", "save_model=false",
         "model.device_map=auto", "model.max_memory={cpu:300MB}",  # about half the blocks on disk
     ]  # fmt: skip
@@ -81,7 +81,7 @@ def test_quick_suite_on_a_mapped_smollm2(tmp_path):
     chance = {"piqa": 0.5, "arc_easy": 0.25, "hellaswag": 0.25}
     for task, floor in chance.items():
         row = zs[task]
-        assert row["n"] == 40 and row["dense_stderr"] > 0
+        assert row["n"] == 30 and row["dense_stderr"] > 0
         assert floor + 0.05 < row["dense"] < 0.85, (task, row)  # reference: 0.64, 0.50, 0.47
         assert floor - 0.1 < row["compressed"] <= 1.0, (task, row)
     assert 0.35 < zs["mean"]["dense"] < 0.75

@@ -1,11 +1,11 @@
 """Cache of the dense model's evaluation, so sweeps over methods and budgets score it once.
 
-An entry is keyed by everything that decides the dense score: the model config (and the seed of a
-tiny random model), the dtype, the device type, the evaluator and a fingerprint of the exact data
-it reads (for perplexity, the token windows themselves, so a changed tokenizer, corpus split or
-`max_tokens` misses). Entries are small JSON files under `<cache>/dense-eval/`
-(`SHRINK_EVAL_CACHE` overrides the folder; delete it to reset). `eval.cache_dense: false` turns
-the cache off.
+An entry is keyed by everything that decides the dense score: the model config without its
+placement (`device_map`, `max_memory`), the seed of a tiny random model, the dtype, the device
+type, the evaluator and a fingerprint of the exact data it reads (for perplexity, the token
+windows themselves, so a changed tokenizer, corpus split or `max_tokens` misses). Entries are
+small JSON files under `<cache>/dense-eval/` (`SHRINK_EVAL_CACHE` overrides the folder; delete
+it to reset). `eval.cache_dense: false` turns the cache off.
 """
 
 from __future__ import annotations

@@ -79,8 +79,11 @@ def _cached(
     """compute() unless this is the dense model and an identical dense evaluation is cached."""
     if which != "dense" or not bool(cfg.eval.get("cache_dense", False)):
         return compute()
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    for placement_only in ("device_map", "max_memory"):  # where the weights sit, not what they are
+        model.pop(placement_only, None)
     key = cache.dense_key(
-        OmegaConf.to_container(cfg.model, resolve=True),
+        model,
         int(cfg.seed),
         str(getattr(cfg.dtype, "value", cfg.dtype)),
         device.type,
