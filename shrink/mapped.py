@@ -46,7 +46,7 @@ def _check_device(value: Any, where: str) -> None:
     text = str(value)
     if text in ("cpu", "disk"):
         return
-    index = text.removeprefix("cuda:") if text.startswith("cuda:") else text
+    index = text.removeprefix("cuda:")
     if index.isdigit() and torch.cuda.is_available() and int(index) < torch.cuda.device_count():
         return
     raise ShrinkError(f"{where}: device {value!r} is not a device here; valid: {_device_names()}")

@@ -236,13 +236,10 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
         windows = data.calibration_windows(
             cfg.calib.corpus, tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
         )
-        if mapped is not None or dense_blocks is not None:
-            pass  # accelerate placed the blocks, or they are read in one at a time
-        elif device.type == "cpu":
-            model.to(device)
-        else:  # only one block at a time goes to the accelerator (Resident)
-            model.to("cpu")
-            place_except_blocks(adapter, device)
+        if mapped is None and dense_blocks is None:  # loaded whole, placed by the runner (Resident):
+            model.to("cpu")  # on an accelerator only one block at a time goes there
+            if device.type != "cpu":
+                place_except_blocks(adapter, device)
         placement = mapped or dense_blocks or Resident(device)
         t_compress = time.perf_counter()
         if plan is None:
