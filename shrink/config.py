@@ -295,24 +295,26 @@ class Config:
 
 
 def register_schemas() -> None:
-    """Store the schemas under the names the YAML files of each group refer to."""
+    """Store the schemas under `schema/<group>/<name>`, which the YAML files of each group extend
+    (`/schema/method/id@_here_`). They live outside the user-facing groups, so `method=` lists and
+    accepts only the real configs."""
     cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    cs.store(group="model", name="base_model", node=ModelConf)
-    cs.store(group="method", name="base_svd", node=SVDConf)
-    cs.store(group="method", name="base_id", node=IDConf)
-    cs.store(group="method", name="base_rom", node=ROMConf)
-    cs.store(group="method", name="base_svdllm", node=SVDLLMConf)
-    cs.store(group="method", name="base_distill", node=DistillConf)
-    cs.store(group="schedule", name="base_uniform", node=UniformConf)
-    cs.store(group="schedule", name="base_greedy", node=GreedyConf)
-    cs.store(group="schedule", name="base_last_k", node=LastKConf)
-    cs.store(group="schedule", name="base_first_k", node=FirstKConf)
-    cs.store(group="schedule", name="base_energy", node=EnergyConf)
-    cs.store(group="calib", name="base_calib", node=CalibConf)
-    cs.store(group="eval", name="base_eval", node=EvalConf)
-    cs.store(group="logger", name="base_logger", node=LoggerConf)
-    cs.store(group="logger", name="base_wandb", node=WandbConf)
+    cs.store(group="schema", name="config", node=Config)
+    cs.store(group="schema/model", name="model", node=ModelConf)
+    cs.store(group="schema/method", name="svd", node=SVDConf)
+    cs.store(group="schema/method", name="id", node=IDConf)
+    cs.store(group="schema/method", name="rom", node=ROMConf)
+    cs.store(group="schema/method", name="svdllm", node=SVDLLMConf)
+    cs.store(group="schema/method", name="distill", node=DistillConf)
+    cs.store(group="schema/schedule", name="uniform", node=UniformConf)
+    cs.store(group="schema/schedule", name="greedy", node=GreedyConf)
+    cs.store(group="schema/schedule", name="last_k", node=LastKConf)
+    cs.store(group="schema/schedule", name="first_k", node=FirstKConf)
+    cs.store(group="schema/schedule", name="energy", node=EnergyConf)
+    cs.store(group="schema/calib", name="calib", node=CalibConf)
+    cs.store(group="schema/eval", name="eval", node=EvalConf)
+    cs.store(group="schema/logger", name="logger", node=LoggerConf)
+    cs.store(group="schema/logger", name="wandb", node=WandbConf)
 
 
 register_schemas()

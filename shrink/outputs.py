@@ -9,7 +9,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-HYDRA_ONLY = {".hydra", "launch.log"}
+# what a folder holds before its run began: Hydra's log, and the folder's lock (shrink.lock)
+NOT_A_RUN = {"launch.log", ".shrink.lock"}
+HYDRA_SUBDIR = ".hydra"  # Hydra's own record of the job, written here once the run starts
+STALE = ("metrics.json", "error.txt", "layers.jsonl", "plan.jsonl", "events.jsonl", "spectra.npz", "kept.png")
 
 
 class RunFolder:
@@ -19,10 +22,14 @@ class RunFolder:
         self.rows: list[dict[str, Any]] = []
 
     def start(self, cfg: DictConfig) -> None:
+        """Begin the run: clear what an earlier run here left, record the config (and, under
+        Hydra, its `.hydra/` files: `hydra.output_subdir` is null so that Hydra writes nothing
+        before the folder is locked and the run is known to go ahead)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in ("metrics.json", "layers.jsonl", "plan.jsonl", "spectra.npz", "kept.png"):
+        for stale in STALE:
             (self.path / stale).unlink(missing_ok=True)
         OmegaConf.save(cfg, self.path / "config.yaml", resolve=True)
+        save_hydra_record(cfg, self.path / HYDRA_SUBDIR)
 
     def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
         with (self.path / name).open("a") as f:
@@ -71,6 +78,19 @@ def write_failed(path: str | Path, cfg: DictConfig, error: BaseException) -> Non
     (path / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
 
 
+def save_hydra_record(cfg: DictConfig, folder: Path) -> None:
+    """What Hydra itself writes to `.hydra/` (the job's config, Hydra's config, the overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(hydra_cfg, folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
+
+
 def read_metrics(path: str | Path) -> dict[str, Any] | None:
     try:
         return json.loads((Path(path) / "metrics.json").read_text())
@@ -79,10 +99,10 @@ def read_metrics(path: str | Path) -> dict[str, Any] | None:
 
 
 def remove_if_empty(path: str | Path) -> None:
-    """Delete a run folder that holds nothing but Hydra's own start-up files (a run that failed
-    validation), so it cannot be mistaken for a run."""
+    """Delete a run folder that holds nothing but what precedes a run (Hydra's log, the lock): a
+    run that failed validation leaves no folder to be mistaken for a run."""
     path = Path(path)
-    if path.is_dir() and {p.name for p in path.iterdir()} <= HYDRA_ONLY:
+    if path.is_dir() and {p.name for p in path.iterdir()} <= NOT_A_RUN:
         import shutil
 
         shutil.rmtree(path, ignore_errors=True)

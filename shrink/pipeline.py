@@ -20,6 +20,8 @@ from .config import Propagate
 from .errors import ShrinkError
 from .evaluation import glue_hub
 from .evaluation.suite import check_suite, evaluate_suite
+from .identity import differences, identity, plain
+from .lock import locked
 from .mapped import Mapped, check_block_map, check_device_map, is_mapped
 from .methods import METHODS, build_method, check_method
 from .models import load_config, load_model
@@ -179,15 +181,21 @@ def _params(model) -> int:
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
-    """Run one job; returns the objective (compressed perplexity on the first eval corpus)."""
+    """Run one job; returns the objective (compressed perplexity on the first eval corpus). The
+    run folder is locked for the whole run: a second process there fails at once, writing nothing."""
     folder = RunFolder(_run_dir(run_dir))
-    previous = read_metrics(folder.path) if cfg.resume else None
-    if previous is not None and previous.get("status") == "ok":
-        print(f"shrink: {folder.path} has finished already (resume=true): skipped")
-        return _objective(previous)
+    with locked(folder.path):
+        return _run(cfg, folder)
+
+
+def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
     try:
         validate(cfg)
-        progress = Progress(folder.path, _identity(cfg))
+        previous = finished_run(folder.path, cfg) if cfg.resume else None
+        if previous is not None:
+            print(f"shrink: {folder.path} has finished already with this config (resume=true): skipped")
+            return _objective(previous)
+        progress = Progress(folder.path, identity(cfg, ignore=("eval",)))
         done = progress.finished() if cfg.resume else -1
     except ShrinkError:
         remove_if_empty(folder.path)
@@ -366,9 +374,20 @@ def _objective(metrics: dict[str, Any]) -> float | None:
     return next(iter(ppl.values()))["compressed"] if ppl else None
 
 
-def _identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config that decides a run's result (what a resumed run must match)."""
-    config = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("resume", "hydra", "logger", "eval"):
-        config.pop(key, None)
-    return config
+def finished_run(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The metrics of a run that finished ok in `path`, or None; a finished run whose config
+    differs from `cfg` is refused (its metrics answer another question)."""
+    previous = read_metrics(path)
+    if previous is None or previous.get("status") != "ok":
+        return None
+    try:
+        saved = plain(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")))
+    except (OSError, OmegaConfBaseException, ValueError) as err:
+        raise ShrinkError(f"cannot resume {path}: its config.yaml is unreadable ({err})") from None
+    differ = differences(saved, identity(cfg))
+    if differ:
+        raise ShrinkError(
+            f"cannot resume {path}: it finished under a different config (differs in: {', '.join(differ)}); "
+            "resume with the same overrides or use a new folder"
+        )
+    return previous

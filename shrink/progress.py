@@ -27,6 +27,7 @@ from torch import nn
 
 from .checkpoint import _apply_edit, reference_modules, structural_edits
 from .errors import ShrinkError
+from .identity import differences
 from .models import Adapter
 from .placement import Placement
 
@@ -60,12 +61,8 @@ class Progress:
         if not state.is_file():
             return -1
         saved = json.loads(state.read_text())
-        if saved["config"] != self.config:
-            differ = sorted(
-                k
-                for k in set(saved["config"]) | set(self.config)
-                if saved["config"].get(k) != self.config.get(k)
-            )
+        differ = differences(saved["config"], self.config)
+        if differ:
             raise ShrinkError(
                 f"cannot resume {self.path.parent}: it was started with a different config "
                 f"(differs in: {', '.join(differ)}); resume with the same overrides or use a new folder"

@@ -18,7 +18,7 @@ from .conftest import FAST, ROOT, make_cfg
 def fails(tmp_path, *overrides: str, match: str) -> None:
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / ".hydra").mkdir()  # what Hydra leaves before calling the job
+    (folder / "launch.log").touch()  # what Hydra leaves before calling the job
     with pytest.raises(ShrinkError, match=match):
         run(make_cfg(*overrides), run_dir=folder)
     assert not folder.exists(), "a failed validation must not leave a run folder"

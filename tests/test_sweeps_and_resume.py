@@ -18,10 +18,13 @@ from shrink.progress import Progress
 from .conftest import FAST, FAST_PPL, ROOT, interrupt_then_resume, make_cfg
 
 
-def _sweep(*overrides: str, name: str = "tiny") -> subprocess.CompletedProcess:
+def _sweep(*overrides: str, name: str = "tiny", failed: int = 0) -> subprocess.CompletedProcess:
+    """Run a ready sweep; a sweep with failed jobs finishes them all, then exits with code 1."""
     cmd = [sys.executable, "launch.py", "-m", "-cd", "sweeps", "-cn", name, *overrides]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == (1 if failed else 0), out.stderr[-3000:]
+    closing = [line for line in out.stderr.splitlines() if line.startswith("sweep ")]
+    assert len(closing) == 1 and closing[0].endswith(f", {failed} failed, 0 unfinished"), out.stderr[-3000:]
     return out
 
 
@@ -29,7 +32,11 @@ def test_a_sweep_with_failing_jobs_finishes_and_reports_them(tmp_path):
     """2 methods × 3 budgets in parallel (joblib); budget 1.5 fails, the other four complete."""
     sweep = tmp_path / "sweep"
     _sweep(
-        "budget=0.5,0.8,1.5", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"
+        "budget=0.5,0.8,1.5",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        f"hydra.sweep.dir={sweep}",
+        failed=2,
     )
     runs = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
     assert len(runs) == 6
@@ -64,7 +71,11 @@ def test_the_optuna_sweeper_searches_a_schedule_parameter(tmp_path):
     sweep = tmp_path / "sweep"
     overrides = ["model=tiny-llama", *FAST, *FAST_PPL, "hydra.sweeper.n_trials=3"]
     _sweep(
-        *overrides, "schedule.min_keep=interval(0.0,0.75)", f"hydra.sweep.dir={sweep}", name="optuna-greedy"
+        *overrides,
+        "schedule.min_keep=interval(0.0,0.75)",
+        f"hydra.sweep.dir={sweep}",
+        name="optuna-greedy",
+        failed=1,
     )
     runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert [m["status"] for m in runs] == ["ok", "failed", "ok"]
