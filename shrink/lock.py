@@ -48,3 +48,20 @@ def locked(folder: str | Path) -> Iterator[None]:
     finally:
         del _held[folder]
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def is_locked(folder: str | Path) -> bool:
+    """True while a process holds the folder's lock (its run is going on)."""
+    path = Path(folder) / LOCK_FILE
+    if Path(folder).resolve() in _held:
+        return True
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

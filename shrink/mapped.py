@@ -84,20 +84,12 @@ def check_device_map(model_cfg: Any) -> None:
         _check_device(device, "model.max_memory")
 
 
-def check_block_map(model_cfg: Any, config: Any) -> None:
+def check_block_map(model_cfg: Any, skeleton: Adapter) -> None:
     """A dict device map must keep each block whole: checked on the architecture built on the
     meta device (no weights), before loading."""
     device_map = _plain(model_cfg.device_map)
-    if not isinstance(device_map, dict):
-        return
-    from accelerate import init_empty_weights
-
-    from .config import Head
-    from .models.loading import AUTO_CLASSES, build_adapter
-
-    with init_empty_weights():
-        model = AUTO_CLASSES[Head(model_cfg.head)].from_config(config)
-    block_homes(device_map, build_adapter(model))
+    if isinstance(device_map, dict):
+        block_homes(device_map, skeleton)
 
 
 def loading_kwargs(model_cfg: Any, offload_folder: str | Path) -> dict[str, Any]:

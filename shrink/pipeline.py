@@ -17,6 +17,7 @@ from . import checkpoint, data, rss
 from .budget import BudgetUnit, PlanInputs, blocks_cost
 from .capture import compress_layerwise, place_except_blocks, profile_layerwise
 from .config import Propagate
+from .devices import resolve_device
 from .errors import ShrinkError
 from .evaluation import glue_hub
 from .evaluation.suite import check_suite, evaluate_suite
@@ -24,26 +25,18 @@ from .identity import differences, identity, plain
 from .lock import locked
 from .mapped import Mapped, check_block_map, check_device_map, is_mapped
 from .methods import METHODS, build_method, check_method
-from .models import load_config, load_model
+from .models import Adapter, load_config, load_model, skeleton
 from .models.streaming import check_streamable, load_streamed
 from .outputs import RunFolder, read_metrics, remove_if_empty, write_failed
 from .placement import Resident, Streamed
 from .progress import Progress
+from .provenance import provenance
 from .schedules import NEEDS_PROFILES, check_schedule, make_plan
 from .summary import summary
-from .tracking import make_tracker
+from .tracking import check_logger, make_tracker
 
 log = logging.getLogger("shrink")
 OFFLOAD = "offload"  # accelerate writes weights it offloads after converting them here (device_map)
-
-
-def resolve_device(name: str) -> torch.device:
-    name = str(getattr(name, "value", name))
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ShrinkError("device 'cuda' requested but no CUDA device is available; valid here: auto, cpu")
-    return torch.device(name)
 
 
 def check_known_keys(node: Any, where: str = "") -> None:
@@ -73,7 +66,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 < float(cfg.budget) <= 1.0:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
     check_method(cfg.method.name)
-    METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size))
+    METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size), Propagate(cfg.propagate).value)
     check_schedule(cfg.schedule.name)
     if cfg.schedule.name in NEEDS_PROFILES and not METHODS[cfg.method.name].has_profile:
         with_profiles = sorted(n for n, m in METHODS.items() if m.has_profile)
@@ -93,6 +86,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.calib[key] <= 0:
             raise ShrinkError(f"calib.{key} must be positive, got {cfg.calib[key]}")
     data.check_corpus(cfg.calib.corpus)
+    check_logger(cfg.logger)
     check_suite(cfg)
     if cfg.stream:
         check_stream(cfg)
@@ -100,7 +94,10 @@ def validate(cfg: DictConfig) -> None:
     ppl = cfg.eval.get("ppl")
     resolve_device(cfg.device)
     config = load_config(cfg.model)
-    check_block_map(cfg.model, config)
+    blocks = skeleton(cfg.model, config)
+    check_block_map(cfg.model, blocks)
+    if cfg.schedule.name not in NEEDS_PROFILES:  # a budget the schedule cannot meet fails here
+        make_plan(cfg.schedule.name, plan_inputs(cfg, blocks, build_method(cfg.method).prunes_heads))
     if cfg.eval.get("glue_hub") is not None:
         glue_hub.check_model(str(cfg.eval.glue_hub.task), int(config.num_labels))
     limit = getattr(config, "max_position_embeddings", None)
@@ -112,8 +109,23 @@ def validate(cfg: DictConfig) -> None:
     for key, length in windows.items():
         if limit is not None and length > limit:
             raise ShrinkError(
-                f"{key}={length} is longer than model {cfg.model.name!r}'s context of {limit} tokens"
+                f"{key}={length} is longer than the context of model {cfg.model.name!r} ({limit} tokens)"
             )
+
+
+def plan_inputs(cfg: DictConfig, adapter: Adapter, prunes_heads: bool) -> PlanInputs:
+    """What the schedule plans from: the budget in its unit, and the schedule's own keys."""
+    seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
+    return PlanInputs(
+        adapter,
+        float(cfg.budget),
+        BudgetUnit(cfg.budget_unit),
+        seq_len,
+        prunes_heads,
+        None,
+        float(cfg.schedule.get("min_keep", 0.0)),
+        int(cfg.schedule.get("k", 0)),
+    )
 
 
 def check_stream(cfg: DictConfig) -> None:
@@ -197,7 +209,7 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
             return _objective(previous)
         progress = Progress(folder.path, identity(cfg, ignore=("eval",)))
         done = progress.finished() if cfg.resume else -1
-    except ShrinkError:
+    except BaseException:  # nothing began: leave no folder that looks like a run
         remove_if_empty(folder.path)
         raise
     if not cfg.resume:
@@ -210,8 +222,8 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
     unit = BudgetUnit(cfg.budget_unit)
     folder.start(cfg)
     tracker = make_tracker(cfg.logger)
-    tracker.start(folder.path, OmegaConf.to_container(cfg, resolve=True), *_run_name_and_group(cfg))
     try:
+        tracker.start(folder.path, OmegaConf.to_container(cfg, resolve=True), *_run_name_and_group(cfg))
         if cfg.stream:  # blocks on the meta device, read from the shards one at a time
             loaded, fetch = load_streamed(cfg.model, dtype)
             dense_blocks = Streamed(fetch, device, dtype)
@@ -222,20 +234,10 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
         model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
         mapped = Mapped.of(model, adapter) if is_mapped(model) else None
         t_loaded = time.perf_counter()
-        seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
-        params_dense, dense_cost = _params(model), blocks_cost(adapter, seq_len)
         method = build_method(cfg.method)
-        inputs = PlanInputs(
-            adapter,
-            float(cfg.budget),
-            unit,
-            seq_len,
-            method.prunes_heads,
-            None,
-            float(cfg.schedule.get("min_keep", 0.0)),
-            int(cfg.schedule.get("k", 0)),
-        )
-        # schedules that need no profiles are planned now, so a budget they cannot meet fails early
+        inputs = plan_inputs(cfg, adapter, method.prunes_heads)
+        seq_len = inputs.seq_len
+        params_dense, dense_cost = _params(model), blocks_cost(adapter, seq_len)
         plan = None if cfg.schedule.name in NEEDS_PROFILES else make_plan(cfg.schedule.name, inputs)
         results: dict[str, Any] = {}
         evaluate_suite(cfg, model, tokenizer, device, "dense", results, folder.path, dense_blocks)
@@ -352,6 +354,7 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
                 "seq_len": cfg.calib.seq_len,
             },
             "eval": results,
+            "versions": provenance(),
         }
         for plot in folder.finish(metrics):
             tracker.log_image(plot.stem, plot)

@@ -4,7 +4,8 @@ perplexity against budget, one line per method and schedule.
     python -m shrink.report outputs/ multirun/ --out report/
 
 Folders are searched recursively. A run whose `metrics.json` has `status: failed` is listed as
-failed with its error; a folder without `metrics.json` did not finish and is not listed.
+failed with its error; a run folder without `metrics.json` is listed as running (its lock is
+held) or unfinished (killed); one whose `metrics.json` cannot be read, as corrupt.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from .lock import LOCK_FILE, is_locked
 
 COLUMNS = [
     "model",
@@ -36,14 +41,39 @@ COLUMNS = [
 
 
 def find_runs(folders: list[Path]) -> list[Path]:
-    found = {p.resolve() for folder in folders for p in Path(folder).rglob("metrics.json")}
-    return sorted(found)
+    """Every run folder's `metrics.json` path (which may not exist): a run folder has a
+    metrics.json or the lock every run takes (older runs: config.yaml beside Hydra's log)."""
+    found = set()
+    for folder in map(Path, folders):
+        found |= {p.parent.resolve() for p in folder.rglob("metrics.json")}
+        found |= {p.parent.resolve() for p in folder.rglob(LOCK_FILE)}
+        found |= {
+            p.parent.resolve() for p in folder.rglob("launch.log") if (p.parent / "config.yaml").exists()
+        }
+    return sorted(f / "metrics.json" for f in found)
+
+
+def _incomplete_row(path: Path, status: str) -> dict[str, Any]:
+    """A run without readable metrics: what its config.yaml says it was, and its state."""
+    try:
+        cfg = yaml.safe_load((path.parent / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    row: dict[str, Any] = {k: (cfg.get(k) or {}).get("name") for k in ("model", "method", "schedule")}
+    return row | {"budget": cfg.get("budget"), "status": status, "folder": str(path.parent)}
 
 
 def row_of(path: Path) -> dict[str, Any]:
     """One table row from a run's `metrics.json` (the first perplexity corpus; the zero-shot mean;
     the first GLUE task)."""
-    m = json.loads(path.read_text())
+    if not path.exists():
+        return _incomplete_row(path, "running" if is_locked(path.parent) else "unfinished (no metrics.json)")
+    try:
+        m = json.loads(path.read_text())
+        if not isinstance(m, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        return _incomplete_row(path, f"corrupt metrics.json: {err}")
     row: dict[str, Any] = {k: m.get(k) for k in ("model", "method", "schedule", "budget")}
     row["status"] = m.get("status", "ok") if m.get("status") != "failed" else f"failed: {m.get('error', '?')}"
     row["achieved"] = m.get("budget_achieved")
@@ -94,7 +124,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     lines: dict[str, list[tuple[float, float]]] = {}
     dense = {}
     for r in rows:
-        if r["ppl"] is None or str(r["status"]).startswith("failed"):
+        if r.get("ppl") is None or r["status"] != "ok":
             continue
         lines.setdefault(f"{r['model']} {r['method']} {r['schedule']}", []).append((r["budget"], r["ppl"]))
         if r["ppl_dense"] is not None:
@@ -113,7 +143,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def report(folders: list[Path], out: Path | None = None) -> list[dict[str, Any]]:
     rows = [row_of(p) for p in find_runs(folders)]
-    rows.sort(key=lambda r: (str(r["model"]), str(r["method"]), str(r["schedule"]), -(r["budget"] or 0)))
+    rows.sort(key=lambda r: (str(r["model"]), str(r["method"]), str(r["schedule"]), -float(r["budget"] or 0)))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(markdown(rows) + "\n")

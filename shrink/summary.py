@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# a compressed perplexity this many times the dense one means the model is broken, not degraded
+BROKEN_PPL_RATIO = 1000.0
+
 
 def summary(m: dict[str, Any], path: Path) -> str:
     lines = [
@@ -18,6 +21,11 @@ def summary(m: dict[str, Any], path: Path) -> str:
             f"  ppl {corpus:<7}dense {r['dense']:.2f} -> compressed {r['compressed']:.2f} "
             f"({r['tokens']} tokens, {r['seq_len']}-token windows)"
         )
+        if not r["compressed"] < BROKEN_PPL_RATIO * r["dense"]:  # NaN included
+            lines.append(
+                f"  warning: {corpus} perplexity is over {BROKEN_PPL_RATIO:g}x dense: the compressed model "
+                "is broken at this budget, not merely degraded"
+            )
     zs = m["eval"].get("zeroshot", {})
     for task, r in zs.items():
         if task != "mean":
@@ -36,11 +44,18 @@ def summary(m: dict[str, Any], path: Path) -> str:
             )
     sp = m["eval"].get("speed", {})
     if "speedup" in sp:
+        dense, comp = sp["dense"], sp["compressed"]
         lines.append(
-            f"  speed      {sp['dense']['latency_ms']:.0f} ms -> {sp['compressed']['latency_ms']:.0f} ms "
-            f"({sp['speedup']:.2f}x; model MAC ratio {sp['model_mac_ratio']:.3f}, "
-            f"batch {sp['dense']['batch_size']} x {sp['dense']['seq_len']} tokens)"
+            f"  speed      {dense['latency_ms']:.0f} ± {dense.get('latency_iqr_ms', 0):.0f} ms -> "
+            f"{comp['latency_ms']:.0f} ± {comp.get('latency_iqr_ms', 0):.0f} ms (median ± IQR; "
+            f"{sp['speedup']:.2f}x; model MAC ratio {sp['model_mac_ratio']:.3f}, "
+            f"batch {dense['batch_size']} x {dense['seq_len']} tokens)"
         )
+        if not sp.get("speedup_reliable", True):
+            lines.append(
+                f"  warning: speedup {sp['speedup']:.2f}x exceeds 1 / MAC ratio = "
+                f"{1 / sp['model_mac_ratio']:.2f}x: timing noise, not a result (time on an idle machine)"
+            )
     if "mean" in zs:
         lines.append(
             f"  zero-shot mean  dense {zs['mean']['dense']:.3f} -> compressed {zs['mean']['compressed']:.3f}"

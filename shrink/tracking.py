@@ -8,8 +8,11 @@ imports wandb, and only when that backend is chosen.
 from __future__ import annotations
 
 import json
+import netrc
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 from omegaconf import DictConfig
@@ -74,6 +77,7 @@ class WandbTracker(Tracker):
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.rows: list[dict[str, Any]] = []
+        self.run = None
 
     def start(self, run_dir: Path, config: dict[str, Any], name: str, group: str | None = None) -> None:
         import wandb
@@ -128,7 +132,29 @@ class WandbTracker(Tracker):
         self.run.summary.update(_flatten(metrics))
 
     def finish(self, status: str = "ok") -> None:
-        self.run.finish(exit_code=0 if status == "ok" else 1)
+        if getattr(self, "run", None) is not None:  # None when wandb.init itself failed
+            self.run.finish(exit_code=0 if status == "ok" else 1)
+
+
+def check_logger(cfg: DictConfig) -> None:
+    """Refuse, before any work, a W&B online run that has no credentials to log in with (the
+    places wandb itself looks: WANDB_API_KEY, an identity token file, the netrc entry that
+    `wandb login` writes)."""
+    mode = str(getattr(cfg.get("mode"), "value", cfg.get("mode")))
+    if cfg.name != "wandb" or mode != "online":
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        login = netrc.netrc(os.environ.get("NETRC")).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        login = None
+    if login is None:
+        raise ShrinkError(
+            f"logger.mode=online needs W&B credentials for {host} and found none: run `wandb login` or set "
+            "WANDB_API_KEY, or log offline (logger.mode=offline, the default) and `wandb sync` later"
+        )
 
 
 def make_tracker(cfg: DictConfig) -> Tracker:

@@ -33,12 +33,12 @@ def test_budget_outside_unit_interval(tmp_path, budget):
 
 def test_calibration_window_longer_than_context(tmp_path):
     fails(
-        tmp_path, "model=tiny-llama", *FAST, "calib.seq_len=4096", match="calib.seq_len=4096 is longer.*256"
+        tmp_path, "model=tiny-llama", *FAST, "calib.seq_len=4096", match="calib.seq_len=4096 is longer.*1024"
     )
 
 
 def test_eval_window_longer_than_context(tmp_path):
-    fails(tmp_path, "model=tiny-opt", *FAST, "eval.ppl.seq_len=1024", match="eval.ppl.seq_len=1024")
+    fails(tmp_path, "model=tiny-opt", *FAST, "eval.ppl.seq_len=2048", match="eval.ppl.seq_len=2048")
 
 
 def test_hub_id_offline_names_alternatives(tmp_path, monkeypatch):

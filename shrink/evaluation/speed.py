@@ -1,36 +1,33 @@
-"""Speed and size: forward latency and tokens/s at a fixed batch and length (median of repeats
-after warm-up), MACs per token, and bytes of weights. The latency of a compressed model means
-little without its MAC ratio beside it, so both are reported together."""
+"""Speed and size: forward latency and tokens/s at a fixed batch and length (median and spread
+of repeats after warm-up, timed by `torch.utils.benchmark`), MACs per token, and bytes of weights.
+The latency of a compressed model means little without its MAC ratio beside it, so both are
+reported together."""
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 from torch import nn
+from torch.utils.benchmark import Measurement, Timer
 
 from ..budget import blocks_cost
 from ..models import build_adapter
 
 
 @torch.no_grad()
-def latency(model: nn.Module, ids: torch.Tensor, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of one forward pass over `ids`, after `warmup` untimed passes."""
+def latency(model: nn.Module, ids: torch.Tensor, repeats: int, warmup: int = 2) -> Measurement:
+    """`repeats` timed forward passes over `ids` after `warmup` untimed ones, with all of torch's
+    threads (the Timer's default is one) and CUDA synchronised: `.median`, `.iqr` in seconds."""
     model.eval()
     kwargs = {"use_cache": False} if build_adapter(model).causal else {}
     for _ in range(warmup):
         model(input_ids=ids, **kwargs)
-    times = []
-    for _ in range(repeats):
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(input_ids=ids, **kwargs)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    timer = Timer(
+        "model(input_ids=ids, **kwargs)",
+        globals={"model": model, "ids": ids, "kwargs": kwargs},
+        num_threads=torch.get_num_threads(),
+    )
+    (merged,) = Measurement.merge([timer.timeit(1) for _ in range(repeats)])
+    return merged
 
 
 def macs_per_token(model: nn.Module, seq_len: int) -> tuple[int, int]:
@@ -64,11 +61,12 @@ def measure(
     """Latency, throughput, MACs and weight bytes of `model` on random token ids (seeded)."""
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
-    seconds = latency(model, ids.to(device), repeats, warmup)
+    timed = latency(model, ids.to(device), repeats, warmup)
     blocks, whole = macs_per_token(model, seq_len)
     return {
-        "latency_ms": 1000 * seconds,
-        "tokens_per_s": batch_size * seq_len / seconds,
+        "latency_ms": 1000 * timed.median,
+        "latency_iqr_ms": 1000 * timed.iqr,  # interquartile range of the repeats
+        "tokens_per_s": batch_size * seq_len / timed.median,
         "block_macs_per_token": blocks,
         "model_macs_per_token": whole,
         "weight_bytes": weight_bytes(model),

@@ -23,7 +23,7 @@ class Method(ABC):
         self.cfg = cfg
 
     @staticmethod  # noqa: B027  (an optional hook: most methods have nothing to check)
-    def check(cfg: DictConfig, calib_batch: int | None = None) -> None:
+    def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
         """Value checks of the method's own config keys, run before any model is loaded."""
 
     def sketch_rows(self, site, dim: int) -> int:

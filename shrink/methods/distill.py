@@ -69,7 +69,7 @@ class Distill(Method):
         }[mode]
 
     @staticmethod
-    def check(cfg: DictConfig, calib_batch: int | None = None) -> None:
+    def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
         """The method's own value checks, so a bad setting fails before any model is loaded."""
         if cfg.inputs not in INPUT_CHOICES:
             choices = ", ".join(INPUT_CHOICES)
@@ -86,6 +86,11 @@ class Distill(Method):
             raise ShrinkError(
                 f"method.batch_size={cfg.batch_size} exceeds calib.batch_size={calib_batch}: a step takes "
                 "its windows from one cached calibration batch"
+            )
+        if propagate == "dense" and cfg.inputs != DistillInputs.teacher.value:
+            raise ShrinkError(
+                f"method.inputs={cfg.inputs!r} with propagate=dense: the student inputs would be the dense "
+                "model's, the same as the teacher's; use propagate=compressed, or method.inputs=teacher"
             )
 
     def profile(self, ctx: BlockContext) -> list[Curve]:

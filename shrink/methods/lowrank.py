@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ class Factorisation:
     energies: torch.Tensor
     build: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # (left, right, bias)
     spectrum: torch.Tensor  # what `spectra.npz` stores (singular values or eigenvalues)
+    # what the factorisation had to do that a reader of layers.jsonl should see (svdllm's ridge)
+    notes: dict[str, float] = field(default_factory=dict)
 
 
 def rank_cost(linear: nn.Linear, rank: int, unit: BudgetUnit, bias: bool) -> int:
@@ -99,6 +101,7 @@ class LowRank(Method):
                         "target": fraction,
                         "rel_error": error,
                         "energy_kept": energy,
+                        **fact.notes,
                         "seconds": time.perf_counter() - start,
                     }
                 )

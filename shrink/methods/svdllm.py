@@ -5,7 +5,7 @@ gives the pair (U_r Σ_r) · (V_rᵀ S⁻¹). Because ‖(W − Ŵ)X‖² = ‖(
 squared output error is exactly the sum of the discarded σ_i², so truncating the smallest
 singular values is the right choice. λ = `ridge`·mean(diag C) (default 0); when C is singular
 (dead inputs, fewer tokens than dimensions) λ rises tenfold from 1e-10 until the Cholesky
-succeeds, and the λ used is logged.
+succeeds; the λ/mean(diag C) used is each row's `whitening_ridge` in layers.jsonl.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class SVDLLM(LowRank):
         if stats is None:
             raise NumericalError("svdllm needs the input statistics of every site")
         w = linear.weight.detach().to(torch.float64)
-        s, self.last_ridge = whitening(stats.moment(), float(self.cfg.ridge))
+        s, ridge = whitening(stats.moment(), float(self.cfg.ridge))
         u, sigma, vh = torch.linalg.svd(w @ s, full_matrices=False)
         bias = linear.bias.detach().to(torch.float64) if linear.bias is not None else None
 
@@ -36,4 +36,4 @@ class SVDLLM(LowRank):
             right = torch.linalg.solve_triangular(s, vh[:rank], upper=False, left=False)
             return u[:, :rank] * sigma[:rank], right, bias
 
-        return Factorisation(sigma**2, build, sigma)
+        return Factorisation(sigma**2, build, sigma, {"whitening_ridge": ridge})

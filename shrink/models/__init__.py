@@ -2,7 +2,7 @@
 
 from .base import Adapter, HeadLayout, Site
 from .families import ADAPTERS, adapter_class_for, supported_model_types
-from .loading import Loaded, build_adapter, check_source, load_config, load_model
+from .loading import Loaded, build_adapter, check_source, load_config, load_model, skeleton
 
 __all__ = [
     "ADAPTERS",
@@ -15,5 +15,6 @@ __all__ = [
     "check_source",
     "load_config",
     "load_model",
+    "skeleton",
     "supported_model_types",
 ]

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -84,8 +85,28 @@ def check_source(cfg: ModelConf) -> None:
     elif cfg.source == Source.local:
         if not (Path(cfg.path) / "config.json").is_file():
             raise ShrinkError(f"local model folder {cfg.path!r} has no config.json")
+        check_weight_files(Path(cfg.path))
     elif cfg.source == Source.tiny and not hasattr(transformers, cfg.path):
         raise ShrinkError(f"tiny model config class {cfg.path!r} is not in transformers")
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors file in a local folder has a readable header that covers the file: a
+    truncated or corrupt file fails here, named, before anything loads (the tensors are mapped,
+    not read, so this is cheap)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ShrinkError(
+            f"local model folder {str(folder)!r} has no .safetensors weights (only safetensors are read)"
+        )
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ShrinkError(f"weights file {str(file)!r} is truncated or corrupt: {err}") from None
 
 
 def _folder(cfg: ModelConf) -> str:
@@ -112,13 +133,42 @@ def load_config(cfg: ModelConf) -> PretrainedConfig:
     if cfg.source == Source.tiny:
         config = getattr(transformers, cfg.path)(**dict(cfg.tiny))
     else:
-        config = AutoConfig.from_pretrained(_folder(cfg), **_hub_kwargs(cfg))
+        config = _pretrained_config(cfg)
     if adapter_class_for(config.model_type) is None:
         raise ShrinkError(
             f"model {cfg.name!r} has model_type {config.model_type!r}, which has no adapter; "
             f"supported: {', '.join(supported_model_types())}"
         )
     return config
+
+
+def skeleton(cfg: ModelConf, config: PretrainedConfig) -> Adapter:
+    """The architecture built on the meta device (no weights, no memory): what validation needs
+    to check block maps and plans before anything loads."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return build_adapter(AUTO_CLASSES[Head(cfg.head)].from_config(config))
+
+
+def _pretrained_config(cfg: ModelConf) -> PretrainedConfig:
+    """AutoConfig's reading of the model's config.json, its failures as one line each."""
+    folder = _folder(cfg)
+    try:
+        return AutoConfig.from_pretrained(folder, **_hub_kwargs(cfg))
+    except ValueError as err:
+        if "trust_remote_code" in str(err) and not cfg.trust_remote_code:
+            raise ShrinkError(
+                f"model {cfg.name!r} ({folder}) needs its own modeling code, which is off by default: "
+                "set model.trust_remote_code=true if you trust that code"
+            ) from None
+        raise ShrinkError(f"model {cfg.name!r}: its config cannot be read: {_first_line(err)}") from None
+    except (OSError, KeyError) as err:
+        raise ShrinkError(f"model {cfg.name!r}: its config cannot be read: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:
@@ -167,7 +217,7 @@ def load_model(
             kw |= loading_kwargs(cfg, offload_folder or tempfile.mkdtemp(prefix="shrink-offload-"))
         try:
             model = auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, **kw)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:
             raise ShrinkError(
                 f"model {cfg.name!r}: no safetensors weights could be loaded from {folder!r} ({err})"
             ) from err
