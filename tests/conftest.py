@@ -70,6 +70,7 @@ def interrupt_then_resume(monkeypatch, overrides: list[str], folder: Path) -> di
     run(make_cfg(*overrides, "resume=true"), run_dir=folder)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["resumed_after_block"] == 0
+    assert not (folder / "error.txt").exists()  # the interrupted run's traceback went with it
     return metrics
 
 

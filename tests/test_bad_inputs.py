@@ -109,3 +109,98 @@ def test_launcher_prints_one_line_and_exits_2(tmp_path):
     assert errors == ["error: budget 2.0 is outside (0, 1]: it is the fraction of block weights kept"]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+# Checks that need no weights run before loading and leave no folder (issue 19, item 3).
+
+
+def test_hub_corpus_offline_fails_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails(tmp_path, "model=tiny-llama", *FAST, "calib=c4", match="corpus 'c4' needs the dataset hub")
+
+
+def test_a_schedule_that_cannot_meet_the_budget_fails_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr("shrink.pipeline.load_model", lambda *a, **k: pytest.fail("loaded"))
+    fails(
+        tmp_path,
+        "model=tiny-llama",
+        *FAST,
+        "schedule=last_k",
+        "schedule.k=40",
+        match="k=40 must be between 1",
+    )
+    fails(
+        tmp_path, "model=tiny-llama", *FAST, "schedule=last_k", "schedule.k=1", "budget=0.1",
+        match="budget 0.1 cannot be met by compressing only the last 1 of 2 blocks",
+    )  # fmt: skip
+
+
+def _local_copy(tmp_path, name: str):
+    import torch
+
+    from shrink.models import load_model
+
+    folder = tmp_path / name
+    tiny = load_model(make_cfg("model=tiny-llama").model, torch.float32)
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_broken_local_models_fail_with_one_line_before_loading(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr("shrink.pipeline.load_model", lambda *a, **k: pytest.fail("loaded"))
+    local = ["model.source=local", "model.name=mine", *FAST]
+    bad_json = _local_copy(tmp_path, "bad-json")
+    (bad_json / "config.json").write_text("{not json")
+    fails(tmp_path, *local, f"model.path={bad_json}", match="model 'mine': its config cannot be read")
+
+    truncated = _local_copy(tmp_path, "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    fails(
+        tmp_path, *local, f"model.path={truncated}", match=f"weights file '{weights}' is truncated or corrupt"
+    )
+
+    remote = _local_copy(tmp_path, "remote")
+    config = json.loads((remote / "config.json").read_text())
+    config |= {"model_type": "mything", "auto_map": {"AutoConfig": "modeling.MyConfig"}}
+    (remote / "config.json").write_text(json.dumps(config))
+    fails(
+        tmp_path,
+        *local,
+        f"model.path={remote}",
+        match="needs its own modeling code.*model.trust_remote_code=true",
+    )
+
+
+def test_wandb_online_without_credentials_fails_before_loading(tmp_path, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    fails(
+        tmp_path,
+        "model=tiny-llama",
+        *FAST[1:],
+        "logger=wandb",
+        "logger.mode=online",
+        match="needs W&B credentials",
+    )
+
+
+def test_distill_student_inputs_need_compressed_propagation(tmp_path):
+    fails(
+        tmp_path, "model=tiny-llama", *FAST, "method=distill", "propagate=dense",
+        match=r"method.inputs='teacher\+student' with propagate=dense",
+    )  # fmt: skip
+
+
+def test_context_error_names_the_model_plainly(tmp_path):
+    fails(
+        tmp_path,
+        "model=tiny-llama",
+        *FAST,
+        "calib.seq_len=4096",
+        match=r"context of model 'tiny-llama' \(1024 tokens\)",
+    )

@@ -106,12 +106,11 @@ def test_a_mapped_run_resumes_after_an_interruption(tmp_path, monkeypatch):
     ],
 )
 def test_bad_device_maps_fail_before_loading(tmp_path, monkeypatch, overrides, message):
-    source = tmp_path / "no-weights"
-    source.mkdir()
+    source = tmp_path / "tiny"
     from shrink.models import load_model
 
     tiny = load_model(make_cfg("model=tiny-llama").model, torch.float32)
-    tiny.model.config.save_pretrained(source)  # a config only: loading would fail
+    tiny.model.save_pretrained(source)
     monkeypatch.setattr("shrink.pipeline.load_model", lambda *a, **k: pytest.fail("loaded"))
     cfg = make_cfg(
         "model=tiny-llama", "model.source=local", f"model.path={source}", "logger=none", *overrides
