@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from hydra.errors import HydraException, MissingConfigException
 
+from .errors import first_line
+
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
@@ -16,14 +18,10 @@ def one_line_error(err: HydraException) -> str:
     if isinstance(err, MissingConfigException) and missing and options:
         group, _, name = str(missing).rpartition("/")
         return f"unknown {group or 'config'} {name!r}; valid: {', '.join(sorted(options))}"
-    lines = [_first_line(err)]
-    if err.__cause__ is not None and _first_line(err.__cause__) not in lines[0]:
-        lines.append(_first_line(err.__cause__))
+    lines = [first_line(err)]
+    if err.__cause__ is not None and first_line(err.__cause__) not in lines[0]:
+        lines.append(first_line(err.__cause__))
     return ": ".join(line.rstrip(".") for line in lines if line)
-
-
-def _first_line(err: BaseException) -> str:
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def override_under_null(err: AssertionError) -> str | None:

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from ..config import Head, ModelConf, Source
-from ..errors import ShrinkError
+from ..errors import ShrinkError, first_line
 from ..mapped import is_mapped, loading_kwargs, onload_outside_blocks
 from .base import Adapter
 from .families import adapter_class_for, supported_model_types
@@ -156,19 +156,13 @@ def _pretrained_config(cfg: ModelConf) -> PretrainedConfig:
     folder = _folder(cfg)
     try:
         return AutoConfig.from_pretrained(folder, **_hub_kwargs(cfg))
-    except ValueError as err:
+    except (ValueError, OSError, KeyError) as err:  # bad JSON, unknown model_type, remote code
         if "trust_remote_code" in str(err) and not cfg.trust_remote_code:
             raise ShrinkError(
                 f"model {cfg.name!r} ({folder}) needs its own modeling code, which is off by default: "
                 "set model.trust_remote_code=true if you trust that code"
             ) from None
-        raise ShrinkError(f"model {cfg.name!r}: its config cannot be read: {_first_line(err)}") from None
-    except (OSError, KeyError) as err:
-        raise ShrinkError(f"model {cfg.name!r}: its config cannot be read: {_first_line(err)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ShrinkError(f"model {cfg.name!r}: its config cannot be read: {first_line(err)}") from None
 
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:
