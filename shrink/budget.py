@@ -60,7 +60,7 @@ def site_cost(adapter: Adapter, block: nn.Module, site: Site, seq_len: int = 0) 
     total = Cost()
     for path in site.linears:
         total = total + module_cost(block.get_submodule(path))
-    if site.role == "attn_out":
+    if site.name == "attn_out":
         total = total + Cost(0, attention_score_macs(adapter, block, seq_len))
     return total
 
@@ -111,7 +111,6 @@ class Plan:
     unit: BudgetUnit
     targets: dict[int, dict[str, float]] = field(default_factory=dict)
     choices: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    curve_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def for_block(self, index: int) -> dict[str, float]:
         return self.targets[index]

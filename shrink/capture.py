@@ -203,7 +203,6 @@ def compress_layerwise(
     propagate: Propagate,
     device: torch.device,
     on_block: Callable[..., None],
-    needs_stats: bool = True,
     sketch_rows: Callable[[Site, int], int] = lambda site, dim: 0,
     seq_len: int = 0,
     desc: str = "compress",
@@ -241,10 +240,7 @@ def compress_layerwise(
             return [adapter.run_block(block, h, args[b], kwargs[b]) for b, h in enumerate(inputs)]
 
         t0 = time.perf_counter()
-        if needs_stats or propagate == Propagate.dense:
-            stats, outputs = _collect_stats(block, sites, i, run_all, here, sketch_rows)
-        else:
-            stats, outputs = {}, []
+        stats, outputs = _collect_stats(block, sites, i, run_all, here, sketch_rows)
         teacher_out = None
         if teacher is not None:
             same = propagate == Propagate.dense and len(outputs) == len(teacher)

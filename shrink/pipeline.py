@@ -297,7 +297,6 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
             Propagate(cfg.propagate),
             device,
             on_block,
-            needs_stats=method.needs_stats,
             sketch_rows=method.sketch_rows,
             seq_len=seq_len,
             needs_teacher=method.needs_teacher,

@@ -229,16 +229,6 @@ def _plan_from(inputs: PlanInputs, site_costs, curves: list[Curve], choice: list
             cell[0] += option.cost
             cell[1] += curve.dense_cost
         plan.choices.setdefault(curve.block, {})[curve.name] = {**option.choice, "sites": curve.sites}
-        plan.curve_rows.append(
-            {
-                "block": curve.block,
-                "unit": curve.name,
-                "cost": option.cost,
-                "dense_cost": curve.dense_cost,
-                "error": option.error,
-                **option.choice,
-            }
-        )
     for (b, s), (cost, dense) in kept.items():
         plan.targets[b][s] = cost / dense
     return plan

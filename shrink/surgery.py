@@ -53,13 +53,6 @@ def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The out×in matrix a Linear-like module applies."""
-    if isinstance(module, LowRankLinear):
-        return module.dense_weight()
-    return module.weight
-
-
 def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
     """A Linear holding `weight` (out×in) and `bias`, in the dtype and device of `like`."""
     dtype, device = like.weight.dtype, like.weight.device

@@ -97,7 +97,7 @@ def test_adapters_describe_every_family():
         assert (heads.n_heads, heads.n_kv_heads, heads.head_dim) == (4, expected_kv[name], 16)
         for block in adapter.blocks():
             sites = adapter.sites(block)
-            assert [s.role for s in sites] == ["attn_in", "attn_out", "mlp_in", "mlp_out"]
+            assert [s.name for s in sites] == ["attn_in", "attn_out", "mlp_in", "mlp_out"]
             for site in sites:
                 ins = {block.get_submodule(p).in_features for p in site.linears}
                 assert len(ins) == 1, f"{name} {site.name}: linears of one site must share an input"

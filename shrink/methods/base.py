@@ -15,7 +15,6 @@ class Method(ABC):
     """A compression method. Registered by the name of its config file (`conf/method/<name>.yaml`)."""
 
     name: str = ""
-    needs_stats: bool = True  # whether the runner must accumulate input second moments
     has_profile: bool = False  # implements `profile`, so error-driven schedules (greedy) can plan it
     needs_teacher: bool = False  # the runner must give it the dense model's block inputs and outputs
 

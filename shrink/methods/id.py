@@ -54,7 +54,7 @@ def _fixed_cost(linear, unit: BudgetUnit) -> int:
 
 
 def _site(ctx: BlockContext, role: str):
-    return next(s for s in ctx.sites if s.role == role)
+    return next(s for s in ctx.sites if s.name == role)
 
 
 def _site_cost(ctx: BlockContext, role: str) -> int:
@@ -167,7 +167,7 @@ class InterpolativeDecomposition(Method):
     has_profile = True
 
     def sketch_rows(self, site, dim: int) -> int:
-        if self.cfg.selection != IDSelection.sketch_qr or site.role not in ("mlp_out", "attn_out"):
+        if self.cfg.selection != IDSelection.sketch_qr or site.name not in ("mlp_out", "attn_out"):
             return 0
         return max(1, int(self.cfg.sketch_oversample * dim))
 

@@ -14,12 +14,11 @@ from torch import nn
 class Site:
     """Linears of one block that read the same input, so one second moment serves them all.
 
-    `role` tells methods what the site is: `attn_in` (q/k/v), `attn_out` (o), `mlp_in`
+    `name` tells methods what the site is: `attn_in` (q/k/v), `attn_out` (o), `mlp_in`
     (gate/up or fc1), `mlp_out` (down or fc2). Paths are relative to the block.
     """
 
     name: str
-    role: str
     linears: tuple[str, ...]
 
 
@@ -36,7 +35,7 @@ class Adapter(ABC):
     family: str = ""
     model_types: tuple[str, ...] = ()
     causal: bool = True
-    # role -> linears (relative to the block) that read that role's input, in forward order
+    # site name -> linears (relative to the block) that read that site's input, in forward order
     site_paths: dict[str, tuple[str, ...]] = {}
     # attention-module attributes that hold head counts: path -> attribute -> "heads" | "kv_groups"
     # | "head_width" (heads × head size); updated when heads are pruned, recorded in checkpoints
@@ -52,7 +51,7 @@ class Adapter(ABC):
 
     def sites(self, block: nn.Module) -> list[Site]:
         """The block's linears grouped by shared input, in forward order."""
-        return [Site(role, role, paths) for role, paths in self.site_paths.items()]
+        return [Site(name, paths) for name, paths in self.site_paths.items()]
 
     def heads(self) -> HeadLayout:
         """Multi-head attention with as many KV heads as query heads (overridden for GQA)."""
@@ -101,6 +100,3 @@ class Adapter(ABC):
         passed it) and return its output hidden states."""
         out = block(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
-
-    def linear(self, block: nn.Module, path: str) -> nn.Module:
-        return block.get_submodule(path)
