@@ -145,25 +145,6 @@ def replaced_forwards(blocks: Sequence[nn.Module], forwards: Sequence[Callable])
                 block.forward = forward
 
 
-def place_except_blocks(adapter: Adapter, device: torch.device) -> None:
-    """Move every parameter and buffer outside the blocks (embeddings, final norm, head, rotary
-    tables) to `device` and leave the blocks where they are (the CPU), so that the layer-wise
-    runner can bring one block at a time to an accelerator. Tied tensors move once."""
-    inside = {id(t) for block in adapter.blocks() for t in [*block.parameters(), *block.buffers()]}
-    moved: dict[int, torch.Tensor] = {}  # one new tensor per old one keeps tied weights tied
-    for module in adapter.model.modules():
-        for table, make in ((module._parameters, _as_parameter), (module._buffers, lambda t, _: t)):
-            for name, tensor in list(table.items()):
-                if tensor is not None and id(tensor) not in inside:
-                    if id(tensor) not in moved:
-                        moved[id(tensor)] = make(tensor.detach().to(device), tensor)
-                    table[name] = moved[id(tensor)]
-
-
-def _as_parameter(tensor: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor, requires_grad=like.requires_grad)
-
-
 def _collect_stats(
     ctx_block: nn.Module,
     sites: list[Site],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint, data, rss
 from .budget import BudgetUnit, PlanInputs, blocks_cost
-from .capture import compress_layerwise, place_except_blocks, profile_layerwise
+from .capture import compress_layerwise, profile_layerwise
 from .config import Propagate
 from .devices import resolve_device
 from .errors import ShrinkError
@@ -23,20 +22,19 @@ from .evaluation import glue_hub
 from .evaluation.suite import check_suite, evaluate_suite
 from .identity import differences, identity, plain
 from .lock import locked
-from .mapped import Mapped, check_block_map, check_device_map, is_mapped
-from .methods import METHODS, build_method, check_method
-from .models import Adapter, load_config, load_model, skeleton
-from .models.streaming import check_streamable, load_streamed
+from .mapped import check_block_map, check_device_map
+from .methods import METHODS, Method, build_method, check_method
+from .models import Adapter, load_config, skeleton
+from .models.streaming import check_streamable
 from .outputs import RunFolder, read_metrics, remove_if_empty, write_failed
-from .placement import Resident, Streamed
 from .progress import Progress
 from .provenance import provenance
 from .schedules import NEEDS_PROFILES, check_schedule, make_plan
+from .store import BlockStore, open_store
 from .summary import summary
-from .tracking import check_logger, make_tracker
+from .tracking import Tracker, check_logger, make_tracker
 
 log = logging.getLogger("shrink")
-OFFLOAD = "offload"  # accelerate writes weights it offloads after converting them here (device_map)
 
 
 def check_known_keys(node: Any, where: str = "") -> None:
@@ -214,147 +212,18 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
         raise
     if not cfg.resume:
         progress.clear()
-    t_start = time.perf_counter()
+    clock = {"start": time.perf_counter()}
     rss.reset_peak()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, str(getattr(cfg.dtype, "value", cfg.dtype)))
-    unit = BudgetUnit(cfg.budget_unit)
     folder.start(cfg)
     tracker = make_tracker(cfg.logger)
     try:
         tracker.start(folder.path, OmegaConf.to_container(cfg, resolve=True), *_run_name_and_group(cfg))
-        if cfg.stream:  # blocks on the meta device, read from the shards one at a time
-            loaded, fetch = load_streamed(cfg.model, dtype)
-            dense_blocks = Streamed(fetch, device, dtype)
-            place_except_blocks(loaded.adapter, device)
-        else:
-            loaded = load_model(cfg.model, dtype, seed=cfg.seed, offload_folder=folder.path / OFFLOAD)
-            dense_blocks = None
-        model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
-        mapped = Mapped.of(model, adapter) if is_mapped(model) else None
-        t_loaded = time.perf_counter()
-        method = build_method(cfg.method)
-        inputs = plan_inputs(cfg, adapter, method.prunes_heads)
-        seq_len = inputs.seq_len
-        params_dense, dense_cost = _params(model), blocks_cost(adapter, seq_len)
-        plan = None if cfg.schedule.name in NEEDS_PROFILES else make_plan(cfg.schedule.name, inputs)
-        results: dict[str, Any] = {}
-        evaluate_suite(cfg, model, tokenizer, device, "dense", results, folder.path, dense_blocks)
-        t_dense_eval = time.perf_counter()
-
-        windows = data.calibration_windows(
-            cfg.calib.corpus, tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
-        )
-        if mapped is None and dense_blocks is None:  # loaded whole, placed by the runner (Resident):
-            model.to("cpu")  # on an accelerator only one block at a time goes there
-            if device.type != "cpu":
-                place_except_blocks(adapter, device)
-        placement = mapped or dense_blocks or Resident(device)
-        t_compress = time.perf_counter()
-        if plan is None:
-            inputs.curves = profile_layerwise(
-                adapter,
-                windows,
-                cfg.calib.batch_size,
-                method.profile,
-                unit,
-                device,
-                seq_len,
-                method.sketch_rows,
-                placement,
-            )
-            plan = make_plan(cfg.schedule.name, inputs)
-        folder.add_plan(plan.rows())
-        tracker.log_plan(plan.rows())
-
-        def on_block(index: int, result, seconds: float, hidden, teacher) -> None:
-            rows = [{"block": index, **row, "block_seconds": seconds} for row in result.records]
-            folder.add_block(index, rows, result.spectra)
-            tracker.log_block(index, rows, result.spectra)
-            if cfg.block_checkpoints:
-                progress.save_block(
-                    index, model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher
-                )
-
-        start_inputs = None
-        if done >= 0:  # resume: rebuild the finished blocks, feed the next one its saved inputs
-            records, hidden, teacher = progress.restore(
-                model, adapter, done, weights=not cfg.stream, placement=mapped
-            )
-            for index, (rows, spectra) in enumerate(records):
-                folder.add_block(index, rows, spectra)
-                tracker.log_block(index, rows, spectra)
-            start_inputs = (hidden, teacher)
-            log.info("resuming after block %d of %d", done, len(adapter.blocks()))
-
-        compress_layerwise(
-            adapter,
-            windows,
-            cfg.calib.batch_size,
-            method.compress_block,
-            plan,
-            Propagate(cfg.propagate),
-            device,
-            on_block,
-            sketch_rows=method.sketch_rows,
-            seq_len=seq_len,
-            needs_teacher=method.needs_teacher,
-            start=done + 1,
-            start_inputs=start_inputs,
-            placement=placement,
-        )
-        compress_seconds = time.perf_counter() - t_compress
-        # where the compressed blocks are read from for saving (and, streamed, for evaluating)
-        stored = progress.block_state if cfg.stream else mapped.state if mapped else None
-        if stored is None:
-            model.to("cpu")
-        kept_cost = blocks_cost(adapter, seq_len)
-        achieved = kept_cost.of(unit) / dense_cost.of(unit)
-        if achieved > float(cfg.budget) + 1e-9:
-            raise RuntimeError(f"achieved budget {achieved:.6f} exceeds the requested {cfg.budget} (a bug)")
-        if cfg.save_model:
-            info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
-            checkpoint.save(model, tokenizer, folder.path / "model", cfg.model.head, info, stored)
-        t_eval = time.perf_counter()
-        compressed_blocks = Streamed(stored, device, dtype) if cfg.stream else None
-        evaluate_suite(cfg, model, tokenizer, device, "compressed", results, folder.path, compressed_blocks)
-        t_end = time.perf_counter()
-        metrics = {
-            "status": "ok",
-            "model": cfg.model.name,
-            "method": cfg.method.name,
-            "schedule": cfg.schedule.name,
-            "budget": float(cfg.budget),
-            "budget_unit": unit.value,
-            "budget_seq_len": seq_len,
-            "budget_achieved": achieved,
-            "params_dense": params_dense,
-            "params_compressed": _params(model),
-            "block_params_dense": dense_cost.params,
-            "block_params_compressed": kept_cost.params,
-            "block_macs_dense": dense_cost.macs,
-            "block_macs_compressed": kept_cost.macs,
-            "compress_seconds": compress_seconds,
-            "resumed_after_block": done if done >= 0 else None,
-            "load_seconds": t_loaded - t_start,
-            "eval_seconds": (t_dense_eval - t_loaded) + (t_end - t_eval),
-            "total_seconds": t_end - t_start,
-            "peak_rss_mb": rss.peak_mb(),
-            "checkpoint_mb": _folder_mb(folder.path / "model") if cfg.save_model else None,
-            "seed": cfg.seed,
-            "device": device.type,
-            "device_map": mapped.summary() if mapped else None,
-            "stream": bool(cfg.stream),
-            "propagate": Propagate(cfg.propagate).value,
-            "calib": {
-                "corpus": cfg.calib.corpus,
-                "nsamples": cfg.calib.nsamples,
-                "seq_len": cfg.calib.seq_len,
-            },
-            "eval": results,
-            "versions": provenance(),
-        }
+        with open_store(cfg, folder.path, device, dtype, progress) as store:
+            clock["loaded"] = time.perf_counter()
+            metrics = _compress_and_evaluate(cfg, store, Job(folder, tracker, progress, done, clock))
         for plot in folder.finish(metrics):
             tracker.log_image(plot.stem, plot)
         tracker.log_metrics(metrics)
@@ -364,10 +233,119 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
         tracker.finish("failed")
         write_failed(folder.path, cfg, err)
         raise
-    finally:
-        shutil.rmtree(folder.path / OFFLOAD, ignore_errors=True)
     print(summary(metrics, folder.path))
     return _objective(metrics)
+
+
+@dataclasses.dataclass
+class Job:
+    """What the stages of one run share besides the config and the store."""
+
+    folder: RunFolder
+    tracker: Tracker
+    progress: Progress
+    done: int  # last block finished by an earlier attempt (resume), -1 for none
+    clock: dict[str, float]  # perf_counter at each stage boundary
+
+
+def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict[str, Any]:
+    """Dense scores → compression → checks and checkpoint → compressed scores; returns metrics."""
+    device = store.device
+    method = build_method(cfg.method)
+    inputs = plan_inputs(cfg, store.adapter, method.prunes_heads)
+    params_dense, dense_cost = _params(store.model), blocks_cost(store.adapter, inputs.seq_len)
+    results: dict[str, Any] = {}
+    dense_blocks = store.evaluation_blocks(compressed=False)
+    evaluate_suite(cfg, store.model, store.tokenizer, device, "dense", results, job.folder.path, dense_blocks)
+    job.clock["dense_eval"] = time.perf_counter()
+    _compress(cfg, store, method, inputs, job)
+    job.clock["compressed"] = time.perf_counter()
+    stored = store.end_compression()  # where the compressed blocks are read from for saving
+    kept_cost = blocks_cost(store.adapter, inputs.seq_len)
+    unit = inputs.unit
+    achieved = kept_cost.of(unit) / dense_cost.of(unit)
+    if achieved > float(cfg.budget) + 1e-9:
+        raise RuntimeError(f"achieved budget {achieved:.6f} exceeds the requested {cfg.budget} (a bug)")
+    if cfg.save_model:
+        info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
+        checkpoint.save(store.model, store.tokenizer, job.folder.path / "model", cfg.model.head, info, stored)
+    job.clock["saved"] = time.perf_counter()
+    blocks = store.evaluation_blocks(compressed=True)
+    evaluate_suite(cfg, store.model, store.tokenizer, device, "compressed", results, job.folder.path, blocks)
+    job.clock["end"] = time.perf_counter()
+    clock = job.clock
+    return {
+        "status": "ok",
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "schedule": cfg.schedule.name,
+        "budget": float(cfg.budget),
+        "budget_unit": unit.value,
+        "budget_seq_len": inputs.seq_len,
+        "budget_achieved": achieved,
+        "params_dense": params_dense,
+        "params_compressed": _params(store.model),
+        "block_params_dense": dense_cost.params,
+        "block_params_compressed": kept_cost.params,
+        "block_macs_dense": dense_cost.macs,
+        "block_macs_compressed": kept_cost.macs,
+        "compress_seconds": clock["compressed"] - clock["dense_eval"],
+        "resumed_after_block": job.done if job.done >= 0 else None,
+        "load_seconds": clock["loaded"] - clock["start"],
+        "eval_seconds": (clock["dense_eval"] - clock["loaded"]) + (clock["end"] - clock["saved"]),
+        "total_seconds": clock["end"] - clock["start"],
+        "peak_rss_mb": rss.peak_mb(),
+        "checkpoint_mb": _folder_mb(job.folder.path / "model") if cfg.save_model else None,
+        "seed": cfg.seed,
+        "device": device.type,
+        "device_map": store.device_summary(),
+        "stream": bool(cfg.stream),
+        "propagate": Propagate(cfg.propagate).value,
+        "calib": {"corpus": cfg.calib.corpus, "nsamples": cfg.calib.nsamples, "seq_len": cfg.calib.seq_len},
+        "eval": results,
+        "versions": provenance(),
+    }
+
+
+def _compress(cfg: DictConfig, store: BlockStore, method: Method, inputs: PlanInputs, job: Job) -> None:
+    """Plan (profiling first when the schedule needs it), then compress block by block, each
+    finished block recorded (and checkpointed) as it comes; a resumed run starts after job.done."""
+    adapter, device = store.adapter, store.device
+    windows = data.calibration_windows(
+        cfg.calib.corpus, store.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
+    )
+    store.begin_compression()
+    if cfg.schedule.name in NEEDS_PROFILES:
+        inputs.curves = profile_layerwise(
+            adapter, windows, cfg.calib.batch_size, method.profile, inputs.unit, device, inputs.seq_len,
+            method.sketch_rows, store.placement,
+        )  # fmt: skip
+    plan = make_plan(cfg.schedule.name, inputs)
+    job.folder.add_plan(plan.rows())
+    job.tracker.log_plan(plan.rows())
+
+    def on_block(index: int, result, seconds: float, hidden, teacher) -> None:
+        rows = [{"block": index, **row, "block_seconds": seconds} for row in result.records]
+        job.folder.add_block(index, rows, result.spectra)
+        job.tracker.log_block(index, rows, result.spectra)
+        if cfg.block_checkpoints:
+            job.progress.save_block(
+                index, store.model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher
+            )
+
+    start_inputs = None
+    if job.done >= 0:  # resume: rebuild the finished blocks, feed the next one its saved inputs
+        records, hidden, teacher = store.restore(job.progress, job.done)
+        for index, (rows, spectra) in enumerate(records):
+            job.folder.add_block(index, rows, spectra)
+            job.tracker.log_block(index, rows, spectra)
+        start_inputs = (hidden, teacher)
+        log.info("resuming after block %d of %d", job.done, len(adapter.blocks()))
+    compress_layerwise(
+        adapter, windows, cfg.calib.batch_size, method.compress_block, plan, Propagate(cfg.propagate), device,
+        on_block, sketch_rows=method.sketch_rows, seq_len=inputs.seq_len, needs_teacher=method.needs_teacher,
+        start=job.done + 1, start_inputs=start_inputs, placement=store.placement,
+    )  # fmt: skip
 
 
 def _objective(metrics: dict[str, Any]) -> float | None:

@@ -34,6 +34,7 @@ from .placement import Placement
 FOLDER = "progress"
 Record = tuple[list[dict[str, Any]], dict[str, np.ndarray]]  # a finished block's layer rows, spectra
 Streams = list[torch.Tensor]  # one tensor per calibration batch
+Restored = tuple[list[Record], Streams, Streams]  # finished blocks' records; next inputs (hidden, teacher)
 
 
 def _atomic_json(path: Path, value: Any) -> None:
@@ -110,9 +111,7 @@ class Progress:
         upto: int,
         weights: bool = True,
         placement: Placement | None = None,
-    ) -> tuple[
-        list[tuple[list[dict[str, Any]], dict[str, np.ndarray]]], list[torch.Tensor], list[torch.Tensor]
-    ]:
+    ) -> Restored:
         """Rebuild blocks 0..upto in `model`; returns their (rows, spectra) and the saved inputs
         of block upto+1 (hidden, teacher). Without `weights` (`stream=true`) only the blocks'
         structure is rebuilt; their tensors stay in the block files. A `placement` (device-mapped

@@ -120,7 +120,7 @@ def test_hub_corpus_offline_fails_before_loading(tmp_path, monkeypatch):
 
 
 def test_a_schedule_that_cannot_meet_the_budget_fails_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setattr("shrink.pipeline.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     fails(
         tmp_path,
         "model=tiny-llama",
@@ -150,7 +150,7 @@ def _local_copy(tmp_path, name: str):
 def test_broken_local_models_fail_with_one_line_before_loading(tmp_path, monkeypatch):
     import json
 
-    monkeypatch.setattr("shrink.pipeline.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     local = ["model.source=local", "model.name=mine", *FAST]
     bad_json = _local_copy(tmp_path, "bad-json")
     (bad_json / "config.json").write_text("{not json")

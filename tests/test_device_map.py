@@ -111,7 +111,7 @@ def test_bad_device_maps_fail_before_loading(tmp_path, monkeypatch, overrides, m
 
     tiny = load_model(make_cfg("model=tiny-llama").model, torch.float32)
     tiny.model.save_pretrained(source)
-    monkeypatch.setattr("shrink.pipeline.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     cfg = make_cfg(
         "model=tiny-llama", "model.source=local", f"model.path={source}", "logger=none", *overrides
     )

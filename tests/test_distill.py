@@ -160,7 +160,7 @@ def test_the_teacher_stream_is_the_dense_models_hidden_states():
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert"])
 def test_only_the_blocks_stay_behind_when_the_rest_moves_to_an_accelerator(model):
     """The runner's accelerator layout, checked with the meta device standing in for a GPU."""
-    from shrink.capture import place_except_blocks
+    from shrink.placement import place_except_blocks
 
     loaded = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0)
     adapter = loaded.adapter

@@ -64,7 +64,7 @@ def test_stream_equals_a_loaded_run_and_holds_one_block(tmp_path, monkeypatch, c
         return loaded, fetch
 
     monkeypatch.setattr(Streamed, "enter", enter_alone)
-    monkeypatch.setattr("shrink.pipeline.load_streamed", load_and_remember)
+    monkeypatch.setattr("shrink.store.load_streamed", load_and_remember)
     run(make_cfg(*overrides, "stream=true"), run_dir=tmp_path / "streamed")
     assert entered and set(entered) == {0, 1}
 
