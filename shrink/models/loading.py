@@ -6,12 +6,9 @@ it on. Hub ids fail fast, with the offline alternatives named, when no hub can b
 
 from __future__ import annotations
 
-import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import transformers
@@ -28,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .. import hub
 from ..config import Head, ModelConf, Source
 from ..errors import ShrinkError, first_line
 from ..mapped import is_mapped, loading_kwargs, onload_outside_blocks
@@ -52,18 +50,6 @@ class Loaded:
     adapter: Adapter
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when a model hub answers; `HF_HUB_OFFLINE=1` means no without trying."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _hub_cached(repo_id: str, revision: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -77,7 +63,7 @@ def check_source(cfg: ModelConf) -> None:
             raise ShrinkError(f"unknown packaged model {cfg.path!r}; valid: {', '.join(sorted(PACKAGED))}")
         check_installed(cfg.path)
     elif cfg.source == Source.hub:
-        if not _hub_cached(cfg.path, cfg.revision) and not hub_reachable():
+        if not _hub_cached(cfg.path, cfg.revision) and not hub.reachable():
             raise ShrinkError(
                 f"model {cfg.name!r} (hub id {cfg.path!r}) is not available offline: no hub connection "
                 f"and not in the local cache; offline models: {OFFLINE_MODELS}"
@@ -109,7 +95,7 @@ def check_weight_files(folder: Path) -> None:
             raise ShrinkError(f"weights file {str(file)!r} is truncated or corrupt: {err}") from None
 
 
-def _folder(cfg: ModelConf) -> str:
+def pretrained_folder(cfg: ModelConf) -> str:
     """Where from_pretrained reads the model: a local folder or a hub id."""
     if cfg.source == Source.packaged:
         return str(packaged_model_dir(cfg.path))
@@ -118,11 +104,12 @@ def _folder(cfg: ModelConf) -> str:
     return cfg.path
 
 
-def _hub_kwargs(cfg: ModelConf) -> dict:
+def pretrained_kwargs(cfg: ModelConf) -> dict:
+    """from_pretrained's keyword arguments: remote code (off unless configured), the revision, offline."""
     kw: dict = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.source == Source.hub:
         kw["revision"] = cfg.revision
-        if not hub_reachable():
+        if not hub.reachable():
             kw["local_files_only"] = True
     return kw
 
@@ -153,9 +140,9 @@ def skeleton(cfg: ModelConf, config: PretrainedConfig) -> Adapter:
 
 def _pretrained_config(cfg: ModelConf) -> PretrainedConfig:
     """AutoConfig's reading of the model's config.json, its failures as one line each."""
-    folder = _folder(cfg)
+    folder = pretrained_folder(cfg)
     try:
-        return AutoConfig.from_pretrained(folder, **_hub_kwargs(cfg))
+        return AutoConfig.from_pretrained(folder, **pretrained_kwargs(cfg))
     except (ValueError, OSError, KeyError) as err:  # bad JSON, unknown model_type, remote code
         if "trust_remote_code" in str(err) and not cfg.trust_remote_code:
             raise ShrinkError(
@@ -206,7 +193,7 @@ def load_model(
         model = auto.from_config(config, dtype=dtype)
         tokenizer = byte_tokenizer()
     else:
-        folder, kw = _folder(cfg), _hub_kwargs(cfg)
+        folder, kw = pretrained_folder(cfg), pretrained_kwargs(cfg)
         if cfg.device_map is not None:
             kw |= loading_kwargs(cfg, offload_folder or tempfile.mkdtemp(prefix="shrink-offload-"))
         try:

@@ -18,13 +18,21 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from transformers.utils import logging as hf_logging
 
-from ..checkpoint import INDEX
+from .. import hub
 from ..config import Head, ModelConf, Source
 from ..errors import ShrinkError
 from ..placement import BlockState
-from .loading import AUTO_CLASSES, Loaded, _folder, _hub_kwargs, build_adapter, hub_reachable, load_config
+from .loading import (
+    AUTO_CLASSES,
+    Loaded,
+    build_adapter,
+    load_config,
+    pretrained_folder,
+    pretrained_kwargs,
+)
 
 
 def check_streamable(cfg: ModelConf) -> None:
@@ -39,7 +47,7 @@ def model_folder(cfg: ModelConf) -> Path:
     """A local folder with the model's config and safetensors shards (a hub model's snapshot)."""
     check_streamable(cfg)
     if cfg.source != Source.hub:
-        return Path(_folder(cfg))
+        return Path(pretrained_folder(cfg))
     from huggingface_hub import snapshot_download
 
     return Path(
@@ -47,7 +55,7 @@ def model_folder(cfg: ModelConf) -> Path:
             cfg.path,
             revision=cfg.revision,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
-            local_files_only=not hub_reachable(),
+            local_files_only=not hub.reachable(),
         )
     )
 
@@ -56,7 +64,7 @@ class ShardReader:
     """Which shard holds each tensor (from the index, or by listing a lone file's keys)."""
 
     def __init__(self, folder: Path) -> None:
-        index = folder / INDEX
+        index = folder / SAFE_WEIGHTS_INDEX_NAME
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: folder / file for name, file in weight_map.items()}
@@ -104,7 +112,7 @@ def load_streamed(cfg: ModelConf, dtype: torch.dtype) -> tuple[Loaded, BlockStat
     shell.num_hidden_layers = 0
     if getattr(shell, "layer_types", None) is not None:
         shell.layer_types = []
-    kw = _hub_kwargs(cfg) | {"local_files_only": True}
+    kw = pretrained_kwargs(cfg) | {"local_files_only": True}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report lists every block tensor as unexpected
     try:
