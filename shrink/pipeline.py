@@ -14,7 +14,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint, data, rss
 from .budget import BudgetUnit, PlanInputs, blocks_cost
-from .capture import compress_layerwise, profile_layerwise
 from .config import Propagate
 from .devices import resolve_device
 from .errors import ShrinkError
@@ -29,6 +28,7 @@ from .models.streaming import check_streamable
 from .outputs import RunFolder, read_metrics, remove_if_empty, write_failed
 from .progress import Progress
 from .provenance import provenance
+from .runner import Runner
 from .schedules import NEEDS_PROFILES, check_schedule, make_plan
 from .store import BlockStore, open_store
 from .summary import summary
@@ -315,23 +315,17 @@ def _compress(cfg: DictConfig, store: BlockStore, method: Method, inputs: PlanIn
         cfg.calib.corpus, store.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
     )
     store.begin_compression()
-    if cfg.schedule.name in NEEDS_PROFILES:
-        inputs.curves = profile_layerwise(
-            adapter, windows, cfg.calib.batch_size, method.profile, inputs.unit, device, inputs.seq_len,
-            method.sketch_rows, store.placement,
-        )  # fmt: skip
+    runner = Runner(
+        adapter, windows, cfg.calib.batch_size, device, store.placement, inputs.unit, inputs.seq_len,
+        method.new_stats,
+    )  # fmt: skip
+    if cfg.schedule.name in NEEDS_PROFILES:  # the planning pass: the dense model's statistics
+        inputs.curves = [
+            curve for ctx in runner.blocks(Propagate.dense, desc="profile") for curve in method.profile(ctx)
+        ]
     plan = make_plan(cfg.schedule.name, inputs)
     job.folder.add_plan(plan.rows())
     job.tracker.log_plan(plan.rows())
-
-    def on_block(index: int, result, seconds: float, hidden, teacher) -> None:
-        rows = [{"block": index, **row, "block_seconds": seconds} for row in result.records]
-        job.folder.add_block(index, rows, result.spectra)
-        job.tracker.log_block(index, rows, result.spectra)
-        if cfg.block_checkpoints:
-            job.progress.save_block(
-                index, store.model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher
-            )
 
     start_inputs = None
     if job.done >= 0:  # resume: rebuild the finished blocks, feed the next one its saved inputs
@@ -341,11 +335,19 @@ def _compress(cfg: DictConfig, store: BlockStore, method: Method, inputs: PlanIn
             job.tracker.log_block(index, rows, spectra)
         start_inputs = (hidden, teacher)
         log.info("resuming after block %d of %d", job.done, len(adapter.blocks()))
-    compress_layerwise(
-        adapter, windows, cfg.calib.batch_size, method.compress_block, plan, Propagate(cfg.propagate), device,
-        on_block, sketch_rows=method.sketch_rows, seq_len=inputs.seq_len, needs_teacher=method.needs_teacher,
-        start=job.done + 1, start_inputs=start_inputs, placement=store.placement,
-    )  # fmt: skip
+    blocks = runner.blocks(
+        Propagate(cfg.propagate), plan, method.needs_teacher, start=job.done + 1, start_inputs=start_inputs
+    )
+    for ctx in blocks:
+        result = method.compress_block(ctx)
+        hidden, teacher, seconds = runner.advance(ctx)
+        rows = [{"block": ctx.index, **row, "block_seconds": seconds} for row in result.records]
+        job.folder.add_block(ctx.index, rows, result.spectra)
+        job.tracker.log_block(ctx.index, rows, result.spectra)
+        if cfg.block_checkpoints:
+            job.progress.save_block(
+                ctx.index, store.model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher
+            )
 
 
 def _objective(metrics: dict[str, Any]) -> float | None:

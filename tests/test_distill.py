@@ -10,12 +10,14 @@ import torch
 
 import shrink
 from shrink.budget import BudgetUnit, PlanInputs
-from shrink.capture import BlockContext, BlockResult, compress_layerwise, take_rows
 from shrink.config import Propagate
+from shrink.context import BlockContext, BlockResult, take_rows
 from shrink.errors import ShrinkError
 from shrink.methods.distill import token_losses
 from shrink.models import load_model
 from shrink.pipeline import run
+from shrink.placement import Resident
+from shrink.runner import Runner
 from shrink.schedules import make_plan
 
 from .conftest import TINY, logits, make_cfg, tiny_overrides
@@ -117,11 +119,10 @@ def test_a_slice_of_a_batch_runs_like_the_whole_batch(model):
         seen["part"] = ctx.run(ctx.hidden[0][1:3], 0, slice(1, 3))
         return BlockResult([], {})
 
-    plan = make_plan("uniform", PlanInputs(adapter, 1.0, BudgetUnit.params, 0, True))
+    cpu = torch.device("cpu")
     with torch.no_grad():
-        compress_layerwise(
-            adapter, windows, 3, record, plan, Propagate.dense, torch.device("cpu"), lambda *_: None
-        )
+        for ctx in Runner(adapter, windows, 3, cpu, Resident(cpu)).blocks(Propagate.dense):
+            record(ctx)
     assert torch.allclose(seen["part"], seen["full"][1:3], atol=1e-5)
     sliced = take_rows({"a": (torch.ones(3, 2), torch.ones(1, 2)), "b": None}, slice(0, 1), 3)
     assert sliced["a"][0].shape == (1, 2) and sliced["a"][1].shape == (1, 2) and sliced["b"] is None
@@ -145,10 +146,11 @@ def test_the_teacher_stream_is_the_dense_models_hidden_states():
         return BlockResult([], {})
 
     plan = make_plan("uniform", PlanInputs(adapter, 1.0, BudgetUnit.params, 0, True))
-    compress_layerwise(
-        adapter, windows, 2, zero_out_mlp, plan, Propagate.compressed, torch.device("cpu"), lambda *_: None,
-        needs_teacher=True,
-    )  # fmt: skip
+    cpu = torch.device("cpu")
+    for ctx in Runner(adapter, windows, 2, cpu, Resident(cpu)).blocks(
+        Propagate.compressed, plan, teacher=True
+    ):
+        zero_out_mlp(ctx)
     assert len(seen) == len(adapter.blocks())
     for i, (teacher_in, teacher_out, _) in enumerate(seen):
         assert torch.allclose(teacher_in, dense[i], atol=1e-5)

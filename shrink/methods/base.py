@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
 from omegaconf import DictConfig
 
 from ..budget import Curve
-from ..capture import BlockContext, BlockResult
+from ..context import BlockContext, BlockResult
 from ..errors import ShrinkError
+from ..models import Site
+from ..stats import SecondMoment
 
 
 class Method(ABC):
@@ -25,9 +28,10 @@ class Method(ABC):
     def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
         """Value checks of the method's own config keys, run before any model is loaded."""
 
-    def sketch_rows(self, site, dim: int) -> int:
-        """Rows of the Gaussian sketch ΩX the runner should stream for `site` (0: none)."""
-        return 0
+    def new_stats(self, site: Site, dim: int, device: torch.device, where: str, seed: int) -> SecondMoment:
+        """The accumulator of `site`'s input statistics, which the runner streams every calibration
+        batch into: the second moment and mean, unless a method needs more (id's sketch check)."""
+        return SecondMoment(dim, device=device, where=where, seed=seed)
 
     @abstractmethod
     def compress_block(self, ctx: BlockContext) -> BlockResult:

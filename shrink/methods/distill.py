@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..budget import Curve
-from ..capture import BlockContext, BlockResult
 from ..config import DistillInit, DistillInputs
+from ..context import BlockContext, BlockResult
 from ..errors import ShrinkError
 from ..linalg import output_error
 from ..surgery import LowRankLinear

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import Curve, Option, attention_score_macs, module_cost
-from ..capture import BlockContext, BlockResult
 from ..config import BudgetUnit, IDSelection
+from ..context import BlockContext, BlockResult
 from ..errors import ShrinkError
 from ..linalg import block_pivoted_cholesky, interpolation_matrix, output_error, pivoted_cholesky, pivoted_qr
+from ..models import Site
+from ..stats import SecondMoment
 from ..surgery import keep_outputs, set_inputs
 from . import register
 from .base import Method
@@ -166,10 +168,12 @@ class InterpolativeDecomposition(Method):
     name = "id"
     has_profile = True
 
-    def sketch_rows(self, site, dim: int) -> int:
-        if self.cfg.selection != IDSelection.sketch_qr or site.name not in ("mlp_out", "attn_out"):
-            return 0
-        return max(1, int(self.cfg.sketch_oversample * dim))
+    def new_stats(self, site: Site, dim: int, device: torch.device, where: str, seed: int) -> SecondMoment:
+        """`selection: sketch_qr` also streams a Gaussian row sketch ΩZ of the ID's sites."""
+        rows = 0
+        if self.cfg.selection == IDSelection.sketch_qr and site.name in ("mlp_out", "attn_out"):
+            rows = max(1, int(self.cfg.sketch_oversample * dim))
+        return SecondMoment(dim, device=device, where=where, sketch_rows=rows, seed=seed)
 
     def compress_block(self, ctx: BlockContext) -> BlockResult:
         """Heads first, then neurons: the block as a whole keeps at most its target.

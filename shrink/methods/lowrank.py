@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..budget import BudgetUnit, Curve, Option, largest_rank, module_cost
-from ..capture import BlockContext, BlockResult
+from ..context import BlockContext, BlockResult
 from ..linalg import affine_output_error
 from ..stats import SecondMoment
 from ..surgery import LowRankLinear, replace_submodule

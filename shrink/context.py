@@ -1,0 +1,80 @@
+"""What a method sees of one block: the block, its sites and their statistics, its targets, and
+the cached inputs to run it on. A method edits `ctx.block` in place and never sees the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .budget import BudgetUnit, site_cost
+from .models import Adapter, HeadLayout, Site
+from .stats import SecondMoment
+
+Streams = list[torch.Tensor]  # one tensor per calibration batch
+
+
+@dataclass(kw_only=True)
+class BlockContext:
+    """Everything a method may use to edit one block; it never sees the rest of the model."""
+
+    index: int
+    block: nn.Module
+    sites: list[Site]
+    stats: dict[str, SecondMoment]
+    targets: dict[str, float]  # kept fraction per site (empty while profiling)
+    choices: dict[str, dict[str, Any]]  # a schedule's decisions in the method's units (Plan.choices)
+    heads: HeadLayout
+    unit: BudgetUnit
+    adapter: Adapter
+    hidden: Streams
+    args: list[tuple[Any, ...]]
+    kwargs: list[dict[str, Any]]
+    seq_len: int = 0  # context length of attention-score MACs (budget_unit: macs)
+    # methods with `needs_teacher`: the dense model's inputs of this block on the same windows,
+    # and the dense block's outputs on them (computed before the method edits the block)
+    teacher_hidden: Streams | None = None
+    teacher_outputs: Streams | None = None
+
+    def site_cost(self, site: Site) -> int:
+        return site_cost(self.adapter, self.block, site, self.seq_len).of(self.unit)
+
+    def run(self, hidden: torch.Tensor, batch: int, rows: slice | None = None) -> torch.Tensor:
+        """The block on `hidden` with calibration batch `batch`'s extra inputs; `rows` selects
+        windows of that batch (then `hidden` holds only those rows)."""
+        args, kwargs = self.args[batch], self.kwargs[batch]
+        if rows is not None:
+            size = self.hidden[batch].shape[0]
+            args, kwargs = take_rows(args, rows, size), take_rows(kwargs, rows, size)
+        return self.adapter.run_block(self.block, hidden, args, kwargs)
+
+    def run_all(self, inputs: Streams) -> Streams:
+        """The block on every calibration batch of `inputs`."""
+        with torch.no_grad():
+            return [
+                self.adapter.run_block(self.block, h, self.args[b], self.kwargs[b])
+                for b, h in enumerate(inputs)
+            ]
+
+
+def take_rows(value: Any, rows: slice, batch: int) -> Any:
+    """`value` (cached block arguments) restricted to windows `rows` of a batch of `batch` windows:
+    tensors whose first dimension is the batch are sliced; broadcast ones (first dimension 1, as
+    rotary tables) and everything else pass through unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if batch > 1 and value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(take_rows(v, rows, batch) for v in value)
+    if isinstance(value, list):
+        return [take_rows(v, rows, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: take_rows(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class BlockResult:
+    records: list[dict[str, Any]]  # one row per compressed linear (or pruned site)
+    spectra: dict[str, Any]  # name -> 1-D array of singular values / eigenvalues
