@@ -255,8 +255,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     inputs = plan_inputs(cfg, store.adapter, method.prunes_heads)
     params_dense, dense_cost = _params(store.model), blocks_cost(store.adapter, inputs.seq_len)
     results: dict[str, Any] = {}
-    dense_blocks = store.evaluation_blocks(compressed=False)
-    evaluate_suite(cfg, store.model, store.tokenizer, device, "dense", results, job.folder.path, dense_blocks)
+    evaluate_suite(cfg, store, False, results, job.folder.path)
     job.clock["dense_eval"] = time.perf_counter()
     _compress(cfg, store, method, inputs, job)
     job.clock["compressed"] = time.perf_counter()
@@ -270,8 +269,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
         info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
         checkpoint.save(store.model, store.tokenizer, job.folder.path / "model", cfg.model.head, info, stored)
     job.clock["saved"] = time.perf_counter()
-    blocks = store.evaluation_blocks(compressed=True)
-    evaluate_suite(cfg, store.model, store.tokenizer, device, "compressed", results, job.folder.path, blocks)
+    evaluate_suite(cfg, store, True, results, job.folder.path)
     job.clock["end"] = time.perf_counter()
     clock = job.clock
     return {

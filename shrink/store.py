@@ -60,6 +60,9 @@ class BlockStore:
         """Where evaluators read the blocks from, when they cannot run the model whole."""
         return None
 
+    def ready_for_evaluation(self) -> None:
+        """Put the model where evaluators run it whole (a mapped model stays where it is)."""
+
     def begin_compression(self) -> None:
         """Ready the model for the runner (before the profiling and compression passes)."""
 
@@ -81,6 +84,9 @@ class Resident(BlockStore):
     def __init__(self, loaded: Loaded, device: torch.device) -> None:
         super().__init__(loaded, device)
         self.placement = placement.Resident(device)
+
+    def ready_for_evaluation(self) -> None:
+        self.model.to(self.device)
 
     def begin_compression(self) -> None:
         self.model.to("cpu")  # on an accelerator only one block at a time goes there

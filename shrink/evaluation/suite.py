@@ -4,7 +4,7 @@ dense and the compressed model alike, with the dense scores taken from the cache
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,11 +14,12 @@ from .. import data
 from .. import hub as model_hub
 from ..config import Head, TaskSource
 from ..errors import ShrinkError
-from ..mapped import is_mapped
-from ..placement import Placement
 from . import cache, encoders, glue_hub, zeroshot
 from .perplexity import perplexity, perplexity_by_blocks
 from .speed import measure
+
+if TYPE_CHECKING:
+    from ..store import BlockStore
 
 
 def check_suite(cfg: DictConfig) -> None:
@@ -98,25 +99,18 @@ def _cached(
     return value
 
 
-def evaluate_suite(
-    cfg: DictConfig,
-    model,
-    tokenizer,
-    device: torch.device,
-    which: str,
-    results: dict,
-    folder: Path,
-    blocks: Placement | None = None,
-) -> None:
-    """Score `model` ("dense" or "compressed") with every evaluator; fill `results` in place.
-    With `blocks` (`stream=true`: the model's blocks are on the meta device and come from that
-    store) perplexity is computed block by block, and it is the only evaluator allowed."""
+def evaluate_suite(cfg: DictConfig, store: BlockStore, compressed: bool, results: dict, folder: Path) -> None:
+    """Score the store's model (dense, or compressed) with every evaluator; fill `results` in
+    place. Where the store cannot run the model whole (`stream=true`), perplexity is computed
+    block by block from its blocks, and it is the only evaluator allowed."""
     ppl, zs, speed = cfg.eval.get("ppl"), cfg.eval.get("zeroshot"), cfg.eval.get("speed")
     glue, hub = cfg.eval.get("glue"), cfg.eval.get("glue_hub")
     if all(x is None for x in (ppl, zs, speed, glue, hub)):
         return
-    if blocks is None and not is_mapped(model):  # a device-mapped model stays where accelerate put it
-        model.to(device)
+    which = "compressed" if compressed else "dense"
+    blocks = store.evaluation_blocks(compressed)
+    store.ready_for_evaluation()
+    model, tokenizer, device = store.model, store.tokenizer, store.device
     if speed is not None:  # timed first, before the other evaluators warm caches differently
         results.setdefault("speed", {})[which] = measure_speed(model, speed, device)
         if which == "compressed" and "dense" in results["speed"]:
