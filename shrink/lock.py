@@ -9,6 +9,7 @@ while a second still holds the old one.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 from .errors import ShrinkError
 
 LOCK_FILE = ".shrink.lock"
+log = logging.getLogger("shrink")
 _held: dict[Path, int] = {}  # folders this process has locked → open descriptors (re-entrant)
 
 
@@ -42,6 +44,8 @@ def locked(folder: str | Path) -> Iterator[None]:
             f"run folder {folder} is in use by another shrink process; wait for it to finish or choose "
             "another folder (hydra.run.dir=…)"
         ) from None
+    except OSError as err:  # a filesystem without locks (some network mounts): run, unprotected
+        log.warning("cannot lock run folder %s (%s): concurrent runs there are not detected", folder, err)
     _held[folder] = fd
     try:
         yield
@@ -62,6 +66,8 @@ def is_locked(folder: str | Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError:  # no locks on this filesystem: nobody can hold one
+        return False
     finally:
         os.close(fd)
     return False

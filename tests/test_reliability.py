@@ -92,6 +92,20 @@ def test_the_lock_is_exclusive_and_reentrant_within_a_process(tmp_path):
     assert other.returncode != 0 and FolderBusy.__name__ in other.stderr.decode()
 
 
+def test_a_filesystem_without_locks_still_runs(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with locked(tmp_path / "run"):
+        assert is_locked(tmp_path / "run")  # this process holds it, as far as it knows
+    assert "concurrent runs there are not detected" in caplog.text
+    assert not is_locked(tmp_path / "run")
+
+
 def test_default_folders_started_in_the_same_second_differ():
     def run_dir() -> str:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
