@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -336,16 +337,17 @@ def _compress(cfg: DictConfig, store: BlockStore, method: Method, inputs: PlanIn
     blocks = runner.blocks(
         Propagate(cfg.propagate), plan, method.needs_teacher, start=job.done + 1, start_inputs=start_inputs
     )
-    for ctx in blocks:
-        result = method.compress_block(ctx)
-        hidden, teacher, seconds = runner.advance(ctx)
-        rows = [{"block": ctx.index, **row, "block_seconds": seconds} for row in result.records]
-        job.folder.add_block(ctx.index, rows, result.spectra)
-        job.tracker.log_block(ctx.index, rows, result.spectra)
-        if cfg.block_checkpoints:
-            job.progress.save_block(
-                ctx.index, store.model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher
-            )
+    with contextlib.closing(blocks):  # on an error or Ctrl-C the walk (and its progress bar) ends here
+        for ctx in blocks:
+            result = method.compress_block(ctx)
+            hidden, teacher, seconds = runner.advance(ctx)
+            rows = [{"block": ctx.index, **row, "block_seconds": seconds} for row in result.records]
+            job.folder.add_block(ctx.index, rows, result.spectra)
+            job.tracker.log_block(ctx.index, rows, result.spectra)
+            if cfg.block_checkpoints:
+                job.progress.save_block(
+                    ctx.index, store.model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher
+                )
 
 
 def _objective(metrics: dict[str, Any]) -> float | None:
