@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import first_line
+
 # what a folder holds before its run began: Hydra's log, and the folder's lock (shrink.lock)
 NOT_A_RUN = {"launch.log", ".shrink.lock"}
 HYDRA_SUBDIR = ".hydra"  # Hydra's own record of the job, written here once the run starts
@@ -68,7 +70,7 @@ def write_failed(path: str | Path, cfg: DictConfig, error: BaseException) -> Non
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "error.txt").write_text("".join(traceback.format_exception(error)))
-    message = str(error).splitlines()[0] if str(error) else ""
+    message = first_line(error) if str(error).strip() else ""
     metrics = {
         "status": "failed",
         "error": f"{type(error).__name__}: {message}".rstrip(": "),

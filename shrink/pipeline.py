@@ -17,7 +17,7 @@ from . import checkpoint, data, rss
 from .budget import BudgetUnit, PlanInputs, blocks_cost
 from .config import Propagate
 from .devices import resolve_device
-from .errors import ShrinkError
+from .errors import ShrinkError, first_line
 from .evaluation import glue_hub
 from .evaluation.suite import check_suite, evaluate_suite
 from .identity import differences, identity, plain
@@ -60,7 +60,7 @@ def validate(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:  # e.g. model=bert-glue without eval=glue-hub
-        raise ShrinkError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
+        raise ShrinkError(f"the config does not resolve: {first_line(err)}") from None
     check_known_keys(cfg)
     if not 0.0 < float(cfg.budget) <= 1.0:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
