@@ -3,17 +3,20 @@ the cached inputs to run it on. A method edits `ctx.block` in place and never se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .budget import BudgetUnit, site_cost
-from .models import Adapter, HeadLayout, Site
+from .cost import CostModel
+from .models import Attention, Site
 from .stats import SecondMoment
 
 Streams = list[torch.Tensor]  # one tensor per calibration batch
+# runs one block on (hidden, extra positional arguments, keyword arguments): the family's call
+BlockForward = Callable[[nn.Module, torch.Tensor, tuple[Any, ...], dict[str, Any]], torch.Tensor]
 
 
 @dataclass(kw_only=True)
@@ -26,20 +29,23 @@ class BlockContext:
     stats: dict[str, SecondMoment]
     targets: dict[str, float]  # kept fraction per site (empty while profiling)
     choices: dict[str, dict[str, Any]]  # a schedule's decisions in the method's units (Plan.choices)
-    heads: HeadLayout
-    unit: BudgetUnit
-    adapter: Adapter
+    attention: Attention  # the named projections and head counts of this block
+    costs: CostModel  # prices in the budget unit
+    forward: BlockForward
     hidden: Streams
     args: list[tuple[Any, ...]]
     kwargs: list[dict[str, Any]]
-    seq_len: int = 0  # context length of attention-score MACs (budget_unit: macs)
     # methods with `needs_teacher`: the dense model's inputs of this block on the same windows,
     # and the dense block's outputs on them (computed before the method edits the block)
     teacher_hidden: Streams | None = None
     teacher_outputs: Streams | None = None
 
-    def site_cost(self, site: Site) -> int:
-        return site_cost(self.adapter, self.block, site, self.seq_len).of(self.unit)
+    def site(self, name: str) -> Site:
+        return next(s for s in self.sites if s.name == name)
+
+    def price(self, *names: str) -> int:
+        """The named sites' cost now, in the budget unit."""
+        return sum(self.costs.price(self.block, self.site(n)) for n in names)
 
     def run(self, hidden: torch.Tensor, batch: int, rows: slice | None = None) -> torch.Tensor:
         """The block on `hidden` with calibration batch `batch`'s extra inputs; `rows` selects
@@ -48,15 +54,12 @@ class BlockContext:
         if rows is not None:
             size = self.hidden[batch].shape[0]
             args, kwargs = take_rows(args, rows, size), take_rows(kwargs, rows, size)
-        return self.adapter.run_block(self.block, hidden, args, kwargs)
+        return self.forward(self.block, hidden, args, kwargs)
 
     def run_all(self, inputs: Streams) -> Streams:
         """The block on every calibration batch of `inputs`."""
         with torch.no_grad():
-            return [
-                self.adapter.run_block(self.block, h, self.args[b], self.kwargs[b])
-                for b, h in enumerate(inputs)
-            ]
+            return [self.forward(self.block, h, self.args[b], self.kwargs[b]) for b, h in enumerate(inputs)]
 
 
 def take_rows(value: Any, rows: slice, batch: int) -> Any:

@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint, data, rss
-from .budget import BudgetUnit, PlanInputs, blocks_cost
-from .config import Propagate
+from .budget import PlanInputs
+from .config import BudgetUnit, Propagate
+from .cost import CostModel
 from .devices import resolve_device
 from .errors import ShrinkError, first_line
 from .evaluation import glue_hub
@@ -114,17 +115,20 @@ def validate(cfg: DictConfig) -> None:
 
 def plan_inputs(cfg: DictConfig, adapter: Adapter, prunes_heads: bool) -> PlanInputs:
     """What the schedule plans from: the budget in its unit, and the schedule's own keys."""
-    seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
     return PlanInputs(
-        adapter,
+        cost_model(cfg, adapter).table(),
         float(cfg.budget),
-        BudgetUnit(cfg.budget_unit),
-        seq_len,
         prunes_heads,
         None,
         float(cfg.schedule.get("min_keep", 0.0)),
         int(cfg.schedule.get("k", 0)),
     )
+
+
+def cost_model(cfg: DictConfig, adapter: Adapter) -> CostModel:
+    """Prices in the budget unit; attention scores count at `budget_seq_len` (at most the context)."""
+    seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
+    return CostModel(adapter, BudgetUnit(cfg.budget_unit), seq_len)
 
 
 def check_stream(cfg: DictConfig) -> None:
@@ -254,14 +258,15 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     device = store.device
     method = build_method(cfg.method)
     inputs = plan_inputs(cfg, store.adapter, method.prunes_heads)
-    params_dense, dense_cost = _params(store.model), blocks_cost(store.adapter, inputs.seq_len)
+    costs = cost_model(cfg, store.adapter)
+    params_dense, dense_cost = _params(store.model), costs.model()
     results: dict[str, Any] = {}
     evaluate_suite(cfg, store, False, results, job.folder.path)
     job.clock["dense_eval"] = time.perf_counter()
     _compress(cfg, store, method, inputs, job)
     job.clock["compressed"] = time.perf_counter()
     stored = store.end_compression()  # where the compressed blocks are read from for saving
-    kept_cost = blocks_cost(store.adapter, inputs.seq_len)
+    kept_cost = costs.model()
     unit = inputs.unit
     achieved = kept_cost.of(unit) / dense_cost.of(unit)
     if achieved > float(cfg.budget) + 1e-9:
@@ -280,7 +285,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
         "schedule": cfg.schedule.name,
         "budget": float(cfg.budget),
         "budget_unit": unit.value,
-        "budget_seq_len": inputs.seq_len,
+        "budget_seq_len": costs.seq_len,
         "budget_achieved": achieved,
         "params_dense": params_dense,
         "params_compressed": _params(store.model),
@@ -315,7 +320,7 @@ def _compress(cfg: DictConfig, store: BlockStore, method: Method, inputs: PlanIn
     )
     store.begin_compression()
     runner = Runner(
-        adapter, windows, cfg.calib.batch_size, device, store.placement, inputs.unit, inputs.seq_len,
+        adapter, windows, cfg.calib.batch_size, device, store.placement, cost_model(cfg, adapter),
         method.new_stats,
     )  # fmt: skip
     if cfg.schedule.name in NEEDS_PROFILES:  # the planning pass: the dense model's statistics

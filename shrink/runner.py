@@ -7,7 +7,7 @@ outputs become the next block's inputs: the edited block's (`propagate: compress
 block's (`propagate: dense`, from the statistics pass). Only one block's activations are alive at
 a time.
 
-    runner = Runner(adapter, windows, batch_size, device, placement, unit, seq_len)
+    runner = Runner(adapter, windows, batch_size, device, placement, costs)
     for ctx in runner.blocks(Propagate.dense):                 # profiling: nothing is edited
         curves += method.profile(ctx)
     for ctx in runner.blocks(Propagate.compressed, plan=plan):
@@ -25,10 +25,11 @@ import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from .budget import BudgetUnit, Plan
+from .budget import Plan
 from .capture import catch_block_inputs
 from .config import Propagate
 from .context import BlockContext, Streams
+from .cost import CostModel
 from .errors import NumericalError
 from .models import Adapter, Site
 from .placement import Placement
@@ -61,12 +62,12 @@ class Runner:
         batch_size: int,
         device: torch.device,
         placement: Placement,
-        unit: BudgetUnit = BudgetUnit.params,
-        seq_len: int = 0,
+        costs: CostModel | None = None,
         new_stats: NewStats = plain_stats,
     ) -> None:
         self.adapter, self.windows, self.batch_size = adapter, windows, batch_size
-        self.device, self.placement, self.unit, self.seq_len = device, placement, unit, seq_len
+        self.device, self.placement = device, placement
+        self.costs = costs or CostModel(adapter)
         self.new_stats = new_stats
         self._step: _Step | None = None
 
@@ -90,7 +91,11 @@ class Runner:
         if start_inputs is not None:
             hidden = [h.to(self.device) for h in start_inputs[0]]
             dense = [t.to(self.device) for t in start_inputs[1]] if teacher else None
-        heads, blocks = self.adapter.heads(), list(self.adapter.blocks())
+        if plan is not None and plan.unit != self.costs.unit:
+            raise ValueError(
+                f"the plan is in {plan.unit.value}, the runner's cost model in {self.costs.unit.value}"
+            )
+        blocks = list(self.adapter.blocks())
         for i in tqdm(range(start, len(blocks)), desc=desc, unit="block", initial=start, total=len(blocks)):
             block, here = blocks[i], self.placement.device_for(i)  # `here` differs by block when mapped
             self.placement.enter(i, block)
@@ -102,13 +107,12 @@ class Runner:
                 stats={},
                 targets=plan.for_block(i) if plan is not None else {},
                 choices=plan.choices_for(i) if plan is not None else {},
-                heads=heads,
-                unit=plan.unit if plan is not None else self.unit,
-                adapter=self.adapter,
+                attention=self.adapter.attention(block),
+                costs=self.costs,
+                forward=self.adapter.run_block,
                 hidden=send_to_device(hidden, here),
                 args=send_to_device(calls.args[i], here),
                 kwargs=send_to_device(calls.kwargs[i], here),
-                seq_len=self.seq_len,
                 teacher_hidden=send_to_device(dense, here),
             )
             ctx.stats, outputs = self._statistics(ctx, here)

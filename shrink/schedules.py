@@ -1,6 +1,7 @@
 """Schedules: turn the global budget into per-block, per-site targets (a Plan) before compression.
 
-`uniform`, `last_k`, `first_k` need only the cost model; `energy` and `greedy` also need the
+Schedules read dense costs from a `CostTable` (plain numbers, in the budget unit); `uniform`,
+`last_k`, `first_k` need nothing else; `energy` and `greedy` also need the
 method's error profiles (Curves) from a planning pass.
 """
 
@@ -11,26 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .budget import BudgetUnit, Curve, Option, Plan, PlanInputs, attention_score_macs, site_cost
+from .budget import Curve, Option, Plan, PlanInputs
 from .errors import ShrinkError
 
 
 def _dense_costs(inputs: PlanInputs) -> tuple[list[dict[str, float]], list[float]]:
     """Per block: each site's dense cost, and the attention-score MACs inside `attn_out`."""
-    sites, scores = [], []
-    for block in inputs.adapter.blocks():
-        sites.append(
-            {
-                s.name: site_cost(inputs.adapter, block, s, inputs.seq_len).of(inputs.unit)
-                for s in inputs.adapter.sites(block)
-            }
-        )
-        scores.append(
-            attention_score_macs(inputs.adapter, block, inputs.seq_len)
-            if inputs.unit == BudgetUnit.macs
-            else 0
-        )
-    return sites, scores
+    return inputs.costs.sites, inputs.costs.scores
 
 
 def _block_fraction(

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import shrink
-from shrink.budget import BudgetUnit, PlanInputs
+from shrink.budget import PlanInputs
 from shrink.config import Propagate
 from shrink.context import BlockContext, BlockResult, take_rows
+from shrink.cost import CostModel
 from shrink.errors import ShrinkError
 from shrink.methods.distill import token_losses
 from shrink.models import load_model
@@ -145,7 +146,7 @@ def test_the_teacher_stream_is_the_dense_models_hidden_states():
             down.weight.mul_(0.5)  # the compressed stream drifts away from the dense one
         return BlockResult([], {})
 
-    plan = make_plan("uniform", PlanInputs(adapter, 1.0, BudgetUnit.params, 0, True))
+    plan = make_plan("uniform", PlanInputs(CostModel(adapter).table(), 1.0, True))
     cpu = torch.device("cpu")
     for ctx in Runner(adapter, windows, 2, cpu, Resident(cpu)).blocks(
         Propagate.compressed, plan, teacher=True

@@ -10,6 +10,8 @@ import torch
 
 import shrink
 from shrink.budget import Curve, Option, PlanInputs
+from shrink.config import BudgetUnit
+from shrink.cost import CostTable
 from shrink.errors import ShrinkError
 from shrink.linalg import pivoted_cholesky
 from shrink.models import build_adapter, load_model
@@ -34,10 +36,6 @@ def test_residual_energy_is_the_exact_id_error():
     assert float(pivots.remaining[0]) == pytest.approx(float((z**2).sum()))
 
 
-class _NoAdapter:
-    """greedy only needs per-site dense costs; stand in for an adapter with a fixed layout."""
-
-
 def _curves(errors_by_unit: list[list[float]], unit_cost: float) -> list[Curve]:
     curves = []
     for b, errs in enumerate(errors_by_unit):
@@ -47,11 +45,8 @@ def _curves(errors_by_unit: list[list[float]], unit_cost: float) -> list[Curve]:
 
 
 def _allocate(curves, budget, monkeypatch, min_keep=0.0):
-    from shrink import schedules as budget_module
-
-    sites = [{"mlp": c.dense_cost} for c in curves]
-    monkeypatch.setattr(budget_module, "_dense_costs", lambda inputs: (sites, [0] * len(sites)))
-    return greedy(PlanInputs(_NoAdapter(), budget, "params", curves=curves, min_keep=min_keep))
+    table = CostTable(BudgetUnit.params, [{"mlp": c.dense_cost} for c in curves], [0.0] * len(curves))
+    return greedy(PlanInputs(table, budget, curves=curves, min_keep=min_keep))
 
 
 def test_greedy_meets_budget_and_is_optimal_on_small_problems(monkeypatch):
@@ -122,7 +117,7 @@ def test_greedy_sizes_differ_per_layer_and_reload(run_job):
     widths = [block.mlp.down_proj.in_features for block in adapter.blocks()]
     assert len(set(widths)) > 1
     for block in adapter.blocks():
-        n_heads, n_kv = adapter.head_counts(block)
+        n_heads, n_kv = adapter.attention(block).counts()
         assert n_heads % n_kv == 0 and block.self_attn.num_key_value_groups == n_heads // n_kv
 
 

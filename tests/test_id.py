@@ -48,7 +48,7 @@ def test_gqa_keeps_equal_query_heads_per_kv_group(run_job, budget):
     model = shrink.load(folder / "model")
     adapter = build_adapter(model)
     for block in adapter.blocks():
-        n_heads, n_kv = adapter.head_counts(block)
+        n_heads, n_kv = adapter.attention(block).counts()
         assert n_heads % n_kv == 0
         assert block.self_attn.num_key_value_groups == n_heads // n_kv
         assert block.self_attn.o_proj.in_features == n_heads * 16

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 
 import shrink
-from shrink.budget import largest_rank
 from shrink.config import BudgetUnit
+from shrink.cost import CostModel
 
 from .conftest import TINY, logits, make_cfg, tiny_overrides
 
@@ -74,10 +75,14 @@ def test_save_load_reproduces_logits_and_counts(run_job, saved_logits, model, pr
 
 def test_rank_rule_counts_pairs_and_biases():
     # square 64x64 without bias at half budget: r(m+n) <= 0.5 m n  ->  r = 16
-    assert largest_rank(64, 64, False, 0.5, BudgetUnit.params) == 16
+    params, macs = CostModel(None, BudgetUnit.params), CostModel(None, BudgetUnit.macs)
+    square, wide = nn.Linear(64, 64, bias=False), nn.Linear(64, 192)
+    assert params.largest_rank(square, False, 0.5) == 16
     # with a bias the pair must also pay for it in params, not in MACs
-    r = largest_rank(64, 192, True, 0.5, BudgetUnit.params)
-    assert r * (64 + 192) + 192 <= 0.5 * (64 * 192 + 192) < (r + 1) * (64 + 192) + 192
-    assert largest_rank(64, 192, True, 0.5, BudgetUnit.macs) == (64 * 192 // 2) // 256
+    r = params.largest_rank(wide, True, 0.5)
+    assert params.rank_pair(wide, r, True) <= 0.5 * (64 * 192 + 192) < params.rank_pair(wide, r + 1, True)
+    assert r * (64 + 192) + 192 == params.rank_pair(wide, r, True)
+    assert macs.largest_rank(wide, True, 0.5) == (64 * 192 // 2) // 256
     # no rank is cheaper than the dense matrix at budget 1: stays dense
-    assert largest_rank(64, 64, False, 1.0, BudgetUnit.params) is None
+    assert params.largest_rank(square, False, 1.0) is None
+    assert CostModel.max_rank(square) == 31 and params.rank_pair(square, 32, False) == 64 * 64

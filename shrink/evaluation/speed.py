@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.benchmark import Measurement, Timer
 
-from ..budget import blocks_cost
+from ..cost import CostModel
 from ..models import build_adapter
 
 
@@ -32,7 +32,7 @@ def latency(model: nn.Module, ids: torch.Tensor, repeats: int, warmup: int = 2) 
 
 def macs_per_token(model: nn.Module, seq_len: int) -> tuple[int, int]:
     """(block MACs, whole-model MACs incl. the LM head) per token at context `seq_len`."""
-    blocks = blocks_cost(build_adapter(model), seq_len).macs
+    blocks = CostModel(build_adapter(model), "macs", seq_len).model().macs
     head = model.get_output_embeddings()
     return blocks, blocks + (head.weight.numel() if head is not None else 0)
 

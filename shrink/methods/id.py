@@ -19,13 +19,13 @@ sketch ΩZ instead, as a check. T always comes from the exact Gram matrix.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from ..budget import Curve, Option, attention_score_macs, module_cost
-from ..config import BudgetUnit, IDSelection
+from ..budget import Curve, Option
+from ..config import IDSelection
 from ..context import BlockContext, BlockResult
+from ..cost import NeuronCosts, module_cost
 from ..errors import ShrinkError
 from ..linalg import block_pivoted_cholesky, interpolation_matrix, output_error, pivoted_cholesky, pivoted_qr
 from ..models import Site
@@ -35,15 +35,6 @@ from . import register
 from .base import Method
 
 
-def _unit_cost(linears, unit: BudgetUnit, per_row: bool) -> int:
-    """Cost of one output row (per_row) or one input column of each Linear in `linears`."""
-    total = 0
-    for lin in linears:
-        width = lin.in_features if per_row else lin.out_features
-        total += width + (1 if per_row and lin.bias is not None and unit == BudgetUnit.params else 0)
-    return total
-
-
 def _spread(weight: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
     """The out×width matrix that applies `weight` to the kept input columns of the full input."""
     full = torch.zeros(weight.shape[0], width, dtype=weight.dtype, device=weight.device)
@@ -51,77 +42,15 @@ def _spread(weight: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Te
     return full
 
 
-def _fixed_cost(linear, unit: BudgetUnit) -> int:
-    return linear.out_features if (linear.bias is not None and unit == BudgetUnit.params) else 0
-
-
-def _site(ctx: BlockContext, role: str):
-    return next(s for s in ctx.sites if s.name == role)
-
-
-def _site_cost(ctx: BlockContext, role: str) -> int:
-    return ctx.site_cost(_site(ctx, role))
-
-
 def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
     """The target of a unit spanning two sites, weighted by their dense costs."""
-    costs = {n: _site_cost(ctx, n) for n in names}
+    costs = {n: ctx.price(n) for n in names}
     return sum(ctx.targets[n] * costs[n] for n in names) / sum(costs.values())
 
 
-@dataclass(frozen=True)
-class FFNCosts:
-    neurons: int
-    per_neuron: int
-    fixed: int  # the down projection's bias
-
-    def of(self, k: int) -> int:
-        return k * self.per_neuron + self.fixed
-
-
-def _ffn_costs(ctx: BlockContext) -> FFNCosts:
-    ins = [ctx.block.get_submodule(p) for p in _site(ctx, "mlp_in").linears]
-    down = ctx.block.get_submodule(_site(ctx, "mlp_out").linears[0])
-    per = _unit_cost(ins, ctx.unit, per_row=True) + _unit_cost([down], ctx.unit, per_row=False)
-    return FFNCosts(down.in_features, per, _fixed_cost(down, ctx.unit))
-
-
-@dataclass(frozen=True)
-class HeadCosts:
-    """Cost of keeping m KV groups of q query heads: a query head costs its q and o slices (and
-    its attention-score MACs in `macs`), a KV head its k and v slices. Under MHA a head carries
-    its own k/v, so groups are single heads."""
-
-    n_heads: int
-    n_kv: int
-    per_q: int
-    per_kv: int
-    fixed: int  # o_proj's bias
-
-    @property
-    def group(self) -> int:
-        return self.n_heads // self.n_kv
-
-    def of(self, m: int, q: int) -> int:
-        return m * q * self.per_q + m * self.per_kv + self.fixed
-
-    def options(self) -> list[tuple[int, int]]:
-        return [(m, q) for m in range(1, self.n_kv + 1) for q in range(1, self.group + 1)]
-
-
-def _head_costs(ctx: BlockContext) -> HeadCosts:
-    q_path, k_path, _ = _site(ctx, "attn_in").linears
-    q_lin, k_lin = ctx.block.get_submodule(q_path), ctx.block.get_submodule(k_path)
-    o_lin = ctx.block.get_submodule(_site(ctx, "attn_out").linears[0])
-    n_heads, n_kv = ctx.adapter.head_counts(ctx.block)
-    dh = ctx.heads.head_dim
-    scores = attention_score_macs(ctx.adapter, ctx.block, ctx.seq_len) // n_heads
-    per_q = dh * (_unit_cost([q_lin], ctx.unit, True) + _unit_cost([o_lin], ctx.unit, False))
-    per_q += scores if ctx.unit == BudgetUnit.macs else 0
-    per_kv = dh * 2 * _unit_cost([k_lin], ctx.unit, True)
-    if n_kv == n_heads:  # MHA: a head carries its own k/v
-        per_q, per_kv = per_q + per_kv, 0
-    return HeadCosts(n_heads, n_kv, per_q, per_kv, _fixed_cost(o_lin, ctx.unit))
+def _ffn_costs(ctx: BlockContext) -> NeuronCosts:
+    ins = [ctx.block.get_submodule(p) for p in ctx.site("mlp_in").linears]
+    return ctx.costs.neurons(ins, ctx.block.get_submodule(ctx.site("mlp_out").linears[0]))
 
 
 def _group_constraint(n_heads: int, n_kv: int, m: int, q: int):
@@ -183,9 +112,9 @@ class InterpolativeDecomposition(Method):
         leaves, so the per-block fraction is met as closely as the granularity allows.
         """
         records, spectra = [], {}
-        allowance = sum(ctx.targets[s.name] * _site_cost(ctx, s.name) for s in ctx.sites)
-        attn_cost = _site_cost(ctx, "attn_in") + _site_cost(ctx, "attn_out")
-        ffn_cost = _site_cost(ctx, "mlp_in") + _site_cost(ctx, "mlp_out")
+        allowance = sum(ctx.targets[s.name] * ctx.price(s.name) for s in ctx.sites)
+        attn_cost = ctx.price("attn_in", "attn_out")
+        ffn_cost = ctx.price("mlp_in", "mlp_out")
         dense = attn_cost + ffn_cost
         if self.cfg.heads:
             share = (
@@ -194,12 +123,12 @@ class InterpolativeDecomposition(Method):
                 else (allowance - ffn_cost) / attn_cost
             )
             records.append(self._prune_heads(ctx, spectra, share))
-            attn_cost = _site_cost(ctx, "attn_in") + _site_cost(ctx, "attn_out")
+            attn_cost = ctx.price("attn_in", "attn_out")
         if self.cfg.ffn:
             records.append(self._prune_ffn(ctx, spectra, (allowance - attn_cost) / ffn_cost))
         elif "mlp" in ctx.choices:
             raise ShrinkError("the plan chose FFN widths but method.ffn is false")
-        kept = sum(_site_cost(ctx, s.name) for s in ctx.sites)
+        kept = ctx.price(*(s.name for s in ctx.sites))
         if kept > allowance + 1e-6:
             raise ShrinkError(
                 f"block {ctx.index}: id with ffn={self.cfg.ffn}, heads={self.cfg.heads} keeps "
@@ -217,7 +146,7 @@ class InterpolativeDecomposition(Method):
     def _prune_ffn(self, ctx: BlockContext, spectra: dict, fraction: float) -> dict:
         """Keep the neurons the schedule chose (Plan.choices), else as many as `fraction` allows."""
         start = time.perf_counter()
-        site_in, site_out = _site(ctx, "mlp_in"), _site(ctx, "mlp_out")
+        site_in, site_out = ctx.site("mlp_in"), ctx.site("mlp_out")
         down = ctx.block.get_submodule(site_out.linears[0])
         paths = [*site_in.linears, site_out.linears[0]]
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
@@ -259,7 +188,7 @@ class InterpolativeDecomposition(Method):
         excess the FFN then pays for."""
         if "attn" in ctx.choices:
             return int(ctx.choices["attn"]["kv_groups"]), int(ctx.choices["attn"]["heads_per_group"])
-        costs = _head_costs(ctx)
+        costs = ctx.costs.heads(ctx.attention)
         allowed = fraction * costs.of(costs.n_kv, costs.group)
         best = None
         for m, q in costs.options():
@@ -270,17 +199,15 @@ class InterpolativeDecomposition(Method):
 
     def _prune_heads(self, ctx: BlockContext, spectra: dict, fraction: float) -> dict:
         start = time.perf_counter()
-        site_in, site_out = _site(ctx, "attn_in"), _site(ctx, "attn_out")
-        q_path, k_path, v_path = site_in.linears
-        o_path = site_out.linears[0]
-        o_lin = ctx.block.get_submodule(o_path)
-        paths = [q_path, k_path, v_path, o_path]
+        attention = ctx.attention
+        o_lin = attention.linear("o")
+        paths = [attention.paths.q, attention.paths.k, attention.paths.v, attention.paths.o]
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
-        n_heads, n_kv = ctx.adapter.head_counts(ctx.block)
-        group, dh = n_heads // n_kv, ctx.heads.head_dim
+        n_heads, n_kv = attention.counts()
+        group, dh = n_heads // n_kv, attention.head_dim
         m, q = self._head_plan(ctx, fraction)
 
-        stats = ctx.stats[site_out.name]
+        stats = ctx.stats["attn_out"]
         gram = stats.xtx
         w = self._weights(o_lin)
 
@@ -300,15 +227,15 @@ class InterpolativeDecomposition(Method):
         new_o = w_o @ t.T
         error = output_error(w_o - _spread(new_o, dims, w_o.shape[1]), w_o, stats.moment())
 
-        keep_outputs(ctx.block, q_path, dims)
+        keep_outputs(ctx.block, attention.paths.q, dims)
         if n_kv != n_heads:
             kv_dims = torch.cat([torch.arange(g * dh, (g + 1) * dh) for g in kv_kept]).to(gram.device)
         else:
             kv_dims = dims
-        keep_outputs(ctx.block, k_path, kv_dims)
-        keep_outputs(ctx.block, v_path, kv_dims)
-        set_inputs(ctx.block, o_path, new_o)
-        ctx.adapter.set_head_counts(ctx.block, len(heads), len(kv_kept) if n_kv != n_heads else len(heads))
+        keep_outputs(ctx.block, attention.paths.k, kv_dims)
+        keep_outputs(ctx.block, attention.paths.v, kv_dims)
+        set_inputs(ctx.block, attention.paths.o, new_o)
+        attention.set_counts(len(heads), len(kv_kept) if n_kv != n_heads else len(heads))
         return _record(
             ctx, "attn", len(heads), n_heads, before, paths, fraction, error, start, kept_kv=len(kv_kept)
         )
@@ -324,15 +251,13 @@ class InterpolativeDecomposition(Method):
         """
         curves = []
         if self.cfg.heads:
-            site_out = _site(ctx, "attn_out")
-            o_lin = ctx.block.get_submodule(site_out.linears[0])
-            w = self._weights(o_lin)
-            gram = ctx.stats[site_out.name].xtx * w[:, None] * w[None, :]
-            costs = _head_costs(ctx)
+            w = self._weights(ctx.attention.linear("o"))
+            gram = ctx.stats["attn_out"].xtx * w[:, None] * w[None, :]
+            costs = ctx.costs.heads(ctx.attention)
             options = []
             for m, q in costs.options():
                 eligible = _group_constraint(costs.n_heads, costs.n_kv, m, q)
-                left = block_pivoted_cholesky(gram, ctx.heads.head_dim, m * q, eligible).remaining
+                left = block_pivoted_cholesky(gram, ctx.attention.head_dim, m * q, eligible).remaining
                 options.append(
                     Option(
                         costs.of(m, q),
@@ -340,10 +265,10 @@ class InterpolativeDecomposition(Method):
                         {"heads": m * q, "kv_groups": m, "heads_per_group": q},
                     )
                 )
-            dense = _site_cost(ctx, "attn_in") + _site_cost(ctx, "attn_out")
+            dense = ctx.price("attn_in", "attn_out")
             curves.append(Curve(ctx.index, "attn", ("attn_in", "attn_out"), dense, options))
         if self.cfg.ffn:
-            site_out = _site(ctx, "mlp_out")
+            site_out = ctx.site("mlp_out")
             w = self._weights(ctx.block.get_submodule(site_out.linears[0]))
             gram = ctx.stats[site_out.name].xtx * w[:, None] * w[None, :]
             costs = _ffn_costs(ctx)
@@ -351,7 +276,7 @@ class InterpolativeDecomposition(Method):
             total = float(left[0]) if float(left[0]) > 0 else 1.0
             errors = (left[1:].clamp_min(0) / total).sqrt().tolist()
             options = [Option(costs.of(k), e, {"neurons": k}) for k, e in enumerate(errors, start=1)]
-            dense = _site_cost(ctx, "mlp_in") + _site_cost(ctx, "mlp_out")
+            dense = ctx.price("mlp_in", "mlp_out")
             curves.append(Curve(ctx.index, "mlp", ("mlp_in", "mlp_out"), dense, options))
         return curves
 

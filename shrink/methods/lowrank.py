@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..budget import BudgetUnit, Curve, Option, largest_rank, module_cost
+from ..budget import Curve, Option
 from ..context import BlockContext, BlockResult
+from ..cost import module_cost
 from ..linalg import affine_output_error
 from ..stats import SecondMoment
 from ..surgery import LowRankLinear, replace_submodule
@@ -36,11 +37,6 @@ class Factorisation:
     notes: dict[str, float] = field(default_factory=dict)
 
 
-def rank_cost(linear: nn.Linear, rank: int, unit: BudgetUnit, bias: bool) -> int:
-    pair = rank * (linear.in_features + linear.out_features)
-    return pair + (linear.out_features if bias and unit == BudgetUnit.params else 0)
-
-
 class LowRank(Method):
     has_profile = True
     adds_bias: bool = False  # the factorisation gives every pair a bias (centred `rom`)
@@ -48,12 +44,6 @@ class LowRank(Method):
     @abstractmethod
     def factorise(self, linear: nn.Linear, stats: SecondMoment | None) -> Factorisation:
         """Factorisation of `linear.weight` given its input statistics."""
-
-    @staticmethod
-    def _max_rank(linear: nn.Linear) -> int:
-        """Largest rank whose pair has fewer weights than the dense matrix: r(m+n) < mn."""
-        m, n = linear.out_features, linear.in_features
-        return max(0, -(-m * n // (m + n)) - 1)
 
     def compress_block(self, ctx: BlockContext) -> BlockResult:
         records, spectra = [], {}
@@ -68,7 +58,7 @@ class LowRank(Method):
                 if path in ctx.choices:
                     rank = ctx.choices[path]["rank"]
                 else:
-                    rank = largest_rank(linear.in_features, linear.out_features, bias, fraction, ctx.unit)
+                    rank = ctx.costs.largest_rank(linear, bias, fraction)
                 fact = self.factorise(linear, stats)
                 spectra[path] = fact.spectrum.cpu().numpy()
                 error, energy = 0.0, 1.0
@@ -119,15 +109,15 @@ class LowRank(Method):
                 total = float(energies.sum())
                 tail = (total - torch.cumsum(energies, 0)).clamp_min(0)
                 tail = torch.cat([torch.tensor([total], dtype=tail.dtype, device=tail.device), tail])
-                dense = module_cost(linear).of(ctx.unit)
+                dense = module_cost(linear).of(ctx.costs.unit)
                 bias = linear.bias is not None or self.adds_bias
                 options = [
                     Option(
-                        rank_cost(linear, r, ctx.unit, bias),
+                        ctx.costs.rank_pair(linear, r, bias),
                         (float(tail[min(r, len(tail) - 1)]) / total) ** 0.5 if total > 0 else 0.0,
                         {"rank": r},
                     )
-                    for r in range(1, self._max_rank(linear) + 1)
+                    for r in range(1, ctx.costs.max_rank(linear) + 1)
                 ]
                 options.append(Option(dense, 0.0, {"rank": None}))
                 curves.append(Curve(ctx.index, path, (site.name,), dense, options))

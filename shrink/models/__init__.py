@@ -1,12 +1,14 @@
 """Architecture knowledge lives here and nowhere else: adapters, loading, packaged models."""
 
-from .base import Adapter, HeadLayout, Site
+from .base import Adapter, Attention, AttentionPaths, HeadLayout, Site
 from .families import ADAPTERS, adapter_class_for, supported_model_types
 from .loading import Loaded, build_adapter, check_source, load_config, load_model, skeleton
 
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "Attention",
+    "AttentionPaths",
     "HeadLayout",
     "Loaded",
     "Site",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +30,49 @@ class HeadLayout:
     head_dim: int
 
 
+@dataclass(frozen=True)
+class AttentionPaths:
+    """Where a block keeps its attention projections (relative to the block)."""
+
+    q: str
+    k: str
+    v: str
+    o: str
+
+
+@dataclass(frozen=True)
+class Attention:
+    """A method's handle on one block's attention: the projections by name and the head counts,
+    so that no method unpacks q, k, v by position or reaches the model to change a count."""
+
+    block: nn.Module
+    paths: AttentionPaths
+    head_dim: int
+    causal: bool
+    _set_counts: Callable[[nn.Module, int, int], None]
+
+    def linear(self, name: str) -> nn.Linear:
+        """The projection `q`, `k`, `v` or `o`."""
+        return self.block.get_submodule(getattr(self.paths, name))
+
+    def counts(self) -> tuple[int, int]:
+        """(query heads, KV heads) the projections hold now, read from their shapes."""
+        return self.linear("q").out_features // self.head_dim, self.linear("k").out_features // self.head_dim
+
+    def set_counts(self, n_heads: int, n_kv_heads: int) -> None:
+        """Tell the attention module how many heads its (pruned) projections now hold."""
+        self._set_counts(self.block, n_heads, n_kv_heads)
+
+
 class Adapter(ABC):
     """Wraps one loaded model of a family; knows its blocks, sites and head structure."""
 
     family: str = ""
     model_types: tuple[str, ...] = ()
     causal: bool = True
-    # site name -> linears (relative to the block) that read that site's input, in forward order
-    site_paths: dict[str, tuple[str, ...]] = {}
+    attention_paths: AttentionPaths
+    # `mlp_in` / `mlp_out` -> the MLP's linears (relative to the block) that read that input
+    mlp_paths: dict[str, tuple[str, ...]] = {}
     # attention-module attributes that hold head counts: path -> attribute -> "heads" | "kv_groups"
     # | "head_width" (heads × head size); updated when heads are pruned, recorded in checkpoints
     head_attributes: dict[str, dict[str, str]] = {}
@@ -49,29 +85,33 @@ class Adapter(ABC):
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         """The block list, given `model.base_model` (the same for every head class)."""
 
+    @property
+    def site_paths(self) -> dict[str, tuple[str, ...]]:
+        """Site name -> linears that read that site's input, in forward order."""
+        a = self.attention_paths
+        return {"attn_in": (a.q, a.k, a.v), "attn_out": (a.o,), **self.mlp_paths}
+
     def sites(self, block: nn.Module) -> list[Site]:
         """The block's linears grouped by shared input, in forward order."""
         return [Site(name, paths) for name, paths in self.site_paths.items()]
+
+    def attention(self, block: nn.Module) -> Attention:
+        return Attention(
+            block, self.attention_paths, self.heads().head_dim, self.causal, self._set_head_counts
+        )
 
     def heads(self) -> HeadLayout:
         """Multi-head attention with as many KV heads as query heads (overridden for GQA)."""
         n_heads = self.config.num_attention_heads
         return HeadLayout(n_heads, n_heads, self.config.hidden_size // n_heads)
 
-    def set_head_counts(self, block: nn.Module, n_heads: int, n_kv_heads: int) -> None:
-        """Tell the block's attention module how many heads its (pruned) projections now hold."""
+    def _set_head_counts(self, block: nn.Module, n_heads: int, n_kv_heads: int) -> None:
         head_dim = self.heads().head_dim
         values = {"heads": n_heads, "kv_groups": n_heads // n_kv_heads, "head_width": n_heads * head_dim}
         for path, attributes in self.head_attributes.items():
             module = block.get_submodule(path)
             for attribute, kind in attributes.items():
                 setattr(module, attribute, values[kind])
-
-    def head_counts(self, block: nn.Module) -> tuple[int, int]:
-        """(query heads, KV heads) the block's projections hold now, read from their shapes."""
-        head_dim = self.heads().head_dim
-        q, k = (block.get_submodule(p) for p in self.site_paths["attn_in"][:2])
-        return q.out_features // head_dim, k.out_features // head_dim
 
     def blocks(self) -> nn.ModuleList:
         return self._blocks_of(self.model.base_model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, HeadLayout
+from .base import Adapter, AttentionPaths, HeadLayout
 
 
 class LlamaAdapter(Adapter):
@@ -12,9 +12,10 @@ class LlamaAdapter(Adapter):
 
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "gemma")
-    site_paths = {
-        "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "attn_out": ("self_attn.o_proj",),
+    attention_paths = AttentionPaths(
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj"
+    )
+    mlp_paths = {
         "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
         "mlp_out": ("mlp.down_proj",),
     }
@@ -35,9 +36,10 @@ class OPTAdapter(Adapter):
 
     family = "opt"
     model_types = ("opt",)
-    site_paths = {
-        "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "attn_out": ("self_attn.out_proj",),
+    attention_paths = AttentionPaths(
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj"
+    )
+    mlp_paths = {
         "mlp_in": ("fc1",),
         "mlp_out": ("fc2",),
     }
@@ -53,9 +55,10 @@ class BertAdapter(Adapter):
     family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta")
     causal = False
-    site_paths = {
-        "attn_in": ("attention.self.query", "attention.self.key", "attention.self.value"),
-        "attn_out": ("attention.output.dense",),
+    attention_paths = AttentionPaths(
+        q="attention.self.query", k="attention.self.key", v="attention.self.value", o="attention.output.dense"
+    )
+    mlp_paths = {
         "mlp_in": ("intermediate.dense",),
         "mlp_out": ("output.dense",),
     }
@@ -71,9 +74,10 @@ class DistilBertAdapter(Adapter):
     family = "distilbert"
     model_types = ("distilbert",)
     causal = False
-    site_paths = {
-        "attn_in": ("attention.q_lin", "attention.k_lin", "attention.v_lin"),
-        "attn_out": ("attention.out_lin",),
+    attention_paths = AttentionPaths(
+        q="attention.q_lin", k="attention.k_lin", v="attention.v_lin", o="attention.out_lin"
+    )
+    mlp_paths = {
         "mlp_in": ("ffn.lin1",),
         "mlp_out": ("ffn.lin2",),
     }

@@ -1,0 +1,188 @@
+"""The cost model: the one place that prices a linear, a rank-r pair, a neuron, a head / KV group.
+
+Budgets count the block linears only (embeddings and the LM head are not compressed). Cost is
+`params` (weights + biases; a rank-r pair counts r·(m+n)) or `macs` (multiply-accumulates per
+token; biases cost none, and attention scores QKᵀ and A·V count at `seq_len`, inside `attn_out`,
+because they scale with the heads that o_proj reads). Schedules see only a `CostTable` of plain
+numbers; methods price their options through the `CostModel` in their block context.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import BudgetUnit
+from .models import Adapter, Attention, Site
+from .surgery import LowRankLinear
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int = 0
+    macs: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.params + other.params, self.macs + other.macs)
+
+    def of(self, unit: BudgetUnit | str) -> int:
+        return self.params if BudgetUnit(unit) == BudgetUnit.params else self.macs
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Dense costs in the budget unit, per block: each site's cost and, inside `attn_out`, the
+    attention-score MACs (0 in `params`), which only a method that drops heads can reduce."""
+
+    unit: BudgetUnit
+    sites: list[dict[str, float]]
+    scores: list[float]
+
+    @property
+    def total(self) -> float:
+        return sum(sum(b.values()) for b in self.sites)
+
+
+@dataclass(frozen=True)
+class NeuronCosts:
+    """Cost of keeping k of an FFN's neurons: a neuron is one row of each input linear (and its
+    bias) and one column of the output linear; the output bias is paid whatever k is."""
+
+    neurons: int
+    per_neuron: int
+    fixed: int
+
+    def of(self, k: int) -> int:
+        return k * self.per_neuron + self.fixed
+
+
+@dataclass(frozen=True)
+class HeadCosts:
+    """Cost of keeping m KV groups of q query heads: a query head costs its q and o slices (and
+    its attention-score MACs in `macs`), a KV head its k and v slices. Under MHA a head carries
+    its own k/v, so groups are single heads."""
+
+    n_heads: int
+    n_kv: int
+    per_q: int
+    per_kv: int
+    fixed: int  # the output projection's bias
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv
+
+    def of(self, m: int, q: int) -> int:
+        return m * q * self.per_q + m * self.per_kv + self.fixed
+
+    def options(self) -> list[tuple[int, int]]:
+        return [(m, q) for m in range(1, self.n_kv + 1) for q in range(1, self.group + 1)]
+
+
+def module_cost(module: nn.Module) -> Cost:
+    """Both costs of a dense or factorised linear."""
+    if isinstance(module, LowRankLinear):
+        bias = module.second.bias.numel() if module.second.bias is not None else 0
+        pair = module.rank * (module.in_features + module.out_features)
+        return Cost(pair + bias, pair)
+    if isinstance(module, nn.Linear):
+        bias = module.bias.numel() if module.bias is not None else 0
+        return Cost(module.weight.numel() + bias, module.weight.numel())
+    raise TypeError(f"no cost model for {type(module).__name__}")
+
+
+class CostModel:
+    """Prices in one budget unit, for one model family and one attention context length (the
+    prices of single linears, ranks and units need no adapter)."""
+
+    def __init__(
+        self, adapter: Adapter | None, unit: BudgetUnit | str = BudgetUnit.params, seq_len: int = 0
+    ) -> None:
+        self.adapter, self.unit, self.seq_len = adapter, BudgetUnit(unit), seq_len
+
+    # ---- whole modules, sites, blocks (both units: records report params and MACs) --------------
+    def scores(self, attention: Attention) -> Cost:
+        """QKᵀ and A·V per token: 2·heads·head_dim·(keys a query sees on average). A causal query
+        at position t sees t keys, (L+1)/2 on average over L tokens; an encoder query sees all L."""
+        if self.seq_len <= 0:
+            return Cost()
+        n_heads, _ = attention.counts()
+        width = n_heads * attention.head_dim
+        return Cost(0, width * (self.seq_len + 1) if attention.causal else 2 * width * self.seq_len)
+
+    def site(self, block: nn.Module, site: Site) -> Cost:
+        total = Cost()
+        for path in site.linears:
+            total = total + module_cost(block.get_submodule(path))
+        if site.name == "attn_out":
+            total = total + self.scores(self.adapter.attention(block))
+        return total
+
+    def block(self, block: nn.Module) -> Cost:
+        total = Cost()
+        for site in self.adapter.sites(block):
+            total = total + self.site(block, site)
+        return total
+
+    def model(self) -> Cost:
+        total = Cost()
+        for block in self.adapter.blocks():
+            total = total + self.block(block)
+        return total
+
+    def price(self, block: nn.Module, site: Site) -> int:
+        """The site's cost in the budget unit."""
+        return self.site(block, site).of(self.unit)
+
+    def table(self) -> CostTable:
+        sites, scores = [], []
+        for block in self.adapter.blocks():
+            sites.append({s.name: self.price(block, s) for s in self.adapter.sites(block)})
+            scores.append(self.scores(self.adapter.attention(block)).of(self.unit))
+        return CostTable(self.unit, sites, scores)
+
+    # ---- units a method keeps or drops ------------------------------------------------------------
+    def _bias(self, linear: nn.Linear, bias: bool | None = None) -> int:
+        """What the linear's bias costs (params only); `bias` overrides whether it has one."""
+        has = linear.bias is not None if bias is None else bias
+        return linear.out_features if has and self.unit == BudgetUnit.params else 0
+
+    def rank_pair(self, linear: nn.Linear, rank: int, bias: bool) -> int:
+        return rank * (linear.in_features + linear.out_features) + self._bias(linear, bias)
+
+    @staticmethod
+    def max_rank(linear: nn.Linear) -> int:
+        """The largest rank whose pair has fewer weights than the dense matrix: r(m+n) < mn."""
+        m, n = linear.out_features, linear.in_features
+        return max(0, -(-m * n // (m + n)) - 1)
+
+    def largest_rank(self, linear: nn.Linear, bias: bool, fraction: float) -> int | None:
+        """The largest rank whose pair costs at most `fraction` of the dense matrix; None when the
+        target keeps everything or that rank is not cheaper than dense (the matrix stays dense)."""
+        if fraction >= 1.0:
+            return None
+        m, n = linear.out_features, linear.in_features
+        bias_cost = self._bias(linear, bias)
+        allowed = fraction * (m * n + bias_cost) - bias_cost
+        rank = max(0, math.floor(allowed / (m + n) + 1e-9))
+        return None if rank * (m + n) >= m * n else rank
+
+    def _row(self, linear: nn.Linear) -> int:
+        """One output row of a linear, with its bias entry."""
+        return linear.in_features + self._bias(linear) // max(linear.out_features, 1)
+
+    def neurons(self, ins: list[nn.Linear], out: nn.Linear) -> NeuronCosts:
+        per = sum(self._row(lin) for lin in ins) + out.out_features
+        return NeuronCosts(out.in_features, per, self._bias(out))
+
+    def heads(self, attention: Attention) -> HeadCosts:
+        q, k, o = (attention.linear(n) for n in "qko")
+        n_heads, n_kv = attention.counts()
+        dh = attention.head_dim
+        per_q = dh * (self._row(q) + o.out_features) + self.scores(attention).of(self.unit) // n_heads
+        per_kv = dh * 2 * self._row(k)
+        if n_kv == n_heads:  # MHA: a head carries its own k/v
+            per_q, per_kv = per_q + per_kv, 0
+        return HeadCosts(n_heads, n_kv, per_q, per_kv, self._bias(o))
