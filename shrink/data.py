@@ -9,6 +9,7 @@ splits.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -165,7 +166,24 @@ def _text(name: str, which: str) -> str:
 
 
 def token_stream(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """The whole part as one 1-D tensor of token ids (no special tokens)."""
+    """The whole part as one 1-D tensor of token ids (no special tokens). A run tokenizes the
+    same part for calibration, the dense and the compressed evaluation, so fast tokenizers'
+    streams are kept, keyed by the tokenizer's full serialisation (not its name)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return _encode(name, which, tokenizer)
+    key = (name, which, hashlib.sha256(backend.to_str().encode()).hexdigest())
+    if key not in _STREAMS:
+        if len(_STREAMS) >= 8:
+            _STREAMS.pop(next(iter(_STREAMS)))
+        _STREAMS[key] = _encode(name, which, tokenizer)
+    return _STREAMS[key].clone()
+
+
+_STREAMS: dict[tuple[str, str, str], torch.Tensor] = {}
+
+
+def _encode(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     ids = tokenizer(
         _text(name, which), add_special_tokens=False, return_attention_mask=False, verbose=False
     ).input_ids

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -109,3 +111,65 @@ def saved_logits(monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save", save_and_remember)
     return seen
+
+
+@dataclass
+class Compressed:
+    """A tiny model compressed in memory the way a run does it (plan, runner, method), without a
+    run folder, evaluation or Hydra job: what budget and method tests need, in a fraction of a job."""
+
+    loaded: Any  # shrink.models.Loaded
+    plan: Any  # shrink.budget.Plan
+    rows: list[dict]
+    dense: Any  # shrink.cost.Cost of the blocks before
+    kept: Any  # and after
+    unit: str
+    head: str  # the model's head kind, which a checkpoint records
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def achieved(self) -> float:
+        return self.kept.of(self.unit) / self.dense.of(self.unit)
+
+    def save(self, folder: Path) -> Path:
+        from shrink import checkpoint
+
+        return checkpoint.save(self.model, self.loaded.tokenizer, folder, self.head, {})
+
+
+def compress_in_memory(*overrides: str) -> Compressed:
+    """Compose the overrides, then plan and compress exactly as `pipeline._compress` does."""
+    from shrink import data
+    from shrink.config import Propagate
+    from shrink.methods import build_method
+    from shrink.models import load_model
+    from shrink.pipeline import cost_model, plan_inputs
+    from shrink.placement import Resident
+    from shrink.runner import Runner
+    from shrink.schedules import NEEDS_PROFILES, make_plan
+
+    cfg = make_cfg(*overrides)
+    loaded = load_model(cfg.model, torch.float32, seed=cfg.seed)
+    method = build_method(cfg.method)
+    costs = cost_model(cfg, loaded.adapter)
+    inputs = plan_inputs(cfg, loaded.adapter, method.prunes_heads)
+    windows = data.calibration_windows(
+        cfg.calib.corpus, loaded.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
+    )
+    cpu = torch.device("cpu")
+    runner = Runner(
+        loaded.adapter, windows, cfg.calib.batch_size, cpu, Resident(cpu), costs, method.new_stats
+    )
+    if cfg.schedule.name in NEEDS_PROFILES:
+        inputs.curves = [
+            c for ctx in runner.blocks(Propagate.dense, desc="profile") for c in method.profile(ctx)
+        ]
+    plan = make_plan(cfg.schedule.name, inputs)
+    dense, rows = costs.model(), []
+    for ctx in runner.blocks(Propagate(cfg.propagate), plan, method.needs_teacher):
+        rows += [{"block": ctx.index, **row} for row in method.compress_block(ctx).records]
+        runner.advance(ctx)
+    return Compressed(loaded, plan, rows, dense, costs.model(), costs.unit.value, cfg.model.head)

@@ -17,7 +17,7 @@ from shrink.linalg import pivoted_cholesky
 from shrink.models import build_adapter, load_model
 from shrink.schedules import greedy
 
-from .conftest import logits, make_cfg, tiny_overrides
+from .conftest import compress_in_memory, logits, make_cfg, tiny_overrides
 
 ID_MODELS = ["tiny-llama", "tiny-opt", "tiny-bert", "tiny-qwen2", "tiny-distilbert"]
 
@@ -95,7 +95,19 @@ def test_greedy_below_the_smallest_option_fails_clearly(monkeypatch):
 
 
 @pytest.mark.parametrize("model", ID_MODELS)
-def test_greedy_id_meets_budget_follows_plan_and_reloads(run_job, saved_logits, model):
+def test_greedy_id_meets_budget_follows_plan_and_reloads(tmp_path, model):
+    done = compress_in_memory(*tiny_overrides(model), "method=id", "schedule=greedy", "budget=0.6")
+    assert 0.55 < done.achieved <= 0.6
+    chosen = {(r["block"], "mlp"): r["neurons"] for r in done.plan.rows() if r["site"] == "mlp_out"}
+    chosen |= {(r["block"], "attn"): r["heads"] for r in done.plan.rows() if r["site"] == "attn_out"}
+    assert {(r["block"], r["site"]): r["kept"] for r in done.rows} == chosen
+    ids = torch.randint(0, 255, (2, 48))
+    assert torch.equal(logits(shrink.load(done.save(tmp_path / "model")), ids), logits(done.model, ids))
+
+
+def test_a_greedy_run_writes_its_plan_and_follows_it(run_job, saved_logits):
+    """The end-to-end path: plan.jsonl, layers.jsonl and kept.png agree with the checkpoint."""
+    model = "tiny-llama"
     metrics, folder = run_job(*tiny_overrides(model), "method=id", "schedule=greedy", "budget=0.6")
     assert metrics["budget_achieved"] <= 0.6
     assert metrics["budget_achieved"] > 0.55
@@ -109,10 +121,10 @@ def test_greedy_id_meets_budget_follows_plan_and_reloads(run_job, saved_logits, 
     assert torch.equal(logits(reloaded, saved_logits["ids"]), saved_logits["logits"])
 
 
-def test_greedy_sizes_differ_per_layer_and_reload(run_job):
+def test_greedy_sizes_differ_per_layer_and_reload(tmp_path):
     """Blocks with different spectra get different widths, and those per-layer widths reload."""
-    _, folder = run_job(*tiny_overrides("tiny-llama"), "method=id", "schedule=greedy", "budget=0.5")
-    model = shrink.load(folder / "model")
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "schedule=greedy", "budget=0.5")
+    model = shrink.load(done.save(tmp_path / "model"))
     adapter = build_adapter(model)
     widths = [block.mlp.down_proj.in_features for block in adapter.blocks()]
     assert len(set(widths)) > 1
@@ -144,25 +156,29 @@ def test_greedy_floor_above_budget_fails_before_work(tmp_path, override):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("schedule", ["uniform", "greedy"])
-def test_attention_score_macs_count_and_shrink_with_heads(run_job, schedule):
-    metrics, _ = run_job(
-        *tiny_overrides("tiny-llama"),
-        "method=id",
-        f"schedule={schedule}",
-        "budget_unit=macs",
-        "budget_seq_len=128",
-        "budget=0.5",
-    )
-    dense = load_model(make_cfg(*tiny_overrides("tiny-llama")).model, torch.float32).model
-    linears = sum(
+def _block_linear_weights(model: str) -> int:
+    dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32).model
+    return sum(
         m.weight.numel()
         for n, m in dense.named_modules()
         if n.startswith("model.layers") and isinstance(m, torch.nn.Linear)
     )
+
+
+def test_attention_score_macs_count_and_shrink_with_heads():
+    macs = ["budget_unit=macs", "budget_seq_len=128", "budget=0.5"]
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "schedule=greedy", *macs)
     # 2 layers × 4 heads × head_dim 16 × (128 + 1) keys·MACs on top of the linears
-    assert metrics["block_macs_dense"] == linears + 2 * 4 * 16 * 129
-    assert metrics["budget_achieved"] <= 0.5
+    assert done.dense.macs == _block_linear_weights("tiny-llama") + 2 * 4 * 16 * 129
+    assert done.achieved <= 0.5
+
+
+def test_a_run_reports_macs_with_attention_scores(run_job):
+    metrics, _ = run_job(
+        *tiny_overrides("tiny-llama"), "method=id", "budget_unit=macs", "budget_seq_len=128", "budget=0.5"
+    )
+    assert metrics["block_macs_dense"] == _block_linear_weights("tiny-llama") + 2 * 4 * 16 * 129
+    assert metrics["budget_achieved"] <= 0.5 and metrics["budget_seq_len"] == 128
     assert metrics["block_macs_compressed"] / metrics["block_macs_dense"] == pytest.approx(
         metrics["budget_achieved"]
     )

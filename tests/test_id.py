@@ -9,43 +9,42 @@ import shrink
 from shrink.linalg import block_pivoted_cholesky, interpolation_matrix, pivoted_cholesky, pivoted_qr
 from shrink.models import build_adapter, load_model
 
-from .conftest import TINY, logits, make_cfg, tiny_overrides
+from .conftest import TINY, compress_in_memory, logits, make_cfg, tiny_overrides
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert", "tiny-distilbert"])
-def test_keeping_everything_reproduces_logits(run_job, model):
+def test_keeping_everything_reproduces_logits(tmp_path, model):
     """Budget 1 runs the whole ID path with k = n: T = I, so the model must not change."""
-    metrics, folder = run_job(*tiny_overrides(model), "method=id", "budget=1.0")
+    done = compress_in_memory(*tiny_overrides(model), "method=id", "budget=1.0")
     dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0).model
     ids = torch.randint(0, 255, (2, 48))
-    assert torch.allclose(
-        logits(shrink.load(folder / "model"), ids), logits(dense, ids), atol=1e-5, rtol=1e-5
-    )
-    assert metrics["budget_achieved"] == 1.0
+    reloaded = shrink.load(done.save(tmp_path / "model"))
+    assert torch.allclose(logits(reloaded, ids), logits(dense, ids), atol=1e-5, rtol=1e-5)
+    assert done.achieved == 1.0
 
 
 @pytest.mark.parametrize("model", TINY)
 @pytest.mark.parametrize("budget", [0.4, 0.7])
-def test_pruned_model_is_smaller_dense_and_reloads(run_job, saved_logits, model, budget):
-    metrics, folder = run_job(*tiny_overrides(model), "method=id", f"budget={budget}")
-    assert metrics["budget_achieved"] <= budget
-    reloaded = shrink.load(folder / "model")
-    assert torch.equal(logits(reloaded, saved_logits["ids"]), saved_logits["logits"])
+def test_pruned_model_is_smaller_dense_and_reloads(tmp_path, model, budget):
+    done = compress_in_memory(*tiny_overrides(model), "method=id", f"budget={budget}")
+    assert done.achieved <= budget
+    reloaded = shrink.load(done.save(tmp_path / "model"))
+    ids = torch.randint(0, 255, (2, 48))
+    assert torch.equal(logits(reloaded, ids), logits(done.model, ids))
     # physically smaller: plain Linear layers of reduced width, no masks, no extra modules
     linears = [m for m in reloaded.modules() if isinstance(m, torch.nn.Linear)]
     dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0).model
     assert len(linears) == len([m for m in dense.modules() if isinstance(m, torch.nn.Linear)])
+    params = sum(p.numel() for p in reloaded.parameters())
     assert (
-        metrics["params_compressed"]
-        == sum(p.numel() for p in reloaded.parameters())
-        < metrics["params_dense"]
+        params == sum(p.numel() for p in done.model.parameters()) < sum(p.numel() for p in dense.parameters())
     )
 
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
-def test_gqa_keeps_equal_query_heads_per_kv_group(run_job, budget):
-    _, folder = run_job(*tiny_overrides("tiny-llama"), "method=id", f"budget={budget}", "save_model=true")
-    model = shrink.load(folder / "model")
+def test_gqa_keeps_equal_query_heads_per_kv_group(tmp_path, budget):
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", f"budget={budget}")
+    model = shrink.load(done.save(tmp_path / "model"))
     adapter = build_adapter(model)
     for block in adapter.blocks():
         n_heads, n_kv = adapter.attention(block).counts()
@@ -101,11 +100,11 @@ def test_singular_gram_is_regularised_not_propagated():
     assert torch.isfinite(t).all() and torch.equal(t, torch.eye(z.shape[1], dtype=t.dtype))
 
 
-def test_sketch_qr_selection_runs_end_to_end(run_job):
-    metrics, _ = run_job(
+def test_sketch_qr_selection_runs_end_to_end():
+    done = compress_in_memory(
         *tiny_overrides("tiny-llama"), "method=id", "method.selection=sketch_qr", "budget=0.6"
     )
-    assert metrics["budget_achieved"] <= 0.6
+    assert done.achieved <= 0.6
 
 
 def test_heads_only_below_reach_fails_clearly(tmp_path):

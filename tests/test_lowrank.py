@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -14,7 +12,7 @@ from shrink.errors import ShrinkError
 from shrink.methods import build_method
 from shrink.stats import SecondMoment
 
-from .conftest import TINY, logits, make_cfg, tiny_overrides
+from .conftest import TINY, compress_in_memory, logits, make_cfg, tiny_overrides
 
 LOW_RANK = ["svd", "rom", "svdllm"]
 
@@ -90,23 +88,23 @@ def test_svdllm_handles_a_singular_second_moment():
 
 @pytest.mark.parametrize("method", ["rom", "svdllm"])
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert"])
-def test_full_budget_reproduces_outputs(run_job, method, model):
+def test_full_budget_reproduces_outputs(tmp_path, method, model):
     from shrink.models import load_model
 
-    _, folder = run_job(*tiny_overrides(model), f"method={method}", "budget=1.0")
+    done = compress_in_memory(*tiny_overrides(model), f"method={method}", "budget=1.0")
     dense = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0).model
     ids = torch.randint(0, 255, (2, 32))
-    assert torch.equal(logits(shrink.load(folder / "model"), ids), logits(dense, ids))
+    assert torch.equal(logits(shrink.load(done.save(tmp_path / "model")), ids), logits(dense, ids))
 
 
 @pytest.mark.parametrize("method", ["rom", "svdllm"])
 @pytest.mark.parametrize("model", TINY)
-def test_low_rank_methods_run_save_and_reload(run_job, saved_logits, method, model):
-    metrics, folder = run_job(*tiny_overrides(model), f"method={method}", "budget=0.6")
-    assert metrics["budget_achieved"] <= 0.6
-    rows = [json.loads(line) for line in (folder / "layers.jsonl").read_text().splitlines()]
-    assert all(0 <= r["rel_error"] < 1.5 for r in rows)
-    assert torch.equal(logits(shrink.load(folder / "model"), saved_logits["ids"]), saved_logits["logits"])
+def test_low_rank_methods_run_save_and_reload(tmp_path, method, model):
+    done = compress_in_memory(*tiny_overrides(model), f"method={method}", "budget=0.6")
+    assert done.achieved <= 0.6
+    assert all(0 <= r["rel_error"] < 1.5 for r in done.rows)
+    ids = torch.randint(0, 255, (2, 48))
+    assert torch.equal(logits(shrink.load(done.save(tmp_path / "model")), ids), logits(done.model, ids))
 
 
 SCHEDULES = ["uniform", "last_k", "first_k", "energy", "greedy"]
@@ -114,25 +112,19 @@ SCHEDULES = ["uniform", "last_k", "first_k", "energy", "greedy"]
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("model", TINY)
-def test_every_schedule_meets_the_budget_on_every_family(run_job, schedule, model):
+def test_every_schedule_meets_the_budget_on_every_family(schedule, model):
     method = "id" if schedule == "greedy" and model == "tiny-opt" else "svdllm"
     extra = ["schedule.k=1"] if schedule in ("last_k", "first_k") else []
-    metrics, _ = run_job(
-        *tiny_overrides(model),
-        f"method={method}",
-        f"schedule={schedule}",
-        "budget=0.7",
-        "save_model=false",
-        *extra,
+    done = compress_in_memory(
+        *tiny_overrides(model), f"method={method}", f"schedule={schedule}", "budget=0.7", *extra
     )
-    assert metrics["budget_achieved"] <= 0.7
+    assert done.achieved <= 0.7
 
 
-def test_last_k_compresses_only_the_last_blocks(run_job):
-    _, folder = run_job(
+def test_last_k_compresses_only_the_last_blocks():
+    rows = compress_in_memory(
         *tiny_overrides("tiny-llama"), "method=svdllm", "schedule=last_k", "schedule.k=1", "budget=0.8"
-    )
-    rows = [json.loads(line) for line in (folder / "layers.jsonl").read_text().splitlines()]
+    ).rows
     assert all(r["rank"] is None for r in rows if r["block"] == 0)
     assert any(r["rank"] is not None for r in rows if r["block"] == 1)
 
