@@ -3,8 +3,6 @@ the result reloads, and the runner's teacher stream and row slicing are what the
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -21,13 +19,9 @@ from shrink.placement import Resident
 from shrink.runner import Runner
 from shrink.schedules import make_plan
 
-from .conftest import TINY, logits, make_cfg, tiny_overrides
+from .conftest import TINY, compress_in_memory, logits, make_cfg, tiny_overrides
 
 FAST_DISTILL = ["method=distill", "method.steps=12", "method.eval_every=4"]
-
-
-def _rows(folder):
-    return [json.loads(line) for line in (folder / "layers.jsonl").read_text().splitlines()]
 
 
 def test_token_loss_is_smallest_at_the_target():
@@ -38,55 +32,53 @@ def test_token_loss_is_smallest_at_the_target():
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt"])
-def test_distillation_lowers_the_calibration_loss(run_job, model):
-    _, folder = run_job(*tiny_overrides(model), *FAST_DISTILL, "method.lr=3e-3", "budget=0.5")
-    rows = _rows(folder)
+def test_distillation_lowers_the_calibration_loss(model):
+    rows = compress_in_memory(*tiny_overrides(model), *FAST_DISTILL, "method.lr=3e-3", "budget=0.5").rows
     assert rows and all(r["distill_loss"] < r["distill_loss_init"] for r in rows)
     assert all(r["distill_best_step"] > 0 and r["distill_steps"] == 12 for r in rows)
 
 
-def _block_weights(folder):
-    return {k: v for k, v in shrink.load(folder / "model").state_dict().items() if ".layers." in k}
+def _block_weights(model):
+    return {k: v for k, v in model.state_dict().items() if ".layers." in k}
 
 
-def test_never_returns_factors_worse_than_the_initialisation(run_job):
+def test_never_returns_factors_worse_than_the_initialisation():
     """A learning rate that wrecks every step: the best factors seen are the initial ones."""
     base = [*tiny_overrides("tiny-llama"), *FAST_DISTILL, "budget=0.5"]
-    _, init = run_job(*base, "method.steps=0", name="init")
-    _, wild = run_job(*base, "method.lr=50", name="wild")
-    rows = _rows(wild)
-    assert all(r["distill_loss"] <= r["distill_loss_init"] for r in rows)
-    assert all(r["distill_best_step"] == 0 for r in rows)
-    a, b = _block_weights(init), _block_weights(wild)
+    init = compress_in_memory(*base, "method.steps=0")
+    wild = compress_in_memory(*base, "method.lr=50")
+    assert all(r["distill_loss"] <= r["distill_loss_init"] for r in wild.rows)
+    assert all(r["distill_best_step"] == 0 for r in wild.rows)
+    a, b = _block_weights(init.model), _block_weights(wild.model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("inputs", ["teacher", "student", "teacher+student"])
 @pytest.mark.parametrize("init", ["svd", "svdllm"])
-def test_every_input_mode_and_init_runs_saves_and_reloads(run_job, saved_logits, inputs, init):
-    metrics, folder = run_job(
+def test_every_input_mode_and_init_runs_saves_and_reloads(tmp_path, inputs, init):
+    done = compress_in_memory(
         *tiny_overrides("tiny-llama"),
         *FAST_DISTILL,
         f"method.inputs={inputs}",
         f"method.init={init}",
         "budget=0.6",
     )
-    assert metrics["budget_achieved"] <= 0.6 and metrics["method"] == "distill"
-    assert all(r["distill_loss"] <= r["distill_loss_init"] for r in _rows(folder))
-    assert torch.equal(logits(shrink.load(folder / "model"), saved_logits["ids"]), saved_logits["logits"])
+    assert done.achieved <= 0.6
+    assert all(r["distill_loss"] <= r["distill_loss_init"] for r in done.rows)
+    ids = torch.randint(0, 255, (2, 48))
+    assert torch.equal(logits(shrink.load(done.save(tmp_path / "model")), ids), logits(done.model, ids))
 
 
 @pytest.mark.parametrize("model", TINY)
-def test_distill_runs_on_every_family(run_job, model):
-    metrics, _ = run_job(*tiny_overrides(model), *FAST_DISTILL, "budget=0.6", "save_model=false")
-    assert metrics["budget_achieved"] <= 0.6
+def test_distill_runs_on_every_family(model):
+    assert compress_in_memory(*tiny_overrides(model), *FAST_DISTILL, "budget=0.6").achieved <= 0.6
 
 
-def test_greedy_plans_distill_from_its_initialisation(run_job):
-    metrics, _ = run_job(
+def test_greedy_plans_distill_from_its_initialisation():
+    done = compress_in_memory(
         *tiny_overrides("tiny-llama"), *FAST_DISTILL, "schedule=greedy", "schedule.min_keep=0.1", "budget=0.6"
     )
-    assert metrics["budget_achieved"] <= 0.6
+    assert done.achieved <= 0.6
 
 
 @pytest.mark.parametrize(

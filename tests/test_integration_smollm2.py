@@ -29,7 +29,9 @@ def test_default_launch_on_smollm2(tmp_path):
         "calib.nsamples=8",
         "calib.seq_len=512",
         "eval.ppl.max_tokens=2048",
-        "eval.zeroshot.limit=30",  # the default suite is `quick`; 30 items keep the test short
+        # the default suite is `quick`; two of its tasks and 30 items keep the test short
+        "eval.zeroshot.tasks=[piqa,arc_easy]",
+        "eval.zeroshot.limit=30",
         f"hydra.run.dir={folder}",
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -40,7 +42,7 @@ def test_default_launch_on_smollm2(tmp_path):
     m = json.loads((folder / "metrics.json").read_text())
     assert m["model"] == "smollm2-135m" and m["params_dense"] == 134_515_008
     assert m["budget_achieved"] <= m["budget"] == 0.5
-    assert sorted(m["eval"]["zeroshot"]) == ["arc_easy", "hellaswag", "mean", "piqa"]
+    assert sorted(m["eval"]["zeroshot"]) == ["arc_easy", "mean", "piqa"]
     assert all(0 <= row["compressed"] <= 1 for row in m["eval"]["zeroshot"].values() if "n" in row)
     ppl = m["eval"]["ppl"]["wiki"]
     assert 10 < ppl["dense"] < 40, ppl  # held-out Wikipedia, 1024-token windows
@@ -70,21 +72,22 @@ def test_quick_suite_on_a_mapped_smollm2(tmp_path):
     from .conftest import make_cfg
 
     overrides = [
-        "eval=quick", "eval.zeroshot.limit=30", "eval.ppl.max_tokens=2048", "logger=none",
-        "calib.nsamples=8", "calib.seq_len=256", "budget=0.9", "save_model=false",
+        "eval=quick", "eval.zeroshot.tasks=[piqa,arc_easy]", "eval.zeroshot.limit=30",
+        "eval.ppl.max_tokens=2048", "logger=none", "calib.nsamples=4", "calib.seq_len=256",
+        "budget=0.9", "save_model=false",
         "model.device_map=auto", "model.max_memory={cpu:300MB}",  # about half the blocks on disk
     ]  # fmt: skip
     run(make_cfg(*overrides), run_dir=tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["device_map"]["disk"] > 0 and sum(metrics["device_map"].values()) == 30
     zs = metrics["eval"]["zeroshot"]
-    chance = {"piqa": 0.5, "arc_easy": 0.25, "hellaswag": 0.25}
+    chance = {"piqa": 0.5, "arc_easy": 0.25}
     for task, floor in chance.items():
         row = zs[task]
         assert row["n"] == 30 and row["dense_stderr"] > 0
-        assert floor + 0.05 < row["dense"] < 0.85, (task, row)  # reference: 0.64, 0.50, 0.47
+        assert floor + 0.05 < row["dense"] < 0.85, (task, row)  # reference: 0.64, 0.50
         assert floor - 0.1 < row["compressed"] <= 1.0, (task, row)
-    assert 0.35 < zs["mean"]["dense"] < 0.75
+    assert 0.4 < zs["mean"]["dense"] < 0.8
 
 
 def test_streamed_run_on_smollm2(tmp_path):
