@@ -193,12 +193,19 @@ def test_sigint_prints_one_line_and_exits_130(tmp_path):
          f"hydra.run.dir={folder}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # a shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it:
+        # give the child the default disposition, as a run started from a terminal has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (folder / "plan.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "plan.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave a million-step run behind
+            proc.kill()
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     # one message; progress bars share stderr, so it is looked for anywhere, not only at line starts
