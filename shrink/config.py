@@ -130,6 +130,11 @@ class IDSelection(str, Enum):
     sketch_qr = "sketch_qr"  # pivoted QR of a streamed Gaussian row sketch ΩZ (exact check)
 
 
+class FoldTarget(str, Enum):
+    compressed = "compressed"  # fit the activations the pruned block itself sees (STAT)
+    dense = "dense"  # fit the dense model's activations: also corrects the error from below
+
+
 @dataclass
 class IDConf(MethodConf):
     name: str = "id"
@@ -139,6 +144,8 @@ class IDConf(MethodConf):
     ridge: float = 1e-2  # λ/mean(diag G[J,J]) of the ridge fit of T (always on; see linalg)
     ffn: bool = True  # prune FFN neurons
     heads: bool = True  # prune attention heads
+    bias: bool = False  # affine fold: the next layer gets a bias carrying the dropped units' mean
+    target: FoldTarget = FoldTarget.compressed  # what the fold fits (dense: error-correcting)
 
 
 @dataclass

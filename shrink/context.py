@@ -12,7 +12,7 @@ from torch import nn
 
 from .cost import CostModel
 from .models import Attention, Site
-from .stats import SecondMoment
+from .stats import CrossMoment, SecondMoment
 
 Streams = list[torch.Tensor]  # one tensor per calibration batch
 # runs one block on (hidden, extra positional arguments, keyword arguments): the family's call
@@ -55,6 +55,32 @@ class BlockContext:
             size = self.hidden[batch].shape[0]
             args, kwargs = take_rows(args, rows, size), take_rows(kwargs, rows, size)
         return self.forward(self.block, hidden, args, kwargs)
+
+    def cross_moments(self, names: list[str]) -> dict[str, CrossMoment]:
+        """Moments of the named sites' inputs on the propagated stream against the dense stream
+        (same windows, the block as it is now): what a fold needs to fit the dense function."""
+        if self.teacher_hidden is None:
+            raise RuntimeError("cross moments need the dense stream: set the method's needs_teacher")
+        seen: dict[str, torch.Tensor] = {}
+        handles, acc = [], {}
+        for name in names:
+            first = self.block.get_submodule(self.site(name).linears[0])
+            where = f"block {self.index} {name}"
+            acc[name] = CrossMoment(first.in_features, first.weight.device, where)
+            hook = lambda _m, args, name=name: seen.__setitem__(name, args[0])  # noqa: E731
+            handles.append(first.register_forward_pre_hook(hook))
+        try:
+            with torch.no_grad():
+                for b, (x, y) in enumerate(zip(self.hidden, self.teacher_hidden, strict=True)):
+                    self.run(x, b)
+                    ours = dict(seen)
+                    self.run(y, b)
+                    for name in names:
+                        acc[name].update(ours[name], seen[name])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return acc
 
     def run_all(self, inputs: Streams) -> Streams:
         """The block on every calibration batch of `inputs`."""

@@ -48,14 +48,16 @@ class CostTable:
 @dataclass(frozen=True)
 class NeuronCosts:
     """Cost of keeping k of an FFN's neurons: a neuron is one row of each input linear (and its
-    bias) and one column of the output linear; the output bias is paid whatever k is."""
+    bias) and one column of the output linear; the output bias is paid whatever k is, and a bias
+    that a fold adds (`added`) once any neuron is dropped."""
 
     neurons: int
     per_neuron: int
     fixed: int
+    added: int = 0
 
     def of(self, k: int) -> int:
-        return k * self.per_neuron + self.fixed
+        return k * self.per_neuron + self.fixed + (self.added if k < self.neurons else 0)
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,15 @@ class HeadCosts:
     per_q: int
     per_kv: int
     fixed: int  # the output projection's bias
+    added: int = 0  # a bias the fold adds to the output projection once any head is dropped
 
     @property
     def group(self) -> int:
         return self.n_heads // self.n_kv
 
     def of(self, m: int, q: int) -> int:
-        return m * q * self.per_q + m * self.per_kv + self.fixed
+        dropped = (m, q) != (self.n_kv, self.group)
+        return m * q * self.per_q + m * self.per_kv + self.fixed + (self.added if dropped else 0)
 
     def options(self) -> list[tuple[int, int]]:
         return [(m, q) for m in range(1, self.n_kv + 1) for q in range(1, self.group + 1)]
@@ -173,11 +177,15 @@ class CostModel:
         """One output row of a linear, with its bias entry."""
         return linear.in_features + self._bias(linear) // max(linear.out_features, 1)
 
-    def neurons(self, ins: list[nn.Linear], out: nn.Linear) -> NeuronCosts:
-        per = sum(self._row(lin) for lin in ins) + out.out_features
-        return NeuronCosts(out.in_features, per, self._bias(out))
+    def _added(self, out: nn.Linear, adds_bias: bool) -> int:
+        """A bias a fold gives `out` where it has none."""
+        return self._bias(out, True) if adds_bias and out.bias is None else 0
 
-    def heads(self, attention: Attention) -> HeadCosts:
+    def neurons(self, ins: list[nn.Linear], out: nn.Linear, adds_bias: bool = False) -> NeuronCosts:
+        per = sum(self._row(lin) for lin in ins) + out.out_features
+        return NeuronCosts(out.in_features, per, self._bias(out), self._added(out, adds_bias))
+
+    def heads(self, attention: Attention, adds_bias: bool = False) -> HeadCosts:
         q, k, o = (attention.linear(n) for n in "qko")
         n_heads, n_kv = attention.counts()
         dh = attention.head_dim
@@ -185,4 +193,4 @@ class CostModel:
         per_kv = dh * 2 * self._row(k)
         if n_kv == n_heads:  # MHA: a head carries its own k/v
             per_q, per_kv = per_q + per_kv, 0
-        return HeadCosts(n_heads, n_kv, per_q, per_kv, self._bias(o))
+        return HeadCosts(n_heads, n_kv, per_q, per_kv, self._bias(o), self._added(o, adds_bias))

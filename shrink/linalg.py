@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from .errors import NumericalError
+from .stats import CrossMoment, SecondMoment
 
 
 def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,43 +89,46 @@ def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> Pivots:
 
     Picking, at each step, the column with the largest residual after projection onto the chosen
     ones is QR with column pivoting of Z, computed from G alone (pivoted Cholesky), so no
-    activation matrix is needed. Returns the pivots in selection order, |R_jj| of each (the
-    residual norm of that column when it was chosen), and the trace of the Schur complement after
-    each pick, which is exactly the squared Frobenius error of the ID that keeps the first picks
-    (the greedy schedule uses it). Columns already in the span of the chosen ones (residual ≤
-    rtol·max diag) are appended with |R_jj|=0.
+    activation matrix is needed. LAPACK's blocked `dpstrf` runs exactly this greedy rule (the
+    largest remaining diagonal of the Schur complement). Returns the first `k` pivots in selection
+    order, |R_jj| of each (the residual norm of that column when it was chosen), and the trace of
+    the Schur complement before any pick and after each one, which is exactly the squared
+    Frobenius error of the ID that keeps the first picks (the greedy schedule uses it). Columns
+    already in the span of the chosen ones (residual ≤ rtol·max diag) follow in order of their
+    residual, with |R_jj| = 0.
     """
-    g = gram.to(torch.float64)
+    g = gram.detach().to("cpu", torch.float64)
     n = g.shape[0]
     k = min(k, n)
-    residual = torch.diagonal(g).clone().clamp_min(0)
-    floor = rtol * float(residual.max().clamp_min(0))
-    factor = torch.zeros(n, k, dtype=torch.float64, device=g.device)
-    chosen = torch.zeros(n, dtype=torch.bool, device=g.device)
-    pivots, r_diag, remaining = [], [], [float(residual.sum())]
-    for i in range(k):
-        masked = torch.where(chosen, torch.full_like(residual, -float("inf")), residual)
-        j = int(masked.argmax())
-        pivots.append(j)
-        chosen[j] = True
-        if residual[j] <= floor:
-            r_diag.append(0.0)
-            residual[j] = 0
-            remaining.append(float(residual.sum()))
-            continue
-        r_jj = residual[j].sqrt()
-        column = (g[:, j] - factor[:, :i] @ factor[j, :i]) / r_jj
-        factor[:, i] = column
-        residual = (residual - column**2).clamp_min(0)
-        residual[chosen] = 0
-        r_diag.append(float(r_jj))
-        remaining.append(float(residual.sum()))
-    f64 = torch.float64
-    return Pivots(
-        torch.tensor(pivots, dtype=torch.long),
-        torch.tensor(r_diag, dtype=f64),
-        torch.tensor(remaining, dtype=f64),
-    )
+    diag = torch.diagonal(g).clamp_min(0)
+    floor = rtol * float(diag.max()) if n else 0.0
+    if not torch.isfinite(g).all():
+        raise NumericalError("non-finite Gram matrix given to the pivoted Cholesky")
+    factor, piv, rank, info = lapack.dpstrf(g.numpy(), lower=1, tol=floor)
+    if info < 0:
+        raise NumericalError(f"LAPACK dpstrf rejected argument {-info}")
+    rank = min(int(rank), k)
+    permutation = torch.from_numpy(piv.astype("int64") - 1)
+    order = permutation[:rank]
+    columns = torch.from_numpy(np.tril(factor)[:, :rank])[permutation.argsort()]  # rows: original order
+    picked_at = torch.full((n,), n, dtype=torch.long)  # the step at which each column was picked
+    picked_at[order] = torch.arange(rank)
+    r_diag = torch.zeros(k, dtype=torch.float64)
+    r_diag[:rank] = columns[order, torch.arange(rank)]
+    remaining = torch.empty(k + 1, dtype=torch.float64)
+    remaining[0] = diag.sum()
+    residual = diag.clone()
+    for start in range(0, rank, 256):  # the traces after each pick, 256 picks at a time
+        steps = torch.arange(start, min(start + 256, rank))
+        left = residual[:, None] - torch.cumsum(columns[:, steps] ** 2, 1)
+        left[picked_at[:, None] <= steps[None, :]] = 0  # chosen columns leave no residual
+        remaining[steps + 1] = left.clamp_min(0).sum(0)
+        residual = residual - (columns[:, steps] ** 2).sum(1)
+    residual = residual.clamp_min(0)
+    residual[order] = -1.0
+    rest = torch.sort(residual, descending=True, stable=True).indices[: k - rank]
+    remaining[rank + 1 :] = remaining[rank] - torch.cumsum(residual[rest], 0)
+    return Pivots(torch.cat([order, rest]), r_diag, remaining)
 
 
 def pivoted_qr(matrix: torch.Tensor, k: int) -> torch.Tensor:
@@ -153,18 +159,7 @@ def interpolation_matrix(gram: torch.Tensor, keep: torch.Tensor, ridge: float = 
     G[J,J] + λI is still not positive definite λ is raised tenfold, up to 10·mean(diag).
     """
     g = gram.to(torch.float64)
-    gjj = g[keep][:, keep]
-    scale = float(torch.diagonal(gjj).mean().clamp_min(1e-300))
-    eye = torch.eye(len(keep), dtype=g.dtype, device=g.device)
-    jitter = ridge
-    while True:
-        chol, info = torch.linalg.cholesky_ex(gjj + jitter * scale * eye)
-        if int(info) == 0:
-            break
-        jitter = max(jitter * 10, 1e-12)
-        if jitter > 10:
-            raise NumericalError("interpolation system is singular even with a ridge of 10·mean(diag)")
-    t = torch.cholesky_solve(g[keep], chol)
+    t = _ridge_solve(g[keep][:, keep], g[keep], ridge)
     t[:, keep] = torch.eye(len(keep), dtype=t.dtype, device=t.device)
     return t
 
@@ -214,3 +209,82 @@ def block_pivoted_cholesky(
     return Pivots(
         chosen, torch.tensor(scores, dtype=torch.float64), torch.tensor(remaining, dtype=torch.float64)
     )
+
+
+class Fold(NamedTuple):
+    """Z_target ≈ Z[:, keep] T + 1 bᵀ: the interpolation T (k × n) and the shift b (n; None for a
+    linear fold). The next layer W (out × n) becomes W Tᵀ (out × k) with bias W b added."""
+
+    t: torch.Tensor
+    shift: torch.Tensor | None
+
+
+def _ridge_solve(system: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(A + λI)⁻¹ B with λ = ridge·mean(diag A), raised tenfold until A + λI is positive definite."""
+    scale = float(torch.diagonal(system).mean().clamp_min(1e-300))
+    eye = torch.eye(system.shape[0], dtype=system.dtype, device=system.device)
+    jitter = ridge
+    while True:
+        chol, info = torch.linalg.cholesky_ex(system + jitter * scale * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, chol)
+        jitter = max(jitter * 10, 1e-12)
+        if jitter > 10:
+            raise NumericalError("interpolation system is singular even with a ridge of 10·mean(diag)")
+
+
+def fold(
+    stats: SecondMoment, keep: torch.Tensor, ridge: float, affine: bool, cross: CrossMoment | None = None
+) -> Fold:
+    """The least-squares fold of the dropped columns into the kept ones, from streamed moments.
+
+    x is what the edited block reads (`stats`), y the target: x itself, or with `cross` the dense
+    model's activations at the same site on the same tokens (the fold then also corrects the error
+    that earlier blocks left in x). Linear: T = (XⱼᵀXⱼ + λI)⁻¹ XⱼᵀY. Affine (`affine`): the same on
+    centred moments, and b = E[y] − Tᵀ E[xⱼ], so the fold also carries the mean of what is dropped
+    (bias compensation). Kept columns pass through unchanged (T[:, keep] = I) only when the target
+    is x itself; against dense targets they are refitted too.
+    """
+    n = stats.count
+    gxx = stats.xtx
+    gxy = gxx if cross is None else cross.xty
+    mx, my = stats.mean(), stats.mean() if cross is None else cross.sum_y / max(cross.count, 1)
+    if affine:
+        gxx = gxx / n - torch.outer(mx, mx)
+        gxy = gxy / n - torch.outer(mx, my)
+    t = _ridge_solve(gxx[keep][:, keep], gxy[keep], ridge)
+    if cross is None:
+        t[:, keep] = torch.eye(len(keep), dtype=t.dtype, device=t.device)
+    shift = my - t.T @ mx[keep] if affine else None
+    return Fold(t, shift)
+
+
+def fold_error(
+    weight: torch.Tensor,
+    folded: torch.Tensor,
+    keep: torch.Tensor,
+    shift: torch.Tensor | None,
+    stats: SecondMoment,
+    cross: CrossMoment | None = None,
+) -> float:
+    """Relative output error E‖W' xⱼ + W b − W y‖² / E‖W y‖² of the folded layer W' = W Tᵀ (with
+    its added bias W b) against the layer on its target y (x itself, or the dense activations)."""
+    w = weight.to(torch.float64)
+    a = torch.zeros_like(w)
+    a[:, keep] = folded.to(torch.float64)
+    n = stats.count
+    gxx, mx = stats.xtx / n, stats.mean()
+    if cross is None:
+        gxy, gyy, my = gxx, gxx, mx
+    else:
+        gxy, gyy, my = cross.xty / n, cross.yty / n, cross.sum_y / n
+    c = w @ shift if shift is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    num = (
+        torch.einsum("ij,jk,ik->", a, gxx, a)
+        - 2 * torch.einsum("ij,jk,ik->", a, gxy, w)
+        + torch.einsum("ij,jk,ik->", w, gyy, w)
+        + 2 * c @ (a @ mx - w @ my)
+        + c @ c
+    ).clamp_min(0)
+    den = torch.einsum("ij,jk,ik->", w, gyy, w)
+    return float((num / den).sqrt()) if den > 0 else float("nan")

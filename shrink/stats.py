@@ -56,3 +56,26 @@ class SecondMoment:
 
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.count, 1)
+
+
+class CrossMoment:
+    """Accumulates, at one site, the moments of two streams seen on the same tokens: x, the input
+    the edited block will get (the compressed model's), and y, the dense model's. ΣxyᵀΣ, Σyyᵀ and
+    Σy let a fold fit the dense function (issue 15's dense targets) without keeping activations."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu", where: str = "") -> None:
+        self.xty = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.yty = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.sum_y = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.count = 0
+        self.where = where
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.xty.device, torch.float64)
+        y = y.detach().reshape(-1, y.shape[-1]).to(self.xty.device, torch.float64)
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise NumericalError(f"non-finite activations at the input of {self.where or 'a site'}")
+        self.xty.addmm_(x.T, y)
+        self.yty.addmm_(y.T, y)
+        self.sum_y += y.sum(0)
+        self.count += x.shape[0]

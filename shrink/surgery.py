@@ -72,7 +72,8 @@ def keep_outputs(block: nn.Module, path: str, rows: torch.Tensor) -> None:
     replace_submodule(block, path, new_linear(linear.weight[rows], bias, linear))
 
 
-def set_inputs(block: nn.Module, path: str, weight: torch.Tensor) -> None:
-    """Replace the Linear at `path` by one reading fewer inputs: new out×k `weight`, same bias."""
+def set_inputs(block: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Replace the Linear at `path` by one reading fewer inputs: new out×k `weight`, and `bias`
+    (a fold that carries the mean of what it dropped) or else the bias it had."""
     linear = block.get_submodule(path)
-    replace_submodule(block, path, new_linear(weight, linear.bias, linear))
+    replace_submodule(block, path, new_linear(weight, bias if bias is not None else linear.bias, linear))

@@ -21,15 +21,24 @@ from __future__ import annotations
 import time
 
 import torch
+from omegaconf import DictConfig
 
 from ..budget import Curve, Option
-from ..config import IDSelection
+from ..config import FoldTarget, IDSelection
 from ..context import BlockContext, BlockResult
 from ..cost import NeuronCosts, module_cost
 from ..errors import ShrinkError
-from ..linalg import block_pivoted_cholesky, interpolation_matrix, output_error, pivoted_cholesky, pivoted_qr
+from ..linalg import (
+    block_pivoted_cholesky,
+    fold,
+    fold_error,
+    interpolation_matrix,
+    output_error,
+    pivoted_cholesky,
+    pivoted_qr,
+)
 from ..models import Site
-from ..stats import SecondMoment
+from ..stats import CrossMoment, SecondMoment
 from ..surgery import keep_outputs, set_inputs
 from . import register
 from .base import Method
@@ -48,9 +57,9 @@ def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
     return sum(ctx.targets[n] * costs[n] for n in names) / sum(costs.values())
 
 
-def _ffn_costs(ctx: BlockContext) -> NeuronCosts:
+def _ffn_costs(ctx: BlockContext, adds_bias: bool) -> NeuronCosts:
     ins = [ctx.block.get_submodule(p) for p in ctx.site("mlp_in").linears]
-    return ctx.costs.neurons(ins, ctx.block.get_submodule(ctx.site("mlp_out").linears[0]))
+    return ctx.costs.neurons(ins, ctx.block.get_submodule(ctx.site("mlp_out").linears[0]), adds_bias)
 
 
 def _group_constraint(n_heads: int, n_kv: int, m: int, q: int):
@@ -86,9 +95,10 @@ def _record(ctx, unit_name, kept, total, before, paths, fraction, error, start, 
     }
 
 
-def _relative(remaining: torch.Tensor) -> float:
-    """Relative Frobenius error after the last pick, from the residual energies."""
-    total = float(remaining[0])
+def _relative(remaining: torch.Tensor, total: float | None = None) -> float:
+    """Relative Frobenius error after the last pick, from the residual energies, against `total`
+    (by default the energy before any pick)."""
+    total = float(remaining[0]) if total is None else total
     return (max(float(remaining[-1]), 0.0) / total) ** 0.5 if total > 0 else 0.0
 
 
@@ -96,6 +106,19 @@ def _relative(remaining: torch.Tensor) -> float:
 class InterpolativeDecomposition(Method):
     name = "id"
     has_profile = True
+
+    @staticmethod
+    def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
+        if cfg.target == FoldTarget.dense and propagate == "dense":
+            raise ShrinkError(
+                "method.target=dense fits the dense model's activations, which with propagate=dense are "
+                "the ones the block already sees; use propagate=compressed or method.target=compressed"
+            )
+
+    @property
+    def needs_teacher(self) -> bool:  # type: ignore[override]
+        """Dense targets need the dense model's activations beside the propagated ones."""
+        return self.cfg.target == FoldTarget.dense
 
     def new_stats(self, site: Site, dim: int, device: torch.device, where: str, seed: int) -> SecondMoment:
         """`selection: sketch_qr` also streams a Gaussian row sketch ΩZ of the ID's sites."""
@@ -112,6 +135,11 @@ class InterpolativeDecomposition(Method):
         leaves, so the per-block fraction is met as closely as the granularity allows.
         """
         records, spectra = [], {}
+        cross: dict[str, CrossMoment] = {}
+        if self.cfg.target == FoldTarget.dense:  # measured before any edit of this block
+            cross = ctx.cross_moments(
+                [n for n, on in (("attn_out", self.cfg.heads), ("mlp_out", self.cfg.ffn)) if on]
+            )
         allowance = sum(ctx.targets[s.name] * ctx.price(s.name) for s in ctx.sites)
         attn_cost = ctx.price("attn_in", "attn_out")
         ffn_cost = ctx.price("mlp_in", "mlp_out")
@@ -122,10 +150,12 @@ class InterpolativeDecomposition(Method):
                 if self.cfg.ffn
                 else (allowance - ffn_cost) / attn_cost
             )
-            records.append(self._prune_heads(ctx, spectra, share))
+            records.append(self._prune_heads(ctx, spectra, share, cross.get("attn_out")))
             attn_cost = ctx.price("attn_in", "attn_out")
         if self.cfg.ffn:
-            records.append(self._prune_ffn(ctx, spectra, (allowance - attn_cost) / ffn_cost))
+            records.append(
+                self._prune_ffn(ctx, spectra, (allowance - attn_cost) / ffn_cost, cross.get("mlp_out"))
+            )
         elif "mlp" in ctx.choices:
             raise ShrinkError("the plan chose FFN widths but method.ffn is false")
         kept = ctx.price(*(s.name for s in ctx.sites))
@@ -137,25 +167,63 @@ class InterpolativeDecomposition(Method):
             )
         return BlockResult(records, spectra)
 
+    def _selection_gram(self, stats: SecondMoment, next_linear) -> torch.Tensor:
+        """What the greedy selection reads: Z_wᵀZ_w with columns weighted by their outgoing norms;
+        centred when the fold is affine (its error is what the centred Schur complement leaves)."""
+        gram = stats.xtx
+        if self.cfg.bias:
+            mean = stats.mean()
+            gram = gram - stats.count * torch.outer(mean, mean)
+        w = self._weights(next_linear)
+        return gram * w[:, None] * w[None, :]
+
+    def _output_energy(self, stats: SecondMoment, next_linear) -> float | None:
+        """With an affine fold the selection works on centred moments, whose residuals are then
+        measured against the uncentred energy, as without it (None: the selection's own total)."""
+        if not self.cfg.bias:
+            return None
+        w = self._weights(next_linear)
+        return float((torch.diagonal(stats.xtx) * w * w).sum())
+
+    def _fold(self, stats: SecondMoment, keep: torch.Tensor, linear, cross: CrossMoment | None):
+        """(new weight of the next layer, its new bias or None, relative output error). STAT's
+        fold when neither switch is on; nothing to fold when every column is kept."""
+        w = linear.weight.detach().to(torch.float64)
+        n = w.shape[1]
+        if len(keep) == n:
+            return w, None, 0.0
+        if not self.cfg.bias and cross is None:
+            new = w @ interpolation_matrix(stats.xtx, keep, self.cfg.ridge).T
+            return new, None, output_error(w - _spread(new, keep, n), w, stats.moment())
+        folded = fold(stats, keep, self.cfg.ridge, self.cfg.bias, cross)
+        new = w @ folded.t.T
+        bias = None
+        if folded.shift is not None:
+            old = linear.bias.detach().to(torch.float64) if linear.bias is not None else 0.0
+            bias = old + w @ folded.shift
+        return new, bias, fold_error(w, new, keep, folded.shift, stats, cross)
+
     def _weights(self, next_linear) -> torch.Tensor:
         if not self.cfg.weight_by_outgoing:
             return torch.ones(next_linear.in_features, dtype=torch.float64, device=next_linear.weight.device)
         return next_linear.weight.detach().to(torch.float64).norm(dim=0)
 
     # ---- FFN neurons -------------------------------------------------------------------------
-    def _prune_ffn(self, ctx: BlockContext, spectra: dict, fraction: float) -> dict:
+    def _prune_ffn(
+        self, ctx: BlockContext, spectra: dict, fraction: float, cross: CrossMoment | None
+    ) -> dict:
         """Keep the neurons the schedule chose (Plan.choices), else as many as `fraction` allows."""
         start = time.perf_counter()
         site_in, site_out = ctx.site("mlp_in"), ctx.site("mlp_out")
         down = ctx.block.get_submodule(site_out.linears[0])
         paths = [*site_in.linears, site_out.linears[0]]
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
-        costs = _ffn_costs(ctx)
+        costs = _ffn_costs(ctx, self.cfg.bias)
         n = costs.neurons
         if "mlp" in ctx.choices:
             k = int(ctx.choices["mlp"]["neurons"])
         else:
-            k = min(n, int((fraction * costs.of(n) - costs.fixed) // costs.per_neuron))
+            k = min(n, int((fraction * costs.of(n) - costs.fixed - costs.added) // costs.per_neuron))
         if k < 1:
             raise ShrinkError(
                 f"block {ctx.index}: after the heads, the FFN's share ({fraction:.4f}) cannot keep even one "
@@ -163,32 +231,26 @@ class InterpolativeDecomposition(Method):
             )
 
         stats = ctx.stats[site_out.name]
-        gram = stats.xtx
-        w = self._weights(down)
-        pivots = pivoted_cholesky(gram * w[:, None] * w[None, :], n)
+        pivots = pivoted_cholesky(self._selection_gram(stats, down), n)
         spectra["mlp_out.id_residuals"] = pivots.r_diag.cpu().numpy()
         order = pivots.order
         if self.cfg.selection == IDSelection.sketch_qr:
-            order = pivoted_qr(stats.sketch * w[None, :], k)
-        keep = order[:k].sort().values.to(gram.device)
-        t = interpolation_matrix(gram, keep, self.cfg.ridge)
-        w_down = down.weight.detach().to(torch.float64)
-        new_down = w_down @ t.T
-        error = output_error(w_down - _spread(new_down, keep, n), w_down, stats.moment())
+            order = pivoted_qr(stats.sketch * self._weights(down)[None, :], k)
+        keep = order[:k].sort().values.to(stats.xtx.device)
+        new_down, new_bias, error = self._fold(stats, keep, down, cross)
         for path in site_in.linears:
             keep_outputs(ctx.block, path, keep)
-        set_inputs(ctx.block, site_out.linears[0], new_down)
+        set_inputs(ctx.block, site_out.linears[0], new_down, new_bias)
         return _record(ctx, "mlp", k, n, before, paths, fraction, error, start)
 
     # ---- attention heads ---------------------------------------------------------------------
-    @staticmethod
-    def _head_plan(ctx: BlockContext, fraction: float) -> tuple[int, int]:
+    def _head_plan(self, ctx: BlockContext, fraction: float) -> tuple[int, int]:
         """(kept KV groups m, query heads per group q): the schedule's choice (Plan.choices) if it
         made one, else the largest cost within the target; one head (one KV group) at least, whose
         excess the FFN then pays for."""
         if "attn" in ctx.choices:
             return int(ctx.choices["attn"]["kv_groups"]), int(ctx.choices["attn"]["heads_per_group"])
-        costs = ctx.costs.heads(ctx.attention)
+        costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
         allowed = fraction * costs.of(costs.n_kv, costs.group)
         best = None
         for m, q in costs.options():
@@ -197,7 +259,9 @@ class InterpolativeDecomposition(Method):
                 best = ((cost, m * q), m, q)
         return (best[1], best[2]) if best is not None else (1, 1)
 
-    def _prune_heads(self, ctx: BlockContext, spectra: dict, fraction: float) -> dict:
+    def _prune_heads(
+        self, ctx: BlockContext, spectra: dict, fraction: float, cross: CrossMoment | None
+    ) -> dict:
         start = time.perf_counter()
         attention = ctx.attention
         o_lin = attention.linear("o")
@@ -208,33 +272,28 @@ class InterpolativeDecomposition(Method):
         m, q = self._head_plan(ctx, fraction)
 
         stats = ctx.stats["attn_out"]
-        gram = stats.xtx
-        w = self._weights(o_lin)
-
+        device = stats.xtx.device
         eligible = _group_constraint(n_heads, n_kv, m, q)
 
         if self.cfg.selection == IDSelection.sketch_qr:
-            heads = self._sketch_heads(stats.sketch * w[None, :], dh, m * q, eligible)
+            heads = self._sketch_heads(stats.sketch * self._weights(o_lin)[None, :], dh, m * q, eligible)
         else:
-            picked = block_pivoted_cholesky(gram * w[:, None] * w[None, :], dh, m * q, eligible)
+            picked = block_pivoted_cholesky(self._selection_gram(stats, o_lin), dh, m * q, eligible)
             heads = list(picked.order)
             spectra["attn_out.head_residuals"] = picked.r_diag.cpu().numpy()
         heads = sorted(heads)  # grouped by KV head in order, as repeat_kv expects
         kv_kept = sorted({h // group for h in heads})
-        dims = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(gram.device)
-        t = interpolation_matrix(gram, dims, self.cfg.ridge)
-        w_o = o_lin.weight.detach().to(torch.float64)
-        new_o = w_o @ t.T
-        error = output_error(w_o - _spread(new_o, dims, w_o.shape[1]), w_o, stats.moment())
+        dims = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(device)
+        new_o, new_bias, error = self._fold(stats, dims, o_lin, cross)
 
         keep_outputs(ctx.block, attention.paths.q, dims)
         if n_kv != n_heads:
-            kv_dims = torch.cat([torch.arange(g * dh, (g + 1) * dh) for g in kv_kept]).to(gram.device)
+            kv_dims = torch.cat([torch.arange(g * dh, (g + 1) * dh) for g in kv_kept]).to(device)
         else:
             kv_dims = dims
         keep_outputs(ctx.block, attention.paths.k, kv_dims)
         keep_outputs(ctx.block, attention.paths.v, kv_dims)
-        set_inputs(ctx.block, attention.paths.o, new_o)
+        set_inputs(ctx.block, attention.paths.o, new_o, new_bias)
         attention.set_counts(len(heads), len(kv_kept) if n_kv != n_heads else len(heads))
         return _record(
             ctx, "attn", len(heads), n_heads, before, paths, fraction, error, start, kept_kv=len(kv_kept)
@@ -251,9 +310,10 @@ class InterpolativeDecomposition(Method):
         """
         curves = []
         if self.cfg.heads:
-            w = self._weights(ctx.attention.linear("o"))
-            gram = ctx.stats["attn_out"].xtx * w[:, None] * w[None, :]
-            costs = ctx.costs.heads(ctx.attention)
+            o_lin = ctx.attention.linear("o")
+            gram = self._selection_gram(ctx.stats["attn_out"], o_lin)
+            total = self._output_energy(ctx.stats["attn_out"], o_lin)
+            costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
             options = []
             for m, q in costs.options():
                 eligible = _group_constraint(costs.n_heads, costs.n_kv, m, q)
@@ -261,19 +321,19 @@ class InterpolativeDecomposition(Method):
                 options.append(
                     Option(
                         costs.of(m, q),
-                        _relative(left),
+                        _relative(left, total),
                         {"heads": m * q, "kv_groups": m, "heads_per_group": q},
                     )
                 )
             dense = ctx.price("attn_in", "attn_out")
             curves.append(Curve(ctx.index, "attn", ("attn_in", "attn_out"), dense, options))
         if self.cfg.ffn:
-            site_out = ctx.site("mlp_out")
-            w = self._weights(ctx.block.get_submodule(site_out.linears[0]))
-            gram = ctx.stats[site_out.name].xtx * w[:, None] * w[None, :]
-            costs = _ffn_costs(ctx)
-            left = pivoted_cholesky(gram, costs.neurons).remaining
-            total = float(left[0]) if float(left[0]) > 0 else 1.0
+            down = ctx.block.get_submodule(ctx.site("mlp_out").linears[0])
+            stats = ctx.stats["mlp_out"]
+            costs = _ffn_costs(ctx, self.cfg.bias)
+            left = pivoted_cholesky(self._selection_gram(stats, down), costs.neurons).remaining
+            total = self._output_energy(stats, down) or float(left[0])
+            total = total if total > 0 else 1.0
             errors = (left[1:].clamp_min(0) / total).sqrt().tolist()
             options = [Option(costs.of(k), e, {"neurons": k}) for k, e in enumerate(errors, start=1)]
             dense = ctx.price("mlp_in", "mlp_out")

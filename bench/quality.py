@@ -1,0 +1,89 @@
+"""Quality of `id`'s options: held-out perplexity on two corpora, per budget (issue 15).
+
+Each variant is a set of overrides on top of the default run (`id`, `uniform`, the default
+calibration); every run is evaluated on the held-out parts of the offline Wikipedia text (the
+calibration corpus's own domain) and of the offline C4 sample (another domain), and the table
+gives each as a multiple of the dense model's. Runs whose metrics.json exists are reused, so an
+interrupted bench resumes.
+
+    .venv/bin/python bench/quality.py                                   # README table
+    .venv/bin/python bench/quality.py --budgets 0.8 --variants stat bias
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS: dict[str, list[str]] = {
+    "stat": [],  # STAT's fold, as published
+    "bias": ["method.bias=true"],  # affine fold (bias compensation)
+    "dense": ["method.target=dense"],  # error-correcting fold
+    "bias+dense": ["method.bias=true", "method.target=dense"],
+    "greedy": ["schedule=greedy"],
+    "greedy+bias+dense": ["schedule=greedy", "method.bias=true", "method.target=dense"],
+}
+
+
+def run(out: Path, model: str, variant: str, budget: float, tokens: int) -> dict:
+    folder = out / f"{variant}-b{budget}"
+    metrics = folder / "metrics.json"
+    if not metrics.exists() or json.loads(metrics.read_text()).get("status") != "ok":
+        cmd = [
+            sys.executable, str(ROOT / "launch.py"), f"model={model}", "method=id", f"budget={budget}",
+            "logger=none", "eval=ppl", "eval.ppl.corpora=[wiki,c4-sample]", f"eval.ppl.max_tokens={tokens}",
+            "save_model=false", f"hydra.run.dir={folder}", "resume=true", *VARIANTS[variant],
+        ]  # fmt: skip
+        done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+            return {"variant": variant, "budget": budget, "error": lines[-1] if lines else "failed"}
+    m = json.loads(metrics.read_text())
+    ppl = m["eval"]["ppl"]
+    return {
+        "variant": variant,
+        "budget": budget,
+        "achieved": m["budget_achieved"],
+        "wiki": ppl["wiki"]["compressed"],
+        "wiki_x": ppl["wiki"]["compressed"] / ppl["wiki"]["dense"],
+        "c4": ppl["c4-sample"]["compressed"],
+        "c4_x": ppl["c4-sample"]["compressed"] / ppl["c4-sample"]["dense"],
+        "dense": {k: v["dense"] for k, v in ppl.items()},
+        "compress_s": m["compress_seconds"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.5])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens per corpus")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = [run(args.out, args.model, v, b, args.tokens) for b in args.budgets for v in args.variants]
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    dense = next((r["dense"] for r in rows if "error" not in r), {})
+    print(f"{args.model}: held-out ppl, {args.tokens} tokens per corpus; dense " + ", ".join(
+        f"{k} {v:.2f}" for k, v in dense.items()
+    ))  # fmt: skip
+    print("| budget | variant | achieved | wiki ppl | ×dense | C4 ppl | ×dense | compress s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['budget']} | {r['variant']} | error: {r['error']} |||||")
+            continue
+        print(
+            f"| {r['budget']} | {r['variant']} | {r['achieved']:.4f} | {r['wiki']:.2f} | {r['wiki_x']:.3f} | "
+            f"{r['c4']:.2f} | {r['c4_x']:.3f} | {r['compress_s']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
