@@ -223,7 +223,8 @@ class InterpolativeDecomposition(Method):
         if "mlp" in ctx.choices:
             k = int(ctx.choices["mlp"]["neurons"])
         else:
-            k = min(n, int((fraction * costs.of(n) - costs.fixed - costs.added) // costs.per_neuron))
+            allowed = fraction * costs.of(n)
+            k = n if allowed >= costs.of(n) else int((allowed - costs.fixed - costs.added) // costs.per_neuron)
         if k < 1:
             raise ShrinkError(
                 f"block {ctx.index}: after the heads, the FFN's share ({fraction:.4f}) cannot keep even one "
