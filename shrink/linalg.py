@@ -58,22 +58,27 @@ def affine_output_error(
     return float((num / den).sqrt()) if den > 0 else float("nan")
 
 
+def _ridged_cholesky(
+    matrix: torch.Tensor, ridge: float, start: float, limit: float, what: str
+) -> tuple[torch.Tensor, float]:
+    """Cholesky factor of A + λI, λ = ridge·mean(diag A), with the ridge raised tenfold (from
+    `start` when it is 0) while A + λI is not positive definite, up to `limit`·mean(diag)."""
+    scale = float(torch.diagonal(matrix).mean().clamp_min(1e-300))
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    jitter = ridge
+    while True:
+        chol, info = torch.linalg.cholesky_ex(matrix + jitter * scale * eye)
+        if int(info) == 0:
+            return chol, jitter
+        jitter = max(jitter * 10, start)
+        if jitter > limit:
+            raise NumericalError(f"{what} is not positive definite even with a ridge of {limit:g}·mean(diag)")
+
+
 def whitening(moment: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
     """Lower-triangular S with S Sᵀ = C + λI, λ = ridge·mean(diag C), raised tenfold (from 1e-10 when
     ridge is 0) until the Cholesky succeeds. Returns S and the λ/mean(diag) used."""
-    c = moment.to(torch.float64)
-    scale = float(torch.diagonal(c).mean().clamp_min(1e-300))
-    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    jitter = ridge
-    while True:
-        chol, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
-        if int(info) == 0:
-            return chol, jitter
-        jitter = max(jitter * 10, 1e-10)
-        if jitter > 1.0:
-            raise NumericalError(
-                "input second moment is not positive definite even with a ridge of mean(diag)"
-            )
+    return _ridged_cholesky(moment.to(torch.float64), ridge, 1e-10, 1.0, "input second moment")
 
 
 class Pivots(NamedTuple):
@@ -221,16 +226,8 @@ class Fold(NamedTuple):
 
 def _ridge_solve(system: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     """(A + λI)⁻¹ B with λ = ridge·mean(diag A), raised tenfold until A + λI is positive definite."""
-    scale = float(torch.diagonal(system).mean().clamp_min(1e-300))
-    eye = torch.eye(system.shape[0], dtype=system.dtype, device=system.device)
-    jitter = ridge
-    while True:
-        chol, info = torch.linalg.cholesky_ex(system + jitter * scale * eye)
-        if int(info) == 0:
-            return torch.cholesky_solve(rhs, chol)
-        jitter = max(jitter * 10, 1e-12)
-        if jitter > 10:
-            raise NumericalError("interpolation system is singular even with a ridge of 10·mean(diag)")
+    chol, _ = _ridged_cholesky(system, ridge, 1e-12, 10.0, "interpolation system")
+    return torch.cholesky_solve(rhs, chol)
 
 
 def fold(

@@ -224,7 +224,8 @@ class InterpolativeDecomposition(Method):
             k = int(ctx.choices["mlp"]["neurons"])
         else:
             allowed = fraction * costs.of(n)
-            k = n if allowed >= costs.of(n) else int((allowed - costs.fixed - costs.added) // costs.per_neuron)
+            spare = allowed - costs.fixed - costs.added
+            k = n if allowed >= costs.of(n) else int(spare // costs.per_neuron)
         if k < 1:
             raise ShrinkError(
                 f"block {ctx.index}: after the heads, the FFN's share ({fraction:.4f}) cannot keep even one "
