@@ -224,9 +224,14 @@ class Fold(NamedTuple):
     shift: torch.Tensor | None
 
 
-def _ridge_solve(system: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(A + λI)⁻¹ B with λ = ridge·mean(diag A), raised tenfold until A + λI is positive definite."""
-    chol, _ = _ridged_cholesky(system, ridge, 1e-12, 10.0, "interpolation system")
+def _ridge_solve(
+    system: torch.Tensor, rhs: torch.Tensor, ridge: float, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(A + λI)⁻¹ (B + λ P) with λ = ridge·mean(diag A), raised tenfold until A + λI is positive
+    definite: the ridge solution shrunk towards `prior` P (towards 0 when None)."""
+    chol, jitter = _ridged_cholesky(system, ridge, 1e-12, 10.0, "interpolation system")
+    if prior is not None:
+        rhs = rhs + jitter * float(torch.diagonal(system).mean().clamp_min(1e-300)) * prior
     return torch.cholesky_solve(rhs, chol)
 
 
@@ -237,7 +242,10 @@ def fold(
 
     x is what the edited block reads (`stats`), y the target: x itself, or with `cross` the dense
     model's activations at the same site on the same tokens (the fold then also corrects the error
-    that earlier blocks left in x). Linear: T = (XⱼᵀXⱼ + λI)⁻¹ XⱼᵀY. Affine (`affine`): the same on
+    that earlier blocks left in x). Linear: T = (XⱼᵀXⱼ + λI)⁻¹ XⱼᵀY, and against dense targets
+    T = (XⱼᵀXⱼ + λI)⁻¹ (XⱼᵀY + λE) with E the selection of the kept columns: the ridge pulls the
+    kept columns towards passing through, not towards 0 (which would silence low-variance kept
+    units), so with y = x it is exactly the plain fold. Affine (`affine`): the same on
     centred moments, and b = E[y] − Tᵀ E[xⱼ], so the fold also carries the mean of what is dropped
     (bias compensation). Kept columns pass through unchanged (T[:, keep] = I) only when the target
     is x itself; against dense targets they are refitted too.
@@ -249,9 +257,13 @@ def fold(
     if affine:
         gxx = gxx / n - torch.outer(mx, mx)
         gxy = gxy / n - torch.outer(mx, my)
-    t = _ridge_solve(gxx[keep][:, keep], gxy[keep], ridge)
     if cross is None:
+        t = _ridge_solve(gxx[keep][:, keep], gxy[keep], ridge)
         t[:, keep] = torch.eye(len(keep), dtype=t.dtype, device=t.device)
+    else:  # shrunk towards passing the kept columns through, so that it is STAT's fold when y = x
+        selection = torch.zeros(len(keep), gxx.shape[0], dtype=gxx.dtype, device=gxx.device)
+        selection[torch.arange(len(keep)), keep] = 1.0
+        t = _ridge_solve(gxx[keep][:, keep], gxy[keep], ridge, prior=selection)
     shift = my - t.T @ mx[keep] if affine else None
     return Fold(t, shift)
 

@@ -118,3 +118,17 @@ def test_dense_targets_with_dense_propagation_fail_before_loading(tmp_path):
     with pytest.raises(ShrinkError, match="method.target=dense fits the dense model's activations"):
         run(cfg, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_dense_targets_equal_to_the_inputs_give_the_plain_fold(affine):
+    """The ridge pulls kept columns towards passing through (not towards 0, which silences
+    low-variance kept units): with no error from below, the error-correcting fold is STAT's."""
+    x, _, stats, _ = _streams(seed=2)
+    same = CrossMoment(x.shape[1])
+    same.update(x, x)
+    keep = torch.tensor([0, 3, 5, 6, 10])
+    plain, dense = fold(stats, keep, 0.05, affine), fold(stats, keep, 0.05, affine, same)
+    assert torch.allclose(dense.t, plain.t, atol=1e-9)
+    if affine:
+        assert torch.allclose(dense.shift, plain.shift, atol=1e-9)
