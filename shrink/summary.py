@@ -18,7 +18,7 @@ def summary(m: dict[str, Any], path: Path) -> str:
     ]
     for corpus, r in m["eval"].get("ppl", {}).items():
         lines.append(
-            f"  ppl {corpus:<7}dense {r['dense']:.2f} -> compressed {r['compressed']:.2f} "
+            f"  ppl {corpus:<6} dense {r['dense']:.2f} -> compressed {r['compressed']:.2f} "
             f"({r['tokens']} tokens, {r['seq_len']}-token windows)"
         )
         if not r["compressed"] < BROKEN_PPL_RATIO * r["dense"]:  # NaN included
