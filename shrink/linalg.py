@@ -60,16 +60,17 @@ def affine_output_error(
 
 def _ridged_cholesky(
     matrix: torch.Tensor, ridge: float, start: float, limit: float, what: str
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float, float]:
     """Cholesky factor of A + λI, λ = ridge·mean(diag A), with the ridge raised tenfold (from
-    `start` when it is 0) while A + λI is not positive definite, up to `limit`·mean(diag)."""
+    `start` when it is 0) while A + λI is not positive definite, up to `limit`·mean(diag).
+    Returns the factor, the relative ridge used and mean(diag A)."""
     scale = float(torch.diagonal(matrix).mean().clamp_min(1e-300))
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     jitter = ridge
     while True:
         chol, info = torch.linalg.cholesky_ex(matrix + jitter * scale * eye)
         if int(info) == 0:
-            return chol, jitter
+            return chol, jitter, scale
         jitter = max(jitter * 10, start)
         if jitter > limit:
             raise NumericalError(f"{what} is not positive definite even with a ridge of {limit:g}·mean(diag)")
@@ -78,7 +79,8 @@ def _ridged_cholesky(
 def whitening(moment: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
     """Lower-triangular S with S Sᵀ = C + λI, λ = ridge·mean(diag C), raised tenfold (from 1e-10 when
     ridge is 0) until the Cholesky succeeds. Returns S and the λ/mean(diag) used."""
-    return _ridged_cholesky(moment.to(torch.float64), ridge, 1e-10, 1.0, "input second moment")
+    chol, jitter, _ = _ridged_cholesky(moment.to(torch.float64), ridge, 1e-10, 1.0, "input second moment")
+    return chol, jitter
 
 
 class Pivots(NamedTuple):
@@ -125,10 +127,11 @@ def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> Pivots:
     residual = diag.clone()
     for start in range(0, rank, 256):  # the traces after each pick, 256 picks at a time
         steps = torch.arange(start, min(start + 256, rank))
-        left = residual[:, None] - torch.cumsum(columns[:, steps] ** 2, 1)
+        squares = columns[:, steps] ** 2
+        left = residual[:, None] - torch.cumsum(squares, 1)
         left[picked_at[:, None] <= steps[None, :]] = 0  # chosen columns leave no residual
         remaining[steps + 1] = left.clamp_min(0).sum(0)
-        residual = residual - (columns[:, steps] ** 2).sum(1)
+        residual = residual - squares.sum(1)
     residual = residual.clamp_min(0)
     residual[order] = -1.0
     rest = torch.sort(residual, descending=True, stable=True).indices[: k - rank]
@@ -229,9 +232,9 @@ def _ridge_solve(
 ) -> torch.Tensor:
     """(A + λI)⁻¹ (B + λ P) with λ = ridge·mean(diag A), raised tenfold until A + λI is positive
     definite: the ridge solution shrunk towards `prior` P (towards 0 when None)."""
-    chol, jitter = _ridged_cholesky(system, ridge, 1e-12, 10.0, "interpolation system")
+    chol, jitter, scale = _ridged_cholesky(system, ridge, 1e-12, 10.0, "interpolation system")
     if prior is not None:
-        rhs = rhs + jitter * float(torch.diagonal(system).mean().clamp_min(1e-300)) * prior
+        rhs = rhs + jitter * scale * prior
     return torch.cholesky_solve(rhs, chol)
 
 
@@ -253,13 +256,13 @@ def fold(
     n = stats.count
     gxx = stats.xtx
     gxy = gxx if cross is None else cross.xty
-    mx, my = stats.mean(), stats.mean() if cross is None else cross.sum_y / max(cross.count, 1)
+    mx = stats.mean()
+    my = mx if cross is None else cross.sum_y / max(cross.count, 1)
     if affine:
         gxx = gxx / n - torch.outer(mx, mx)
         gxy = gxy / n - torch.outer(mx, my)
     if cross is None:
-        t = _ridge_solve(gxx[keep][:, keep], gxy[keep], ridge)
-        t[:, keep] = torch.eye(len(keep), dtype=t.dtype, device=t.device)
+        t = interpolation_matrix(gxx, keep, ridge)
     else:  # shrunk towards passing the kept columns through, so that it is STAT's fold when y = x
         selection = torch.zeros(len(keep), gxx.shape[0], dtype=gxx.dtype, device=gxx.device)
         selection[torch.arange(len(keep)), keep] = 1.0
@@ -281,13 +284,12 @@ def fold_error(
     w = weight.to(torch.float64)
     a = torch.zeros_like(w)
     a[:, keep] = folded.to(torch.float64)
+    c = w @ shift if shift is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    if cross is None:  # the target is the layer's own input: the error of the edited layer
+        return affine_output_error(w - a, -c if shift is not None else None, w, stats.moment(), stats.mean())
     n = stats.count
     gxx, mx = stats.xtx / n, stats.mean()
-    if cross is None:
-        gxy, gyy, my = gxx, gxx, mx
-    else:
-        gxy, gyy, my = cross.xty / n, cross.yty / n, cross.sum_y / n
-    c = w @ shift if shift is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    gxy, gyy, my = cross.xty / n, cross.yty / n, cross.sum_y / n
     num = (
         torch.einsum("ij,jk,ik->", a, gxx, a)
         - 2 * torch.einsum("ij,jk,ik->", a, gxy, w)

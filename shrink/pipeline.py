@@ -97,7 +97,10 @@ def validate(cfg: DictConfig) -> None:
     blocks = skeleton(cfg.model, config)
     check_block_map(cfg.model, blocks)
     if cfg.schedule.name not in NEEDS_PROFILES:  # a budget the schedule cannot meet fails here
-        make_plan(cfg.schedule.name, plan_inputs(cfg, blocks, build_method(cfg.method).prunes_heads))
+        make_plan(
+            cfg.schedule.name,
+            plan_inputs(cfg, cost_model(cfg, blocks), build_method(cfg.method).prunes_heads),
+        )
     if cfg.eval.get("glue_hub") is not None:
         glue_hub.check_model(str(cfg.eval.glue_hub.task), int(config.num_labels))
     limit = getattr(config, "max_position_embeddings", None)
@@ -113,10 +116,10 @@ def validate(cfg: DictConfig) -> None:
             )
 
 
-def plan_inputs(cfg: DictConfig, adapter: Adapter, prunes_heads: bool) -> PlanInputs:
+def plan_inputs(cfg: DictConfig, costs: CostModel, prunes_heads: bool) -> PlanInputs:
     """What the schedule plans from: the budget in its unit, and the schedule's own keys."""
     return PlanInputs(
-        cost_model(cfg, adapter).table(),
+        costs.table(),
         float(cfg.budget),
         prunes_heads,
         None,
@@ -257,13 +260,13 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     """Dense scores → compression → checks and checkpoint → compressed scores; returns metrics."""
     device = store.device
     method = build_method(cfg.method)
-    inputs = plan_inputs(cfg, store.adapter, method.prunes_heads)
     costs = cost_model(cfg, store.adapter)
+    inputs = plan_inputs(cfg, costs, method.prunes_heads)
     params_dense, dense_cost = _params(store.model), costs.model()
     results: dict[str, Any] = {}
     evaluate_suite(cfg, store, False, results, job.folder.path)
     job.clock["dense_eval"] = time.perf_counter()
-    _compress(cfg, store, method, inputs, job)
+    _compress(cfg, store, method, costs, inputs, job)
     job.clock["compressed"] = time.perf_counter()
     stored = store.end_compression()  # where the compressed blocks are read from for saving
     kept_cost = costs.model()
@@ -311,7 +314,9 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     }
 
 
-def _compress(cfg: DictConfig, store: BlockStore, method: Method, inputs: PlanInputs, job: Job) -> None:
+def _compress(
+    cfg: DictConfig, store: BlockStore, method: Method, costs: CostModel, inputs: PlanInputs, job: Job
+) -> None:
     """Plan (profiling first when the schedule needs it), then compress block by block, each
     finished block recorded (and checkpointed) as it comes; a resumed run starts after job.done."""
     adapter, device = store.adapter, store.device
@@ -320,7 +325,7 @@ def _compress(cfg: DictConfig, store: BlockStore, method: Method, inputs: PlanIn
     )
     store.begin_compression()
     runner = Runner(
-        adapter, windows, cfg.calib.batch_size, device, store.placement, cost_model(cfg, adapter),
+        adapter, windows, cfg.calib.batch_size, device, store.placement, costs,
         method.new_stats,
     )  # fmt: skip
     if cfg.schedule.name in NEEDS_PROFILES:  # the planning pass: the dense model's statistics

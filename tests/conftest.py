@@ -155,7 +155,7 @@ def compress_in_memory(*overrides: str) -> Compressed:
     loaded = load_model(cfg.model, torch.float32, seed=cfg.seed)
     method = build_method(cfg.method)
     costs = cost_model(cfg, loaded.adapter)
-    inputs = plan_inputs(cfg, loaded.adapter, method.prunes_heads)
+    inputs = plan_inputs(cfg, costs, method.prunes_heads)
     windows = data.calibration_windows(
         cfg.calib.corpus, loaded.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
     )

@@ -32,8 +32,6 @@ from ..linalg import (
     block_pivoted_cholesky,
     fold,
     fold_error,
-    interpolation_matrix,
-    output_error,
     pivoted_cholesky,
     pivoted_qr,
 )
@@ -42,13 +40,6 @@ from ..stats import CrossMoment, SecondMoment
 from ..surgery import keep_outputs, set_inputs
 from . import register
 from .base import Method
-
-
-def _spread(weight: torch.Tensor, columns: torch.Tensor, width: int) -> torch.Tensor:
-    """The out×width matrix that applies `weight` to the kept input columns of the full input."""
-    full = torch.zeros(weight.shape[0], width, dtype=weight.dtype, device=weight.device)
-    full[:, columns] = weight
-    return full
 
 
 def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
@@ -187,14 +178,10 @@ class InterpolativeDecomposition(Method):
 
     def _fold(self, stats: SecondMoment, keep: torch.Tensor, linear, cross: CrossMoment | None):
         """(new weight of the next layer, its new bias or None, relative output error). STAT's
-        fold when neither switch is on; nothing to fold when every column is kept."""
+        fold when neither switch is on (`linalg.fold`); nothing to fold when every column is kept."""
         w = linear.weight.detach().to(torch.float64)
-        n = w.shape[1]
-        if len(keep) == n:
+        if len(keep) == w.shape[1]:
             return w, None, 0.0
-        if not self.cfg.bias and cross is None:
-            new = w @ interpolation_matrix(stats.xtx, keep, self.cfg.ridge).T
-            return new, None, output_error(w - _spread(new, keep, n), w, stats.moment())
         folded = fold(stats, keep, self.cfg.ridge, self.cfg.bias, cross)
         new = w @ folded.t.T
         bias = None
@@ -223,9 +210,8 @@ class InterpolativeDecomposition(Method):
         if "mlp" in ctx.choices:
             k = int(ctx.choices["mlp"]["neurons"])
         else:
-            allowed = fraction * costs.of(n)
-            spare = allowed - costs.fixed - costs.added
-            k = n if allowed >= costs.of(n) else int(spare // costs.per_neuron)
+            dense, allowed = costs.of(n), fraction * costs.of(n)
+            k = n if allowed >= dense else int((allowed - costs.fixed - costs.added) // costs.per_neuron)
         if k < 1:
             raise ShrinkError(
                 f"block {ctx.index}: after the heads, the FFN's share ({fraction:.4f}) cannot keep even one "
