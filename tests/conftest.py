@@ -24,6 +24,11 @@ FAST = ["logger=none", "calib.nsamples=4", "calib.seq_len=64", "calib.batch_size
 FAST_PPL = ["eval=ppl", "eval.ppl.seq_len=128", "eval.ppl.max_tokens=1024"]
 
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share two cores: one thread each (and in the jobs they start), or their thread
+    # pools fight over the cores and both crawl.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 # Dense-evaluation cache: one fresh folder per test session, never the user's cache.
 os.environ["SHRINK_EVAL_CACHE"] = tempfile.mkdtemp(prefix="shrink-eval-cache-")
 

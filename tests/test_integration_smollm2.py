@@ -17,7 +17,8 @@ from shrink.evaluation import perplexity
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.integration
+# one worker runs all three: the mapped run reads the dense scores the default launch cached
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("smollm2")]
 
 
 def test_default_launch_on_smollm2(tmp_path):
