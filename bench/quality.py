@@ -1,8 +1,8 @@
 """Quality of `id`'s options: held-out perplexity on two corpora, per budget (issue 15).
 
-Each variant is a set of overrides on top of the default run (`id`, `uniform`, the default
-calibration); every run is evaluated on the held-out parts of the offline Wikipedia text (the
-calibration corpus's own domain) and of the offline C4 sample (another domain), and the table
+Each variant is a set of overrides on top of the default run (`id`, the default calibration);
+every run is evaluated on the held-out parts of the offline Wikipedia text (the calibration
+corpus's own domain) and of the offline C4 sample (another domain), and the table
 gives each as a multiple of the dense model's. Runs whose metrics.json exists are reused, so an
 interrupted bench resumes.
 
@@ -20,13 +20,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+U = ["schedule=uniform"]
 VARIANTS: dict[str, list[str]] = {
-    "stat": [],  # STAT's fold, as published
-    "bias": ["method.bias=true"],  # affine fold (bias compensation)
-    "dense": ["method.target=dense"],  # error-correcting fold
-    "bias+dense": ["method.bias=true", "method.target=dense"],
-    "greedy": ["schedule=greedy"],
+    # folds, under the uniform allocation
+    "stat": U,  # STAT's fold, as published
+    "bias": [*U, "method.bias=true"],  # affine fold (bias compensation)
+    "dense": [*U, "method.target=dense"],  # error-correcting fold
+    "bias+dense": [*U, "method.bias=true", "method.target=dense"],
+    # allocations
+    "greedy": ["schedule=greedy"],  # STAT's, errors relative to each unit
     "greedy+bias+dense": ["schedule=greedy", "method.bias=true", "method.target=dense"],
+    "greedy-res": ["schedule=greedy", "schedule.error=residual"],  # = greedy-residual, id's default
+    "greedy-down": ["schedule=greedy", "schedule.error=downstream"],
+    # calibration size and domain (16 × 512 wiki tokens by default), with id's default allocation
+    "greedy-res-32k": ["schedule=greedy", "schedule.error=residual", "calib.nsamples=64"],
+    "greedy-res-mix-32k": ["schedule=greedy", "schedule.error=residual", "calib=mix", "calib.nsamples=64"],
 }
 
 

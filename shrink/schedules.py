@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .budget import Curve, Option, Plan, PlanInputs
+from .config import ErrorCurrency
 from .errors import ShrinkError
 
 
@@ -100,9 +101,30 @@ class _Profiles:
         return float(sum(c[j] for c, j in zip(self.costs, choice, strict=True)))
 
 
+def _error_weights(curves: list[Curve], currency: ErrorCurrency) -> list[float]:
+    """What one unit of each curve's squared relative error is worth in the common currency."""
+    if currency == ErrorCurrency.unit:
+        return [1.0] * len(curves)
+    missing = next((c.name for c in curves if c.energy is None or c.residual is None), None)
+    if missing is not None:
+        raise ShrinkError(
+            f"schedule.error={currency.value} needs units whose outputs add to the residual stream; unit "
+            f"{missing!r} is not one (use schedule.error=unit)"
+        )
+    if currency == ErrorCurrency.residual:  # the error as a share of the stream it is added to
+        return [c.energy / c.residual[0] if c.residual[0] > 0 else 0.0 for c in curves]
+    # downstream: an error added by block b reaches, through the skip connections, the input of
+    # every later block and the final norm; it counts once relative to each of them
+    leaving = {c.block: c.residual[1] for c in curves}
+    seen = sorted(leaving)
+    after = {b: sum(1.0 / leaving[c] for c in seen if c >= b and leaving[c] > 0) for b in seen}
+    return [c.energy * after[c.block] for c in curves]
+
+
 def _profiles(inputs: PlanInputs, name: str, min_keep: float = 0.0) -> _Profiles:
     if not inputs.curves:
         raise ShrinkError(f"schedule {name!r} needs the method's error profiles, and it gave none")
+    weights = _error_weights(inputs.curves, inputs.error)
     site_costs, _ = _dense_costs(inputs)
     total = sum(sum(c.values()) for c in site_costs)
     curves = [
@@ -116,7 +138,10 @@ def _profiles(inputs: PlanInputs, name: str, min_keep: float = 0.0) -> _Profiles
         total,
         total - sum(c.dense_cost for c in curves),
         [np.array([o.cost for o in c.options], dtype=np.float64) for c in curves],
-        [np.array([o.error for o in c.options], dtype=np.float64) ** 2 for c in curves],
+        [
+            np.array([o.error for o in c.options], dtype=np.float64) ** 2 * w
+            for c, w in zip(curves, weights, strict=True)
+        ],
     )
 
 
@@ -228,8 +253,9 @@ SCHEDULES: dict[str, Callable[[PlanInputs], Plan]] = {
     "first_k": first_k,
     "energy": energy,
     "greedy": greedy,
+    "greedy-residual": greedy,  # greedy with schedule.error=residual (conf/schedule/greedy-residual.yaml)
 }
-NEEDS_PROFILES = {"greedy", "energy"}
+NEEDS_PROFILES = {"greedy", "greedy-residual", "energy"}
 
 
 def check_schedule(name: str) -> None:

@@ -38,9 +38,11 @@ def test_defaults():
     assert (cfg.model.name, cfg.method.name, cfg.schedule.name, cfg.budget) == (
         "smollm2-135m",
         "id",
-        "uniform",
+        "greedy-residual",  # id's own default (conf/method/id.yaml); other methods default to uniform
         0.5,
     )
+    assert make_cfg("method=svdllm").schedule.name == "uniform"
+    assert make_cfg("schedule=uniform").schedule.name == "uniform"  # the command line wins
     assert cfg.logger.mode.value == "offline"
 
 

@@ -24,3 +24,16 @@ def test_windows_are_seeded_and_nonoverlapping():
     test = data.test_windows("wiki", tok, 100, max_tokens=1000)
     stream = data.token_stream("wiki", "test", tok)[:1000]
     assert test.shape == (10, 100) and torch.equal(test.flatten(), stream)
+
+
+def test_the_mix_interleaves_both_corpora_and_keeps_their_test_text_out():
+    """calib=mix: documents of wiki and of the C4 sample in turn; no test document of either in
+    its calibration part, and its test part is the two test parts interleaved."""
+    mix = data.CORPORA["wiki+c4-sample"]
+    calib, test = mix.part("calib"), mix.part("test")
+    for name in ("wiki", "c4-sample"):
+        calib_docs, test_docs = data._split_documents(tuple(data.CORPORA[name].documents()))
+        assert all(doc in calib for doc in calib_docs[:20]) and all(doc in test for doc in test_docs[:20])
+        assert not any(doc in calib for doc in test_docs)
+    wiki, c4 = (data._split_documents(tuple(data.CORPORA[n].documents()))[0] for n in ("wiki", "c4-sample"))
+    assert calib.startswith(f"{wiki[0]}\n\n{c4[0]}\n\n{wiki[1]}\n\n{c4[1]}")

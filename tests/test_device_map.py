@@ -23,7 +23,7 @@ LLAMA_MAP = (
     "model.layers.1:disk,model.norm:disk,lm_head:disk}"
 )
 CASES = {
-    "llama-id-dict": ("tiny-llama", ["method=id"], [LLAMA_MAP], {"cpu": 1, "disk": 1}),
+    "llama-id-dict": ("tiny-llama", ["method=id", "schedule=uniform"], [LLAMA_MAP], {"cpu": 1, "disk": 1}),
     "opt-svdllm-greedy-auto": (
         "tiny-opt",
         ["method=svdllm", "schedule=greedy"],

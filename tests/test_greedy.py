@@ -10,7 +10,7 @@ import torch
 
 import shrink
 from shrink.budget import Curve, Option, PlanInputs
-from shrink.config import BudgetUnit
+from shrink.config import BudgetUnit, ErrorCurrency
 from shrink.cost import CostTable
 from shrink.errors import ShrinkError
 from shrink.linalg import pivoted_cholesky
@@ -70,6 +70,75 @@ def test_greedy_meets_budget_and_is_optimal_on_small_problems(monkeypatch):
 
         best = min(loss(ks) for ks in itertools.product(range(1, 7), repeat=4) if sum(ks) * 10 <= 120)
         assert loss(kept) == pytest.approx(best, abs=1e-9)
+
+
+def test_the_residual_currency_weighs_units_by_their_share_of_the_residual_stream():
+    """Same relative error curves; the unit whose output is the larger share of its residual stream
+    keeps more under error=residual, and the two are treated alike under error=unit."""
+    errs = [1.0 - k / 8 for k in range(1, 9)]
+    curves = _curves([errs, errs], 1.0)
+    curves[0].energy, curves[1].energy = 0.5, 0.01
+    curves[0].residual = curves[1].residual = (1.0, 1.0)
+    table = CostTable(BudgetUnit.params, [{"mlp": c.dense_cost} for c in curves], [0.0] * 2)
+    by_unit = greedy(PlanInputs(table, 0.5, curves=curves))
+    by_residual = greedy(PlanInputs(table, 0.5, curves=curves, error=ErrorCurrency.residual))
+    kept = [[p.choices[b]["mlp"]["neurons"] for b in (0, 1)] for p in (by_unit, by_residual)]
+    assert abs(kept[0][0] - kept[0][1]) <= 1 and sum(kept[0]) <= 8
+    assert kept[1][0] >= 6 and kept[1][1] <= 2 and sum(kept[1]) <= 8
+
+
+def test_id_curves_carry_the_weighted_output_energy_and_the_residual_stream():
+    """Curve.energy / Curve.residual[0] of id's FFN: Σⱼ‖W_down[:, j]‖² E[zⱼ²] over the median
+    token's ‖h‖², computed here on explicit activations captured from the tiny block."""
+    from shrink.config import Propagate
+    from shrink.methods import build_method
+    from shrink.placement import Resident
+    from shrink.runner import Runner
+
+    cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=id")
+    loaded = load_model(cfg.model, torch.float32, seed=0)
+    method, cpu = build_method(cfg.method), torch.device("cpu")
+    runner = Runner(loaded.adapter, torch.randint(0, 255, (4, 16)), 2, cpu, Resident(cpu))
+    ctx = next(runner.blocks(Propagate.dense))
+    mlp = next(c for c in method.profile(ctx) if c.name == "mlp")
+    down = ctx.block.get_submodule(ctx.site("mlp_out").linears[0])
+    seen = []
+    handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].flatten(0, -2)))
+    ctx.run_all(ctx.hidden)
+    handle.remove()
+    z = torch.cat(seen).to(torch.float64)
+    h = torch.cat([x.reshape(-1, x.shape[-1]) for x in ctx.hidden]).to(torch.float64)
+    w = down.weight.detach().to(torch.float64)
+    expected = float(((z**2).mean(0) * (w**2).sum(0)).sum() / (h**2).sum(1).median())
+    assert mlp.energy / mlp.residual[0] == pytest.approx(expected, rel=1e-6)
+    out = torch.cat([x.flatten(0, -2) for x in ctx.outputs]).to(torch.float64)
+    assert mlp.residual[1] == pytest.approx(float((out**2).sum(1).median()), rel=1e-9)
+
+
+def test_the_downstream_currency_counts_an_error_at_every_later_block():
+    """Three blocks whose residual streams leave with ‖h‖² 1, 2, 4: an error added by block b
+    counts relative to every stream from b's output on, so blocks weigh 1.75, 0.75, 0.25."""
+    from shrink.schedules import _error_weights
+
+    curves = _curves([[0.5, 0.0]] * 3, 1.0)
+    for c, out in zip(curves, (1.0, 2.0, 4.0), strict=True):
+        c.energy, c.residual = 2.0, (1.0, out)
+    weights = _error_weights(curves, ErrorCurrency.downstream)
+    assert weights == pytest.approx([2 * 1.75, 2 * 0.75, 2 * 0.25])
+    assert _error_weights(curves, ErrorCurrency.residual) == pytest.approx([2.0] * 3)
+
+
+@pytest.mark.parametrize("error", ["residual", "downstream"])
+def test_the_residual_currencies_refuse_units_outside_the_residual_stream(error):
+    """Before any work (validate), and in the schedule itself should profiles lack the energies."""
+    from shrink.pipeline import validate
+
+    overrides = ["model=tiny-llama", "method=svdllm", "schedule=greedy", f"schedule.error={error}"]
+    refused = rf"schedule.error={error} compares units .* \(methods that do: id\); use schedule.error=unit"
+    with pytest.raises(ShrinkError, match=refused):
+        validate(make_cfg(*overrides))
+    with pytest.raises(ShrinkError, match=f"schedule.error={error} needs units whose outputs"):
+        compress_in_memory(*overrides)
 
 
 def test_greedy_gives_more_to_units_with_larger_errors(monkeypatch):

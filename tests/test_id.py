@@ -43,7 +43,8 @@ def test_pruned_model_is_smaller_dense_and_reloads(tmp_path, model, budget):
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
 def test_gqa_keeps_equal_query_heads_per_kv_group(tmp_path, budget):
-    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", f"budget={budget}")
+    overrides = [*tiny_overrides("tiny-llama"), "method=id", "schedule=uniform"]
+    done = compress_in_memory(*overrides, f"budget={budget}")
     model = shrink.load(done.save(tmp_path / "model"))
     adapter = build_adapter(model)
     for block in adapter.blocks():
@@ -111,7 +112,8 @@ def test_heads_only_below_reach_fails_clearly(tmp_path):
     from shrink.errors import ShrinkError
     from shrink.pipeline import run
 
-    cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=id", "method.ffn=false", "budget=0.5")
+    overrides = [*tiny_overrides("tiny-llama"), "method=id", "schedule=uniform", "method.ffn=false"]
+    cfg = make_cfg(*overrides, "budget=0.5")
     with pytest.raises(ShrinkError, match=r"block 0: id with ffn=False, heads=True keeps .* over its target"):
         run(cfg, run_dir=tmp_path / "run")
 
@@ -128,3 +130,25 @@ def test_interpolation_is_least_squares_without_ridge_and_bounded_with_it():
     torch.testing.assert_close(exact, lstsq, rtol=1e-6, atol=1e-6)
     assert exact.abs().max() > 10  # the fit exploits the near-collinearity
     assert interpolation_matrix(z.T @ z, keep).abs().max() < 1.5  # the default ridge does not
+
+
+@pytest.mark.parametrize("rank", [96, 40])
+def test_block_selection_adds_a_head_at_once_as_column_by_column(monkeypatch, rank):
+    """Adding a chosen head's columns in one triangular solve gives the column-by-column pivoted
+    Cholesky's picks and residual energies (full rank), and falls back to it when a head is
+    (nearly) in the span of what was chosen (rank 40 < 96 columns)."""
+    from shrink import linalg
+    from shrink.methods.id import _group_constraint
+
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(500, rank, generator=gen, dtype=torch.float64) @ torch.randn(
+        rank, 96, generator=gen, dtype=torch.float64
+    )
+    g = z.T @ z
+    eligible = _group_constraint(6, 2, 2, 2)
+    fast = linalg.block_pivoted_cholesky(g, 16, 4, eligible)
+    monkeypatch.setattr(linalg, "_block_columns", lambda *args: None)
+    slow = linalg.block_pivoted_cholesky(g, 16, 4, eligible)
+    live = int((slow.remaining[:-1] > 1e-9 * slow.remaining[0]).sum())
+    assert list(fast.order)[:live] == list(slow.order)[:live] and live >= 2
+    assert torch.allclose(fast.remaining, slow.remaining, rtol=1e-8, atol=1e-9 * float(slow.remaining[0]))

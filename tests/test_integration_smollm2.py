@@ -75,7 +75,7 @@ def test_quick_suite_on_a_mapped_smollm2(tmp_path):
     overrides = [
         "eval=quick", "eval.zeroshot.tasks=[piqa,arc_easy]", "eval.zeroshot.limit=30",
         "eval.ppl.max_tokens=2048", "logger=none", "calib.nsamples=4", "calib.seq_len=256",
-        "budget=0.9", "save_model=false",
+        "budget=0.9", "save_model=false", "schedule=uniform",
         "model.device_map=auto", "model.max_memory={cpu:300MB}",  # about half the blocks on disk
     ]  # fmt: skip
     run(make_cfg(*overrides), run_dir=tmp_path / "run")
@@ -100,7 +100,7 @@ def test_streamed_run_on_smollm2(tmp_path):
 
     folder = tmp_path / "run"
     overrides = ["stream=true", "eval=ppl", "eval.ppl.max_tokens=1024", "eval.cache_dense=false"]
-    overrides += ["calib.nsamples=4", "calib.seq_len=256", "budget=0.8", "logger=none"]
+    overrides += ["calib.nsamples=4", "calib.seq_len=256", "budget=0.8", "logger=none", "schedule=uniform"]
     shrink.pipeline.run(make_cfg(*overrides), run_dir=folder)
     m = json.loads((folder / "metrics.json").read_text())
     ppl = m["eval"]["ppl"]["wiki"]

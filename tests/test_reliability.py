@@ -156,7 +156,7 @@ def test_the_launcher_leaves_a_refused_finished_folder_as_it_was(tmp_path):
     [
         ("method=nope", "unknown method 'nope'; valid: distill, id, rom, svd, svdllm"),
         ("method=base_id", "unknown method 'base_id'; valid: distill, id, rom, svd, svdllm"),
-        ("schedule=zigzag", "unknown schedule 'zigzag'; valid: energy, first_k, greedy, last_k, uniform"),
+        ("schedule=zigzag", "unknown schedule 'zigzag'; valid: energy, first_k, greedy, greedy-residual,"),
         ("eval=everything", "unknown eval 'everything'; valid: glue, glue-hub, none, ppl, ppl-hub, quick,"),
         ("model=gpt9", "unknown model 'gpt9'; valid: bert-base, bert-glue,"),
     ],

@@ -19,6 +19,9 @@ class Method(ABC):
 
     name: str = ""
     has_profile: bool = False  # implements `profile`, so error-driven schedules (greedy) can plan it
+    # its profile's units write into the residual stream and report their energies (Curve.energy),
+    # so greedy can compare them with schedule.error=residual|downstream
+    residual_units: bool = False
     needs_teacher: bool = False  # the runner must give it the dense model's block inputs and outputs
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -28,9 +31,12 @@ class Method(ABC):
     def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
         """Value checks of the method's own config keys, run before any model is loaded."""
 
-    def new_stats(self, site: Site, dim: int, device: torch.device, where: str, seed: int) -> SecondMoment:
+    def new_stats(
+        self, site: Site, dim: int, device: torch.device, where: str, seed: int
+    ) -> SecondMoment | None:
         """The accumulator of `site`'s input statistics, which the runner streams every calibration
-        batch into: the second moment and mean, unless a method needs more (id's sketch check)."""
+        batch into: the second moment and mean, unless a method needs more (id's sketch check) or
+        nothing (None: id reads only the inputs of the layers it folds into)."""
         return SecondMoment(dim, device=device, where=where, seed=seed)
 
     @abstractmethod

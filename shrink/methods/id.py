@@ -97,6 +97,7 @@ def _relative(remaining: torch.Tensor, total: float | None = None) -> float:
 class InterpolativeDecomposition(Method):
     name = "id"
     has_profile = True
+    residual_units = True  # FFN neurons (through down_proj) and heads (through o_proj)
 
     @staticmethod
     def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
@@ -111,8 +112,13 @@ class InterpolativeDecomposition(Method):
         """Dense targets need the dense model's activations beside the propagated ones."""
         return self.cfg.target == FoldTarget.dense
 
-    def new_stats(self, site: Site, dim: int, device: torch.device, where: str, seed: int) -> SecondMoment:
-        """`selection: sketch_qr` also streams a Gaussian row sketch ΩZ of the ID's sites."""
+    def new_stats(
+        self, site: Site, dim: int, device: torch.device, where: str, seed: int
+    ) -> SecondMoment | None:
+        """Only the inputs of down_proj and o_proj (the ID's columns) are read; `selection:
+        sketch_qr` also streams a Gaussian row sketch ΩZ of them."""
+        if site.name not in ("mlp_out", "attn_out"):
+            return None
         rows = 0
         if self.cfg.selection == IDSelection.sketch_qr and site.name in ("mlp_out", "attn_out"):
             rows = max(1, int(self.cfg.sketch_oversample * dim))
@@ -295,13 +301,18 @@ class InterpolativeDecomposition(Method):
         (exactly ‖Z_w − P_J Z_w‖²_F; each |R_jj|² is its drop at one pick), so keeping k neurons
         has relative error √(remaining_k / remaining_0). Heads: the same block selection as at
         compression time for every (kept KV groups, heads per group), with its relative error.
+        Each curve carries its output energy per token (the selection's weighted measure
+        Σⱼ‖W:,ⱼ‖²E[zⱼ²]) and the residual stream's, for `schedule.error=residual|downstream`.
         """
         curves = []
+        assert ctx.outputs is not None, "the runner gives profiles the block's outputs"
+        residual = (ctx.residual_energy(), ctx.residual_energy(ctx.outputs))
         if self.cfg.heads:
             o_lin = ctx.attention.linear("o")
             gram = self._selection_gram(ctx.stats["attn_out"], o_lin)
             total = self._output_energy(ctx.stats["attn_out"], o_lin)
             costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
+            energy = (total or float(torch.diagonal(gram).sum())) / max(ctx.stats["attn_out"].count, 1)
             options = []
             for m, q in costs.options():
                 eligible = _group_constraint(costs.n_heads, costs.n_kv, m, q)
@@ -314,7 +325,7 @@ class InterpolativeDecomposition(Method):
                     )
                 )
             dense = ctx.price("attn_in", "attn_out")
-            curves.append(Curve(ctx.index, "attn", ("attn_in", "attn_out"), dense, options))
+            curves.append(Curve(ctx.index, "attn", ("attn_in", "attn_out"), dense, options, energy, residual))
         if self.cfg.ffn:
             down = ctx.block.get_submodule(ctx.site("mlp_out").linears[0])
             stats = ctx.stats["mlp_out"]
@@ -325,7 +336,8 @@ class InterpolativeDecomposition(Method):
             errors = (left[1:].clamp_min(0) / total).sqrt().tolist()
             options = [Option(costs.of(k), e, {"neurons": k}) for k, e in enumerate(errors, start=1)]
             dense = ctx.price("mlp_in", "mlp_out")
-            curves.append(Curve(ctx.index, "mlp", ("mlp_in", "mlp_out"), dense, options))
+            energy = total / max(stats.count, 1)
+            curves.append(Curve(ctx.index, "mlp", ("mlp_in", "mlp_out"), dense, options, energy, residual))
         return curves
 
     @property
