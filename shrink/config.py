@@ -156,6 +156,7 @@ class IDConf(MethodConf):
     heads: bool = True  # prune attention heads
     bias: bool = False  # affine fold: the next layer gets a bias carrying the dropped units' mean
     target: FoldTarget = FoldTarget.compressed  # what the fold fits (dense: error-correcting)
+    batch_gram_fp32: bool = True  # each batch's XᵀX in float32, summed in float64 (stats.SecondMoment)
 
 
 @dataclass

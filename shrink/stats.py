@@ -12,6 +12,9 @@ class SecondMoment:
 
     With `sketch_rows` > 0 it also accumulates a Gaussian row sketch ΩX (sketch_rows × dim), drawn
     batch by batch from a seeded generator, for methods that check against an explicit matrix.
+    With `batch_dtype=torch.float32` each batch's XᵀX is computed in single precision (about twice
+    as fast on a CPU; relative error about 1e-6 per batch) and summed in float64: for methods whose
+    solves are ridge-regularised far above that (id's λ = 1e-2·mean diag), not for whitening.
     """
 
     def __init__(
@@ -21,7 +24,9 @@ class SecondMoment:
         where: str = "",
         sketch_rows: int = 0,
         seed: int = 0,
+        batch_dtype: torch.dtype = torch.float64,
     ) -> None:
+        self.batch_dtype = batch_dtype
         self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.count = 0
@@ -32,16 +37,21 @@ class SecondMoment:
         self._gen = torch.Generator(device=device).manual_seed(seed) if sketch_rows else None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device, torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device)
         if not torch.isfinite(x).all():
             raise NumericalError(f"non-finite activations at the input of {self.where or 'a site'}")
-        self.xtx.addmm_(x.T, x)
+        if self.batch_dtype == torch.float64 or self.sketch is not None:
+            x = x.to(torch.float64)
+            self.xtx.addmm_(x.T, x)
+        else:
+            x = x.to(self.batch_dtype)
+            self.xtx += (x.T @ x).to(torch.float64)
         if self.sketch is not None:
             omega = torch.randn(
                 self.sketch.shape[0], x.shape[0], generator=self._gen, dtype=x.dtype, device=x.device
             )
             self.sketch.addmm_(omega, x)
-        self.sum += x.sum(0)
+        self.sum += x.sum(0, dtype=torch.float64)
         self.count += x.shape[0]
 
     @property

@@ -132,3 +132,27 @@ def test_dense_targets_equal_to_the_inputs_give_the_plain_fold(affine):
     assert torch.allclose(dense.t, plain.t, atol=1e-9)
     if affine:
         assert torch.allclose(dense.shift, plain.shift, atol=1e-9)
+
+
+def test_float32_batch_grams_match_float64_and_keep_the_id():
+    """id's default `batch_gram_fp32`: per-batch XᵀX in float32 summed in float64 stays within
+    1e-5 of the float64 moments (with a few rows 100× louder, as massive activations are), picks
+    the same leading pivots."""
+    import torch
+
+    from shrink.linalg import pivoted_cholesky
+    from shrink.stats import SecondMoment
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(256, 48, generator=gen) @ torch.randn(48, 48, generator=gen) for _ in range(4)]
+    batches[1][0] *= 100
+    fast, exact = SecondMoment(48, batch_dtype=torch.float32), SecondMoment(48)
+    for x in batches:
+        fast.update(x)
+        exact.update(x)
+    x64 = torch.cat(batches).to(torch.float64)
+    assert torch.allclose(exact.xtx, x64.T @ x64, rtol=1e-12, atol=1e-9)
+    scale = float(torch.diagonal(exact.xtx).max())
+    assert float((fast.xtx - exact.xtx).abs().max()) < 1e-5 * scale
+    assert torch.allclose(fast.sum, exact.sum) and fast.count == exact.count
+    assert list(pivoted_cholesky(fast.xtx, 20).order) == list(pivoted_cholesky(exact.xtx, 20).order)

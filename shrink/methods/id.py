@@ -122,7 +122,8 @@ class InterpolativeDecomposition(Method):
         rows = 0
         if self.cfg.selection == IDSelection.sketch_qr and site.name in ("mlp_out", "attn_out"):
             rows = max(1, int(self.cfg.sketch_oversample * dim))
-        return SecondMoment(dim, device=device, where=where, sketch_rows=rows, seed=seed)
+        dtype = torch.float32 if self.cfg.batch_gram_fp32 else torch.float64
+        return SecondMoment(dim, device=device, where=where, sketch_rows=rows, seed=seed, batch_dtype=dtype)
 
     def compress_block(self, ctx: BlockContext) -> BlockResult:
         """Heads first, then neurons: the block as a whole keeps at most its target.
