@@ -33,6 +33,7 @@ VARIANTS: dict[str, list[str]] = {
     "greedy-res": ["schedule=greedy", "schedule.error=residual"],  # = greedy-residual, id's default
     "greedy-down": ["schedule=greedy", "schedule.error=downstream"],
     # calibration size and domain (16 × 512 wiki tokens by default), with id's default allocation
+    "greedy-res-16k": ["schedule=greedy", "schedule.error=residual", "calib.nsamples=32"],
     "greedy-res-32k": ["schedule=greedy", "schedule.error=residual", "calib.nsamples=64"],
     "greedy-res-mix-32k": ["schedule=greedy", "schedule.error=residual", "calib=mix", "calib.nsamples=64"],
 }
