@@ -74,7 +74,7 @@ def validate(cfg: DictConfig) -> None:
             f"schedule {cfg.schedule.name!r} allocates by the method's error profile, which method "
             f"{cfg.method.name!r} does not provide; methods that do: {', '.join(with_profiles)}"
         )
-    error = ErrorCurrency(cfg.schedule.get("error", ErrorCurrency.unit.value))
+    error = _error_currency(cfg)
     if error != ErrorCurrency.unit and not METHODS[cfg.method.name].residual_units:
         with_energies = sorted(n for n, m in METHODS.items() if m.residual_units)
         raise ShrinkError(
@@ -134,8 +134,13 @@ def plan_inputs(cfg: DictConfig, costs: CostModel, prunes_heads: bool) -> PlanIn
         None,
         float(cfg.schedule.get("min_keep", 0.0)),
         int(cfg.schedule.get("k", 0)),
-        ErrorCurrency(cfg.schedule.get("error", ErrorCurrency.unit.value)),
+        _error_currency(cfg),
     )
+
+
+def _error_currency(cfg: DictConfig) -> ErrorCurrency:
+    """greedy's `error` key; schedules without one compare errors per unit."""
+    return ErrorCurrency(cfg.schedule.get("error", ErrorCurrency.unit.value))
 
 
 def cost_model(cfg: DictConfig, adapter: Adapter) -> CostModel:

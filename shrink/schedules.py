@@ -116,8 +116,10 @@ def _error_weights(curves: list[Curve], currency: ErrorCurrency) -> list[float]:
     # downstream: an error added by block b reaches, through the skip connections, the input of
     # every later block and the final norm; it counts once relative to each of them
     leaving = {c.block: c.residual[1] for c in curves}
-    seen = sorted(leaving)
-    after = {b: sum(1.0 / leaving[c] for c in seen if c >= b and leaving[c] > 0) for b in seen}
+    after, total = {}, 0.0
+    for b in sorted(leaving, reverse=True):  # Σ over blocks c ≥ b of 1/‖h_out,c‖²
+        total += 1.0 / leaving[b] if leaving[b] > 0 else 0.0
+        after[b] = total
     return [c.energy * after[c.block] for c in curves]
 
 

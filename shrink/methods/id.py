@@ -120,7 +120,7 @@ class InterpolativeDecomposition(Method):
         if site.name not in ("mlp_out", "attn_out"):
             return None
         rows = 0
-        if self.cfg.selection == IDSelection.sketch_qr and site.name in ("mlp_out", "attn_out"):
+        if self.cfg.selection == IDSelection.sketch_qr:
             rows = max(1, int(self.cfg.sketch_oversample * dim))
         dtype = torch.float32 if self.cfg.batch_gram_fp32 else torch.float64
         return SecondMoment(dim, device=device, where=where, sketch_rows=rows, seed=seed, batch_dtype=dtype)
