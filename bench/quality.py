@@ -32,11 +32,34 @@ VARIANTS: dict[str, list[str]] = {
     "greedy+bias+dense": ["schedule=greedy", "method.bias=true", "method.target=dense"],
     "greedy-res": ["schedule=greedy", "schedule.error=residual"],  # = greedy-residual, id's default
     "greedy-down": ["schedule=greedy", "schedule.error=downstream"],
+    # thinner heads (value dims per KV head) on top of id's default allocation
+    "greedy-res+dims": ["schedule=greedy", "schedule.error=residual", "method.attention=dims"],
+    "greedy-res+both": ["schedule=greedy", "schedule.error=residual", "method.attention=both"],
+    # the fold switches on top of id's default allocation (the ablation)
+    "greedy-res+bias": ["schedule=greedy", "schedule.error=residual", "method.bias=true"],
+    "greedy-res+dense": ["schedule=greedy", "schedule.error=residual", "method.target=dense"],
     # calibration size and domain (16 × 512 wiki tokens by default), with id's default allocation
     "greedy-res-16k": ["schedule=greedy", "schedule.error=residual", "calib.nsamples=32"],
+    "greedy-res-16k-1024": [
+        "schedule=greedy",
+        "schedule.error=residual",
+        "calib.nsamples=16",
+        "calib.seq_len=1024",
+    ],
+    "greedy-res-mix-16k": ["schedule=greedy", "schedule.error=residual", "calib=mix", "calib.nsamples=32"],
+    # the low-rank methods' dense-target refit (SVD-LLM's update of the left factor)
+    "svdllm": ["method=svdllm"],
+    "svdllm+dense": ["method=svdllm", "method.target=dense"],
+    "rom": ["method=rom"],
+    "rom+dense": ["method=rom", "method.target=dense"],
     "greedy-res-32k": ["schedule=greedy", "schedule.error=residual", "calib.nsamples=64"],
     "greedy-res-mix-32k": ["schedule=greedy", "schedule.error=residual", "calib=mix", "calib.nsamples=64"],
 }
+
+
+def _method(variant: str) -> list[str]:
+    """`method=id` unless the variant names its own method."""
+    return [] if any(a.startswith("method=") for a in VARIANTS[variant]) else ["method=id"]
 
 
 def run(out: Path, model: str, variant: str, budget: float, tokens: int) -> dict:
@@ -44,7 +67,7 @@ def run(out: Path, model: str, variant: str, budget: float, tokens: int) -> dict
     metrics = folder / "metrics.json"
     if not metrics.exists() or json.loads(metrics.read_text()).get("status") != "ok":
         cmd = [
-            sys.executable, str(ROOT / "launch.py"), f"model={model}", "method=id", f"budget={budget}",
+            sys.executable, str(ROOT / "launch.py"), f"model={model}", *_method(variant), f"budget={budget}",
             "logger=none", "eval=ppl", "eval.ppl.corpora=[wiki,c4-sample]", f"eval.ppl.max_tokens={tokens}",
             "save_model=false", f"hydra.run.dir={folder}", "resume=true", *VARIANTS[variant],
         ]  # fmt: skip

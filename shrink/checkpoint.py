@@ -29,7 +29,7 @@ from .errors import ShrinkError
 from .models import build_adapter
 from .models.loading import AUTO_CLASSES
 from .placement import BlockState
-from .surgery import LowRankLinear, replace_submodule
+from .surgery import HeadPaddedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
 
 FORMAT = "shrink-checkpoint"
 VERSION = 1
@@ -73,6 +73,19 @@ def structural_edits(
                     "out": module.out_features,
                     "rank": module.rank,
                     "bias": module.second.bias is not None,
+                }
+            )
+        elif isinstance(module, (HeadPaddedLinear, HeadSlicedLinear)):
+            edits.append(
+                {
+                    "kind": "head_padded" if isinstance(module, HeadPaddedLinear) else "head_sliced",
+                    "path": path,
+                    "in": module.in_features,
+                    "out": module.out_features,
+                    "heads": module.heads,
+                    "width": module.width,
+                    "head_dim": module.head_dim,
+                    "bias": module.bias is not None,
                 }
             )
         elif isinstance(module, nn.Linear):
@@ -204,8 +217,19 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> No
         new = LowRankLinear(edit["in"], edit["out"], edit["rank"], bias=edit["bias"], **factory)
     elif edit["kind"] == "linear":
         new = nn.Linear(edit["in"], edit["out"], bias=edit["bias"], **factory)
+    elif edit["kind"] == "head_padded":
+        new = HeadPaddedLinear(
+            edit["in"], edit["heads"], edit["width"], edit["head_dim"], bias=edit["bias"], **factory
+        )
+    elif edit["kind"] == "head_sliced":
+        new = HeadSlicedLinear(
+            edit["heads"], edit["width"], edit["head_dim"], edit["out"], bias=edit["bias"], **factory
+        )
     else:
-        raise ShrinkError(f"unknown edit kind {edit['kind']!r} in manifest; valid: low_rank, linear, attr")
+        raise ShrinkError(
+            f"unknown edit kind {edit['kind']!r} in manifest; valid: low_rank, linear, head_padded, "
+            "head_sliced, attr"
+        )
     replace_submodule(model, edit["path"], new)
 
 

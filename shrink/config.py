@@ -92,6 +92,11 @@ class MethodConf:
     name: str = MISSING
 
 
+class FoldTarget(str, Enum):
+    compressed = "compressed"  # fit the activations the pruned block itself sees (STAT)
+    dense = "dense"  # fit the dense model's activations: also corrects the error from below
+
+
 @dataclass
 class SVDConf(MethodConf):
     name: str = "svd"
@@ -101,12 +106,16 @@ class SVDConf(MethodConf):
 class ROMConf(MethodConf):
     name: str = "rom"
     center: bool = False  # PCA of centred outputs, the mean folded into a (counted) bias
+    target: FoldTarget = FoldTarget.compressed  # dense: refit each left factor on dense targets
+    target_ridge: float = 1e-2  # target=dense: λ/mean(diag) of the refit, shrinking towards the fit
 
 
 @dataclass
 class SVDLLMConf(MethodConf):
     name: str = "svdllm"
     ridge: float = 0.0  # λ/mean(diag C) added before the Cholesky; raised from 1e-10 if C is singular
+    target: FoldTarget = FoldTarget.compressed  # dense: refit each left factor on dense targets
+    target_ridge: float = 1e-2  # target=dense: λ/mean(diag) of the refit, shrinking towards the fit
 
 
 class DistillInit(str, Enum):
@@ -140,9 +149,10 @@ class IDSelection(str, Enum):
     sketch_qr = "sketch_qr"  # pivoted QR of a streamed Gaussian row sketch ΩZ (exact check)
 
 
-class FoldTarget(str, Enum):
-    compressed = "compressed"  # fit the activations the pruned block itself sees (STAT)
-    dense = "dense"  # fit the dense model's activations: also corrects the error from below
+class AttentionUnits(str, Enum):
+    heads = "heads"  # drop whole heads / KV groups (STAT)
+    dims = "dims"  # keep every head, thin each KV head's value dims (and o_proj's inputs)
+    both = "both"  # the plan chooses heads kept and value dims per head together
 
 
 @dataclass
@@ -153,7 +163,9 @@ class IDConf(MethodConf):
     weight_by_outgoing: bool = True  # scale column j of Z by ‖W_next[:, j]‖ before selecting
     ridge: float = 1e-2  # λ/mean(diag G[J,J]) of the ridge fit of T (always on; see linalg)
     ffn: bool = True  # prune FFN neurons
-    heads: bool = True  # prune attention heads
+    heads: bool = True  # prune attention (whole heads and/or value dims, see `attention`)
+    attention: AttentionUnits = AttentionUnits.heads  # the attention units `id` removes
+    dims_step: int = 8  # value dims per head are kept in multiples of this (and all of them)
     bias: bool = False  # affine fold: the next layer gets a bias carrying the dropped units' mean
     target: FoldTarget = FoldTarget.compressed  # what the fold fits (dense: error-correcting)
     batch_gram_fp32: bool = True  # each batch's XᵀX in float32, summed in float64 (stats.SecondMoment)

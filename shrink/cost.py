@@ -62,27 +62,37 @@ class NeuronCosts:
 
 @dataclass(frozen=True)
 class HeadCosts:
-    """Cost of keeping m KV groups of q query heads: a query head costs its q and o slices (and
-    its attention-score MACs in `macs`), a KV head its k and v slices. Under MHA a head carries
-    its own k/v, so groups are single heads."""
+    """Cost of keeping m KV groups of q query heads whose values keep `width` of the `head_dim`
+    dimensions: a query head costs its q rows (head_dim of them), its o columns (width) and its
+    attention-score MACs in `macs` (A·V still runs at head_dim: thinned values are zero-padded); a
+    KV head its k rows (head_dim) and v rows (width). Under MHA every group is one head."""
 
     n_heads: int
     n_kv: int
-    per_q: int
-    per_kv: int
+    head_dim: int
+    q_row: int  # one row of q (with its bias entry)
+    o_col: int  # one column of o
+    score: int  # one query head's attention-score MACs (0 in params)
+    kv_row: int  # one row of k or v
     fixed: int  # the output projection's bias
-    added: int = 0  # a bias the fold adds to the output projection once any head is dropped
+    added: int = 0  # a bias the fold adds to the output projection once anything is dropped
 
     @property
     def group(self) -> int:
         return self.n_heads // self.n_kv
 
-    def of(self, m: int, q: int) -> int:
-        dropped = (m, q) != (self.n_kv, self.group)
-        return m * q * self.per_q + m * self.per_kv + self.fixed + (self.added if dropped else 0)
+    def of(self, m: int, q: int, width: int | None = None) -> int:
+        w = self.head_dim if width is None else width
+        dropped = (m, q, w) != (self.n_kv, self.group, self.head_dim)
+        heads = m * q * (self.head_dim * self.q_row + w * self.o_col + self.score)
+        return heads + m * (self.head_dim + w) * self.kv_row + self.fixed + (self.added if dropped else 0)
 
     def options(self) -> list[tuple[int, int]]:
         return [(m, q) for m in range(1, self.n_kv + 1) for q in range(1, self.group + 1)]
+
+    def widths(self, step: int) -> list[int]:
+        """Value widths a head may keep: multiples of `step`, and all of head_dim."""
+        return sorted({*range(step, self.head_dim, step), self.head_dim})
 
 
 def module_cost(module: nn.Module) -> Cost:
@@ -188,9 +198,15 @@ class CostModel:
     def heads(self, attention: Attention, adds_bias: bool = False) -> HeadCosts:
         q, k, o = (attention.linear(n) for n in "qko")
         n_heads, n_kv = attention.counts()
-        dh = attention.head_dim
-        per_q = dh * (self._row(q) + o.out_features) + self.scores(attention).of(self.unit) // n_heads
-        per_kv = dh * 2 * self._row(k)
-        if n_kv == n_heads:  # MHA: a head carries its own k/v
-            per_q, per_kv = per_q + per_kv, 0
-        return HeadCosts(n_heads, n_kv, per_q, per_kv, self._bias(o), self._added(o, adds_bias))
+        score = self.scores(attention).of(self.unit) // n_heads
+        return HeadCosts(
+            n_heads,
+            n_kv,
+            attention.head_dim,
+            self._row(q),
+            o.out_features,
+            score,
+            self._row(k),
+            self._bias(o),
+            self._added(o, adds_bias),
+        )

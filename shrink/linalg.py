@@ -172,7 +172,9 @@ def interpolation_matrix(gram: torch.Tensor, keep: torch.Tensor, ridge: float = 
     return t
 
 
-def _block_columns(g: torch.Tensor, factor: torch.Tensor, cols: slice, floor: float) -> torch.Tensor | None:
+def _block_columns(
+    g: torch.Tensor, factor: torch.Tensor, cols: torch.Tensor, floor: float
+) -> torch.Tensor | None:
     """The Cholesky columns that a block of columns adds, all at once: with S = G[:, B] − F F[B]ᵀ
     (the Schur complement's columns) and L = chol(S[B, B]), they are S L⁻ᵀ, which is what adding
     the columns one by one gives when every pivot L_jj² stays above `floor`; None otherwise."""
@@ -183,42 +185,47 @@ def _block_columns(g: torch.Tensor, factor: torch.Tensor, cols: slice, floor: fl
     return torch.linalg.solve_triangular(chol, schur.T, upper=False).T
 
 
-def block_pivoted_cholesky(
+def unit_pivoted_cholesky(
     gram: torch.Tensor,
-    block_size: int,
+    units: torch.Tensor,
     count: int,
     eligible: Callable[[list[int]], torch.Tensor] | None = None,
     rtol: float = 1e-12,
 ) -> Pivots:
-    """The ID's greedy selection over blocks of columns (attention heads) from G = ZᵀZ.
+    """The ID's greedy selection over units of columns from G = ZᵀZ; `units` (n_units × size)
+    holds each unit's column indices (disjoint; columns in no unit are never picked but their
+    residual counts in the error).
 
-    At each step the eligible block with the largest residual energy (the squared Frobenius norm
+    At each step the eligible unit with the largest residual energy (the squared Frobenius norm
     of what is left of it after projection onto every column chosen so far) is chosen and all its
-    columns join the basis. `eligible(chosen)` returns a mask over blocks (constraints such as
-    equal heads per KV group). Returns the chosen blocks in order, the residual norm of each when
-    chosen, and the residual energy ‖Z − P_J Z‖²_F before and after each pick.
+    columns join the basis. `eligible(chosen)` returns a mask over units (constraints such as
+    equal heads per KV group). Returns the chosen units in order, the residual norm of each when
+    chosen, and the residual energy ‖Z − P_J Z‖²_F (over every column) before and after each pick.
     """
     g = gram.to(torch.float64)
     n = g.shape[0]
-    n_blocks = n // block_size
+    units = units.to(g.device)
+    n_units = units.shape[0]
     residual = torch.diagonal(g).clone().clamp_min(0)
-    floor = rtol * float(residual.max().clamp_min(0))
-    factor = torch.zeros(n, n, dtype=torch.float64, device=g.device)
+    floor = rtol * float(residual.max().clamp_min(0)) if n else 0.0
+    factor = torch.zeros(n, min(n, units.numel()), dtype=torch.float64, device=g.device)
     rank = 0
     chosen: list[int] = []
     scores, remaining = [], [float(residual.sum())]
-    for _ in range(min(count, n_blocks)):
-        energy = residual.view(n_blocks, block_size).sum(1)
-        mask = eligible(chosen) if eligible is not None else torch.ones(n_blocks, dtype=torch.bool)
+    for _ in range(min(count, n_units)):
+        energy = residual[units].sum(1)
+        mask = eligible(chosen) if eligible is not None else torch.ones(n_units, dtype=torch.bool)
         mask[chosen] = False
+        if not bool(mask.any()):
+            break
         energy = torch.where(mask.to(energy.device), energy, torch.full_like(energy, -float("inf")))
         b = int(energy.argmax())
         chosen.append(b)
         scores.append(float(energy[b].clamp_min(0).sqrt()))
-        cols = slice(b * block_size, (b + 1) * block_size)
+        cols = units[b]
         added = _block_columns(g, factor[:, :rank], cols, float(floor))
-        if added is None:  # some column of the block is (nearly) in the span: one at a time
-            for j in range(cols.start, cols.stop):
+        if added is None:  # some column of the unit is (nearly) in the span: one at a time
+            for j in cols.tolist():
                 if residual[j] <= floor:
                     continue
                 column = (g[:, j] - factor[:, :rank] @ factor[j, :rank]) / residual[j].sqrt()
@@ -235,6 +242,35 @@ def block_pivoted_cholesky(
     return Pivots(
         chosen, torch.tensor(scores, dtype=torch.float64), torch.tensor(remaining, dtype=torch.float64)
     )
+
+
+def block_pivoted_cholesky(
+    gram: torch.Tensor,
+    block_size: int,
+    count: int,
+    eligible: Callable[[list[int]], torch.Tensor] | None = None,
+    rtol: float = 1e-12,
+) -> Pivots:
+    """`unit_pivoted_cholesky` over contiguous blocks of `block_size` columns (attention heads)."""
+    n = gram.shape[0]
+    units = torch.arange(n - n % block_size).view(-1, block_size)
+    return unit_pivoted_cholesky(gram, units, count, eligible, rtol)
+
+
+def balanced(groups: torch.Tensor) -> Callable[[list[int]], torch.Tensor]:
+    """Eligibility that picks units in rounds: only units of the groups with the fewest picks so
+    far, so that after r·(number of groups) picks every group holds exactly r (nested in r)."""
+    n_groups = int(groups.max()) + 1 if groups.numel() else 0
+
+    def eligible(chosen: list[int]) -> torch.Tensor:
+        counts = (
+            torch.bincount(groups[chosen], minlength=n_groups)
+            if chosen
+            else torch.zeros(n_groups, dtype=torch.long)
+        )
+        return counts[groups] == counts.min()
+
+    return eligible
 
 
 class Fold(NamedTuple):
@@ -287,6 +323,20 @@ def fold(
         t = _ridge_solve(gxx[keep][:, keep], gxy[keep], ridge, prior=selection)
     shift = my - t.T @ mx[keep] if affine else None
     return Fold(t, shift)
+
+
+def refit_left(
+    weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, cross: CrossMoment, ridge: float
+) -> torch.Tensor:
+    """The left factor refitted against dense targets (SVD-LLM's closed-form update of one factor):
+    with the right factor R fixed, L = argmin E‖W y − L R x‖² + λ‖L − L₀‖², i.e.
+    Lᵀ = (R XᵀX Rᵀ + λI)⁻¹ (R XᵀY Wᵀ + λ L₀ᵀ), x the compressed model's input, y the dense one's.
+    When y = x and L₀ is already the least-squares factor for R (rom's and svdllm's are), it
+    returns L₀: only the error from the blocks below is corrected."""
+    w, r = weight.to(torch.float64), right.to(torch.float64)
+    system = r @ cross.x.xtx @ r.T
+    rhs = r @ cross.xty @ w.T
+    return _ridge_solve(system, rhs, ridge, prior=left.to(torch.float64).T).T
 
 
 def fold_error(

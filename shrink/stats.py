@@ -74,6 +74,7 @@ class CrossMoment:
     Σy let a fold fit the dense function (issue 15's dense targets) without keeping activations."""
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", where: str = "") -> None:
+        self.x = SecondMoment(dim, device=device, where=where)  # x's own moments, same tokens
         self.xty = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.yty = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.sum_y = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -85,6 +86,7 @@ class CrossMoment:
         y = y.detach().reshape(-1, y.shape[-1]).to(self.xty.device, torch.float64)
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise NumericalError(f"non-finite activations at the input of {self.where or 'a site'}")
+        self.x.update(x)
         self.xty.addmm_(x.T, y)
         self.yty.addmm_(y.T, y)
         self.sum_y += y.sum(0)

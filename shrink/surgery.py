@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class LowRankLinear(nn.Module):
@@ -42,6 +43,76 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class HeadPaddedLinear(nn.Linear):
+    """A value projection whose `heads` heads keep `width` < `head_dim` dimensions: it stores and
+    computes heads·width outputs and pads each head with zeros to `head_dim`, so the family's own
+    attention code (which views values at the query/key head size) runs unchanged. The zeros
+    reach only the output projection's dropped inputs (a `HeadSlicedLinear`)."""
+
+    def __init__(
+        self, in_features: int, heads: int, width: int, head_dim: int, bias: bool = True, **factory
+    ) -> None:
+        super().__init__(in_features, heads * width, bias=bias, **factory)
+        self.heads, self.width, self.head_dim = heads, width, head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x).unflatten(-1, (self.heads, self.width))
+        return F.pad(y, (0, self.head_dim - self.width)).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, heads={self.heads}, width={self.width}, head_dim={self.head_dim}"
+
+
+class HeadSlicedLinear(nn.Linear):
+    """An output projection that reads only the first `width` of each of `heads` head slices of
+    size `head_dim` (the dimensions a `HeadPaddedLinear` value projection keeps)."""
+
+    def __init__(
+        self, heads: int, width: int, head_dim: int, out_features: int, bias: bool = True, **factory
+    ) -> None:
+        super().__init__(heads * width, out_features, bias=bias, **factory)
+        self.heads, self.width, self.head_dim = heads, width, head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unflatten(-1, (self.heads, self.head_dim))[..., : self.width].flatten(-2)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, heads={self.heads}, width={self.width}, head_dim={self.head_dim}"
+
+
+def thin_heads(
+    block: nn.Module,
+    v_path: str,
+    o_path: str,
+    v_rows: torch.Tensor,
+    o_weight: torch.Tensor,
+    o_bias: torch.Tensor | None,
+    kv_heads: int,
+    heads: int,
+    width: int,
+    head_dim: int,
+) -> None:
+    """Give every head `width` value dimensions: v keeps rows `v_rows` (kv_heads·width, grouped by
+    KV head) and pads them back to `head_dim`; o reads the kept dims with weight `o_weight`
+    (out × heads·width) and `o_bias` (else the bias it had)."""
+    v, o = block.get_submodule(v_path), block.get_submodule(o_path)
+    factory = {"dtype": v.weight.dtype, "device": v.weight.device}
+    v_rows = v_rows.to(v.weight.device)
+    new_v = HeadPaddedLinear(v.in_features, kv_heads, width, head_dim, bias=v.bias is not None, **factory)
+    bias = o_bias if o_bias is not None else o.bias
+    new_o = HeadSlicedLinear(heads, width, head_dim, o.out_features, bias=bias is not None, **factory)
+    with torch.no_grad():
+        new_v.weight.copy_(v.weight[v_rows])
+        if v.bias is not None:
+            new_v.bias.copy_(v.bias[v_rows])
+        new_o.weight.copy_(o_weight)
+        if bias is not None:
+            new_o.bias.copy_(bias)
+    replace_submodule(block, v_path, new_v)
+    replace_submodule(block, o_path, new_o)
 
 
 def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:

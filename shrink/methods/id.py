@@ -24,20 +24,22 @@ import torch
 from omegaconf import DictConfig
 
 from ..budget import Curve, Option
-from ..config import FoldTarget, IDSelection
+from ..config import AttentionUnits, FoldTarget, IDSelection
 from ..context import BlockContext, BlockResult
-from ..cost import NeuronCosts, module_cost
+from ..cost import HeadCosts, NeuronCosts, module_cost
 from ..errors import ShrinkError
 from ..linalg import (
+    balanced,
     block_pivoted_cholesky,
     fold,
     fold_error,
     pivoted_cholesky,
     pivoted_qr,
+    unit_pivoted_cholesky,
 )
 from ..models import Site
 from ..stats import CrossMoment, SecondMoment
-from ..surgery import keep_outputs, set_inputs
+from ..surgery import keep_outputs, set_inputs, thin_heads
 from . import register
 from .base import Method
 
@@ -69,6 +71,21 @@ def _group_constraint(n_heads: int, n_kv: int, m: int, q: int):
     return eligible
 
 
+def _value_units(heads: list[int], group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The units of value thinning: one per (kept KV group, value dim), holding that dim's column
+    in each of the group's kept query heads (they all read the same value head); and the index of
+    each unit's group among the kept ones."""
+    by_group: dict[int, list[int]] = {}
+    for h in sorted(heads):
+        by_group.setdefault(h // group, []).append(h)
+    units, groups = [], []
+    for i, members in enumerate(by_group.values()):
+        for j in range(head_dim):
+            units.append([h * head_dim + j for h in members])
+            groups.append(i)
+    return torch.tensor(units, dtype=torch.long), torch.tensor(groups, dtype=torch.long)
+
+
 def _record(ctx, unit_name, kept, total, before, paths, fraction, error, start, **extra) -> dict:
     after = [module_cost(ctx.block.get_submodule(p)) for p in paths]
     return {
@@ -86,13 +103,6 @@ def _record(ctx, unit_name, kept, total, before, paths, fraction, error, start, 
     }
 
 
-def _relative(remaining: torch.Tensor, total: float | None = None) -> float:
-    """Relative Frobenius error after the last pick, from the residual energies, against `total`
-    (by default the energy before any pick)."""
-    total = float(remaining[0]) if total is None else total
-    return (max(float(remaining[-1]), 0.0) / total) ** 0.5 if total > 0 else 0.0
-
-
 @register
 class InterpolativeDecomposition(Method):
     name = "id"
@@ -101,6 +111,18 @@ class InterpolativeDecomposition(Method):
 
     @staticmethod
     def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
+        if cfg.attention != AttentionUnits.heads and cfg.selection == IDSelection.sketch_qr:
+            raise ShrinkError(
+                f"method.attention={AttentionUnits(cfg.attention).value} selects value dims from the Gram "
+                "matrix; use method.selection=cholesky or method.attention=heads"
+            )
+        if cfg.attention != AttentionUnits.heads and not cfg.heads:
+            raise ShrinkError(
+                f"method.attention={AttentionUnits(cfg.attention).value} edits attention, which "
+                "method.heads=false leaves alone; set method.heads=true or method.attention=heads"
+            )
+        if int(cfg.dims_step) < 1:
+            raise ShrinkError(f"method.dims_step={cfg.dims_step} must be a positive number of value dims")
         if cfg.target == FoldTarget.dense and propagate == "dense":
             raise ShrinkError(
                 "method.target=dense fits the dense model's activations, which with propagate=dense are "
@@ -239,20 +261,73 @@ class InterpolativeDecomposition(Method):
         return _record(ctx, "mlp", k, n, before, paths, fraction, error, start)
 
     # ---- attention heads ---------------------------------------------------------------------
-    def _head_plan(self, ctx: BlockContext, fraction: float) -> tuple[int, int]:
-        """(kept KV groups m, query heads per group q): the schedule's choice (Plan.choices) if it
-        made one, else the largest cost within the target; one head (one KV group) at least, whose
-        excess the FFN then pays for."""
+    def _widths(self, costs: HeadCosts) -> list[int]:
+        """Value widths the attention may keep: head_dim only when `attention=heads`."""
+        if self.cfg.attention == AttentionUnits.heads:
+            return [costs.head_dim]
+        return costs.widths(int(self.cfg.dims_step))
+
+    def _head_options(self, costs: HeadCosts) -> list[tuple[int, int]]:
+        """(kept KV groups, query heads per group) the attention may keep: all heads for `dims`."""
+        if self.cfg.attention == AttentionUnits.dims:
+            return [(costs.n_kv, costs.group)]
+        return costs.options()
+
+    def _attention_options(self, ctx: BlockContext, gram: torch.Tensor, total: float | None) -> list[Option]:
+        """Every (heads, value width) the attention may keep, with its cost and the relative error
+        of the ID that keeps those columns: heads by the block greedy, then value dims picked in
+        balanced rounds over the kept KV groups (so one run gives every width)."""
+        costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
+        dh = costs.head_dim
+        total = total if total is not None else float(torch.diagonal(gram).clamp_min(0).sum())
+        widths = self._widths(costs)
+        options = []
+        for m, q in self._head_options(costs):
+            eligible = _group_constraint(costs.n_heads, costs.n_kv, m, q)
+            picked = block_pivoted_cholesky(gram, dh, m * q, eligible)
+            lefts = {dh: float(picked.remaining[-1])}
+            thinner = [w for w in widths if w < dh]
+            if thinner:
+                units, groups = _value_units(list(picked.order), costs.group, dh)
+                dims = unit_pivoted_cholesky(gram, units, m * max(thinner), balanced(groups))
+                lefts |= {w: float(dims.remaining[m * w]) for w in thinner}
+            for w in widths:
+                error = (max(lefts[w], 0.0) / total) ** 0.5 if total > 0 else 0.0
+                choice = {"heads": m * q, "kv_groups": m, "heads_per_group": q, "v_width": w}
+                options.append(Option(costs.of(m, q, w), error, choice))
+        return options
+
+    def _head_plan(self, ctx: BlockContext, fraction: float) -> tuple[int, int, int]:
+        """(kept KV groups m, query heads per group q, value width w): the schedule's choice
+        (Plan.choices) if it made one; else, with `attention=heads`, the largest cost within the
+        target (STAT); with `dims`, the widest values within it; with `both`, the least ID error
+        within it. The cheapest option when none fits, whose excess the FFN then pays for."""
+        dh = ctx.attention.head_dim
         if "attn" in ctx.choices:
-            return int(ctx.choices["attn"]["kv_groups"]), int(ctx.choices["attn"]["heads_per_group"])
+            c = ctx.choices["attn"]
+            return int(c["kv_groups"]), int(c["heads_per_group"]), int(c.get("v_width", dh))
         costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
         allowed = fraction * costs.of(costs.n_kv, costs.group)
-        best = None
-        for m, q in costs.options():
-            cost = costs.of(m, q)
-            if cost <= allowed + 1e-9 and (best is None or (cost, m * q) > best[0]):
-                best = ((cost, m * q), m, q)
-        return (best[1], best[2]) if best is not None else (1, 1)
+        if self.cfg.attention == AttentionUnits.both:
+            o_lin = ctx.attention.linear("o")
+            stats = ctx.stats["attn_out"]
+            options = self._attention_options(
+                ctx, self._selection_gram(stats, o_lin), self._output_energy(stats, o_lin)
+            )
+            fits = [o for o in options if o.cost <= allowed + 1e-9]
+            best = min(fits, key=lambda o: (o.error, -o.cost)) if fits else min(options, key=lambda o: o.cost)
+            c = best.choice
+            return int(c["kv_groups"]), int(c["heads_per_group"]), int(c["v_width"])
+        found = None
+        for m, q in self._head_options(costs):
+            for w in self._widths(costs):
+                cost = costs.of(m, q, w)
+                if cost <= allowed + 1e-9 and (found is None or (cost, m * q, w) > found[0]):
+                    found = ((cost, m * q, w), m, q, w)
+        if found is not None:
+            return found[1], found[2], found[3]
+        m, q = self._head_options(costs)[0]
+        return m, q, self._widths(costs)[0]
 
     def _prune_heads(
         self, ctx: BlockContext, spectra: dict, fraction: float, cross: CrossMoment | None
@@ -264,34 +339,67 @@ class InterpolativeDecomposition(Method):
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
         n_heads, n_kv = attention.counts()
         group, dh = n_heads // n_kv, attention.head_dim
-        m, q = self._head_plan(ctx, fraction)
+        m, q, width = self._head_plan(ctx, fraction)
 
         stats = ctx.stats["attn_out"]
         device = stats.xtx.device
         eligible = _group_constraint(n_heads, n_kv, m, q)
 
+        gram = None
         if self.cfg.selection == IDSelection.sketch_qr:
             heads = self._sketch_heads(stats.sketch * self._weights(o_lin)[None, :], dh, m * q, eligible)
         else:
-            picked = block_pivoted_cholesky(self._selection_gram(stats, o_lin), dh, m * q, eligible)
+            gram = self._selection_gram(stats, o_lin)
+            picked = block_pivoted_cholesky(gram, dh, m * q, eligible)
             heads = list(picked.order)
             spectra["attn_out.head_residuals"] = picked.r_diag.cpu().numpy()
         heads = sorted(heads)  # grouped by KV head in order, as repeat_kv expects
         kv_kept = sorted({h // group for h in heads})
-        dims = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(device)
-        new_o, new_bias, error = self._fold(stats, dims, o_lin, cross)
+        kept_dims = {g: torch.arange(dh) for g in kv_kept}  # value dims kept per KV head
+        if width < dh:
+            assert gram is not None, "value thinning selects from the Gram matrix (checked up front)"
+            units, groups = _value_units(heads, group, dh)
+            dims = unit_pivoted_cholesky(gram, units, len(kv_kept) * width, balanced(groups))
+            chosen = torch.tensor(dims.order, dtype=torch.long)
+            for i, g in enumerate(kv_kept):
+                kept_dims[g] = (chosen[groups[chosen] == i] % dh).sort().values
+        columns = torch.cat([h * dh + kept_dims[h // group] for h in heads]).to(device)
+        new_o, new_bias, error = self._fold(stats, columns, o_lin, cross)
 
-        keep_outputs(ctx.block, attention.paths.q, dims)
-        if n_kv != n_heads:
-            kv_dims = torch.cat([torch.arange(g * dh, (g + 1) * dh) for g in kv_kept]).to(device)
+        full = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(device)
+        keep_outputs(ctx.block, attention.paths.q, full)
+        kv_full = torch.cat([torch.arange(g * dh, (g + 1) * dh) for g in kv_kept]).to(device)
+        keep_outputs(ctx.block, attention.paths.k, kv_full)
+        if width < dh:
+            v_rows = torch.cat([g * dh + kept_dims[g] for g in kv_kept])
+            thin_heads(
+                ctx.block,
+                attention.paths.v,
+                attention.paths.o,
+                v_rows,
+                new_o,
+                new_bias,
+                len(kv_kept),
+                len(heads),
+                width,
+                dh,
+            )
         else:
-            kv_dims = dims
-        keep_outputs(ctx.block, attention.paths.k, kv_dims)
-        keep_outputs(ctx.block, attention.paths.v, kv_dims)
-        set_inputs(ctx.block, attention.paths.o, new_o, new_bias)
-        attention.set_counts(len(heads), len(kv_kept) if n_kv != n_heads else len(heads))
+            keep_outputs(ctx.block, attention.paths.v, kv_full)
+            set_inputs(ctx.block, attention.paths.o, new_o, new_bias)
+        attention.set_counts(len(heads), len(kv_kept))
         return _record(
-            ctx, "attn", len(heads), n_heads, before, paths, fraction, error, start, kept_kv=len(kv_kept)
+            ctx,
+            "attn",
+            len(heads),
+            n_heads,
+            before,
+            paths,
+            fraction,
+            error,
+            start,
+            kept_kv=len(kv_kept),
+            v_width=width,
         )
 
     # ---- error profiles for the greedy schedule ---------------------------------------------------
@@ -312,19 +420,8 @@ class InterpolativeDecomposition(Method):
             o_lin = ctx.attention.linear("o")
             gram = self._selection_gram(ctx.stats["attn_out"], o_lin)
             total = self._output_energy(ctx.stats["attn_out"], o_lin)
-            costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
             energy = (total or float(torch.diagonal(gram).sum())) / max(ctx.stats["attn_out"].count, 1)
-            options = []
-            for m, q in costs.options():
-                eligible = _group_constraint(costs.n_heads, costs.n_kv, m, q)
-                left = block_pivoted_cholesky(gram, ctx.attention.head_dim, m * q, eligible).remaining
-                options.append(
-                    Option(
-                        costs.of(m, q),
-                        _relative(left, total),
-                        {"heads": m * q, "kv_groups": m, "heads_per_group": q},
-                    )
-                )
+            options = self._attention_options(ctx, gram, total)
             dense = ctx.price("attn_in", "attn_out")
             curves.append(Curve(ctx.index, "attn", ("attn_in", "attn_out"), dense, options, energy, residual))
         if self.cfg.ffn:

@@ -14,13 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from ..budget import Curve, Option
+from ..config import FoldTarget
 from ..context import BlockContext, BlockResult
 from ..cost import module_cost
-from ..linalg import affine_output_error
-from ..stats import SecondMoment
+from ..errors import ShrinkError
+from ..linalg import affine_output_error, fold_error, refit_left
+from ..stats import CrossMoment, SecondMoment
 from ..surgery import LowRankLinear, replace_submodule
 from .base import Method
 
@@ -41,6 +44,32 @@ class LowRank(Method):
     has_profile = True
     adds_bias: bool = False  # the factorisation gives every pair a bias (centred `rom`)
 
+    @staticmethod
+    def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
+        if "target" not in cfg or FoldTarget(cfg.target) != FoldTarget.dense:
+            return
+        if propagate == "dense":
+            raise ShrinkError(
+                f"method.target=dense refits {cfg.name}'s factors on the dense model's activations, which "
+                "with propagate=dense are the ones the block already sees; use propagate=compressed"
+            )
+        if cfg.get("center"):
+            raise ShrinkError(
+                "method.target=dense refits a linear left factor; with rom's center=true (an affine "
+                "pair) use method.target=compressed"
+            )
+
+    @property
+    def needs_teacher(self) -> bool:  # type: ignore[override]
+        """Dense targets need the dense model's activations beside the propagated ones."""
+        return "target" in self.cfg and FoldTarget(self.cfg.target) == FoldTarget.dense
+
+    def _rank(self, ctx: BlockContext, path: str, fraction: float) -> int | None:
+        linear = ctx.block.get_submodule(path)
+        if path in ctx.choices:
+            return ctx.choices[path]["rank"]
+        return ctx.costs.largest_rank(linear, linear.bias is not None or self.adds_bias, fraction)
+
     @abstractmethod
     def factorise(self, linear: nn.Linear, stats: SecondMoment | None) -> Factorisation:
         """Factorisation of `linear.weight` given its input statistics."""
@@ -50,22 +79,27 @@ class LowRank(Method):
         for site in ctx.sites:
             stats = ctx.stats.get(site.name)
             fraction = ctx.targets[site.name]
+            ranks = {path: self._rank(ctx, path, fraction) for path in site.linears}
+            cross: CrossMoment | None = None
+            if self.needs_teacher and any(r is not None for r in ranks.values()):
+                # after this block's earlier sites were cut: the inputs this site now really gets
+                cross = ctx.cross_moments([site.name])[site.name]
             for path in site.linears:
                 start = time.perf_counter()
                 linear = ctx.block.get_submodule(path)
                 dense_cost = module_cost(linear)
-                bias = linear.bias is not None or self.adds_bias
-                if path in ctx.choices:
-                    rank = ctx.choices[path]["rank"]
-                else:
-                    rank = ctx.costs.largest_rank(linear, bias, fraction)
+                rank = ranks[path]
                 fact = self.factorise(linear, stats)
                 spectra[path] = fact.spectrum.cpu().numpy()
                 error, energy = 0.0, 1.0
                 if rank is not None:
                     left, right, new_bias = fact.build(rank)
                     w = linear.weight.detach().to(torch.float64)
-                    if stats is not None:
+                    if cross is not None:  # the bias stays: only the linear map is refitted
+                        left = refit_left(w, left, right, cross, float(self.cfg.target_ridge))
+                        every = torch.arange(w.shape[1], device=w.device)
+                        error = fold_error(w, left @ right, every, None, cross.x, cross)
+                    elif stats is not None:
                         shift = None
                         if new_bias is not None:
                             old = linear.bias.detach().to(torch.float64) if linear.bias is not None else 0.0
