@@ -20,40 +20,41 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-U = ["schedule=uniform"]
+H = ["method.attention=heads"]  # whole heads (STAT's), as id did before thinner heads
+U = ["schedule=uniform", *H]
+G = ["schedule=greedy", "schedule.error=residual"]  # = greedy-residual, id's default allocation
 VARIANTS: dict[str, list[str]] = {
+    # id's defaults: greedy-residual, attention=auto (thin value dims; whole heads only when needed)
+    "default": [],
     # folds, under the uniform allocation
-    "stat": U,  # STAT's fold, as published
+    "stat": U,  # STAT's fold and allocation, as published
     "bias": [*U, "method.bias=true"],  # affine fold (bias compensation)
     "dense": [*U, "method.target=dense"],  # error-correcting fold
     "bias+dense": [*U, "method.bias=true", "method.target=dense"],
-    # allocations
-    "greedy": ["schedule=greedy"],  # STAT's, errors relative to each unit
-    "greedy+bias+dense": ["schedule=greedy", "method.bias=true", "method.target=dense"],
-    "greedy-res": ["schedule=greedy", "schedule.error=residual"],  # = greedy-residual, id's default
-    "greedy-down": ["schedule=greedy", "schedule.error=downstream"],
-    # thinner heads (value dims per KV head) on top of id's default allocation
-    "greedy-res+dims": ["schedule=greedy", "schedule.error=residual", "method.attention=dims"],
-    "greedy-res+both": ["schedule=greedy", "schedule.error=residual", "method.attention=both"],
-    # the fold switches on top of id's default allocation (the ablation)
-    "greedy-res+bias": ["schedule=greedy", "schedule.error=residual", "method.bias=true"],
-    "greedy-res+dense": ["schedule=greedy", "schedule.error=residual", "method.target=dense"],
-    # calibration size and domain (16 × 512 wiki tokens by default), with id's default allocation
-    "greedy-res-16k": ["schedule=greedy", "schedule.error=residual", "calib.nsamples=32"],
-    "greedy-res-16k-1024": [
-        "schedule=greedy",
-        "schedule.error=residual",
-        "calib.nsamples=16",
-        "calib.seq_len=1024",
-    ],
-    "greedy-res-mix-16k": ["schedule=greedy", "schedule.error=residual", "calib=mix", "calib.nsamples=32"],
+    # allocations (whole heads)
+    "greedy": ["schedule=greedy", *H],  # STAT's, errors relative to each unit
+    "greedy+bias+dense": ["schedule=greedy", *H, "method.bias=true", "method.target=dense"],
+    "greedy-res": [*G, *H],
+    "greedy-down": ["schedule=greedy", "schedule.error=downstream", *H],
+    # attention units under greedy-residual
+    "greedy-res+dims": [*G, "method.attention=dims"],
+    "greedy-res+both": [*G, "method.attention=both"],
+    # the fold switches under greedy-residual, whole heads (the ablation)
+    "greedy-res+bias": [*G, *H, "method.bias=true"],
+    "greedy-res+dense": [*G, *H, "method.target=dense"],
+    # calibration size and domain (16 × 512 wiki tokens by default), greedy-residual, whole heads
+    "greedy-res-16k": [*G, *H, "calib.nsamples=32"],
+    "greedy-res-16k-1024": [*G, *H, "calib.nsamples=16", "calib.seq_len=1024"],
+    "greedy-res-mix-16k": [*G, *H, "calib=mix", "calib.nsamples=32"],
+    "greedy-res-32k": [*G, *H, "calib.nsamples=64"],
+    "greedy-res-mix-32k": [*G, *H, "calib=mix", "calib.nsamples=64"],
+    # calibration with id's defaults
+    "default-mix-32k": ["calib=mix", "calib.nsamples=64"],
     # the low-rank methods' dense-target refit (SVD-LLM's update of the left factor)
     "svdllm": ["method=svdllm"],
     "svdllm+dense": ["method=svdllm", "method.target=dense"],
     "rom": ["method=rom"],
     "rom+dense": ["method=rom", "method.target=dense"],
-    "greedy-res-32k": ["schedule=greedy", "schedule.error=residual", "calib.nsamples=64"],
-    "greedy-res-mix-32k": ["schedule=greedy", "schedule.error=residual", "calib=mix", "calib.nsamples=64"],
 }
 
 

@@ -55,6 +55,9 @@ class Option:
     cost: float
     error: float
     choice: dict[str, Any]
+    # a last resort: profile-driven schedules use it only when the budget cannot be met without
+    # reserves (id's whole-head drops under `attention=auto`, whose ID error understates the harm)
+    reserve: bool = False
 
 
 @dataclass

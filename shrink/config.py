@@ -150,6 +150,7 @@ class IDSelection(str, Enum):
 
 
 class AttentionUnits(str, Enum):
+    auto = "auto"  # dims; whole heads only when thinning cannot reach the budget (default)
     heads = "heads"  # drop whole heads / KV groups (STAT)
     dims = "dims"  # keep every head, thin each KV head's value dims (and o_proj's inputs)
     both = "both"  # the plan chooses heads kept and value dims per head together
@@ -164,7 +165,7 @@ class IDConf(MethodConf):
     ridge: float = 1e-2  # λ/mean(diag G[J,J]) of the ridge fit of T (always on; see linalg)
     ffn: bool = True  # prune FFN neurons
     heads: bool = True  # prune attention (whole heads and/or value dims, see `attention`)
-    attention: AttentionUnits = AttentionUnits.heads  # the attention units `id` removes
+    attention: AttentionUnits = AttentionUnits.auto  # the attention units `id` removes (heads: STAT)
     dims_step: int = 8  # value dims per head are kept in multiples of this (and all of them)
     bias: bool = False  # affine fold: the next layer gets a bias carrying the dropped units' mean
     target: FoldTarget = FoldTarget.compressed  # what the fold fits (dense: error-correcting)

@@ -7,14 +7,21 @@ method's error profiles (Curves) from a planning pass.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .budget import Curve, Option, Plan, PlanInputs
 from .config import ErrorCurrency
 from .errors import ShrinkError
+
+log = logging.getLogger(__name__)
+
+
+class Unreachable(ShrinkError):
+    """The budget is below what the units' smallest options keep."""
 
 
 def _dense_costs(inputs: PlanInputs) -> tuple[list[dict[str, float]], list[float]]:
@@ -168,7 +175,7 @@ def energy(inputs: PlanInputs) -> Plan:
         ]
 
     if p.spent(pick(1.0)) > p.allowance + 1e-9:
-        raise ShrinkError(
+        raise Unreachable(
             f"budget {inputs.budget} cannot be met by schedule 'energy': the smallest option of every unit "
             "already exceeds it"
         )
@@ -201,7 +208,7 @@ def greedy(inputs: PlanInputs) -> Plan:
 
     cheapest = float(sum(c.min() for c in costs))
     if cheapest > allowance + 1e-9:
-        raise ShrinkError(
+        raise Unreachable(
             f"budget {inputs.budget} cannot be met by schedule 'greedy': the smallest option of every "
             f"unit keeps {(cheapest + p.fixed) / p.total:.4f} of the block cost (min_keep={inputs.min_keep})"
         )
@@ -249,13 +256,32 @@ def _plan_from(inputs: PlanInputs, site_costs, curves: list[Curve], choice: list
     return plan
 
 
+def _reserves_last(schedule: Callable[[PlanInputs], Plan]) -> Callable[[PlanInputs], Plan]:
+    """Plan on the options that are not reserves; only when those cannot meet the budget, on all."""
+
+    def plan(inputs: PlanInputs) -> Plan:
+        curves = inputs.curves or []
+        if not any(o.reserve for c in curves for o in c.options):
+            return schedule(inputs)
+        preferred = [replace(c, options=[o for o in c.options if not o.reserve] or c.options) for c in curves]
+        try:
+            return schedule(replace(inputs, curves=preferred))
+        except Unreachable:
+            log.info("budget %s is out of reach without the reserve options; using them", inputs.budget)
+            return schedule(inputs)
+
+    plan.__doc__ = schedule.__doc__
+    return plan
+
+
 SCHEDULES: dict[str, Callable[[PlanInputs], Plan]] = {
     "uniform": uniform,
     "last_k": last_k,
     "first_k": first_k,
-    "energy": energy,
-    "greedy": greedy,
-    "greedy-residual": greedy,  # greedy with schedule.error=residual (conf/schedule/greedy-residual.yaml)
+    "energy": _reserves_last(energy),
+    "greedy": _reserves_last(greedy),
+    # greedy with schedule.error=residual (conf/schedule/greedy-residual.yaml)
+    "greedy-residual": _reserves_last(greedy),
 }
 NEEDS_PROFILES = {"greedy", "greedy-residual", "energy"}
 

@@ -236,7 +236,9 @@ def _block_linear_weights(model: str) -> int:
 
 def test_attention_score_macs_count_and_shrink_with_heads():
     macs = ["budget_unit=macs", "budget_seq_len=128", "budget=0.5"]
-    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "schedule=greedy", *macs)
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"), "method=id", "method.attention=heads", "schedule=greedy", *macs
+    )
     # 2 layers × 4 heads × head_dim 16 × (128 + 1) keys·MACs on top of the linears
     assert done.dense.macs == _block_linear_weights("tiny-llama") + 2 * 4 * 16 * 129
     assert done.achieved <= 0.5
@@ -244,7 +246,12 @@ def test_attention_score_macs_count_and_shrink_with_heads():
 
 def test_a_run_reports_macs_with_attention_scores(run_job):
     metrics, _ = run_job(
-        *tiny_overrides("tiny-llama"), "method=id", "budget_unit=macs", "budget_seq_len=128", "budget=0.5"
+        *tiny_overrides("tiny-llama"),
+        "method=id",
+        "method.attention=heads",
+        "budget_unit=macs",
+        "budget_seq_len=128",
+        "budget=0.5",
     )
     assert metrics["block_macs_dense"] == _block_linear_weights("tiny-llama") + 2 * 4 * 16 * 129
     assert metrics["budget_achieved"] <= 0.5 and metrics["budget_seq_len"] == 128

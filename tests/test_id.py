@@ -43,7 +43,7 @@ def test_pruned_model_is_smaller_dense_and_reloads(tmp_path, model, budget):
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
 def test_gqa_keeps_equal_query_heads_per_kv_group(tmp_path, budget):
-    overrides = [*tiny_overrides("tiny-llama"), "method=id", "schedule=uniform"]
+    overrides = [*tiny_overrides("tiny-llama"), "method=id", "method.attention=heads", "schedule=uniform"]
     done = compress_in_memory(*overrides, f"budget={budget}")
     model = shrink.load(done.save(tmp_path / "model"))
     adapter = build_adapter(model)

@@ -9,9 +9,13 @@ import pytest
 import torch
 
 import shrink
-from shrink.cost import CostModel
+from shrink.budget import Curve, Option, PlanInputs
+from shrink.config import BudgetUnit
+from shrink.cost import CostModel, CostTable
+from shrink.errors import ShrinkError
 from shrink.linalg import balanced, block_pivoted_cholesky, unit_pivoted_cholesky
 from shrink.models import build_adapter, load_model
+from shrink.schedules import make_plan
 from shrink.surgery import HeadPaddedLinear, HeadSlicedLinear, thin_heads
 
 from .conftest import FAST, TINY, compress_in_memory, logits, make_cfg, tiny_overrides
@@ -202,3 +206,58 @@ def test_bad_attention_settings_fail_before_work(tmp_path, overrides, match):
     from .test_bad_inputs import fails
 
     fails(tmp_path, "model=tiny-llama", *FAST, "method=id", *overrides, match=match)
+
+
+def _reserve_curves() -> list[Curve]:
+    """Two units of dense cost 10: options down to 6 are preferred, cheaper ones are reserves."""
+    options = [
+        Option(10, 0.0, {"k": 10}),
+        Option(8, 0.1, {"k": 8}),
+        Option(6, 0.3, {"k": 6}),
+        Option(4, 0.05, {"k": 4}, reserve=True),  # looks better than 6, but is a last resort
+        Option(2, 0.5, {"k": 2}, reserve=True),
+    ]
+    return [Curve(b, "mlp", ("mlp",), 10, options) for b in range(2)]
+
+
+@pytest.mark.parametrize("name", ["greedy", "energy"])
+def test_schedules_use_reserve_options_only_when_the_budget_needs_them(name):
+    curves = _reserve_curves()
+    table = CostTable(BudgetUnit.params, [{"mlp": 10.0}, {"mlp": 10.0}], [0.0, 0.0])
+    reachable = make_plan(name, PlanInputs(table, 0.7, curves=curves))
+    assert all(c["mlp"]["k"] >= 6 for c in reachable.choices.values())
+    needs = make_plan(name, PlanInputs(table, 0.5, curves=curves))
+    kept = [c["mlp"]["k"] for c in needs.choices.values()]
+    assert sum(kept) <= 10 and min(kept) < 6
+
+
+def test_auto_thins_values_and_keeps_every_head_while_it_can():
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"), "method=id", "method.dims_step=4", "schedule=uniform", "budget=0.8"
+    )
+    attn = [r for r in done.rows if r["site"] == "attn"]
+    assert all(r["kept"] == r["total"] for r in attn)
+    assert any(r["v_width"] < 16 for r in attn)
+
+
+def test_auto_drops_heads_only_below_the_reach_of_thinning():
+    low = ["method=id", "budget=0.4"]
+    with pytest.raises(ShrinkError, match="budget 0.4 cannot be met by schedule 'greedy'"):
+        compress_in_memory(*tiny_overrides("tiny-llama"), *low, "method.attention=dims")
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), *low)  # auto, the default
+    assert done.achieved <= 0.4
+    assert any(r["kept"] < r["total"] for r in done.rows if r["site"] == "attn")
+
+
+def test_thin_heads_carry_the_affine_fold_bias_and_reload(tmp_path):
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"), *THIN, "method.attention=dims", "method.bias=true",
+        "schedule=uniform", "budget=0.8",
+    )  # fmt: skip
+    assert done.achieved <= 0.8
+    reloaded = shrink.load(done.save(tmp_path / "model"))
+    for block in reloaded.model.layers:
+        o = block.self_attn.o_proj
+        assert isinstance(o, HeadSlicedLinear) and o.bias is not None
+    ids = torch.randint(0, 255, (2, 48))
+    assert torch.equal(logits(reloaded, ids), logits(done.model, ids))

@@ -83,10 +83,10 @@ def test_speed_suite_reports_latency_next_to_the_mac_ratio(run_job):
         assert speed[which]["latency_ms"] > 0 and speed[which]["tokens_per_s"] > 0
         assert speed[which]["batch_size"] == 1 and speed[which]["seq_len"] == 64
     assert speed["speedup"] > 0
-    # the LM head is not compressed, so the whole model's MAC ratio lies between the blocks' and 1
-    assert (
-        0 < speed["block_mac_ratio"] <= 0.5 + 1e-9 and speed["block_mac_ratio"] < speed["model_mac_ratio"] < 1
-    )
+    # the LM head is not compressed, so the whole model's MAC ratio lies between the blocks' and 1;
+    # the blocks' includes attention-score MACs, which thinned value heads do not shrink (zero
+    # padded), so it may exceed the params budget of 0.5
+    assert 0 < speed["block_mac_ratio"] < 1 and speed["block_mac_ratio"] < speed["model_mac_ratio"] < 1
     assert speed["weight_bytes_ratio"] < 1
     assert metrics["checkpoint_mb"] > 0
 

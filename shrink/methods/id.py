@@ -116,7 +116,7 @@ class InterpolativeDecomposition(Method):
                 f"method.attention={AttentionUnits(cfg.attention).value} selects value dims from the Gram "
                 "matrix; use method.selection=cholesky or method.attention=heads"
             )
-        if cfg.attention != AttentionUnits.heads and not cfg.heads:
+        if cfg.attention in (AttentionUnits.dims, AttentionUnits.both) and not cfg.heads:
             raise ShrinkError(
                 f"method.attention={AttentionUnits(cfg.attention).value} edits attention, which "
                 "method.heads=false leaves alone; set method.heads=true or method.attention=heads"
@@ -261,17 +261,21 @@ class InterpolativeDecomposition(Method):
         return _record(ctx, "mlp", k, n, before, paths, fraction, error, start)
 
     # ---- attention heads ---------------------------------------------------------------------
-    def _widths(self, costs: HeadCosts) -> list[int]:
-        """Value widths the attention may keep: head_dim only when `attention=heads`."""
-        if self.cfg.attention == AttentionUnits.heads:
-            return [costs.head_dim]
-        return costs.widths(int(self.cfg.dims_step))
-
-    def _head_options(self, costs: HeadCosts) -> list[tuple[int, int]]:
-        """(kept KV groups, query heads per group) the attention may keep: all heads for `dims`."""
-        if self.cfg.attention == AttentionUnits.dims:
-            return [(costs.n_kv, costs.group)]
-        return costs.options()
+    def _candidates(self, costs: HeadCosts) -> list[tuple[int, int, int, bool]]:
+        """(kept KV groups, query heads per group, value width, reserve) the attention may keep.
+        `auto` offers the `dims` options, and whole-head drops as reserves (used only when the
+        budget is out of reach without them)."""
+        full, dh = (costs.n_kv, costs.group), costs.head_dim
+        widths = costs.widths(int(self.cfg.dims_step))
+        mode = AttentionUnits(self.cfg.attention)
+        if mode == AttentionUnits.heads:
+            return [(m, q, dh, False) for m, q in costs.options()]
+        thin = [(*full, w, False) for w in widths]
+        if mode == AttentionUnits.dims:
+            return thin
+        if mode == AttentionUnits.both:
+            return [(m, q, w, False) for m, q in costs.options() for w in widths]
+        return thin + [(m, q, dh, True) for m, q in costs.options() if (m, q) != full]
 
     def _attention_options(self, ctx: BlockContext, gram: torch.Tensor, total: float | None) -> list[Option]:
         """Every (heads, value width) the attention may keep, with its cost and the relative error
@@ -280,28 +284,31 @@ class InterpolativeDecomposition(Method):
         costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
         dh = costs.head_dim
         total = total if total is not None else float(torch.diagonal(gram).clamp_min(0).sum())
-        widths = self._widths(costs)
+        by_heads: dict[tuple[int, int], list[tuple[int, bool]]] = {}
+        for m, q, w, reserve in self._candidates(costs):
+            by_heads.setdefault((m, q), []).append((w, reserve))
         options = []
-        for m, q in self._head_options(costs):
+        for (m, q), widths in by_heads.items():
             eligible = _group_constraint(costs.n_heads, costs.n_kv, m, q)
             picked = block_pivoted_cholesky(gram, dh, m * q, eligible)
             lefts = {dh: float(picked.remaining[-1])}
-            thinner = [w for w in widths if w < dh]
+            thinner = [w for w, _ in widths if w < dh]
             if thinner:
                 units, groups = _value_units(list(picked.order), costs.group, dh)
                 dims = unit_pivoted_cholesky(gram, units, m * max(thinner), balanced(groups))
                 lefts |= {w: float(dims.remaining[m * w]) for w in thinner}
-            for w in widths:
+            for w, reserve in widths:
                 error = (max(lefts[w], 0.0) / total) ** 0.5 if total > 0 else 0.0
                 choice = {"heads": m * q, "kv_groups": m, "heads_per_group": q, "v_width": w}
-                options.append(Option(costs.of(m, q, w), error, choice))
+                options.append(Option(costs.of(m, q, w), error, choice, reserve))
         return options
 
     def _head_plan(self, ctx: BlockContext, fraction: float) -> tuple[int, int, int]:
         """(kept KV groups m, query heads per group q, value width w): the schedule's choice
-        (Plan.choices) if it made one; else, with `attention=heads`, the largest cost within the
-        target (STAT); with `dims`, the widest values within it; with `both`, the least ID error
-        within it. The cheapest option when none fits, whose excess the FFN then pays for."""
+        (Plan.choices) if it made one. Else, with `both`, the least ID error within the target;
+        otherwise the largest cost within it (STAT's rule for heads; for `dims` the widest values),
+        reserves (`auto`'s whole-head drops) only when nothing else fits. The cheapest option when
+        nothing fits, whose excess the FFN then pays for."""
         dh = ctx.attention.head_dim
         if "attn" in ctx.choices:
             c = ctx.choices["attn"]
@@ -318,16 +325,16 @@ class InterpolativeDecomposition(Method):
             best = min(fits, key=lambda o: (o.error, -o.cost)) if fits else min(options, key=lambda o: o.cost)
             c = best.choice
             return int(c["kv_groups"]), int(c["heads_per_group"]), int(c["v_width"])
-        found = None
-        for m, q in self._head_options(costs):
-            for w in self._widths(costs):
-                cost = costs.of(m, q, w)
-                if cost <= allowed + 1e-9 and (found is None or (cost, m * q, w) > found[0]):
-                    found = ((cost, m * q, w), m, q, w)
-        if found is not None:
-            return found[1], found[2], found[3]
-        m, q = self._head_options(costs)[0]
-        return m, q, self._widths(costs)[0]
+        candidates = self._candidates(costs)
+        for reserve in (False, True):
+            fits = [
+                ((costs.of(m, q, w), m * q, w), (m, q, w))
+                for m, q, w, r in candidates
+                if r == reserve and costs.of(m, q, w) <= allowed + 1e-9
+            ]
+            if fits:
+                return max(fits)[1]
+        return min(candidates, key=lambda c: costs.of(c[0], c[1], c[2]))[:3]
 
     def _prune_heads(
         self, ctx: BlockContext, spectra: dict, fraction: float, cross: CrossMoment | None
