@@ -48,6 +48,7 @@ VARIANTS: dict[str, list[str]] = {
     "greedy-res-mix-16k": [*G, *H, "calib=mix", "calib.nsamples=32"],
     "greedy-res-32k": [*G, *H, "calib.nsamples=64"],
     "greedy-res-mix-32k": [*G, *H, "calib=mix", "calib.nsamples=64"],
+    "default+bias": ["method.bias=true"],
     # calibration with id's defaults
     "default-mix-32k": ["calib=mix", "calib.nsamples=64"],
     # the low-rank methods' dense-target refit (SVD-LLM's update of the left factor)
