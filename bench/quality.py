@@ -51,6 +51,7 @@ VARIANTS: dict[str, list[str]] = {
     "default+bias": ["method.bias=true"],
     # calibration with id's defaults
     "default-mix-32k": ["calib=mix", "calib.nsamples=64"],
+    "default-128k": ["calib.nsamples=256"],
     # the low-rank methods' dense-target refit (SVD-LLM's update of the left factor)
     "svdllm": ["method=svdllm"],
     "svdllm+dense": ["method=svdllm", "method.target=dense"],
