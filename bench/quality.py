@@ -52,6 +52,7 @@ VARIANTS: dict[str, list[str]] = {
     # calibration with id's defaults
     "default-mix-32k": ["calib=mix", "calib.nsamples=64"],
     "default-128k": ["calib.nsamples=256"],
+    "default-c4": ["calib=c4-sample"],
     # the low-rank methods' dense-target refit (SVD-LLM's update of the left factor)
     "svdllm": ["method=svdllm"],
     "svdllm+dense": ["method=svdllm", "method.target=dense"],
