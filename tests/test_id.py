@@ -73,13 +73,13 @@ def test_cholesky_and_sketched_qr_select_the_same_columns():
 
 def test_head_selection_from_gram_equals_block_qr():
     """Block pivoted Cholesky of ZᵀZ selects exactly the heads of block pivoted QR of Z."""
-    from shrink.methods.id import InterpolativeDecomposition
+    from shrink.methods.id_attention import sketch_heads
 
     always = lambda chosen: torch.ones(8, dtype=torch.bool)  # noqa: E731
     for seed in range(3):
         z = structured_problem(n=64, latent=40, seed=seed)
         by_gram = block_pivoted_cholesky(z.T @ z, 8, 5, always).order
-        assert by_gram == InterpolativeDecomposition._sketch_heads(z, 8, 5, always)
+        assert by_gram == sketch_heads(z, 8, 5, always)
 
 
 def test_id_beats_random_subsets():
@@ -138,14 +138,14 @@ def test_block_selection_adds_a_head_at_once_as_column_by_column(monkeypatch, ra
     Cholesky's picks and residual energies (full rank), and falls back to it when a head is
     (nearly) in the span of what was chosen (rank 40 < 96 columns)."""
     from shrink import linalg
-    from shrink.methods.id import _group_constraint
+    from shrink.methods.id_attention import group_constraint
 
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(500, rank, generator=gen, dtype=torch.float64) @ torch.randn(
         rank, 96, generator=gen, dtype=torch.float64
     )
     g = z.T @ z
-    eligible = _group_constraint(6, 2, 2, 2)
+    eligible = group_constraint(6, 2, 2, 2)
     fast = linalg.block_pivoted_cholesky(g, 16, 4, eligible)
     monkeypatch.setattr(linalg, "_block_columns", lambda *args: None)
     slow = linalg.block_pivoted_cholesky(g, 16, 4, eligible)

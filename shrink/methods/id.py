@@ -33,20 +33,13 @@ from ..config import AttentionUnits, FoldTarget, IDSelection
 from ..context import BlockContext, BlockResult
 from ..cost import HeadCosts, NeuronCosts, module_cost
 from ..errors import ShrinkError
-from ..linalg import (
-    balanced,
-    block_pivoted_cholesky,
-    fold,
-    fold_error,
-    pivoted_cholesky,
-    pivoted_qr,
-    unit_pivoted_cholesky,
-)
+from ..linalg import block_pivoted_cholesky, fold, fold_error, pivoted_cholesky, pivoted_qr
 from ..models import Site
 from ..stats import CrossMoment, SecondMoment
 from ..surgery import keep_outputs, set_inputs, thin_heads
 from . import register
 from .base import Method
+from .id_attention import attention_options, candidates, group_constraint, sketch_heads, value_dims
 
 
 def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
@@ -58,37 +51,6 @@ def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
 def _ffn_costs(ctx: BlockContext, adds_bias: bool) -> NeuronCosts:
     ins = [ctx.block.get_submodule(p) for p in ctx.site("mlp_in").linears]
     return ctx.costs.neurons(ins, ctx.block.get_submodule(ctx.site("mlp_out").linears[0]), adds_bias)
-
-
-def _group_constraint(n_heads: int, n_kv: int, m: int, q: int):
-    """Mask of heads that may still be picked so that at most m KV groups open and each holds at
-    most q query heads: the selection ends with exactly q heads in each of m groups."""
-    group = n_heads // n_kv
-    groups = torch.arange(n_heads) // group
-
-    def eligible(chosen: list[int]) -> torch.Tensor:
-        counts = torch.zeros(n_kv, dtype=torch.long)
-        for h in chosen:
-            counts[h // group] += 1
-        opened = int((counts > 0).sum())
-        return (counts[groups] < q) & ((counts[groups] > 0) | (opened < m))
-
-    return eligible
-
-
-def _value_units(heads: list[int], group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The units of value thinning: one per (kept KV group, value dim), holding that dim's column
-    in each of the group's kept query heads (they all read the same value head); and the index of
-    each unit's group among the kept ones."""
-    by_group: dict[int, list[int]] = {}
-    for h in sorted(heads):
-        by_group.setdefault(h // group, []).append(h)
-    units, groups = [], []
-    for i, members in enumerate(by_group.values()):
-        for j in range(head_dim):
-            units.append([h * head_dim + j for h in members])
-            groups.append(i)
-    return torch.tensor(units, dtype=torch.long), torch.tensor(groups, dtype=torch.long)
 
 
 def _record(ctx, unit_name, kept, total, before, paths, fraction, error, start, **extra) -> dict:
@@ -267,46 +229,7 @@ class InterpolativeDecomposition(Method):
 
     # ---- attention heads ---------------------------------------------------------------------
     def _candidates(self, costs: HeadCosts) -> list[tuple[int, int, int, bool]]:
-        """(kept KV groups, query heads per group, value width, reserve) the attention may keep.
-        `auto` offers the `dims` options, and whole-head drops as reserves (used only when the
-        budget is out of reach without them)."""
-        full, dh = (costs.n_kv, costs.group), costs.head_dim
-        widths = costs.widths(int(self.cfg.dims_step))
-        mode = AttentionUnits(self.cfg.attention)
-        if mode == AttentionUnits.heads:
-            return [(m, q, dh, False) for m, q in costs.options()]
-        thin = [(*full, w, False) for w in widths]
-        if mode == AttentionUnits.dims:
-            return thin
-        if mode == AttentionUnits.both:
-            return [(m, q, w, False) for m, q in costs.options() for w in widths]
-        return thin + [(m, q, dh, True) for m, q in costs.options() if (m, q) != full]
-
-    def _attention_options(self, ctx: BlockContext, gram: torch.Tensor, total: float | None) -> list[Option]:
-        """Every (heads, value width) the attention may keep, with its cost and the relative error
-        of the ID that keeps those columns: heads by the block greedy, then value dims picked in
-        balanced rounds over the kept KV groups (so one run gives every width)."""
-        costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
-        dh = costs.head_dim
-        total = total if total is not None else float(torch.diagonal(gram).clamp_min(0).sum())
-        by_heads: dict[tuple[int, int], list[tuple[int, bool]]] = {}
-        for m, q, w, reserve in self._candidates(costs):
-            by_heads.setdefault((m, q), []).append((w, reserve))
-        options = []
-        for (m, q), widths in by_heads.items():
-            eligible = _group_constraint(costs.n_heads, costs.n_kv, m, q)
-            picked = block_pivoted_cholesky(gram, dh, m * q, eligible)
-            lefts = {dh: float(picked.remaining[-1])}
-            thinner = [w for w, _ in widths if w < dh]
-            if thinner:
-                units, groups = _value_units(list(picked.order), costs.group, dh)
-                dims = unit_pivoted_cholesky(gram, units, m * max(thinner), balanced(groups))
-                lefts |= {w: float(dims.remaining[m * w]) for w in thinner}
-            for w, reserve in widths:
-                error = (max(lefts[w], 0.0) / total) ** 0.5 if total > 0 else 0.0
-                choice = {"heads": m * q, "kv_groups": m, "heads_per_group": q, "v_width": w}
-                options.append(Option(costs.of(m, q, w), error, choice, reserve))
-        return options
+        return candidates(AttentionUnits(self.cfg.attention), costs, int(self.cfg.dims_step))
 
     def _head_plan(self, ctx: BlockContext, fraction: float) -> tuple[int, int, int]:
         """(kept KV groups m, query heads per group q, value width w): the schedule's choice
@@ -323,8 +246,9 @@ class InterpolativeDecomposition(Method):
         if self.cfg.attention == AttentionUnits.both:
             o_lin = ctx.attention.linear("o")
             stats = ctx.stats["attn_out"]
-            options = self._attention_options(
-                ctx, self._selection_gram(stats, o_lin), self._output_energy(stats, o_lin)
+            gram = self._selection_gram(stats, o_lin)
+            options = attention_options(
+                costs, gram, self._output_energy(stats, o_lin), self._candidates(costs)
             )
             fits = [o for o in options if o.cost <= allowed + 1e-9]
             best = min(fits, key=lambda o: (o.error, -o.cost)) if fits else min(options, key=lambda o: o.cost)
@@ -355,11 +279,11 @@ class InterpolativeDecomposition(Method):
 
         stats = ctx.stats["attn_out"]
         device = stats.xtx.device
-        eligible = _group_constraint(n_heads, n_kv, m, q)
+        eligible = group_constraint(n_heads, n_kv, m, q)
 
         gram = None
         if self.cfg.selection == IDSelection.sketch_qr:
-            heads = self._sketch_heads(stats.sketch * self._weights(o_lin)[None, :], dh, m * q, eligible)
+            heads = sketch_heads(stats.sketch * self._weights(o_lin)[None, :], dh, m * q, eligible)
         else:
             gram = self._selection_gram(stats, o_lin)
             picked = block_pivoted_cholesky(gram, dh, m * q, eligible)
@@ -367,14 +291,7 @@ class InterpolativeDecomposition(Method):
             spectra["attn_out.head_residuals"] = picked.r_diag.cpu().numpy()
         heads = sorted(heads)  # grouped by KV head in order, as repeat_kv expects
         kv_kept = sorted({h // group for h in heads})
-        kept_dims = {g: torch.arange(dh) for g in kv_kept}  # value dims kept per KV head
-        if width < dh:
-            assert gram is not None, "value thinning selects from the Gram matrix (checked up front)"
-            units, groups = _value_units(heads, group, dh)
-            dims = unit_pivoted_cholesky(gram, units, len(kv_kept) * width, balanced(groups))
-            chosen = torch.tensor(dims.order, dtype=torch.long)
-            for i, g in enumerate(kv_kept):
-                kept_dims[g] = (chosen[groups[chosen] == i] % dh).sort().values
+        kept_dims = value_dims(gram, heads, group, dh, width)  # value dims kept per KV head
         columns = torch.cat([h * dh + kept_dims[h // group] for h in heads]).to(device)
         new_o, new_bias, error = self._fold(stats, columns, o_lin, cross)
 
@@ -433,7 +350,8 @@ class InterpolativeDecomposition(Method):
             gram = self._selection_gram(ctx.stats["attn_out"], o_lin)
             total = self._output_energy(ctx.stats["attn_out"], o_lin)
             energy = (total or float(torch.diagonal(gram).sum())) / max(ctx.stats["attn_out"].count, 1)
-            options = self._attention_options(ctx, gram, total)
+            costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
+            options = attention_options(costs, gram, total, self._candidates(costs))
             dense = ctx.price("attn_in", "attn_out")
             curves.append(Curve(ctx.index, "attn", ("attn_in", "attn_out"), dense, options, energy, residual))
         if self.cfg.ffn:
@@ -453,20 +371,3 @@ class InterpolativeDecomposition(Method):
     @property
     def prunes_heads(self) -> bool:
         return bool(self.cfg.heads)
-
-    @staticmethod
-    def _sketch_heads(sketch: torch.Tensor, dh: int, count: int, eligible) -> list[int]:
-        """Block pivoted QR on the explicit sketch: the check path for head selection."""
-        a = sketch.to(torch.float64).clone()
-        n_heads = a.shape[1] // dh
-        chosen: list[int] = []
-        for _ in range(count):
-            energy = (a * a).sum(0).view(n_heads, dh).sum(1)
-            mask = eligible(chosen)
-            mask[chosen] = False
-            energy[~mask] = -1.0
-            h = int(energy.argmax())
-            chosen.append(h)
-            basis, _ = torch.linalg.qr(a[:, h * dh : (h + 1) * dh])
-            a -= basis @ (basis.T @ a)
-        return chosen
