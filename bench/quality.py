@@ -49,6 +49,8 @@ VARIANTS: dict[str, list[str]] = {
     "greedy-res-32k": [*G, *H, "calib.nsamples=64"],
     "greedy-res-mix-32k": [*G, *H, "calib=mix", "calib.nsamples=64"],
     "default+bias": ["method.bias=true"],
+    "default+qk": ["method.qk_dims=true"],  # thinner queries and keys too
+    "default+qk-p4": ["method.qk_dims=true", "method.qk_probe_windows=4"],
     # calibration with id's defaults
     "default-mix-32k": ["calib=mix", "calib.nsamples=64"],
     "default-128k": ["calib.nsamples=256"],

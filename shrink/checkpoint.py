@@ -88,6 +88,8 @@ def structural_edits(
                     "bias": module.bias is not None,
                 }
             )
+            if isinstance(module, HeadPaddedLinear) and module.positions is not None:
+                edits[-1]["positions"] = module.positions.tolist()
         elif isinstance(module, nn.Linear):
             ref = reference.get(path)
             shape = (module.in_features, module.out_features, module.bias is not None)
@@ -219,7 +221,13 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> No
         new = nn.Linear(edit["in"], edit["out"], bias=edit["bias"], **factory)
     elif edit["kind"] == "head_padded":
         new = HeadPaddedLinear(
-            edit["in"], edit["heads"], edit["width"], edit["head_dim"], bias=edit["bias"], **factory
+            edit["in"],
+            edit["heads"],
+            edit["width"],
+            edit["head_dim"],
+            edit["bias"],
+            edit.get("positions"),
+            **factory,
         )
     elif edit["kind"] == "head_sliced":
         new = HeadSlicedLinear(

@@ -166,7 +166,9 @@ class IDConf(MethodConf):
     ffn: bool = True  # prune FFN neurons
     heads: bool = True  # prune attention (whole heads and/or value dims, see `attention`)
     attention: AttentionUnits = AttentionUnits.auto  # the attention units `id` removes (heads: STAT)
-    dims_step: int = 8  # value dims per head are kept in multiples of this (and all of them)
+    dims_step: int = 8  # value (and query/key) dims per head are kept in multiples of this
+    qk_dims: bool = False  # also thin query/key dims (rotary pairs) of every head; see README
+    qk_probe_windows: int = 2  # calibration windows on which thinned q/k's output error is measured
     bias: bool = False  # affine fold: the next layer gets a bias carrying the dropped units' mean
     target: FoldTarget = FoldTarget.compressed  # what the fold fits (dense: error-correcting)
     batch_gram_fp32: bool = True  # each batch's XᵀX in float32, summed in float64 (stats.SecondMoment)

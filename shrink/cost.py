@@ -62,10 +62,11 @@ class NeuronCosts:
 
 @dataclass(frozen=True)
 class HeadCosts:
-    """Cost of keeping m KV groups of q query heads whose values keep `width` of the `head_dim`
-    dimensions: a query head costs its q rows (head_dim of them), its o columns (width) and its
-    attention-score MACs in `macs` (A·V still runs at head_dim: thinned values are zero-padded); a
-    KV head its k rows (head_dim) and v rows (width). Under MHA every group is one head."""
+    """Cost of keeping m KV groups of q query heads whose values keep `width` and whose queries and
+    keys keep `qk` of the `head_dim` dimensions: a query head costs its q rows (qk of them), its o
+    columns (width) and its attention-score MACs in `macs` (QKᵀ and A·V still run at head_dim:
+    thinned heads are zero-padded); a KV head its k rows (qk) and v rows (width). Under MHA every
+    group is one head."""
 
     n_heads: int
     n_kv: int
@@ -81,11 +82,12 @@ class HeadCosts:
     def group(self) -> int:
         return self.n_heads // self.n_kv
 
-    def of(self, m: int, q: int, width: int | None = None) -> int:
+    def of(self, m: int, q: int, width: int | None = None, qk: int | None = None) -> int:
         w = self.head_dim if width is None else width
-        dropped = (m, q, w) != (self.n_kv, self.group, self.head_dim)
-        heads = m * q * (self.head_dim * self.q_row + w * self.o_col + self.score)
-        return heads + m * (self.head_dim + w) * self.kv_row + self.fixed + (self.added if dropped else 0)
+        d = self.head_dim if qk is None else qk
+        dropped = (m, q, w, d) != (self.n_kv, self.group, self.head_dim, self.head_dim)
+        heads = m * q * (d * self.q_row + w * self.o_col + self.score)
+        return heads + m * (d + w) * self.kv_row + self.fixed + (self.added if dropped else 0)
 
     def options(self) -> list[tuple[int, int]]:
         return [(m, q) for m in range(1, self.n_kv + 1) for q in range(1, self.group + 1)]

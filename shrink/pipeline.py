@@ -275,6 +275,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     """Dense scores → compression → checks and checkpoint → compressed scores; returns metrics."""
     device = store.device
     method = build_method(cfg.method)
+    method.check_model(store.adapter)
     costs = cost_model(cfg, store.adapter)
     inputs = plan_inputs(cfg, costs, method.prunes_heads)
     params_dense, dense_cost = _params(store.model), costs.model()

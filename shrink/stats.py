@@ -73,8 +73,16 @@ class CrossMoment:
     the edited block will get (the compressed model's), and y, the dense model's. ΣxyᵀΣ, Σyyᵀ and
     Σy let a fold fit the dense function (issue 15's dense targets) without keeping activations."""
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu", where: str = "") -> None:
-        self.x = SecondMoment(dim, device=device, where=where)  # x's own moments, same tokens
+    def __init__(
+        self,
+        dim: int,
+        device: torch.device | str = "cpu",
+        where: str = "",
+        batch_dtype: torch.dtype = torch.float64,
+    ) -> None:
+        # each batch's products in `batch_dtype`, summed in float64 (as SecondMoment's)
+        self.batch_dtype = batch_dtype
+        self.x = SecondMoment(dim, device=device, where=where, batch_dtype=batch_dtype)  # x's own moments
         self.xty = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.yty = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.sum_y = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -82,12 +90,12 @@ class CrossMoment:
         self.where = where
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.xty.device, torch.float64)
-        y = y.detach().reshape(-1, y.shape[-1]).to(self.xty.device, torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.xty.device, self.batch_dtype)
+        y = y.detach().reshape(-1, y.shape[-1]).to(self.xty.device, self.batch_dtype)
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise NumericalError(f"non-finite activations at the input of {self.where or 'a site'}")
         self.x.update(x)
-        self.xty.addmm_(x.T, y)
-        self.yty.addmm_(y.T, y)
-        self.sum_y += y.sum(0)
+        self.xty += (x.T @ y).to(torch.float64)
+        self.yty += (y.T @ y).to(torch.float64)
+        self.sum_y += y.sum(0, dtype=torch.float64)
         self.count += x.shape[0]

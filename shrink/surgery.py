@@ -46,20 +46,44 @@ class LowRankLinear(nn.Module):
 
 
 class HeadPaddedLinear(nn.Linear):
-    """A value projection whose `heads` heads keep `width` < `head_dim` dimensions: it stores and
-    computes heads·width outputs and pads each head with zeros to `head_dim`, so the family's own
-    attention code (which views values at the query/key head size) runs unchanged. The zeros
-    reach only the output projection's dropped inputs (a `HeadSlicedLinear`)."""
+    """A projection whose `heads` heads keep `width` < `head_dim` dimensions: it stores and computes
+    heads·width outputs and pads each head with zeros to `head_dim`, so the family's own attention
+    code (which views heads at the query/key head size) runs unchanged.
+
+    Values keep the first `width` places of each head (the zeros reach only the output projection's
+    dropped inputs, a `HeadSlicedLinear`). Queries and keys keep `positions` (heads × width), the
+    places of the dims they kept: a rotary pair turns at the frequency of its place, and zeros add
+    nothing to q·k (a zero pair stays zero under rotation)."""
 
     def __init__(
-        self, in_features: int, heads: int, width: int, head_dim: int, bias: bool = True, **factory
+        self,
+        in_features: int,
+        heads: int,
+        width: int,
+        head_dim: int,
+        bias: bool = True,
+        positions: torch.Tensor | None = None,
+        **factory,
     ) -> None:
         super().__init__(in_features, heads * width, bias=bias, **factory)
         self.heads, self.width, self.head_dim = heads, width, head_dim
+        self.positions: torch.Tensor | None = None
+        if positions is not None:
+            positions = torch.as_tensor(positions, dtype=torch.long, device="cpu")
+            if positions.shape != (heads, width):
+                raise ValueError(f"positions of shape {tuple(positions.shape)}; expected ({heads}, {width})")
+            self.positions = positions
+            places = positions + head_dim * torch.arange(heads)[:, None]
+            self.register_buffer("_places", places.flatten(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x).unflatten(-1, (self.heads, self.width))
-        return F.pad(y, (0, self.head_dim - self.width)).flatten(-2)
+        y = super().forward(x)
+        if self.positions is None:
+            return F.pad(y.unflatten(-1, (self.heads, self.width)), (0, self.head_dim - self.width)).flatten(
+                -2
+            )
+        out = y.new_zeros(*y.shape[:-1], self.heads * self.head_dim)
+        return out.index_copy_(-1, self._places, y)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, heads={self.heads}, width={self.width}, head_dim={self.head_dim}"
@@ -113,6 +137,26 @@ def thin_heads(
             new_o.bias.copy_(bias)
     replace_submodule(block, v_path, new_v)
     replace_submodule(block, o_path, new_o)
+
+
+def thin_query_key(block: nn.Module, q_path: str, k_path: str, positions: torch.Tensor, group: int) -> None:
+    """Keep query/key dims `positions` (KV heads × width, the places each KV head keeps, shared by
+    its `group` query heads) in q and k, which hold whole heads now; each pads back to head_dim."""
+    for path, places in ((q_path, positions.repeat_interleave(group, 0)), (k_path, positions)):
+        linear = block.get_submodule(path)
+        heads, width = places.shape
+        head_dim = linear.out_features // heads
+        rows = (places + head_dim * torch.arange(heads)[:, None]).flatten().to(linear.weight.device)
+        factory = {"dtype": linear.weight.dtype, "device": linear.weight.device}
+        new = HeadPaddedLinear(
+            linear.in_features, heads, width, head_dim, linear.bias is not None, places, **factory
+        )
+        with torch.no_grad():
+            new.weight.copy_(linear.weight[rows])
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias[rows])
+        new._places = new._places.to(linear.weight.device)
+        replace_submodule(block, path, new)
 
 
 def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from ..budget import Curve
 from ..context import BlockContext, BlockResult
 from ..errors import ShrinkError
-from ..models import Site
+from ..models import Adapter, Site
 from ..stats import SecondMoment
 
 
@@ -30,6 +30,10 @@ class Method(ABC):
     @staticmethod  # noqa: B027  (an optional hook: most methods have nothing to check)
     def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
         """Value checks of the method's own config keys, run before any model is loaded."""
+
+    def check_model(self, adapter: Adapter) -> None:  # noqa: B027  (optional, as `check`)
+        """Checks that need the loaded model's structure (not its statistics), run before any
+        evaluation or calibration pass."""
 
     def new_stats(
         self, site: Site, dim: int, device: torch.device, where: str, seed: int

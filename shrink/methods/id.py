@@ -15,6 +15,9 @@ Thinner heads (`attention`, issue 15): a query head's output is A_h V_g, so an I
 dims of KV head g (V_g ≈ V_g[:, J] T) carries over to every query head of the group; v keeps rows
 J, o keeps the matching columns, and the same least-squares fold rebuilds o_proj's inputs. `auto`
 (default) thins values and keeps whole-head drops as the schedule's reserve options.
+`qk_dims` also thins queries and keys: each KV group keeps the rotary pairs (or dims) with the
+largest ‖q‖·‖k‖ (MoDeGPT's CR choice, `id_qk.py`); their effect through the softmax is measured on
+a few calibration windows, and o_proj is refitted to the unthinned attention output.
 
 The pivoted QR of Z selects the same columns as the pivoted Cholesky of ZᵀZ, so the streamed
 second moment is enough; `selection: sketch_qr` runs pivoted QR on a streamed Gaussian row
@@ -34,12 +37,13 @@ from ..context import BlockContext, BlockResult
 from ..cost import HeadCosts, NeuronCosts, module_cost
 from ..errors import ShrinkError
 from ..linalg import block_pivoted_cholesky, fold, fold_error, pivoted_cholesky, pivoted_qr
-from ..models import Site
+from ..models import Adapter, Site
 from ..stats import CrossMoment, SecondMoment
-from ..surgery import keep_outputs, set_inputs, thin_heads
+from ..surgery import keep_outputs, set_inputs, thin_heads, thin_query_key
 from . import register
 from .base import Method
-from .id_attention import attention_options, candidates, group_constraint, sketch_heads, value_dims
+from .id_attention import Shape, attention_options, candidates, group_constraint, sketch_heads, value_dims
+from .id_qk import qk_errors, qk_positions, qk_widths, thinned_moments
 
 
 def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
@@ -88,12 +92,31 @@ class InterpolativeDecomposition(Method):
                 f"method.attention={AttentionUnits(cfg.attention).value} edits attention, which "
                 "method.heads=false leaves alone; set method.heads=true or method.attention=heads"
             )
+        if cfg.qk_dims and (cfg.attention == AttentionUnits.heads or not cfg.heads):
+            raise ShrinkError(
+                "method.qk_dims=true thins every head's queries and keys, which method.attention=heads "
+                "or method.heads=false leaves whole; use method.attention=auto|dims|both, method.heads=true"
+            )
+        if int(cfg.qk_probe_windows) < 1:
+            raise ShrinkError(
+                f"method.qk_probe_windows={cfg.qk_probe_windows} must be a positive number of windows"
+            )
         if int(cfg.dims_step) < 1:
             raise ShrinkError(f"method.dims_step={cfg.dims_step} must be a positive number of value dims")
         if cfg.target == FoldTarget.dense and propagate == "dense":
             raise ShrinkError(
                 "method.target=dense fits the dense model's activations, which with propagate=dense are "
                 "the ones the block already sees; use propagate=compressed or method.target=compressed"
+            )
+
+    def check_model(self, adapter: Adapter) -> None:
+        """Thinner queries and keys need a family whose q/k dims can be zero-padded."""
+        if not (self.cfg.qk_dims and self.cfg.heads):
+            return
+        if any(adapter.attention(block).qk_units is None for block in adapter.blocks()):
+            raise ShrinkError(
+                f"method.qk_dims=true: {adapter.config.model_type} normalises (or partly rotates) each "
+                "head's queries and keys, so they cannot be thinned; set method.qk_dims=false"
             )
 
     @property
@@ -104,12 +127,14 @@ class InterpolativeDecomposition(Method):
     def new_stats(
         self, site: Site, dim: int, device: torch.device, where: str, seed: int
     ) -> SecondMoment | None:
-        """Only the inputs of down_proj and o_proj (the ID's columns) are read; `selection:
-        sketch_qr` also streams a Gaussian row sketch ΩZ of them."""
-        if site.name not in ("mlp_out", "attn_out"):
+        """Only the inputs of down_proj and o_proj (the ID's columns) are read, and q/k's with
+        `qk_dims` (their norms choose the kept dims); `selection: sketch_qr` also streams a
+        Gaussian row sketch ΩZ of the ID's columns."""
+        qk = self.cfg.qk_dims and self.cfg.heads and site.name == "attn_in"
+        if site.name not in ("mlp_out", "attn_out") and not qk:
             return None
         rows = 0
-        if self.cfg.selection == IDSelection.sketch_qr:
+        if self.cfg.selection == IDSelection.sketch_qr and not qk:
             rows = max(1, int(self.cfg.sketch_oversample * dim))
         dtype = torch.float32 if self.cfg.batch_gram_fp32 else torch.float64
         return SecondMoment(dim, device=device, where=where, sketch_rows=rows, seed=seed, batch_dtype=dtype)
@@ -172,11 +197,14 @@ class InterpolativeDecomposition(Method):
         w = self._weights(next_linear)
         return float((torch.diagonal(stats.xtx) * w * w).sum())
 
-    def _fold(self, stats: SecondMoment, keep: torch.Tensor, linear, cross: CrossMoment | None):
+    def _fold(
+        self, stats: SecondMoment, keep: torch.Tensor, linear, cross: CrossMoment | None, refit: bool = False
+    ):
         """(new weight of the next layer, its new bias or None, relative output error). STAT's
-        fold when neither switch is on (`linalg.fold`); nothing to fold when every column is kept."""
+        fold when neither switch is on (`linalg.fold`); nothing to fold when every column is kept,
+        unless `refit` (the columns themselves changed: thinner queries and keys)."""
         w = linear.weight.detach().to(torch.float64)
-        if len(keep) == w.shape[1]:
+        if len(keep) == w.shape[1] and not refit:
             return w, None, 0.0
         folded = fold(stats, keep, self.cfg.ridge, self.cfg.bias, cross)
         new = w @ folded.t.T
@@ -228,42 +256,57 @@ class InterpolativeDecomposition(Method):
         return _record(ctx, "mlp", k, n, before, paths, fraction, error, start)
 
     # ---- attention heads ---------------------------------------------------------------------
-    def _candidates(self, costs: HeadCosts) -> list[tuple[int, int, int, bool]]:
-        return candidates(AttentionUnits(self.cfg.attention), costs, int(self.cfg.dims_step))
+    def _candidates(self, costs: HeadCosts, ctx: BlockContext) -> list[Shape]:
+        step = int(self.cfg.dims_step)
+        widths = qk_widths(ctx.attention, costs.widths(step)) if self.cfg.qk_dims else None
+        return candidates(AttentionUnits(self.cfg.attention), costs, step, widths)
 
-    def _head_plan(self, ctx: BlockContext, fraction: float) -> tuple[int, int, int]:
-        """(kept KV groups m, query heads per group q, value width w): the schedule's choice
-        (Plan.choices) if it made one. Else, with `both`, the least ID error within the target;
-        otherwise the largest cost within it (STAT's rule for heads; for `dims` the widest values),
-        reserves (`auto`'s whole-head drops) only when nothing else fits. The cheapest option when
-        nothing fits, whose excess the FFN then pays for."""
+    def _attention_options(self, ctx: BlockContext, costs: HeadCosts) -> list[Option]:
+        """Every shape on offer with its cost and ID error (thinner q/k's error measured)."""
+        o_lin = ctx.attention.linear("o")
+        stats = ctx.stats["attn_out"]
+        gram = self._selection_gram(stats, o_lin)
+        offered = self._candidates(costs, ctx)
+        measured = None
+        if self.cfg.qk_dims:
+            widths = sorted({s.qk for s in offered})
+            windows = int(self.cfg.qk_probe_windows)
+            measured = qk_errors(ctx, ctx.stats["attn_in"], self._weights(o_lin), widths, windows)
+        return attention_options(costs, gram, self._output_energy(stats, o_lin), offered, measured)
+
+    def _head_plan(self, ctx: BlockContext, fraction: float) -> tuple[int, int, int, int]:
+        """(kept KV groups m, query heads per group q, value width, query/key width): the
+        schedule's choice (Plan.choices) if it made one. Else, with `both` or thinner queries and
+        keys, the least error within the target; otherwise the largest cost within it (STAT's rule
+        for heads; for `dims` the widest values), reserves (`auto`'s whole-head drops) only when
+        nothing else fits. The cheapest option when nothing fits, whose excess the FFN then pays."""
         dh = ctx.attention.head_dim
         if "attn" in ctx.choices:
             c = ctx.choices["attn"]
-            return int(c["kv_groups"]), int(c["heads_per_group"]), int(c.get("v_width", dh))
+            m, q = int(c["kv_groups"]), int(c["heads_per_group"])
+            return m, q, int(c.get("v_width", dh)), int(c.get("qk_width", dh))
         costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
         allowed = fraction * costs.of(costs.n_kv, costs.group)
-        if self.cfg.attention == AttentionUnits.both:
-            o_lin = ctx.attention.linear("o")
-            stats = ctx.stats["attn_out"]
-            gram = self._selection_gram(stats, o_lin)
-            options = attention_options(
-                costs, gram, self._output_energy(stats, o_lin), self._candidates(costs)
-            )
-            fits = [o for o in options if o.cost <= allowed + 1e-9]
-            best = min(fits, key=lambda o: (o.error, -o.cost)) if fits else min(options, key=lambda o: o.cost)
-            c = best.choice
-            return int(c["kv_groups"]), int(c["heads_per_group"]), int(c["v_width"])
-        candidates = self._candidates(costs)
+        if self.cfg.attention == AttentionUnits.both or self.cfg.qk_dims:
+            options = self._attention_options(ctx, costs)
+            for reserve in (False, True):
+                fits = [o for o in options if o.reserve == reserve and o.cost <= allowed + 1e-9]
+                if fits:
+                    c = min(fits, key=lambda o: (o.error, -o.cost)).choice
+                    break
+            else:
+                c = min(options, key=lambda o: o.cost).choice
+            return int(c["kv_groups"]), int(c["heads_per_group"]), int(c["v_width"]), int(c["qk_width"])
+        shapes = self._candidates(costs, ctx)
         for reserve in (False, True):
             fits = [
-                ((costs.of(m, q, w), m * q, w), (m, q, w))
-                for m, q, w, r in candidates
-                if r == reserve and costs.of(m, q, w) <= allowed + 1e-9
+                ((costs.of(s.m, s.q, s.v), s.m * s.q, s.v), s)
+                for s in shapes
+                if s.reserve == reserve and costs.of(s.m, s.q, s.v) <= allowed + 1e-9
             ]
             if fits:
-                return max(fits)[1]
-        return min(candidates, key=lambda c: costs.of(c[0], c[1], c[2]))[:3]
+                return max(fits)[1][:4]
+        return min(shapes, key=lambda s: costs.of(s.m, s.q, s.v))[:4]
 
     def _prune_heads(
         self, ctx: BlockContext, spectra: dict, fraction: float, cross: CrossMoment | None
@@ -275,9 +318,15 @@ class InterpolativeDecomposition(Method):
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
         n_heads, n_kv = attention.counts()
         group, dh = n_heads // n_kv, attention.head_dim
-        m, q, width = self._head_plan(ctx, fraction)
+        m, q, width, qk = self._head_plan(ctx, fraction)
 
         stats = ctx.stats["attn_out"]
+        positions = None
+        if qk < dh:  # every head is kept (candidates); o is refitted to the unthinned output
+            positions = qk_positions(attention, ctx.stats["attn_in"], qk)
+            dtype = torch.float32 if self.cfg.batch_gram_fp32 else torch.float64
+            cross = thinned_moments(ctx, positions, self.cfg.target == FoldTarget.dense, dtype)
+            stats = cross.x
         device = stats.xtx.device
         eligible = group_constraint(n_heads, n_kv, m, q)
 
@@ -293,12 +342,15 @@ class InterpolativeDecomposition(Method):
         kv_kept = sorted({h // group for h in heads})
         kept_dims = value_dims(gram, heads, group, dh, width)  # value dims kept per KV head
         columns = torch.cat([h * dh + kept_dims[h // group] for h in heads]).to(device)
-        new_o, new_bias, error = self._fold(stats, columns, o_lin, cross)
+        new_o, new_bias, error = self._fold(stats, columns, o_lin, cross, refit=positions is not None)
 
         full = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(device)
-        keep_outputs(ctx.block, attention.paths.q, full)
         kv_full = torch.cat([torch.arange(g * dh, (g + 1) * dh) for g in kv_kept]).to(device)
-        keep_outputs(ctx.block, attention.paths.k, kv_full)
+        if positions is None:
+            keep_outputs(ctx.block, attention.paths.q, full)
+            keep_outputs(ctx.block, attention.paths.k, kv_full)
+        else:
+            thin_query_key(ctx.block, attention.paths.q, attention.paths.k, positions, group)
         if width < dh:
             v_rows = torch.cat([g * dh + kept_dims[g] for g in kv_kept])
             thin_heads(
@@ -329,6 +381,7 @@ class InterpolativeDecomposition(Method):
             start,
             kept_kv=len(kv_kept),
             v_width=width,
+            qk_width=qk,
         )
 
     # ---- error profiles for the greedy schedule ---------------------------------------------------
@@ -351,7 +404,7 @@ class InterpolativeDecomposition(Method):
             total = self._output_energy(ctx.stats["attn_out"], o_lin)
             energy = (total or float(torch.diagonal(gram).sum())) / max(ctx.stats["attn_out"].count, 1)
             costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
-            options = attention_options(costs, gram, total, self._candidates(costs))
+            options = self._attention_options(ctx, costs)
             dense = ctx.price("attn_in", "attn_out")
             curves.append(Curve(ctx.index, "attn", ("attn_in", "attn_out"), dense, options, energy, residual))
         if self.cfg.ffn:

@@ -9,6 +9,8 @@ balanced rounds so that every kept KV head keeps the same width.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..budget import Option
@@ -71,46 +73,70 @@ def value_dims(
     return {g: (chosen[groups[chosen] == i] % head_dim).sort().values for i, g in enumerate(kv_kept)}
 
 
-def candidates(mode: AttentionUnits, costs: HeadCosts, step: int) -> list[tuple[int, int, int, bool]]:
-    """(kept KV groups, query heads per group, value width, reserve) the attention may keep.
-    `auto` offers the `dims` options, and whole-head drops as reserves (used only when the budget
-    is out of reach without them)."""
+class Shape(NamedTuple):
+    """What one attention option keeps: m KV groups of q query heads, `v` value dims and `qk`
+    query/key dims per head; `reserve`: a last resort of the plan (`auto`'s whole-head drops)."""
+
+    m: int
+    q: int
+    v: int
+    qk: int
+    reserve: bool = False
+
+
+def candidates(
+    mode: AttentionUnits, costs: HeadCosts, step: int, qk_widths: list[int] | None = None
+) -> list[Shape]:
+    """The shapes the attention may keep. `auto` offers the `dims` options, and whole-head drops as
+    reserves (used only when the budget is out of reach without them). Query/key widths
+    (`qk_widths`, thinning on) combine with every value width of the full set of heads."""
     full, dh = (costs.n_kv, costs.group), costs.head_dim
     widths = costs.widths(step)
     if mode == AttentionUnits.heads:
-        return [(m, q, dh, False) for m, q in costs.options()]
-    thin = [(*full, w, False) for w in widths]
+        return [Shape(m, q, dh, dh) for m, q in costs.options()]
+    thin = [Shape(*full, w, d) for w in widths for d in (qk_widths or [dh])]
     if mode == AttentionUnits.dims:
         return thin
     if mode == AttentionUnits.both:
-        return [(m, q, w, False) for m, q in costs.options() for w in widths]
-    return thin + [(m, q, dh, True) for m, q in costs.options() if (m, q) != full]
+        return [Shape(m, q, w, dh) for m, q in costs.options() for w in widths] + [
+            s for s in thin if s.qk < dh
+        ]
+    return thin + [Shape(m, q, dh, dh, True) for m, q in costs.options() if (m, q) != full]
 
 
 def attention_options(
-    costs: HeadCosts, gram: torch.Tensor, total: float | None, offered: list[tuple[int, int, int, bool]]
+    costs: HeadCosts,
+    gram: torch.Tensor,
+    total: float | None,
+    offered: list[Shape],
+    qk_errors: dict[int, float] | None = None,
 ) -> list[Option]:
-    """Each offered (heads, value width) with its cost and the relative error of the ID that keeps
-    those columns (against `total`, by default the Gram's trace): heads by the block greedy, then
-    value dims in balanced rounds over the kept KV groups (one run gives every width)."""
+    """Each offered shape with its cost and relative error: the ID that keeps those columns
+    (against `total`, by default the Gram's trace; heads by the block greedy, then value dims in
+    balanced rounds over the kept KV groups, one run giving every width), and for thinner queries
+    and keys their measured squared error (`qk_errors`), added in squares."""
     dh = costs.head_dim
     total = total if total is not None else float(torch.diagonal(gram).clamp_min(0).sum())
-    by_heads: dict[tuple[int, int], list[tuple[int, bool]]] = {}
-    for m, q, w, reserve in offered:
-        by_heads.setdefault((m, q), []).append((w, reserve))
+    by_heads: dict[tuple[int, int], list[Shape]] = {}
+    for shape in offered:
+        by_heads.setdefault((shape.m, shape.q), []).append(shape)
     options = []
-    for (m, q), widths in by_heads.items():
+    for (m, q), shapes in by_heads.items():
         eligible = group_constraint(costs.n_heads, costs.n_kv, m, q)
         picked = block_pivoted_cholesky(gram, dh, m * q, eligible)
         lefts = {dh: float(picked.remaining[-1])}
-        thinner = [w for w, _ in widths if w < dh]
+        thinner = [s.v for s in shapes if s.v < dh]
         if thinner:
             dims, _ = value_selection(gram, list(picked.order), costs.group, dh, max(thinner))
             lefts |= {w: float(dims.remaining[m * w]) for w in thinner}
-        for w, reserve in widths:
-            error = (max(lefts[w], 0.0) / total) ** 0.5 if total > 0 else 0.0
-            choice = {"heads": m * q, "kv_groups": m, "heads_per_group": q, "v_width": w}
-            options.append(Option(costs.of(m, q, w), error, choice, reserve))
+        for s in shapes:
+            squared = max(lefts[s.v], 0.0) / total if total > 0 else 0.0
+            if s.qk < dh:  # measured for every offered query/key width
+                assert qk_errors is not None, "thinner queries and keys come with their errors"
+                squared += qk_errors[s.qk]
+            error = squared**0.5
+            choice = {"heads": m * q, "kv_groups": m, "heads_per_group": q, "v_width": s.v, "qk_width": s.qk}
+            options.append(Option(costs.of(m, q, s.v, s.qk), error, choice, s.reserve))
     return options
 
 

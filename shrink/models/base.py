@@ -50,6 +50,9 @@ class Attention:
     head_dim: int
     causal: bool
     _set_counts: Callable[[nn.Module, int, int], None]
+    # query/key dims of one head that are kept or dropped together (rotary pairs rotate as one);
+    # None where q/k cannot be thinned by zero-padding (a norm over each head's q/k, as in Qwen3)
+    qk_units: tuple[tuple[int, ...], ...] | None = None
 
     def linear(self, name: str) -> nn.Linear:
         """The projection `q`, `k`, `v` or `o`."""
@@ -97,8 +100,18 @@ class Adapter(ABC):
 
     def attention(self, block: nn.Module) -> Attention:
         return Attention(
-            block, self.attention_paths, self.heads().head_dim, self.causal, self._set_head_counts
+            block,
+            self.attention_paths,
+            self.heads().head_dim,
+            self.causal,
+            self._set_head_counts,
+            self.qk_units(block),
         )
+
+    def qk_units(self, block: nn.Module) -> tuple[tuple[int, ...], ...] | None:
+        """Query/key dims of a head that go together: each dim alone without rotary embeddings
+        (q·k is a sum over dims, and a dropped dim's zero adds nothing)."""
+        return tuple((i,) for i in range(self.heads().head_dim))
 
     def heads(self) -> HeadLayout:
         """Multi-head attention with as many KV heads as query heads (overridden for GQA)."""

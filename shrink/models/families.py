@@ -30,6 +30,18 @@ class LlamaAdapter(Adapter):
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
         return HeadLayout(n_heads, getattr(c, "num_key_value_heads", None) or n_heads, head_dim)
 
+    def qk_units(self, block: nn.Module) -> tuple[tuple[int, ...], ...] | None:
+        """Rotary pairs: HF's rotate_half turns dims i and i + head_dim/2 together at one
+        frequency, so a pair is kept or dropped whole (its zero stays zero under rotation). A
+        per-head norm of q/k (Qwen3, Gemma) would see the padded zeros: no thinning there."""
+        attention = block.get_submodule(self.attention_paths.q.rpartition(".")[0])
+        if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
+            return None
+        if float(getattr(self.config, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+            return None
+        half = self.heads().head_dim // 2
+        return tuple((i, i + half) for i in range(half))
+
 
 class OPTAdapter(Adapter):
     """OPT: fc1/fc2 with biases, ReLU, multi-head attention with biased projections."""
