@@ -287,6 +287,28 @@ class EvalConf:
 
 
 @dataclass
+class QuantConf:
+    """Weight quantization after the method's edit (issue 17): `none`, `rtn` or `gptq`."""
+
+    name: str = MISSING
+    bits: int = 4  # 8, 4, 3 or 2
+    group_size: int = 128  # input columns sharing one scale: -1 (whole row), 32, 64 or 128
+    sym: bool = True  # symmetric grid (zero point 0)
+    act_order: bool = False  # gptq: columns by decreasing Hessian diagonal (static groups)
+    dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal
+
+
+@dataclass
+class SparsityConf:
+    """Weight sparsity after the method's edit, before quantization (issue 17)."""
+
+    name: str = MISSING
+    pattern: str = "unstructured"  # or N:M (N kept of every M consecutive inputs), e.g. 2:4
+    fraction: float = 0.5  # unstructured: the share of each linear's weights set to zero
+    dampening: float = 0.01  # sparsegpt: δ/mean diag H added to the Hessian's diagonal
+
+
+@dataclass
 class LoggerConf:
     name: str = MISSING
 
@@ -309,6 +331,8 @@ class Config:
     calib: CalibConf = MISSING
     eval: EvalConf = MISSING
     logger: LoggerConf = MISSING
+    quant: QuantConf = MISSING
+    sparsity: SparsityConf = MISSING
     budget: float = 0.5  # fraction of the compressible block weights kept
     budget_unit: BudgetUnit = BudgetUnit.params
     # context length at which attention-score MACs (QKᵀ, AV) are counted; 0 counts linears only
@@ -348,6 +372,8 @@ def register_schemas() -> None:
     cs.store(group="schema/calib", name="calib", node=CalibConf)
     cs.store(group="schema/eval", name="eval", node=EvalConf)
     cs.store(group="schema/logger", name="logger", node=LoggerConf)
+    cs.store(group="schema/quant", name="quant", node=QuantConf)
+    cs.store(group="schema/sparsity", name="sparsity", node=SparsityConf)
     cs.store(group="schema/logger", name="wandb", node=WandbConf)
 
 

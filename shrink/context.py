@@ -3,6 +3,7 @@ the cached inputs to run it on. A method edits `ctx.block` in place and never se
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,27 @@ class BlockContext:
             args, kwargs = take_rows(args, rows, size), take_rows(kwargs, rows, size)
         return self.forward(self.block, hidden, args, kwargs)
 
+    def linear_input(
+        self, path: str, hidden: torch.Tensor, batch: int, rows: slice | None = None
+    ) -> torch.Tensor:
+        """The input of the block's linear at `path` when the block (as it is now) runs on `hidden`
+        (batch `batch`); the forward stops there, so what comes after it is not computed."""
+        seen: list[torch.Tensor] = []
+
+        def hook(_module, args):
+            seen.append(args[0].detach())
+            raise _Captured
+
+        handle = self.block.get_submodule(path).register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad(), contextlib.suppress(_Captured):
+                self.run(hidden, batch, rows)
+        finally:
+            handle.remove()
+        if not seen:
+            raise RuntimeError(f"block {self.index}: the forward never reached {path}")
+        return seen[0]
+
     def cross_moments(self, names: list[str]) -> dict[str, CrossMoment]:
         """Moments of the named sites' inputs on the propagated stream against the dense stream
         (same windows, the block as it is now): what a fold needs to fit the dense function."""
@@ -97,6 +119,10 @@ class BlockContext:
         """The block on every calibration batch of `inputs`."""
         with torch.no_grad():
             return [self.forward(self.block, h, self.args[b], self.kwargs[b]) for b, h in enumerate(inputs)]
+
+
+class _Captured(Exception):
+    """Ends a block's forward once the input wanted has been seen."""
 
 
 def take_rows(value: Any, rows: slice, batch: int) -> Any:

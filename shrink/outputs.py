@@ -14,7 +14,10 @@ from .errors import first_line
 # what a folder holds before its run began: Hydra's log, and the folder's lock (shrink.lock)
 NOT_A_RUN = {"launch.log", ".shrink.lock"}
 HYDRA_SUBDIR = ".hydra"  # Hydra's own record of the job, written here once the run starts
-STALE = ("metrics.json", "error.txt", "layers.jsonl", "plan.jsonl", "events.jsonl", "spectra.npz", "kept.png")
+STALE = (
+    "metrics.json", "error.txt", "layers.jsonl", "steps.jsonl", "plan.jsonl", "events.jsonl",
+    "spectra.npz", "kept.png",
+)  # fmt: skip
 
 
 class RunFolder:
@@ -46,6 +49,11 @@ class RunFolder:
         self.rows.extend(rows)
         for name, values in spectra.items():
             self.spectra[f"block{index:03d}/{name}"] = np.asarray(values, dtype=np.float64)
+
+    def add_steps(self, rows: list[dict[str, Any]]) -> None:
+        """One row per linear that the sparsity / quantization steps edited (shrink/steps.py)."""
+        if rows:
+            self._append("steps.jsonl", rows)
 
     def finish(self, metrics: dict[str, Any]) -> list[Path]:
         """Write spectra, plots and (last) metrics.json; returns the plots written."""

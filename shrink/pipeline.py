@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import checkpoint, data, rss
+from . import checkpoint, data, rss, steps
 from .budget import PlanInputs
 from .config import BudgetUnit, ErrorCurrency, Propagate
 from .cost import CostModel
@@ -66,6 +66,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 < float(cfg.budget) <= 1.0:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
     check_method(cfg.method.name)
+    steps.check(cfg)
     METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size), Propagate(cfg.propagate).value)
     check_schedule(cfg.schedule.name)
     if cfg.schedule.name in NEEDS_PROFILES and not METHODS[cfg.method.name].has_profile:
@@ -105,6 +106,7 @@ def validate(cfg: DictConfig) -> None:
     config = load_config(cfg.model)
     blocks = skeleton(cfg.model, config)
     check_block_map(cfg.model, blocks)
+    steps.check_widths(cfg, list(blocks.blocks()), [blocks.sites(b) for b in blocks.blocks()])
     if cfg.schedule.name not in NEEDS_PROFILES:  # a budget the schedule cannot meet fails here
         make_plan(
             cfg.schedule.name,
@@ -275,6 +277,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     """Dense scores → compression → checks and checkpoint → compressed scores; returns metrics."""
     device = store.device
     method = build_method(cfg.method)
+    method.width_multiple = steps.width_multiple(cfg)
     method.check_model(store.adapter)
     costs = cost_model(cfg, store.adapter)
     inputs = plan_inputs(cfg, costs, method.prunes_heads)
@@ -319,6 +322,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
         "total_seconds": clock["end"] - clock["start"],
         "peak_rss_mb": rss.peak_mb(),
         "checkpoint_mb": _folder_mb(job.folder.path / "model") if cfg.save_model else None,
+        **steps.summary(cfg, store.adapter),
         "seed": cfg.seed,
         "device": device.type,
         "device_map": store.device_summary(),
@@ -363,12 +367,15 @@ def _compress(
     blocks = runner.blocks(
         Propagate(cfg.propagate), plan, method.needs_teacher, start=job.done + 1, start_inputs=start_inputs
     )
+    post = steps.BlockSteps(cfg.quant, cfg.sparsity)
     with contextlib.closing(blocks):  # on an error or Ctrl-C the walk (and its progress bar) ends here
         for ctx in blocks:
             result = method.compress_block(ctx)
+            step_rows = post.apply(ctx) if post.active else []
             hidden, teacher, seconds = runner.advance(ctx)
             rows = [{"block": ctx.index, **row, "block_seconds": seconds} for row in result.records]
             job.folder.add_block(ctx.index, rows, result.spectra)
+            job.folder.add_steps([{"block": ctx.index, **row} for row in step_rows])
             job.tracker.log_block(ctx.index, rows, result.spectra)
             if cfg.block_checkpoints:
                 job.progress.save_block(

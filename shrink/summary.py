@@ -16,6 +16,16 @@ def summary(m: dict[str, Any], path: Path) -> str:
         f"  params     {m['params_dense'] / 1e6:.2f}M -> {m['params_compressed'] / 1e6:.2f}M "
         f"(block linears {m['block_params_dense'] / 1e6:.2f}M -> {m['block_params_compressed'] / 1e6:.2f}M)",
     ]
+    if "block_bits_per_weight" in m:
+        steps = [
+            f"{k}={v['name']}"
+            for k, v in (("sparsity", m["sparsity"]), ("quant", m["quant"]))
+            if v["name"] != "none"
+        ]
+        lines.append(
+            f"  steps      {' '.join(steps)}: block linears at {m['block_bits_per_weight']:.2f} bits/weight, "
+            f"{m['block_zero_fraction']:.1%} zeros (weights stored dequantized for now)"
+        )
     for corpus, r in m["eval"].get("ppl", {}).items():
         lines.append(
             f"  ppl {corpus:<6} dense {r['dense']:.2f} -> compressed {r['compressed']:.2f} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,7 @@ class Compressed:
     kept: Any  # and after
     unit: str
     head: str  # the model's head kind, which a checkpoint records
+    steps: list[dict] = field(default_factory=list)  # rows of the sparsity / quantization steps
 
     @property
     def model(self):
@@ -155,10 +156,12 @@ def compress_in_memory(*overrides: str) -> Compressed:
     from shrink.placement import Resident
     from shrink.runner import Runner
     from shrink.schedules import NEEDS_PROFILES, make_plan
+    from shrink.steps import BlockSteps, width_multiple
 
     cfg = make_cfg(*overrides)
     loaded = load_model(cfg.model, torch.float32, seed=cfg.seed)
     method = build_method(cfg.method)
+    method.width_multiple = width_multiple(cfg)
     costs = cost_model(cfg, loaded.adapter)
     inputs = plan_inputs(cfg, costs, method.prunes_heads)
     windows = data.calibration_windows(
@@ -173,8 +176,10 @@ def compress_in_memory(*overrides: str) -> Compressed:
             c for ctx in runner.blocks(Propagate.dense, desc="profile") for c in method.profile(ctx)
         ]
     plan = make_plan(cfg.schedule.name, inputs)
-    dense, rows = costs.model(), []
+    dense, rows, steps = costs.model(), [], []
+    post = BlockSteps(cfg.quant, cfg.sparsity)
     for ctx in runner.blocks(Propagate(cfg.propagate), plan, method.needs_teacher):
         rows += [{"block": ctx.index, **row} for row in method.compress_block(ctx).records]
+        steps += [{"block": ctx.index, **row} for row in (post.apply(ctx) if post.active else [])]
         runner.advance(ctx)
-    return Compressed(loaded, plan, rows, dense, costs.model(), costs.unit.value, cfg.model.head)
+    return Compressed(loaded, plan, rows, dense, costs.model(), costs.unit.value, cfg.model.head, steps)

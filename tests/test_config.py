@@ -12,7 +12,7 @@ from shrink.pipeline import check_known_keys
 
 from .conftest import CONF, make_cfg
 
-GROUPS = ["model", "method", "schedule", "calib", "eval", "logger"]
+GROUPS = ["model", "method", "schedule", "calib", "eval", "logger", "sparsity", "quant"]
 # options that read another group's settings (the GLUE task of eval=glue-hub)
 COMPANIONS = {("model", "bert-glue"): ["eval=glue-hub"], ("calib", "glue-train"): ["eval=glue-hub"]}
 
@@ -44,9 +44,12 @@ def test_defaults():
     assert make_cfg("method=svdllm").schedule.name == "uniform"
     assert make_cfg("schedule=uniform").schedule.name == "uniform"  # the command line wins
     assert cfg.logger.mode.value == "offline"
+    assert (cfg.quant.name, cfg.sparsity.name) == ("none", "none")  # no step unless asked
 
 
-@pytest.mark.parametrize("override", ["method.rank=3", "calib.samples=3", "model.weights=x", "unknown_key=1"])
+@pytest.mark.parametrize(
+    "override", ["method.rank=3", "calib.samples=3", "model.weights=x", "unknown_key=1", "quant.scheme=x"]
+)
 def test_unknown_keys_fail_at_composition(override):
     with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)):
         make_cfg(override)

@@ -23,6 +23,9 @@ class Method(ABC):
     # so greedy can compare them with schedule.error=residual|downstream
     residual_units: bool = False
     needs_teacher: bool = False  # the runner must give it the dense model's block inputs and outputs
+    # the input widths it leaves (neurons, ranks, value widths) are multiples of this: an N:M
+    # sparsity step needs whole spans of M (set by the run from `sparsity.pattern`)
+    width_multiple: int = 1
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg

@@ -93,6 +93,15 @@ class Distill(Method):
                 "model's, the same as the teacher's; use propagate=compressed, or method.inputs=teacher"
             )
 
+    @property  # type: ignore[override]
+    def width_multiple(self) -> int:
+        """The initialising method chooses the ranks, so it is the one that rounds them."""
+        return self.init.width_multiple
+
+    @width_multiple.setter
+    def width_multiple(self, value: int) -> None:
+        self.init.width_multiple = value
+
     def profile(self, ctx: BlockContext) -> list[Curve]:
         return self.init.profile(ctx)
 

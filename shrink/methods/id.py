@@ -26,6 +26,7 @@ sketch ΩZ instead, as a check. T always comes from the exact Gram matrix.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -236,6 +237,8 @@ class InterpolativeDecomposition(Method):
         else:
             dense, allowed = costs.of(n), fraction * costs.of(n)
             k = n if allowed >= dense else int((allowed - costs.fixed - costs.added) // costs.per_neuron)
+        if k < n:
+            k -= k % self.width_multiple
         if k < 1:
             raise ShrinkError(
                 f"block {ctx.index}: after the heads, the FFN's share ({fraction:.4f}) cannot keep even one "
@@ -257,7 +260,7 @@ class InterpolativeDecomposition(Method):
 
     # ---- attention heads ---------------------------------------------------------------------
     def _candidates(self, costs: HeadCosts, ctx: BlockContext) -> list[Shape]:
-        step = int(self.cfg.dims_step)
+        step = math.lcm(int(self.cfg.dims_step), self.width_multiple)
         widths = qk_widths(ctx.attention, costs.widths(step)) if self.cfg.qk_dims else None
         return candidates(AttentionUnits(self.cfg.attention), costs, step, widths)
 
@@ -415,7 +418,11 @@ class InterpolativeDecomposition(Method):
             total = self._output_energy(stats, down) or float(left[0])
             total = total if total > 0 else 1.0
             errors = (left[1:].clamp_min(0) / total).sqrt().tolist()
-            options = [Option(costs.of(k), e, {"neurons": k}) for k, e in enumerate(errors, start=1)]
+            options = [
+                Option(costs.of(k), e, {"neurons": k})
+                for k, e in enumerate(errors, start=1)
+                if k % self.width_multiple == 0 or k == costs.neurons
+            ]
             dense = ctx.price("mlp_in", "mlp_out")
             energy = total / max(stats.count, 1)
             curves.append(Curve(ctx.index, "mlp", ("mlp_in", "mlp_out"), dense, options, energy, residual))

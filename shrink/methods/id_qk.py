@@ -91,27 +91,11 @@ def zeroed_qk(attention: Attention, positions: torch.Tensor) -> Iterator[None]:
                     linear.bias.copy_(bias)
 
 
-class _Captured(Exception):
-    """Stops a block's forward once the attention output is seen (the MLP is not needed)."""
-
-
 def attention_output(
     ctx: BlockContext, hidden: torch.Tensor, batch: int, rows: slice | None = None
 ) -> torch.Tensor:
     """The input of the output projection when the block runs on `hidden` (batch `batch`)."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_module, args):
-        seen.append(args[0].detach())
-        raise _Captured
-
-    handle = ctx.attention.linear("o").register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad(), contextlib.suppress(_Captured):
-            ctx.run(hidden, batch, rows)
-    finally:
-        handle.remove()
-    return seen[0]
+    return ctx.linear_input(ctx.attention.paths.o, hidden, batch, rows)
 
 
 def _probe_batches(ctx: BlockContext, windows: int) -> list[tuple[torch.Tensor, int, slice | None]]:

@@ -68,7 +68,15 @@ class LowRank(Method):
         linear = ctx.block.get_submodule(path)
         if path in ctx.choices:
             return ctx.choices[path]["rank"]
-        return ctx.costs.largest_rank(linear, linear.bias is not None or self.adds_bias, fraction)
+        rank = ctx.costs.largest_rank(linear, linear.bias is not None or self.adds_bias, fraction)
+        if rank is None or self.width_multiple == 1:
+            return rank
+        if rank < self.width_multiple:
+            raise ShrinkError(
+                f"block {ctx.index} {path}: the budget allows rank {rank}, below the multiple of "
+                f"{self.width_multiple} that the sparsity pattern needs; raise the budget"
+            )
+        return rank - rank % self.width_multiple
 
     @abstractmethod
     def factorise(self, linear: nn.Linear, stats: SecondMoment | None) -> Factorisation:
@@ -151,7 +159,7 @@ class LowRank(Method):
                         (float(tail[min(r, len(tail) - 1)]) / total) ** 0.5 if total > 0 else 0.0,
                         {"rank": r},
                     )
-                    for r in range(1, ctx.costs.max_rank(linear) + 1)
+                    for r in range(self.width_multiple, ctx.costs.max_rank(linear) + 1, self.width_multiple)
                 ]
                 options.append(Option(dense, 0.0, {"rank": None}))
                 curves.append(Curve(ctx.index, path, (site.name,), dense, options))

@@ -1,0 +1,226 @@
+"""Sparsity and quantization stacked on any method (issue 17): per block, after the method's edit.
+
+Order within a block: the method's structural edit → sparsity → quantization. The sites are
+visited in forward order, and each site's input moment is taken on the block as edited so far
+(the structural edit and the earlier sites' sparsity and quantization), on the propagated
+calibration stream: the Gram matrix XᵀX every method already works with is GPTQ's and SparseGPT's
+Hessian. The solvers are in `linalg`; a factor pair's second factor sees the first one's output
+(moment R XᵀX Rᵀ), and an output projection that reads part of each head (thinned heads) sees
+those columns of its input.
+
+Quantized weights are kept as their dequantized values in the model's dtype (the grid of each
+linear is attached to it as `quant_grid`), so every evaluation runs as usual and the checkpoint
+reloads exactly; packing them into fewer bytes is the checkpoint's job.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from .context import BlockContext
+from .errors import ShrinkError
+from .linalg import Grid, gptq, nm_pattern, rtn, sparsegpt, wanda
+from .models import Site
+from .stats import SecondMoment
+from .surgery import HeadSlicedLinear, LowRankLinear
+
+QUANT = ("none", "rtn", "gptq")
+SPARSITY = ("none", "wanda", "sparsegpt")
+BITS = (8, 4, 3, 2)
+GROUP_SIZES = (-1, 32, 64, 128)
+
+
+def check(cfg: DictConfig) -> None:
+    """Value checks of `quant` and `sparsity`, before anything loads."""
+    q, s = cfg.quant, cfg.sparsity
+    if q.name not in QUANT:
+        raise ShrinkError(f"unknown quant {q.name!r}; valid: {', '.join(QUANT)}")
+    if s.name not in SPARSITY:
+        raise ShrinkError(f"unknown sparsity {s.name!r}; valid: {', '.join(SPARSITY)}")
+    if q.name != "none":
+        if int(q.bits) not in BITS:
+            raise ShrinkError(f"quant.bits={q.bits} is not supported; valid: {', '.join(map(str, BITS))}")
+        if int(q.group_size) not in GROUP_SIZES:
+            valid = ", ".join(map(str, GROUP_SIZES))
+            raise ShrinkError(f"quant.group_size={q.group_size} is not supported; valid: {valid}")
+        if float(q.dampening) <= 0:
+            raise ShrinkError(f"quant.dampening={q.dampening} must be positive")
+    if s.name != "none":
+        pattern = str(s.pattern)
+        try:
+            nm = nm_pattern(pattern)
+        except ValueError:
+            nm = (0, 0)
+        if nm is not None and not 0 < nm[0] < nm[1]:
+            raise ShrinkError(
+                f"sparsity.pattern={pattern!r} is not a pattern; valid: unstructured, or N:M, 0 < N < M (2:4)"
+            )
+        if nm is None and not 0.0 < float(s.fraction) < 1.0:
+            raise ShrinkError(
+                f"sparsity.fraction={s.fraction} must be in (0, 1): the share of weights zeroed"
+            )
+        if float(s.dampening) <= 0:
+            raise ShrinkError(f"sparsity.dampening={s.dampening} must be positive")
+
+
+def width_multiple(cfg: DictConfig) -> int:
+    """What the input widths a method leaves must be multiples of: M under an N:M pattern."""
+    pattern = nm_pattern(str(cfg.sparsity.pattern)) if cfg.sparsity.name != "none" else None
+    return 1 if pattern is None else pattern[1]
+
+
+def check_widths(cfg: DictConfig, blocks: list[nn.Module], sites: list[list[Site]]) -> None:
+    """An N:M pattern needs every input width to hold whole spans of M (the dense model's widths,
+    checked before anything loads; widths a method leaves are checked as each block is edited).
+    A width that is not a multiple of `quant.group_size` ends with a shorter group."""
+    if cfg.sparsity.name == "none" or nm_pattern(str(cfg.sparsity.pattern)) is None:
+        return
+    for index, (block, block_sites) in enumerate(zip(blocks, sites, strict=True)):
+        for site in block_sites:
+            for path in site.linears:
+                for name, linear, _ in _parts(block.get_submodule(path), None):
+                    _check_span(cfg.sparsity, linear.in_features, f"block {index} {path}{name}")
+
+
+def _check_span(sparsity: DictConfig, width: int, where: str) -> None:
+    pattern = nm_pattern(str(sparsity.pattern))
+    if pattern is not None and width % pattern[1]:
+        raise ShrinkError(
+            f"sparsity.pattern={sparsity.pattern} needs input widths divisible by {pattern[1]}, but {where} "
+            f"has {width} inputs"
+        )
+
+
+def summary(cfg: DictConfig, adapter) -> dict[str, Any]:
+    """What the steps left in the block linears: the share of zero weights, and the bits per
+    weight the quantized grid needs (the weights, plus per row and group an fp16 scale and, when
+    asymmetric, a zero point); empty when no step ran."""
+    q = cfg.quant
+    if q.name == "none" and cfg.sparsity.name == "none":
+        return {}
+    zeros = total = 0
+    bits = 0.0
+    for block in adapter.blocks():
+        for site in adapter.sites(block):
+            for path in site.linears:
+                for _, linear, _ in _parts(block.get_submodule(path), None):
+                    weight = linear.weight.detach()
+                    rows, n = weight.shape
+                    zeros += int((weight == 0).sum())
+                    total += weight.numel()
+                    if q.name == "none":
+                        bits += weight.element_size() * 8.0 * weight.numel()
+                    else:
+                        groups = -(-n // (n if int(q.group_size) <= 0 else int(q.group_size)))
+                        overhead = 16 + (0 if bool(q.sym) else int(q.bits))
+                        bits += rows * (n * int(q.bits) + groups * overhead)
+    return {
+        "quant": dict(q.items()),
+        "sparsity": dict(cfg.sparsity.items()),
+        "block_zero_fraction": zeros / max(total, 1),
+        "block_bits_per_weight": bits / max(total, 1),
+    }
+
+
+class BlockSteps:
+    """The sparsity and quantization steps of a run, applied to one block at a time."""
+
+    def __init__(self, quant: DictConfig, sparsity: DictConfig, fp32_batches: bool = True) -> None:
+        self.quant, self.sparsity = quant, sparsity
+        self.dtype = torch.float32 if fp32_batches else torch.float64
+
+    @property
+    def active(self) -> bool:
+        return self.quant.name != "none" or self.sparsity.name != "none"
+
+    def apply(self, ctx: BlockContext) -> list[dict[str, Any]]:
+        """Sparsify and quantize every linear of the block, site by site; one row per linear."""
+        rows = []
+        for site in ctx.sites:
+            moment = self._site_moment(ctx, site)
+            for path in site.linears:
+                for name, linear, gram in _parts(ctx.block.get_submodule(path), moment.xtx):
+                    rows.append(self._edit(f"block {ctx.index} {path}{name}", linear, gram, path + name))
+        return rows
+
+    def _site_moment(self, ctx: BlockContext, site: Site) -> SecondMoment:
+        """The site's input moment (the full input: a thinned o_proj reads part of it)."""
+        first, moment = site.linears[0], None
+        for b, h in enumerate(ctx.hidden):
+            x = ctx.linear_input(first, h, b)
+            if moment is None:
+                where = f"block {ctx.index} {site.name}"
+                moment = SecondMoment(x.shape[-1], device=x.device, where=where, batch_dtype=self.dtype)
+            moment.update(x)
+        assert moment is not None, "the runner gives every block at least one calibration batch"
+        return moment
+
+    def _edit(self, where: str, linear: nn.Linear, gram: torch.Tensor, path: str) -> dict[str, Any]:
+        start = time.perf_counter()
+        if self.sparsity.name != "none":
+            _check_span(self.sparsity, linear.in_features, where)
+        dense = linear.weight.detach().to(torch.float64)
+        weight, keep = dense, None
+        pattern = nm_pattern(str(self.sparsity.pattern)) if self.sparsity.name != "none" else None
+        fraction = float(self.sparsity.fraction)
+        if self.sparsity.name == "wanda":
+            weight, keep = wanda(weight, gram, fraction, pattern)
+        elif self.sparsity.name == "sparsegpt":
+            weight, keep = sparsegpt(
+                weight, gram, fraction, pattern, float(self.sparsity.dampening), where=where
+            )
+        grid: Grid | None = None
+        q = self.quant
+        if q.name == "rtn":
+            weight, grid = rtn(weight, int(q.bits), int(q.group_size), bool(q.sym))
+            if keep is not None:
+                weight = weight * keep
+        elif q.name == "gptq":
+            weight, grid = gptq(
+                weight, gram, int(q.bits), int(q.group_size), bool(q.sym), bool(q.act_order),
+                float(q.dampening), keep, where=where,
+            )  # fmt: skip
+        if not torch.isfinite(weight).all():
+            raise ShrinkError(f"{where}: the sparsity/quantization step produced non-finite weights")
+        with torch.no_grad():
+            linear.weight.copy_(weight.to(linear.weight.dtype))
+        linear.quant_grid = grid  # for packing at save time
+        delta = weight - dense
+        energy = float(torch.einsum("ij,jk,ik->", dense, gram, dense))
+        error = float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy if energy > 0 else 0.0
+        return {
+            "site": path,
+            "step": "+".join(n for n in (self.sparsity.name, q.name) if n != "none"),
+            "rel_error": error**0.5,
+            "zeros": float((weight == 0).double().mean()),
+            "bits": int(q.bits) if q.name != "none" else None,
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def _parts(module: nn.Module, gram: torch.Tensor | None) -> list[tuple[str, nn.Linear, torch.Tensor | None]]:
+    """The plain linears of a block linear, each with the Gram matrix of its own input (None
+    without one: only the linears are wanted)."""
+    if gram is None:
+        inner = (
+            [(".first", module.first), (".second", module.second)]
+            if isinstance(module, LowRankLinear)
+            else [("", module)]
+        )
+        return [(name, linear, None) for name, linear in inner]
+    gram = gram.to(torch.float64)
+    if isinstance(module, LowRankLinear):
+        right = module.first.weight.detach().to(torch.float64)
+        return [(".first", module.first, gram), (".second", module.second, right @ gram @ right.T)]
+    if isinstance(module, HeadSlicedLinear):
+        places = torch.arange(module.width)[None, :] + module.head_dim * torch.arange(module.heads)[:, None]
+        places = places.flatten().to(gram.device)
+        return [("", module, gram[places][:, places])]
+    if isinstance(module, nn.Linear):
+        return [("", module, gram)]
+    raise TypeError(f"no sparsity/quantization step for {type(module).__name__}")

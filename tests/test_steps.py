@@ -1,0 +1,189 @@
+"""Sparsity and quantization stacked on the methods (issue 17): the solvers against direct
+computations on explicit activations, the N:M and grid invariants, every method × step composing
+on tiny models, and bad settings failing before anything loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shrink
+from shrink.linalg import gptq, rtn, sparsegpt, wanda
+from shrink.models import build_adapter, load_model
+from shrink.steps import _parts
+from shrink.surgery import HeadSlicedLinear, LowRankLinear
+
+from .conftest import compress_in_memory, logits, make_cfg, tiny_overrides
+from .test_bad_inputs import fails
+
+
+def _problem(rows: int = 24, cols: int = 64, seed: int = 0):
+    """Correlated inputs (as layer inputs are) and a weight; H = XᵀX."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1500, cols, generator=gen, dtype=torch.float64)
+    x = x @ torch.randn(cols, cols, generator=gen, dtype=torch.float64) / cols**0.5
+    w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    return x, w, x.T @ x
+
+
+def _error(x, w, q) -> float:
+    """The layer-wise objective ‖XWᵀ − XQᵀ‖² relative to ‖XWᵀ‖², on the explicit activations."""
+    return float(((x @ (w - q).T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_round_to_nearest_is_the_nearest_grid_point_of_each_group(sym):
+    _, w, _ = _problem()
+    q, grid = rtn(w, 4, 16, sym)
+    for g in range(4):
+        cols = slice(16 * g, 16 * (g + 1))
+        block = w[:, cols]
+        lo, hi = block.min(1).values.clamp_max(0), block.max(1).values.clamp_min(0)
+        if sym:
+            scale = torch.maximum(lo.abs(), hi) / 7.5
+            zero = torch.zeros_like(scale)
+        else:
+            scale = (hi - lo) / 15
+            zero = (-8 - lo / scale).round().clamp(-8, 7)
+        assert torch.allclose(grid.scale[:, g], scale) and torch.equal(grid.zero[:, g], zero)
+        levels = (block / scale[:, None]).round() + zero[:, None]
+        assert torch.allclose(q[:, cols], (levels.clamp(-8, 7) - zero[:, None]) * scale[:, None])
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_gptq_lowers_the_layer_error_of_round_to_nearest(bits, act_order, group_size):
+    x, w, h = _problem()
+    q, grid = gptq(w, h, bits, group_size, True, act_order, 0.01)
+    assert _error(x, w, q) < 0.7 * _error(x, w, rtn(w, bits, group_size, True)[0])
+    # every weight lies on its group's grid
+    cols = grid.columns(w.shape[1])
+    levels = q / grid.scale[:, cols] + grid.zero[:, cols]
+    assert torch.allclose(levels, levels.round(), atol=1e-6)
+    assert levels.min() >= grid.qmin - 1e-6 and levels.max() <= grid.qmax + 1e-6
+
+
+def test_gptq_at_eight_bits_keeps_the_outputs():
+    x, w, h = _problem()
+    q, _ = gptq(w, h, 8, -1, True)
+    assert _error(x, w, q) < 1e-4
+
+
+def test_gptq_quantizes_each_column_and_updates_the_rest_as_the_paper_says():
+    """One column at a time with no lazy blocks (block=1) equals the lazy-block version."""
+    _, w, h = _problem(rows=8, cols=24)
+    lazy, _ = gptq(w, h, 4, 8, False, False, 0.01, block=128)
+    eager, _ = gptq(w, h, 4, 8, False, False, 0.01, block=1)
+    assert torch.allclose(lazy, eager, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["wanda", "sparsegpt"])
+def test_two_of_four_keeps_at_most_two_of_every_four_inputs(solver):
+    x, w, h = _problem()
+    pruned, keep = wanda(w, h, 0.5, (2, 4)) if solver == "wanda" else sparsegpt(w, h, 0.5, (2, 4))
+    assert (keep.view(w.shape[0], -1, 4).sum(-1) == 2).all()
+    assert torch.equal(pruned != 0, keep & (pruned != 0)) and (pruned[~keep] == 0).all()
+    # the quantized pruned weight keeps the mask
+    q, _ = gptq(pruned, h, 4, 16, True, keep=keep)
+    assert (q[~keep] == 0).all()
+
+
+def test_wanda_keeps_the_largest_scores_and_sparsegpt_updates_what_it_keeps():
+    x, w, h = _problem()
+    _, keep = wanda(w, h, 0.5, None)
+    score = w.abs() * torch.diagonal(h).sqrt()
+    for row in range(w.shape[0]):
+        assert score[row][keep[row]].min() >= score[row][~keep[row]].max()
+    assert (keep.sum(1) == 32).all()
+    sparse, keep_s = sparsegpt(w, h, 0.5, None)
+    assert abs(float(keep_s.double().mean()) - 0.5) < 0.02
+    assert _error(x, w, sparse) < 0.8 * _error(x, w, w * keep_s)  # the OBS update pays off
+
+
+def test_a_factor_pair_and_a_thin_output_projection_get_their_own_input_moments():
+    x, _, h = _problem(cols=16)
+    pair = LowRankLinear(16, 12, 5, bias=False).double()
+    parts = _parts(pair, h)
+    hidden = pair.first(x).detach()
+    assert torch.allclose(parts[1][2], hidden.T @ hidden)
+    sliced = HeadSlicedLinear(heads=4, width=3, head_dim=4, out_features=8)
+    ((_, _, g),) = _parts(sliced, h)
+    cols = torch.tensor([0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14])
+    assert torch.allclose(g, x[:, cols].T @ x[:, cols])
+
+
+METHODS = [
+    ["method=id", "budget=0.8"],
+    ["method=svd", "budget=0.8"],
+    ["method=rom", "budget=0.8"],
+    ["method=svdllm", "budget=0.8"],
+    ["method=distill", "method.steps=2", "budget=0.8"],
+]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m[0])
+def test_every_method_composes_with_two_of_four_and_four_bits(tmp_path, model, method):
+    done = compress_in_memory(
+        *tiny_overrides(model), *method, "sparsity=sparsegpt", "sparsity.pattern=2:4", "quant=gptq",
+        "quant.group_size=32",
+    )  # fmt: skip
+    assert done.achieved <= 0.8
+    assert done.steps and all(r["step"] == "sparsegpt+gptq" for r in done.steps)
+    adapter = build_adapter(done.model)
+    for block in adapter.blocks():
+        for site in adapter.sites(block):
+            for path in site.linears:
+                for _, linear, _ in _parts(block.get_submodule(path), None):
+                    spans = linear.weight.detach().view(linear.out_features, -1, 4)
+                    assert ((spans != 0).sum(-1) <= 2).all(), path
+    reloaded = shrink.load(done.save(tmp_path / "model"))
+    ids = torch.randint(0, 255, (2, 32))
+    assert torch.equal(logits(reloaded, ids), logits(done.model, ids))
+
+
+def test_eight_bit_gptq_keeps_the_logits_of_the_model():
+    dense = load_model(make_cfg(*tiny_overrides("tiny-llama")).model, torch.float32, seed=0).model
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"), "method=id", "budget=1.0", "schedule=uniform", "quant=gptq",
+        "quant.bits=8", "quant.group_size=32",
+    )  # fmt: skip
+    ids = torch.randint(0, 255, (2, 32))
+    ours, theirs = logits(done.model, ids), logits(dense, ids)
+    assert (ours - theirs).abs().max() < 2e-2 * theirs.abs().max()
+    assert max(r["rel_error"] for r in done.steps) < 1e-2
+
+
+def test_a_run_reports_bits_per_weight_and_zeros(run_job, capsys):
+    from .conftest import FAST
+
+    metrics, folder = run_job(
+        "model=tiny-llama", *FAST, "eval=none", "method=id", "budget=0.8", "quant=rtn", "quant.bits=4",
+        "quant.group_size=32", "sparsity=wanda", "sparsity.fraction=0.25",
+    )  # fmt: skip
+    # 4 bits and an fp16 scale per 32 weights; thinned widths end with a shorter group
+    assert 4 + 16 / 32 <= metrics["block_bits_per_weight"] < 4 + 16 / 32 + 0.05
+    assert metrics["block_zero_fraction"] >= 0.25
+    assert metrics["quant"]["name"] == "rtn" and metrics["sparsity"]["name"] == "wanda"
+    assert (folder / "steps.jsonl").read_text().count("\n") == 14  # 7 linears × 2 blocks
+    assert "steps      sparsity=wanda quant=rtn: block linears at 4.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["quant=gptq", "quant.bits=5"], r"quant.bits=5 is not supported; valid: 8, 4, 3, 2"),
+        (
+            ["quant=rtn", "quant.group_size=48"],
+            r"quant.group_size=48 is not supported; valid: -1, 32, 64, 128",
+        ),
+        (["quant=gptq", "quant.dampening=0"], r"quant.dampening=0.0 must be positive"),
+        (["sparsity=wanda", "sparsity.pattern=4:2"], r"sparsity.pattern='4:2' is not a pattern"),
+        (["sparsity=wanda", "sparsity.pattern=half"], r"sparsity.pattern='half' is not a pattern"),
+        (["sparsity=sparsegpt", "sparsity.fraction=1.5"], r"sparsity.fraction=1.5 must be in \(0, 1\)"),
+        (["sparsity=sparsegpt", "sparsity.pattern=3:7"], r"needs input widths divisible by 7, but block 0"),
+    ],
+)
+def test_bad_step_settings_fail_before_loading(tmp_path, overrides, match):
+    fails(tmp_path, "model=tiny-llama", "logger=none", "device=cpu", *overrides, match=match)
