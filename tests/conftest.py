@@ -146,6 +146,18 @@ class Compressed:
         return checkpoint.save(self.model, self.loaded.tokenizer, folder, self.head, {})
 
 
+def first_attention(name: str):
+    """A tiny model's params cost model, its first block, that block's attention and head costs."""
+    from shrink.cost import CostModel
+    from shrink.models import load_model
+
+    adapter = load_model(make_cfg(f"model={name}").model, torch.float32, seed=0).adapter
+    costs = CostModel(adapter, "params")
+    block = adapter.blocks()[0]
+    attention = adapter.attention(block)
+    return adapter, costs, block, attention, costs.heads(attention)
+
+
 def compress_in_memory(*overrides: str) -> Compressed:
     """Compose the overrides, then plan and compress exactly as `pipeline._compress` does."""
     from shrink import data

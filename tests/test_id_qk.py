@@ -16,7 +16,7 @@ from shrink.methods import build_method
 from shrink.models import build_adapter, load_model
 from shrink.surgery import HeadPaddedLinear, thin_query_key
 
-from .conftest import TINY, compress_in_memory, logits, make_cfg, tiny_overrides
+from .conftest import TINY, compress_in_memory, first_attention, logits, make_cfg, tiny_overrides
 from .test_bad_inputs import fails
 
 QK = ["method=id", "method.dims_step=4", "method.qk_dims=true"]
@@ -133,11 +133,7 @@ def test_the_probe_measures_what_the_thinned_block_computes():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_thin_queries_and_keys_cost_what_the_cost_model_says(name):
-    adapter = load_model(make_cfg(f"model={name}").model, torch.float32, seed=0).adapter
-    costs = CostModel(adapter, "params")
-    block = adapter.blocks()[0]
-    attention = adapter.attention(block)
-    heads = costs.heads(attention)
+    adapter, costs, block, attention, heads = first_attention(name)
     n_heads, n_kv = attention.counts()
     positions = torch.arange(8).repeat(n_kv, 1)
     thin_query_key(block, attention.paths.q, attention.paths.k, positions, n_heads // n_kv)

@@ -18,7 +18,7 @@ from shrink.models import build_adapter, load_model
 from shrink.schedules import make_plan
 from shrink.surgery import HeadPaddedLinear, HeadSlicedLinear, thin_heads
 
-from .conftest import FAST, TINY, compress_in_memory, logits, make_cfg, tiny_overrides
+from .conftest import FAST, TINY, compress_in_memory, first_attention, logits, make_cfg, tiny_overrides
 
 THIN = ["method=id", "method.dims_step=4"]
 
@@ -67,11 +67,7 @@ def test_unit_selection_generalises_the_block_selection_and_balances_groups():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_thin_heads_cost_what_the_cost_model_says(name):
-    adapter = load_model(make_cfg(f"model={name}").model, torch.float32, seed=0).adapter
-    costs = CostModel(adapter, "params")
-    block = adapter.blocks()[0]
-    attention = adapter.attention(block)
-    heads = costs.heads(attention)
+    adapter, costs, block, attention, heads = first_attention(name)
     n_heads, n_kv = attention.counts()
     dh, width = attention.head_dim, 4
     v_rows = torch.cat([g * dh + torch.arange(width) for g in range(n_kv)])
