@@ -24,8 +24,8 @@ from torch import nn
 
 from .context import BlockContext
 from .errors import ShrinkError
-from .linalg import Grid, gptq, nm_pattern, rtn, sparsegpt, wanda
 from .models import Site
+from .solvers import Grid, gptq, nm_pattern, rtn, sparsegpt, wanda
 from .stats import SecondMoment
 from .surgery import HeadSlicedLinear, LowRankLinear
 
@@ -218,8 +218,7 @@ def _parts(module: nn.Module, gram: torch.Tensor | None) -> list[tuple[str, nn.L
         right = module.first.weight.detach().to(torch.float64)
         return [(".first", module.first, gram), (".second", module.second, right @ gram @ right.T)]
     if isinstance(module, HeadSlicedLinear):
-        places = torch.arange(module.width)[None, :] + module.head_dim * torch.arange(module.heads)[:, None]
-        places = places.flatten().to(gram.device)
+        places = module.input_places().to(gram.device)
         return [("", module, gram[places][:, places])]
     if isinstance(module, nn.Linear):
         return [("", module, gram)]

@@ -73,8 +73,7 @@ class HeadPaddedLinear(nn.Linear):
             if positions.shape != (heads, width):
                 raise ValueError(f"positions of shape {tuple(positions.shape)}; expected ({heads}, {width})")
             self.positions = positions
-            places = positions + head_dim * torch.arange(heads)[:, None]
-            self.register_buffer("_places", places.flatten(), persistent=False)
+            self.register_buffer("_places", head_places(positions, head_dim), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
@@ -102,6 +101,10 @@ class HeadSlicedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.unflatten(-1, (self.heads, self.head_dim))[..., : self.width].flatten(-2)
         return super().forward(x)
+
+    def input_places(self) -> torch.Tensor:
+        """Where in its (head_dim-wide per head) input the columns it reads lie."""
+        return head_places(torch.arange(self.width).repeat(self.heads, 1), self.head_dim)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, heads={self.heads}, width={self.width}, head_dim={self.head_dim}"
@@ -139,6 +142,11 @@ def thin_heads(
     replace_submodule(block, o_path, new_o)
 
 
+def head_places(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Flat indices of per-head `positions` (heads × width) in a heads·head_dim vector."""
+    return (positions + head_dim * torch.arange(positions.shape[0])[:, None]).flatten()
+
+
 def thin_query_key(block: nn.Module, q_path: str, k_path: str, positions: torch.Tensor, group: int) -> None:
     """Keep query/key dims `positions` (KV heads × width, the places each KV head keeps, shared by
     its `group` query heads) in q and k, which hold whole heads now; each pads back to head_dim."""
@@ -146,7 +154,7 @@ def thin_query_key(block: nn.Module, q_path: str, k_path: str, positions: torch.
         linear = block.get_submodule(path)
         heads, width = places.shape
         head_dim = linear.out_features // heads
-        rows = (places + head_dim * torch.arange(heads)[:, None]).flatten().to(linear.weight.device)
+        rows = head_places(places, head_dim).to(linear.weight.device)
         factory = {"dtype": linear.weight.dtype, "device": linear.weight.device}
         new = HeadPaddedLinear(
             linear.in_features, heads, width, head_dim, linear.bias is not None, places, **factory

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import shrink
-from shrink.linalg import gptq, rtn, sparsegpt, wanda
 from shrink.models import build_adapter, load_model
+from shrink.solvers import gptq, rtn, sparsegpt, wanda
 from shrink.steps import _parts
 from shrink.surgery import HeadSlicedLinear, LowRankLinear
 

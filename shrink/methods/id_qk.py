@@ -20,6 +20,7 @@ import torch
 from ..context import BlockContext
 from ..models import Attention
 from ..stats import CrossMoment, SecondMoment
+from ..surgery import head_places
 
 
 def qk_widths(attention: Attention, widths: list[int]) -> list[int]:
@@ -50,11 +51,15 @@ def qk_scores(attention: Attention, stats: SecondMoment) -> torch.Tensor:
     return (q.view(n_kv, n_heads // n_kv, -1) * k[:, None, :]).sum(1)
 
 
-def qk_positions(attention: Attention, stats: SecondMoment, width: int) -> torch.Tensor:
-    """(KV heads × width) sorted dims each KV head (and its query heads) keeps: its best units."""
+def qk_positions(
+    attention: Attention, stats: SecondMoment, width: int, scores: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(KV heads × width) sorted dims each KV head (and its query heads) keeps: its best units
+    (by `scores`, computed from `stats` when not given)."""
     units = torch.tensor(attention.qk_units, dtype=torch.long)
     count = width // units.shape[1]
-    best = qk_scores(attention, stats).topk(count, dim=1).indices
+    scores = qk_scores(attention, stats) if scores is None else scores
+    best = scores.topk(count, dim=1).indices
     return units[best].flatten(1).sort(dim=1).values
 
 
@@ -68,9 +73,9 @@ def zeroed_qk(attention: Attention, positions: torch.Tensor) -> Iterator[None]:
     try:
         for name, places in (("q", positions.repeat_interleave(n_heads // n_kv, 0)), ("k", positions)):
             linear = attention.linear(name)
-            keep = torch.zeros(places.shape[0], dh, dtype=torch.bool)
-            keep.scatter_(1, places.cpu(), True)
-            drop = ~keep.flatten().to(linear.weight.device)
+            drop = torch.ones(linear.out_features, dtype=torch.bool)
+            drop[head_places(places.cpu(), dh)] = False
+            drop = drop.to(linear.weight.device)
             saved.append(
                 (
                     linear,
@@ -121,10 +126,11 @@ def qk_errors(
     dense = [attention_output(ctx, *call) for call in calls]
     total = sum(float(((z.to(torch.float64) * weights) ** 2).sum()) for z in dense)
     errors = {dh: 0.0}
+    scores = qk_scores(ctx.attention, stats)
     for width in widths:
         if width >= dh:
             continue
-        with zeroed_qk(ctx.attention, qk_positions(ctx.attention, stats, width)):
+        with zeroed_qk(ctx.attention, qk_positions(ctx.attention, stats, width, scores)):
             diff = sum(
                 float((((attention_output(ctx, *call) - z).to(torch.float64) * weights) ** 2).sum())
                 for call, z in zip(calls, dense, strict=True)

@@ -1,0 +1,228 @@
+"""The per-linear solvers of the sparsity and quantization steps (issue 17): round-to-nearest,
+GPTQ, SparseGPT and Wanda, on a layer's weight and the Gram matrix XᵀX of its calibration inputs
+(the Hessian of the layer-wise objective ‖WX − ŴX‖²), in float64."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .errors import NumericalError
+
+
+class Grid(NamedTuple):
+    """A uniform integer grid per output row and group of `group_size` input columns (the last
+    group may be shorter): w ≈ (q − zero)·scale with q in [qmin, qmax], the signed range of `bits`
+    (symmetric grids have zero = 0), the convention compressed-tensors stores."""
+
+    scale: torch.Tensor  # out × groups
+    zero: torch.Tensor  # out × groups, integer-valued
+    bits: int
+    group_size: int
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def columns(self, n: int) -> torch.Tensor:
+        """The group of each of `n` input columns."""
+        return torch.arange(n, device=self.scale.device) // self.group_size
+
+
+def grid_for(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of `w` (out × columns of one group), from its range with 0 included."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    lo = w.min(dim=1).values.clamp_max(0)
+    hi = w.max(dim=1).values.clamp_min(0)
+    if sym:
+        scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zero = torch.zeros_like(scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale
+    if not sym:
+        zero = (qmin - lo / scale).round().clamp(qmin, qmax)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The grid point nearest to each entry of `w` (broadcasting scale and zero), dequantized."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return ((w / scale).round() + zero).clamp(qmin, qmax).sub(zero).mul(scale)
+
+
+def _groups(n: int, group_size: int) -> int:
+    return n if group_size <= 0 else group_size
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> tuple[torch.Tensor, Grid]:
+    """Round-to-nearest: each group's grid from its own range, every weight to its nearest point."""
+    w = weight.detach().to(torch.float64)
+    gs = _groups(w.shape[1], group_size)
+    scales, zeros, out = [], [], torch.empty_like(w)
+    for c in range(0, w.shape[1], gs):
+        scale, zero = grid_for(w[:, c : c + gs], bits, sym)
+        out[:, c : c + gs] = quantize(w[:, c : c + gs], scale[:, None], zero[:, None], bits)
+        scales.append(scale)
+        zeros.append(zero)
+    return out, Grid(torch.stack(scales, 1), torch.stack(zeros, 1), bits, gs)
+
+
+def _inverse_hessian_factor(
+    gram: torch.Tensor, dampening: float, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's U with UᵀU = (H + δI)⁻¹ (upper Cholesky factor of the damped inverse), H = XᵀX / n
+    from the streamed moment, δ = `dampening`·mean diag H; and the mask of dead inputs (never
+    nonzero on the calibration tokens), whose H diagonal is set to 1 and whose weights are zeroed."""
+    h = gram.to(torch.float64).clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    h += dampening * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise NumericalError(f"{where}: the damped Hessian is not positive definite; raise dampening")
+    inverse = torch.cholesky_inverse(factor)
+    return torch.linalg.cholesky(inverse, upper=True), dead
+
+
+def gptq(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    act_order: bool = False,
+    dampening: float = 0.01,
+    keep: torch.Tensor | None = None,
+    block: int = 128,
+    where: str = "a linear",
+) -> tuple[torch.Tensor, Grid]:
+    """GPTQ (Frantar et al., 2023, Alg. 1): quantize one input column at a time and spread its
+    rounding error over the columns not yet quantized, in proportion to the inverse Hessian's row
+    (the optimal update of the layer-wise objective ‖WX − QX‖², H = XᵀX), in lazy blocks of
+    `block` columns. `act_order` visits columns by decreasing H diagonal, with each group's grid
+    fixed from the weights before any update (static groups, so the stored layout stays
+    contiguous). `keep` (a 0/1 mask from a sparsity step) holds pruned weights at zero."""
+    w = weight.detach().to(torch.float64).clone()
+    rows, n = w.shape
+    gs = _groups(n, group_size)
+    gram = gram.to(torch.float64)
+    order = torch.argsort(torch.diagonal(gram), descending=True) if act_order else torch.arange(n)
+    order = order.to(w.device)
+    u, dead = _inverse_hessian_factor(gram[order][:, order], dampening, where)
+    w[:, order[dead]] = 0
+    n_groups = -(-n // gs)
+    scales = torch.zeros(rows, n_groups, dtype=w.dtype, device=w.device)
+    zeros = torch.zeros_like(scales)
+    ready = torch.zeros(n_groups, dtype=torch.bool)
+    if act_order:  # static groups: every grid from the weights as they are
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = grid_for(w[:, g * gs : (g + 1) * gs], bits, sym)
+        ready[:] = True
+    w = w[:, order]
+    mask = None if keep is None else keep.to(w.dtype)[:, order]
+    q = torch.zeros_like(w)
+    columns = order.tolist()
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, err = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=w.dtype, device=w.device)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = columns[i1 + i] // gs
+            if not ready[g]:  # the group's grid, from its columns as updated so far
+                scales[:, g], zeros[:, g] = grid_for(torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :gs], bits, sym)
+                ready[g] = True
+            column = quantize(w1[:, i], scales[:, g], zeros[:, g], bits)
+            if mask is not None:
+                column = column * mask[:, i1 + i]
+            q[:, i1 + i] = column
+            e = (w1[:, i] - column) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    if act_order:
+        q = q[:, torch.argsort(order)]
+    return q, Grid(scales, zeros, bits, gs)
+
+
+def nm_pattern(pattern: str) -> tuple[int, int] | None:
+    """(N, M) of an 'N:M' pattern (N kept of every M consecutive inputs), None for unstructured."""
+    if pattern == "unstructured":
+        return None
+    n, m = (int(p) for p in pattern.split(":"))
+    return n, m
+
+
+def sparsegpt(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    fraction: float,
+    pattern: tuple[int, int] | None,
+    dampening: float = 0.01,
+    block: int = 128,
+    where: str = "a linear",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh, 2023, Alg. 1): per block of `block` columns choose the mask
+    by the OBS saliency w²/[H⁻¹]ᵢᵢ² (a `fraction` of the block's weights, or N:M within every M
+    consecutive columns of each row), then zero the pruned weights column by column, spreading
+    each column's error over the later columns as GPTQ does. Returns (pruned weight, keep mask)."""
+    w = weight.detach().to(torch.float64).clone()
+    rows, n = w.shape
+    u, dead = _inverse_hessian_factor(gram, dampening, where)
+    w[:, dead] = 0
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, err = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=w.dtype, device=w.device)
+        u1 = u[i1:i2, i1:i2]
+        d = torch.diagonal(u1)
+        if pattern is None:
+            saliency = w1**2 / d[None, :] ** 2
+            cut = int(saliency.numel() * fraction)
+            if cut:
+                threshold = saliency.flatten().kthvalue(cut).values
+                keep[:, i1:i2] = saliency > threshold
+        for i in range(i2 - i1):
+            if pattern is not None and i % pattern[1] == 0:
+                span = slice(i, min(i + pattern[1], i2 - i1))
+                saliency = w1[:, span] ** 2 / d[span][None, :] ** 2
+                dropped = saliency.topk(pattern[1] - pattern[0], dim=1, largest=False).indices
+                block_keep = torch.ones_like(saliency, dtype=torch.bool).scatter_(1, dropped, False)
+                keep[:, i1 + span.start : i1 + span.stop] = block_keep
+            column = w1[:, i] * keep[:, i1 + i]
+            e = (w1[:, i] - column) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            w1[:, i] = column
+            err[:, i] = e
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return w * keep, keep
+
+
+def wanda(
+    weight: torch.Tensor, gram: torch.Tensor, fraction: float, pattern: tuple[int, int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wanda (Sun et al., 2024): score |Wᵢⱼ|·‖Xⱼ‖ and drop, in each output row, the lowest `fraction`
+    of its weights (or all but N of every M consecutive inputs); no update of the rest."""
+    w = weight.detach().to(torch.float64)
+    norms = torch.diagonal(gram).to(torch.float64).clamp_min(0).sqrt()
+    score = w.abs() * norms[None, :]
+    rows, n = w.shape
+    keep = torch.ones_like(w, dtype=torch.bool)
+    if pattern is None:
+        cut = int(n * fraction)
+        if cut:
+            dropped = score.topk(cut, dim=1, largest=False).indices
+            keep.scatter_(1, dropped, False)
+    else:
+        kept_n, m = pattern
+        groups = score.view(rows, n // m, m)
+        dropped = groups.topk(m - kept_n, dim=2, largest=False).indices
+        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(2, dropped, False).view(rows, n)
+    return w * keep, keep
