@@ -6,6 +6,12 @@ weights, applies the edits, then assigns the saved tensors, so the logits equal 
 compressed model's exactly. A model compressed with `stream=true` is written as shards (what
 lies outside the blocks, then one shard per block, read from the run's block files) with a
 transformers-style index, so saving it too holds one block at a time.
+
+Quantized linears are stored packed in compressed-tensors' layout (`packing`), and unpacked on
+load. When the structure is the base architecture's (no structural edit: a run that only
+quantizes or sparsifies, or budget 1), the folder is also a plain transformers checkpoint: its
+config.json (with compressed-tensors' quantization_config when packed) lets
+`AutoModel*.from_pretrained` load it without shrink.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,7 @@ from .devices import resolve_device
 from .errors import ShrinkError
 from .models import build_adapter
 from .models.loading import AUTO_CLASSES
+from .packing import ZERO, is_quantized, pack, register_grid, unpack, write_hf_config
 from .placement import BlockState
 from .surgery import HeadPaddedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
 
@@ -101,6 +109,16 @@ def structural_edits(
                     {"kind": "linear", "path": path, "in": shape[0], "out": shape[1], "bias": shape[2]}
                 )
     edits.extend(_attribute_edits(model, reference))
+    edits.extend(
+        {
+            "kind": "quantized",
+            "path": path,
+            "groups": module.weight_scale.shape[-1],
+            "zero_point": ZERO in module._buffers,
+        }
+        for path, module in model.named_modules()
+        if is_quantized(module)
+    )  # after the edits that build these linears
     return edits
 
 
@@ -127,10 +145,12 @@ def save(
     head: str,
     info: dict[str, Any] | None = None,
     block_states: BlockState | None = None,
+    quant: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint to `folder` atomically (a partial save never looks complete).
     `block_states(i)` gives block i's tensors when the model's blocks are on the meta device
-    (`stream=true`); the weights are then sharded by block."""
+    (`stream=true`); the weights are then sharded by block. `quant` (the run's quant config) is
+    needed when linears are quantized: they are stored packed."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -144,12 +164,23 @@ def save(
         "edits": structural_edits(model, head),
         "info": info or {},
     }
-    if block_states is None:
+    quantized = any(e["kind"] == "quantized" for e in manifest["edits"])
+    if quantized:
+        if quant is None or quant.get("name", "none") == "none":
+            raise ShrinkError("save: the model has quantized linears but no quant config was given")
+        manifest["quantization"] = dict(quant)
+    if block_states is None and not quantized:
         save_model(model, str(tmp / WEIGHTS))
+    elif block_states is None:
+        save_file(pack(_unique_tensors(model, ()), quant), str(tmp / WEIGHTS))
     else:
-        _save_sharded(model, tmp, block_states)
+        _save_sharded(model, tmp, block_states, quant if quantized else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if all(e["kind"] == "quantized" for e in manifest["edits"]) and (not quantized or bool(quant["sym"])):
+        # the base architecture as it is. Not with zero points: transformers' compressed-tensors
+        # loader (0.20) sizes packed zero points unpacked and refuses the checkpoint.
+        write_hf_config(model, tmp, quant if quantized else None)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     _apply_umask(tmp)
     shutil.rmtree(folder, ignore_errors=True)
@@ -167,20 +198,30 @@ def _apply_umask(folder: Path) -> None:
             file.chmod(0o666 & ~umask)
 
 
-def _save_sharded(model: nn.Module, folder: Path, block_states: BlockState) -> None:
-    adapter = build_adapter(model)
-    prefixes = [adapter.block_path(i) + "." for i in range(len(adapter.blocks()))]
-    rest: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, tuple[int, ...]]] = set()  # tied tensors are saved once (load re-ties them)
+def _unique_tensors(model: nn.Module, skip: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The model's tensors outside the `skip` prefixes, tied tensors once (load re-ties them)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, tensor in model.state_dict().items():
         key = (tensor.data_ptr(), tuple(tensor.shape))
-        if not tensor.is_meta and not name.startswith(tuple(prefixes)) and key not in seen:
+        if not tensor.is_meta and not name.startswith(skip) and key not in seen:
             seen.add(key)
-            rest[name] = tensor.detach().cpu().contiguous()
+            tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors
+
+
+def _save_sharded(
+    model: nn.Module, folder: Path, block_states: BlockState, quant: dict[str, Any] | None
+) -> None:
+    adapter = build_adapter(model)
+    prefixes = [adapter.block_path(i) + "." for i in range(len(adapter.blocks()))]
+    rest = _unique_tensors(model, tuple(prefixes))
     weight_map: dict[str, str] = {}
     total = 0
     for k in range(len(prefixes) + 1):  # shard 1: outside the blocks; shard k + 2: block k
         tensors = rest if k == 0 else {prefixes[k - 1] + n: t for n, t in block_states(k - 1).items()}
+        if quant is not None:
+            tensors = pack(tensors, quant)
         file = f"model-{k + 1:05d}-of-{len(prefixes) + 1:05d}.safetensors"
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / file))
         weight_map |= dict.fromkeys(tensors, file)
@@ -215,6 +256,9 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> No
     if edit["kind"] == "attr":
         setattr(model.get_submodule(edit["path"]), edit["name"], edit["value"])
         return
+    if edit["kind"] == "quantized":
+        register_grid(model.get_submodule(edit["path"]), edit["groups"], edit["zero_point"])
+        return
     if edit["kind"] == "low_rank":
         new = LowRankLinear(edit["in"], edit["out"], edit["rank"], bias=edit["bias"], **factory)
     elif edit["kind"] == "linear":
@@ -236,7 +280,7 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> No
     else:
         raise ShrinkError(
             f"unknown edit kind {edit['kind']!r} in manifest; valid: low_rank, linear, head_padded, "
-            "head_sliced, attr"
+            "head_sliced, attr, quantized"
         )
     replace_submodule(model, edit["path"], new)
 
@@ -255,12 +299,15 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
         state |= load_file(str(file), device=str(device))
+    if "quantization" in manifest:
+        state = unpack(state, manifest["quantization"], str(folder))
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise ShrinkError(f"{folder}: weights not in the rebuilt model: {result.unexpected_keys[:5]}")
     # Tied tensors are saved once; tie the missing name to the one present (either direction).
     model.tie_weights(missing_keys=set(result.missing_keys))
-    still_empty = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    tensors = chain(model.named_parameters(), model.named_buffers())
+    still_empty = [n for n, t in tensors if t.device.type == "meta"]
     if still_empty:
         raise ShrinkError(f"{folder}: checkpoint lacks weights for {still_empty[:5]}")
     model.to(device)

@@ -292,7 +292,7 @@ class QuantConf:
 
     name: str = MISSING
     bits: int = 4  # 8, 4, 3 or 2
-    group_size: int = 128  # input columns sharing one scale: -1 (whole row), 32, 64 or 128
+    group_size: int = 64  # input columns sharing one scale: -1 (whole row), 32, 64 or 128
     sym: bool = True  # symmetric grid (zero point 0)
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal (static groups)
     dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal

@@ -295,7 +295,10 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
         raise RuntimeError(f"achieved budget {achieved:.6f} exceeds the requested {cfg.budget} (a bug)")
     if cfg.save_model:
         info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
-        checkpoint.save(store.model, store.tokenizer, job.folder.path / "model", cfg.model.head, info, stored)
+        quant = OmegaConf.to_container(cfg.quant) if cfg.quant.name != "none" else None
+        checkpoint.save(
+            store.model, store.tokenizer, job.folder.path / "model", cfg.model.head, info, stored, quant
+        )
     job.clock["saved"] = time.perf_counter()
     evaluate_suite(cfg, store, True, results, job.folder.path)
     job.clock["end"] = time.perf_counter()
@@ -322,7 +325,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
         "total_seconds": clock["end"] - clock["start"],
         "peak_rss_mb": rss.peak_mb(),
         "checkpoint_mb": _folder_mb(job.folder.path / "model") if cfg.save_model else None,
-        **steps.summary(cfg, store.adapter),
+        **steps.summary(cfg, store.adapter, stored),
         "seed": cfg.seed,
         "device": device.type,
         "device_map": store.device_summary(),

@@ -34,8 +34,12 @@ class Grid(NamedTuple):
         return torch.arange(n, device=self.scale.device) // self.group_size
 
 
-def grid_for(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per row of `w` (out × columns of one group), from its range with 0 included."""
+def grid_for(
+    w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of `w` (out × columns of one group), from its range with 0 included;
+    with `scale_dtype` the scale is rounded to what the checkpoint stores, so the weights are
+    quantized on exactly the grid that is saved (and dequantize bit-exactly on load)."""
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     lo = w.min(dim=1).values.clamp_max(0)
     hi = w.max(dim=1).values.clamp_min(0)
@@ -46,6 +50,9 @@ def grid_for(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
         scale = (hi - lo) / (qmax - qmin)
         zero = torch.zeros_like(scale)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale
+    if scale_dtype is not None:
+        stored = scale.to(scale_dtype)
+        scale = torch.where(stored > 0, stored, torch.finfo(scale_dtype).tiny).to(scale.dtype)
     if not sym:
         zero = (qmin - lo / scale).round().clamp(qmin, qmax)
     return scale, zero
@@ -61,13 +68,15 @@ def _groups(n: int, group_size: int) -> int:
     return n if group_size <= 0 else group_size
 
 
-def rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> tuple[torch.Tensor, Grid]:
+def rtn(
+    weight: torch.Tensor, bits: int, group_size: int, sym: bool, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, Grid]:
     """Round-to-nearest: each group's grid from its own range, every weight to its nearest point."""
     w = weight.detach().to(torch.float64)
     gs = _groups(w.shape[1], group_size)
     scales, zeros, out = [], [], torch.empty_like(w)
     for c in range(0, w.shape[1], gs):
-        scale, zero = grid_for(w[:, c : c + gs], bits, sym)
+        scale, zero = grid_for(w[:, c : c + gs], bits, sym, scale_dtype)
         out[:, c : c + gs] = quantize(w[:, c : c + gs], scale[:, None], zero[:, None], bits)
         scales.append(scale)
         zeros.append(zero)
@@ -102,13 +111,15 @@ def gptq(
     keep: torch.Tensor | None = None,
     block: int = 128,
     where: str = "a linear",
+    scale_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, Grid]:
     """GPTQ (Frantar et al., 2023, Alg. 1): quantize one input column at a time and spread its
     rounding error over the columns not yet quantized, in proportion to the inverse Hessian's row
     (the optimal update of the layer-wise objective ‖WX − QX‖², H = XᵀX), in lazy blocks of
     `block` columns. `act_order` visits columns by decreasing H diagonal, with each group's grid
     fixed from the weights before any update (static groups, so the stored layout stays
-    contiguous). `keep` (a 0/1 mask from a sparsity step) holds pruned weights at zero."""
+    contiguous). `keep` (a 0/1 mask from a sparsity step) holds pruned weights at zero.
+    `scale_dtype`: as in `grid_for`."""
     w = weight.detach().to(torch.float64).clone()
     rows, n = w.shape
     gs = _groups(n, group_size)
@@ -123,7 +134,7 @@ def gptq(
     ready = torch.zeros(n_groups, dtype=torch.bool)
     if act_order:  # static groups: every grid from the weights as they are
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = grid_for(w[:, g * gs : (g + 1) * gs], bits, sym)
+            scales[:, g], zeros[:, g] = grid_for(w[:, g * gs : (g + 1) * gs], bits, sym, scale_dtype)
         ready[:] = True
     w = w[:, order]
     mask = None if keep is None else keep.to(w.dtype)[:, order]
@@ -136,7 +147,9 @@ def gptq(
         for i in range(i2 - i1):
             g = columns[i1 + i] // gs
             if not ready[g]:  # the group's grid, from its columns as updated so far
-                scales[:, g], zeros[:, g] = grid_for(torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :gs], bits, sym)
+                scales[:, g], zeros[:, g] = grid_for(
+                    torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :gs], bits, sym, scale_dtype
+                )
                 ready[g] = True
             column = quantize(w1[:, i], scales[:, g], zeros[:, g], bits)
             if mask is not None:

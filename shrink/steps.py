@@ -8,13 +8,16 @@ Hessian. The solvers are in `linalg`; a factor pair's second factor sees the fir
 (moment R XᵀX Rᵀ), and an output projection that reads part of each head (thinned heads) sees
 those columns of its input.
 
-Quantized weights are kept as their dequantized values in the model's dtype (the grid of each
-linear is attached to it as `quant_grid`), so every evaluation runs as usual and the checkpoint
-reloads exactly; packing them into fewer bytes is the checkpoint's job.
+Quantized weights are kept as their dequantized values in the model's dtype, with the grid as
+buffers of the linear (`packing.attach_grid`), so every evaluation runs as usual; the checkpoint
+stores them packed in compressed-tensors' layout. That layout needs every group whole: a
+quantized linear's input width must be a multiple of `quant.group_size` (checked on the dense
+widths before loading; the methods keep their widths in such multiples).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -25,6 +28,8 @@ from torch import nn
 from .context import BlockContext
 from .errors import ShrinkError
 from .models import Site
+from .packing import attach_grid
+from .placement import BlockState
 from .solvers import Grid, gptq, nm_pattern, rtn, sparsegpt, wanda
 from .stats import SecondMoment
 from .surgery import HeadSlicedLinear, LowRankLinear
@@ -69,47 +74,67 @@ def check(cfg: DictConfig) -> None:
 
 
 def width_multiple(cfg: DictConfig) -> int:
-    """What the input widths a method leaves must be multiples of: M under an N:M pattern."""
+    """What the input widths a method leaves must be multiples of: M under an N:M pattern, and the
+    quantization group (a packed group is whole)."""
     pattern = nm_pattern(str(cfg.sparsity.pattern)) if cfg.sparsity.name != "none" else None
-    return 1 if pattern is None else pattern[1]
+    group = int(cfg.quant.group_size) if cfg.quant.name != "none" else -1
+    return math.lcm(1 if pattern is None else pattern[1], max(group, 1))
 
 
 def check_widths(cfg: DictConfig, blocks: list[nn.Module], sites: list[list[Site]]) -> None:
-    """An N:M pattern needs every input width to hold whole spans of M (the dense model's widths,
-    checked before anything loads; widths a method leaves are checked as each block is edited).
-    A width that is not a multiple of `quant.group_size` ends with a shorter group."""
-    if cfg.sparsity.name == "none" or nm_pattern(str(cfg.sparsity.pattern)) is None:
+    """An N:M pattern needs every input width to hold whole spans of M, and a quantization group
+    size whole groups (the dense model's widths, checked before anything loads; widths a method
+    leaves are checked as each block is edited)."""
+    if cfg.sparsity.name == "none" and cfg.quant.name == "none":
         return
-    for index, (block, block_sites) in enumerate(zip(blocks, sites, strict=True)):
-        for site in block_sites:
-            for path in site.linears:
-                for name, linear, _ in _parts(block.get_submodule(path), None):
-                    _check_span(cfg.sparsity, linear.in_features, f"block {index} {path}{name}")
+    inputs = [
+        (f"block {index} {path}{name}", linear.in_features)
+        for index, (block, block_sites) in enumerate(zip(blocks, sites, strict=True))
+        for site in block_sites
+        for path in site.linears
+        for name, linear, _ in _parts(block.get_submodule(path), None)
+    ]
+    widths = {width for _, width in inputs}
+    for where, width in inputs:
+        _check_span(cfg.sparsity, cfg.quant, width, where, widths)
 
 
-def _check_span(sparsity: DictConfig, width: int, where: str) -> None:
-    pattern = nm_pattern(str(sparsity.pattern))
+def _check_span(
+    sparsity: DictConfig, quant: DictConfig, width: int, where: str, widths: set[int] | None = None
+) -> None:
+    """`width` against the N:M span and the group size; `widths` (all of the model's) name the
+    group sizes that would fit."""
+    pattern = nm_pattern(str(sparsity.pattern)) if sparsity.name != "none" else None
     if pattern is not None and width % pattern[1]:
         raise ShrinkError(
             f"sparsity.pattern={sparsity.pattern} needs input widths divisible by {pattern[1]}, but {where} "
             f"has {width} inputs"
         )
+    group = int(quant.group_size) if quant.name != "none" else -1
+    if group > 0 and width % group:
+        fits = [str(g) for g in GROUP_SIZES if g < 0 or all(w % g == 0 for w in widths or {width})]
+        raise ShrinkError(
+            f"quant.group_size={group} needs input widths divisible by {group} (packed groups are whole), "
+            f"but {where} has {width} inputs; valid here: {', '.join(fits)}"
+        )
 
 
-def summary(cfg: DictConfig, adapter) -> dict[str, Any]:
+def summary(cfg: DictConfig, adapter, block_states: BlockState | None = None) -> dict[str, Any]:
     """What the steps left in the block linears: the share of zero weights, and the bits per
-    weight the quantized grid needs (the weights, plus per row and group an fp16 scale and, when
-    asymmetric, a zero point); empty when no step ran."""
+    weight the packed checkpoint stores (the weights, plus per row and group a scale in the model's
+    dtype and, when asymmetric, a `bits`-bit zero point); empty when no step ran. `block_states`
+    gives the tensors of blocks that are not in memory (`stream=true`)."""
     q = cfg.quant
     if q.name == "none" and cfg.sparsity.name == "none":
         return {}
     zeros = total = 0
     bits = 0.0
-    for block in adapter.blocks():
+    for index, block in enumerate(adapter.blocks()):
+        stored = block_states(index) if block_states is not None else None
         for site in adapter.sites(block):
             for path in site.linears:
-                for _, linear, _ in _parts(block.get_submodule(path), None):
-                    weight = linear.weight.detach()
+                for name, linear, _ in _parts(block.get_submodule(path), None):
+                    weight = linear.weight.detach() if stored is None else stored[f"{path}{name}.weight"]
                     rows, n = weight.shape
                     zeros += int((weight == 0).sum())
                     total += weight.numel()
@@ -117,7 +142,7 @@ def summary(cfg: DictConfig, adapter) -> dict[str, Any]:
                         bits += weight.element_size() * 8.0 * weight.numel()
                     else:
                         groups = -(-n // (n if int(q.group_size) <= 0 else int(q.group_size)))
-                        overhead = 16 + (0 if bool(q.sym) else int(q.bits))
+                        overhead = weight.element_size() * 8 + (0 if bool(q.sym) else int(q.bits))
                         bits += rows * (n * int(q.bits) + groups * overhead)
     return {
         "quant": dict(q.items()),
@@ -162,8 +187,7 @@ class BlockSteps:
 
     def _edit(self, where: str, linear: nn.Linear, gram: torch.Tensor, path: str) -> dict[str, Any]:
         start = time.perf_counter()
-        if self.sparsity.name != "none":
-            _check_span(self.sparsity, linear.in_features, where)
+        _check_span(self.sparsity, self.quant, linear.in_features, where)
         dense = linear.weight.detach().to(torch.float64)
         weight, keep = dense, None
         pattern = nm_pattern(str(self.sparsity.pattern)) if self.sparsity.name != "none" else None
@@ -177,19 +201,20 @@ class BlockSteps:
         grid: Grid | None = None
         q = self.quant
         if q.name == "rtn":
-            weight, grid = rtn(weight, int(q.bits), int(q.group_size), bool(q.sym))
+            weight, grid = rtn(weight, int(q.bits), int(q.group_size), bool(q.sym), linear.weight.dtype)
             if keep is not None:
                 weight = weight * keep
         elif q.name == "gptq":
             weight, grid = gptq(
                 weight, gram, int(q.bits), int(q.group_size), bool(q.sym), bool(q.act_order),
-                float(q.dampening), keep, where=where,
+                float(q.dampening), keep, where=where, scale_dtype=linear.weight.dtype,
             )  # fmt: skip
         if not torch.isfinite(weight).all():
             raise ShrinkError(f"{where}: the sparsity/quantization step produced non-finite weights")
         with torch.no_grad():
             linear.weight.copy_(weight.to(linear.weight.dtype))
-        linear.quant_grid = grid  # for packing at save time
+        if grid is not None:
+            attach_grid(linear, grid, bool(q.sym))
         delta = weight - dense
         energy = float(torch.einsum("ij,jk,ik->", dense, gram, dense))
         error = float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy if energy > 0 else 0.0

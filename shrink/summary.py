@@ -24,7 +24,8 @@ def summary(m: dict[str, Any], path: Path) -> str:
         ]
         lines.append(
             f"  steps      {' '.join(steps)}: block linears at {m['block_bits_per_weight']:.2f} bits/weight, "
-            f"{m['block_zero_fraction']:.1%} zeros (weights stored dequantized for now)"
+            f"{m['block_zero_fraction']:.1%} zeros"
+            + (f"; checkpoint {m['checkpoint_mb']:.2f} MB" if m.get("checkpoint_mb") is not None else "")
         )
     for corpus, r in m["eval"].get("ppl", {}).items():
         lines.append(

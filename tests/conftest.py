@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import shrink.config  # noqa: F401  (registers schemas)
 
@@ -131,6 +132,7 @@ class Compressed:
     unit: str
     head: str  # the model's head kind, which a checkpoint records
     steps: list[dict] = field(default_factory=list)  # rows of the sparsity / quantization steps
+    quant: dict | None = None  # the quant config, which a checkpoint of quantized linears needs
 
     @property
     def model(self):
@@ -143,7 +145,7 @@ class Compressed:
     def save(self, folder: Path) -> Path:
         from shrink import checkpoint
 
-        return checkpoint.save(self.model, self.loaded.tokenizer, folder, self.head, {})
+        return checkpoint.save(self.model, self.loaded.tokenizer, folder, self.head, {}, quant=self.quant)
 
 
 def first_attention(name: str):
@@ -194,4 +196,7 @@ def compress_in_memory(*overrides: str) -> Compressed:
         rows += [{"block": ctx.index, **row} for row in method.compress_block(ctx).records]
         steps += [{"block": ctx.index, **row} for row in (post.apply(ctx) if post.active else [])]
         runner.advance(ctx)
-    return Compressed(loaded, plan, rows, dense, costs.model(), costs.unit.value, cfg.model.head, steps)
+    quant = OmegaConf.to_container(cfg.quant) if cfg.quant.name != "none" else None
+    return Compressed(
+        loaded, plan, rows, dense, costs.model(), costs.unit.value, cfg.model.head, steps, quant
+    )

@@ -22,6 +22,7 @@ CASES = {
     "llama-id-dense": ("tiny-llama", ["method=id", "propagate=dense"], FAST_PPL),
     "opt-svdllm-greedy": ("tiny-opt", ["method=svdllm", "schedule=greedy"], FAST_PPL),
     "bert-distill": ("tiny-bert", ["method=distill", "method.steps=4"], ["eval=none"]),
+    "llama-id-gptq": ("tiny-llama", ["method=id", "quant=gptq", "quant.group_size=32"], FAST_PPL),
 }
 
 

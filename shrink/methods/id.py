@@ -262,7 +262,8 @@ class InterpolativeDecomposition(Method):
     def _candidates(self, costs: HeadCosts, ctx: BlockContext) -> list[Shape]:
         step = math.lcm(int(self.cfg.dims_step), self.width_multiple)
         widths = qk_widths(ctx.attention, costs.widths(step)) if self.cfg.qk_dims else None
-        return candidates(AttentionUnits(self.cfg.attention), costs, step, widths)
+        offered = candidates(AttentionUnits(self.cfg.attention), costs, step, widths)
+        return [s for s in offered if (s.m * s.q * s.v) % self.width_multiple == 0]  # o_proj's inputs
 
     def _attention_options(self, ctx: BlockContext, costs: HeadCosts) -> list[Option]:
         """Every shape on offer with its cost and ID error (thinner q/k's error measured)."""

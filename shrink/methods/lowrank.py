@@ -74,7 +74,8 @@ class LowRank(Method):
         if rank < self.width_multiple:
             raise ShrinkError(
                 f"block {ctx.index} {path}: the budget allows rank {rank}, below the multiple of "
-                f"{self.width_multiple} that the sparsity pattern needs; raise the budget"
+                f"{self.width_multiple} that the sparsity pattern or quantization group needs; "
+                "raise the budget"
             )
         return rank - rank % self.width_multiple
 
