@@ -35,7 +35,7 @@ from .devices import resolve_device
 from .errors import ShrinkError
 from .models import build_adapter
 from .models.loading import AUTO_CLASSES
-from .packing import ZERO, is_quantized, pack, register_grid, unpack, write_hf_config
+from .packing import ZERO, is_quantized, pack, quantized_bits, register_grid, unpack, write_hf_config
 from .placement import BlockState
 from .surgery import HeadPaddedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
 
@@ -115,6 +115,7 @@ def structural_edits(
             "path": path,
             "groups": module.weight_scale.shape[-1],
             "zero_point": ZERO in module._buffers,
+            "bits": quantized_bits(module),
         }
         for path, module in model.named_modules()
         if is_quantized(module)
@@ -257,7 +258,7 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> No
         setattr(model.get_submodule(edit["path"]), edit["name"], edit["value"])
         return
     if edit["kind"] == "quantized":
-        register_grid(model.get_submodule(edit["path"]), edit["groups"], edit["zero_point"])
+        register_grid(model.get_submodule(edit["path"]), edit["groups"], edit["zero_point"], edit["bits"])
         return
     if edit["kind"] == "low_rank":
         new = LowRankLinear(edit["in"], edit["out"], edit["rank"], bias=edit["bias"], **factory)

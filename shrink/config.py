@@ -33,6 +33,7 @@ class Head(str, Enum):
 class BudgetUnit(str, Enum):
     params = "params"
     macs = "macs"
+    bytes = "bytes"
 
 
 class Device(str, Enum):

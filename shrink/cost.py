@@ -1,10 +1,16 @@
 """The cost model: the one place that prices a linear, a rank-r pair, a neuron, a head / KV group.
 
 Budgets count the block linears only (embeddings and the LM head are not compressed). Cost is
-`params` (weights + biases; a rank-r pair counts r·(m+n)) or `macs` (multiply-accumulates per
+`params` (weights + biases; a rank-r pair counts r·(m+n)), `macs` (multiply-accumulates per
 token; biases cost none, and attention scores QKᵀ and A·V count at `seq_len`, inside `attn_out`,
-because they scale with the heads that o_proj reads). Schedules see only a `CostTable` of plain
-numbers; methods price their options through the `CostModel` in their block context.
+because they scale with the heads that o_proj reads) or `bytes` (what the checkpoint stores: a
+weight at the model's dtype, or once quantized at `bits` plus its share of its group's scale and
+zero point; a bias at the dtype). Schedules see only a `CostTable` of plain numbers; methods price
+their options through the `CostModel` in their block context.
+
+In `bytes`, what a method keeps is priced as it will be stored after the run's quantization step
+(`weight_bytes`), while the budget is a fraction of the dense blocks as they are stored now:
+`plan_budget` converts one into the other.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import nn
 
 from .config import BudgetUnit
 from .models import Adapter, Attention, Site
+from .packing import SCALE, ZERO, is_quantized, quantized_bits
 from .surgery import LowRankLinear
 
 
@@ -23,12 +30,16 @@ from .surgery import LowRankLinear
 class Cost:
     params: int = 0
     macs: int = 0
+    bytes: float = 0.0  # as stored (packed when quantized)
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.params + other.params, self.macs + other.macs)
+        return Cost(self.params + other.params, self.macs + other.macs, self.bytes + other.bytes)
 
-    def of(self, unit: BudgetUnit | str) -> int:
-        return self.params if BudgetUnit(unit) == BudgetUnit.params else self.macs
+    def of(self, unit: BudgetUnit | str) -> float:
+        unit = BudgetUnit(unit)
+        return (
+            self.params if unit == BudgetUnit.params else self.macs if unit == BudgetUnit.macs else self.bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -52,11 +63,11 @@ class NeuronCosts:
     that a fold adds (`added`) once any neuron is dropped."""
 
     neurons: int
-    per_neuron: int
-    fixed: int
-    added: int = 0
+    per_neuron: float
+    fixed: float
+    added: float = 0
 
-    def of(self, k: int) -> int:
+    def of(self, k: int) -> float:
         return k * self.per_neuron + self.fixed + (self.added if k < self.neurons else 0)
 
 
@@ -71,18 +82,18 @@ class HeadCosts:
     n_heads: int
     n_kv: int
     head_dim: int
-    q_row: int  # one row of q (with its bias entry)
-    o_col: int  # one column of o
-    score: int  # one query head's attention-score MACs (0 in params)
-    kv_row: int  # one row of k or v
-    fixed: int  # the output projection's bias
-    added: int = 0  # a bias the fold adds to the output projection once anything is dropped
+    q_row: float  # one row of q (with its bias entry)
+    o_col: float  # one column of o
+    score: float  # one query head's attention-score MACs (0 in params)
+    kv_row: float  # one row of k or v
+    fixed: float  # the output projection's bias
+    added: float = 0  # a bias the fold adds to the output projection once anything is dropped
 
     @property
     def group(self) -> int:
         return self.n_heads // self.n_kv
 
-    def of(self, m: int, q: int, width: int | None = None, qk: int | None = None) -> int:
+    def of(self, m: int, q: int, width: int | None = None, qk: int | None = None) -> float:
         w = self.head_dim if width is None else width
         d = self.head_dim if qk is None else qk
         dropped = (m, q, w, d) != (self.n_kv, self.group, self.head_dim, self.head_dim)
@@ -98,14 +109,22 @@ class HeadCosts:
 
 
 def module_cost(module: nn.Module) -> Cost:
-    """Both costs of a dense or factorised linear."""
+    """Every cost of a dense or factorised linear, bytes as stored."""
     if isinstance(module, LowRankLinear):
-        bias = module.second.bias.numel() if module.second.bias is not None else 0
-        pair = module.rank * (module.in_features + module.out_features)
-        return Cost(pair + bias, pair)
+        first, second = module_cost(module.first), module_cost(module.second)
+        return Cost(first.params + second.params, first.macs + second.macs, first.bytes + second.bytes)
     if isinstance(module, nn.Linear):
-        bias = module.bias.numel() if module.bias is not None else 0
-        return Cost(module.weight.numel() + bias, module.weight.numel())
+        weight, bias = module.weight, module.bias
+        stored = weight.numel() * weight.element_size()
+        if is_quantized(module):  # packed: bits per weight, then the grid's scales and zero points
+            stored = weight.numel() * quantized_bits(module) / 8 + sum(
+                t.numel() * (t.element_size() if n == SCALE else quantized_bits(module) / 8)
+                for n, t in module.named_buffers(recurse=False)
+                if n in (SCALE, ZERO)
+            )
+        bias_bytes = bias.numel() * bias.element_size() if bias is not None else 0
+        n_bias = bias.numel() if bias is not None else 0
+        return Cost(weight.numel() + n_bias, weight.numel(), stored + bias_bytes)
     raise TypeError(f"no cost model for {type(module).__name__}")
 
 
@@ -114,9 +133,27 @@ class CostModel:
     prices of single linears, ranks and units need no adapter)."""
 
     def __init__(
-        self, adapter: Adapter | None, unit: BudgetUnit | str = BudgetUnit.params, seq_len: int = 0
+        self,
+        adapter: Adapter | None,
+        unit: BudgetUnit | str = BudgetUnit.params,
+        seq_len: int = 0,
+        weight_bytes: float = 4.0,
+        bias_bytes: float = 4.0,
     ) -> None:
+        """`weight_bytes`: what one kept weight will be stored in (the dtype's size, or a quantized
+        weight's bits and group share / 8); `bias_bytes`: the dtype's size. Used in `bytes` only."""
         self.adapter, self.unit, self.seq_len = adapter, BudgetUnit(unit), seq_len
+        self.weight_bytes, self.bias_bytes = weight_bytes, bias_bytes
+
+    @property
+    def _weight(self) -> float:
+        """One weight in the unit."""
+        return self.weight_bytes if self.unit == BudgetUnit.bytes else 1
+
+    @property
+    def _bias_entry(self) -> float:
+        """One bias entry in the unit (MACs: none)."""
+        return {BudgetUnit.params: 1, BudgetUnit.macs: 0}.get(self.unit, self.bias_bytes)
 
     # ---- whole modules, sites, blocks (both units: records report params and MACs) --------------
     def scores(self, attention: Attention) -> Cost:
@@ -148,9 +185,32 @@ class CostModel:
             total = total + self.block(block)
         return total
 
-    def price(self, block: nn.Module, site: Site) -> int:
-        """The site's cost in the budget unit."""
-        return self.site(block, site).of(self.unit)
+    def price(self, block: nn.Module, site: Site) -> float:
+        """The site's cost in the budget unit, its linears priced as they will be stored."""
+        if self.unit != BudgetUnit.bytes:
+            return self.site(block, site).of(self.unit)
+        return sum(self.planned(block.get_submodule(path)) for path in site.linears)
+
+    def planned(self, module: nn.Module) -> float:
+        """A linear (or pair) in the budget unit as it will be stored after the run's steps."""
+        if self.unit != BudgetUnit.bytes:
+            return module_cost(module).of(self.unit)
+        linears = [module.first, module.second] if isinstance(module, LowRankLinear) else [module]
+        return sum(
+            lin.weight.numel() * self._weight
+            + (lin.out_features * self._bias_entry if lin.bias is not None else 0)
+            for lin in linears
+        )
+
+    def plan_budget(self, budget: float) -> float:
+        """The budget as a fraction of the table's total: in `bytes` the dense blocks are stored at
+        their dtype but priced as they will be stored (quantized), so the fraction grows by their
+        ratio (capped at 1: keep everything)."""
+        if self.unit != BudgetUnit.bytes:
+            return budget
+        blocks = self.adapter.blocks()
+        planned = sum(self.price(block, site) for block in blocks for site in self.adapter.sites(block))
+        return min(1.0, budget * self.model().bytes / planned)
 
     def table(self) -> CostTable:
         sites, scores = [], []
@@ -163,10 +223,10 @@ class CostModel:
     def _bias(self, linear: nn.Linear, bias: bool | None = None) -> int:
         """What the linear's bias costs (params only); `bias` overrides whether it has one."""
         has = linear.bias is not None if bias is None else bias
-        return linear.out_features if has and self.unit == BudgetUnit.params else 0
+        return linear.out_features * self._bias_entry if has else 0
 
-    def rank_pair(self, linear: nn.Linear, rank: int, bias: bool) -> int:
-        return rank * (linear.in_features + linear.out_features) + self._bias(linear, bias)
+    def rank_pair(self, linear: nn.Linear, rank: int, bias: bool) -> float:
+        return rank * (linear.in_features + linear.out_features) * self._weight + self._bias(linear, bias)
 
     @staticmethod
     def max_rank(linear: nn.Linear) -> int:
@@ -181,20 +241,20 @@ class CostModel:
             return None
         m, n = linear.out_features, linear.in_features
         bias_cost = self._bias(linear, bias)
-        allowed = fraction * (m * n + bias_cost) - bias_cost
-        rank = max(0, math.floor(allowed / (m + n) + 1e-9))
+        allowed = fraction * (m * n * self._weight + bias_cost) - bias_cost
+        rank = max(0, math.floor(allowed / ((m + n) * self._weight) + 1e-9))
         return None if rank * (m + n) >= m * n else rank
 
-    def _row(self, linear: nn.Linear) -> int:
+    def _row(self, linear: nn.Linear) -> float:
         """One output row of a linear, with its bias entry."""
-        return linear.in_features + self._bias(linear) // max(linear.out_features, 1)
+        return linear.in_features * self._weight + self._bias(linear) / max(linear.out_features, 1)
 
     def _added(self, out: nn.Linear, adds_bias: bool) -> int:
         """A bias a fold gives `out` where it has none."""
         return self._bias(out, True) if adds_bias and out.bias is None else 0
 
     def neurons(self, ins: list[nn.Linear], out: nn.Linear, adds_bias: bool = False) -> NeuronCosts:
-        per = sum(self._row(lin) for lin in ins) + out.out_features
+        per = sum(self._row(lin) for lin in ins) + out.out_features * self._weight
         return NeuronCosts(out.in_features, per, self._bias(out), self._added(out, adds_bias))
 
     def heads(self, attention: Attention, adds_bias: bool = False) -> HeadCosts:
@@ -206,7 +266,7 @@ class CostModel:
             n_kv,
             attention.head_dim,
             self._row(q),
-            o.out_features,
+            o.out_features * self._weight,
             score,
             self._row(k),
             self._bias(o),

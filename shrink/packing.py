@@ -30,20 +30,27 @@ FORMAT = "pack-quantized"
 
 def attach_grid(linear: nn.Linear, grid: Grid, sym: bool) -> None:
     """Give a quantized linear its grid as buffers: scales in the weight's dtype (what the solvers
-    rounded them to) and, when asymmetric, int8 zero points."""
+    rounded them to) and, when asymmetric, int8 zero points; and its bits (`quant_bits`)."""
     for name in (SCALE, ZERO):
         linear._buffers.pop(name, None)
     linear.register_buffer(SCALE, grid.scale.to(linear.weight.dtype).contiguous())
     if not sym:
         linear.register_buffer(ZERO, grid.zero.to(torch.int8).contiguous())
+    linear.quant_bits = grid.bits
+
+
+def quantized_bits(linear: nn.Linear) -> int:
+    """The bits of each stored integer of a quantized linear (weights, and packed zero points)."""
+    return int(linear.quant_bits)
 
 
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and SCALE in module._buffers
 
 
-def register_grid(linear: nn.Linear, groups: int, zero_point: bool) -> None:
+def register_grid(linear: nn.Linear, groups: int, zero_point: bool, bits: int) -> None:
     """Empty (meta) grid buffers of a quantized linear, for a checkpoint's tensors to fill."""
+    linear.quant_bits = bits
     shape = (linear.out_features, groups)
     linear.register_buffer(SCALE, torch.empty(shape, device="meta", dtype=linear.weight.dtype))
     if zero_point:

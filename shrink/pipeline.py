@@ -131,7 +131,7 @@ def plan_inputs(cfg: DictConfig, costs: CostModel, prunes_heads: bool) -> PlanIn
     """What the schedule plans from: the budget in its unit, and the schedule's own keys."""
     return PlanInputs(
         costs.table(),
-        float(cfg.budget),
+        costs.plan_budget(float(cfg.budget)),
         prunes_heads,
         None,
         float(cfg.schedule.get("min_keep", 0.0)),
@@ -148,7 +148,9 @@ def _error_currency(cfg: DictConfig) -> ErrorCurrency:
 def cost_model(cfg: DictConfig, adapter: Adapter) -> CostModel:
     """Prices in the budget unit; attention scores count at `budget_seq_len` (at most the context)."""
     seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
-    return CostModel(adapter, BudgetUnit(cfg.budget_unit), seq_len)
+    dtype_bytes = next(adapter.model.parameters()).element_size()
+    weight_bytes = steps.stored_bits(cfg.quant, dtype_bytes * 8) / 8
+    return CostModel(adapter, BudgetUnit(cfg.budget_unit), seq_len, weight_bytes, dtype_bytes)
 
 
 def check_stream(cfg: DictConfig) -> None:

@@ -55,6 +55,12 @@ def check(cfg: DictConfig) -> None:
             raise ShrinkError(f"quant.group_size={q.group_size} is not supported; valid: {valid}")
         if float(q.dampening) <= 0:
             raise ShrinkError(f"quant.dampening={q.dampening} must be positive")
+        if cfg.budget_unit == "bytes" and int(q.group_size) <= 0:
+            raise ShrinkError(
+                "budget_unit=bytes prices a quantized weight at its bits plus a share of its group's "
+                f"scale; with quant.group_size={q.group_size} the per-row scale does not shrink with "
+                "the kept widths: use quant.group_size 32, 64 or 128"
+            )
     if s.name != "none":
         pattern = str(s.pattern)
         try:
@@ -71,6 +77,15 @@ def check(cfg: DictConfig) -> None:
             )
         if float(s.dampening) <= 0:
             raise ShrinkError(f"sparsity.dampening={s.dampening} must be positive")
+
+
+def stored_bits(quant: DictConfig, dtype_bits: int) -> float:
+    """What one weight of a block linear is stored in: the dtype, or once quantized its bits plus
+    its share of its group's scale (in the dtype) and, when asymmetric, packed zero point."""
+    if quant.name == "none":
+        return float(dtype_bits)
+    bits = int(quant.bits)
+    return bits + (dtype_bits + (0 if bool(quant.sym) else bits)) / int(quant.group_size)
 
 
 def width_multiple(cfg: DictConfig) -> int:

@@ -33,7 +33,7 @@ def _cut_heads(adapter, block, m: int, q: int) -> None:
     attention.set_counts(len(heads), m if n_kv != n_heads else len(heads))
 
 
-@pytest.mark.parametrize("unit", [BudgetUnit.params, BudgetUnit.macs])
+@pytest.mark.parametrize("unit", list(BudgetUnit))
 @pytest.mark.parametrize("name", TINY)
 def test_unit_prices_equal_the_cost_after_the_cut(name, unit):
     adapter = _tiny(name)

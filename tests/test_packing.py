@@ -119,3 +119,43 @@ def test_a_group_size_that_splits_a_width_fails_before_loading(tmp_path):
         tmp_path, "model=tiny-llama", *FAST, "eval=none", "quant=gptq", "quant.group_size=64",
         match=r"group_size=64 needs input widths divisible by 64 .* has 160 inputs; valid here: -1, 32$",
     )  # fmt: skip
+
+
+WIDER = ["model.tiny.hidden_size=128"]  # ranks in whole groups of 32 need linears wider than 64
+
+
+@pytest.mark.parametrize(
+    "method",
+    [["method=id"], ["method=svd"], ["method=rom"], ["method=svdllm"], ["method=distill", "method.steps=2"]],
+    ids=lambda m: m[0],
+)
+def test_every_method_meets_a_bytes_budget_as_stored(tmp_path, method):
+    """budget_unit=bytes: 4-bit weights with a float32 scale per 32 are 5/32 of float32, so a
+    budget of 0.12 also prunes; the checkpoint's block tensors take what the run reports."""
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"), *WIDER, *method, "budget=0.12", "budget_unit=bytes", *GPTQ_32
+    )
+    assert done.achieved <= 0.12
+    assert done.kept.params < done.dense.params  # 5/32 > 0.12: the method had to remove weights
+    folder = done.save(tmp_path / "model")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = sum(
+            f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+            for k in f.keys()  # noqa: SIM118
+            if ".layers." in k and "norm" not in k and not k.endswith("weight_shape")
+        )
+    assert stored == pytest.approx(done.kept.bytes)
+    assert done.kept.bytes == pytest.approx(done.achieved * done.dense.bytes)
+
+
+def test_bytes_without_quantization_is_the_dtype_size_of_params():
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "budget=0.5", "budget_unit=bytes")
+    assert done.achieved <= 0.5 and done.kept.bytes == 4 * done.kept.params
+
+
+def test_bytes_with_a_per_row_scale_fails_before_loading(tmp_path):
+    fails(
+        tmp_path, "model=tiny-llama", *FAST, "eval=none", "budget_unit=bytes", "quant=rtn",
+        "quant.group_size=-1",
+        match=r"budget_unit=bytes .* quant.group_size=-1 .*: use quant.group_size 32, 64 or 128$",
+    )  # fmt: skip

@@ -152,7 +152,7 @@ class LowRank(Method):
                 total = float(energies.sum())
                 tail = (total - torch.cumsum(energies, 0)).clamp_min(0)
                 tail = torch.cat([torch.tensor([total], dtype=tail.dtype, device=tail.device), tail])
-                dense = module_cost(linear).of(ctx.costs.unit)
+                dense = ctx.costs.planned(linear)
                 bias = linear.bias is not None or self.adds_bias
                 options = [
                     Option(
