@@ -38,6 +38,8 @@ ROWS: dict[str, list[str]] = {
     "id0.8": ID,
     "id0.8+rtn4": [*ID, "quant=rtn", "quant.bits=4", G],
     "id0.8+gptq4": [*ID, *G4],
+    "gptq4-gptaq": [*DENSE, *G4, "quant.target=dense"],
+    "id0.8+gptq4-gptaq": [*ID, *G4, "quant.target=dense"],
     "wanda2:4": [*DENSE, "sparsity=wanda", "sparsity.pattern=2:4"],
     "sparsegpt2:4": [*DENSE, *S24],
     "sparsegpt2:4+gptq4": [*DENSE, *S24, *G4],

@@ -297,6 +297,8 @@ class QuantConf:
     sym: bool = True  # symmetric grid (zero point 0)
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal (static groups)
     dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal
+    # gptq: fit the layer on the compressed model's inputs (GPTQ) or the dense model's (GPTAQ)
+    target: FoldTarget = FoldTarget.compressed
 
 
 @dataclass

@@ -59,30 +59,38 @@ class BlockContext:
         norms = torch.cat([h.to(torch.float64).pow(2).sum(-1).flatten() for h in streams])
         return float(norms.median()) if norms.numel() else 0.0
 
-    def run(self, hidden: torch.Tensor, batch: int, rows: slice | None = None) -> torch.Tensor:
-        """The block on `hidden` with calibration batch `batch`'s extra inputs; `rows` selects
-        windows of that batch (then `hidden` holds only those rows)."""
+    def run(
+        self, hidden: torch.Tensor, batch: int, rows: slice | None = None, block: nn.Module | None = None
+    ) -> torch.Tensor:
+        """The block (or `block`, a copy of it) on `hidden` with calibration batch `batch`'s extra
+        inputs; `rows` selects windows of that batch (then `hidden` holds only those rows)."""
         args, kwargs = self.args[batch], self.kwargs[batch]
         if rows is not None:
             size = self.hidden[batch].shape[0]
             args, kwargs = take_rows(args, rows, size), take_rows(kwargs, rows, size)
-        return self.forward(self.block, hidden, args, kwargs)
+        return self.forward(self.block if block is None else block, hidden, args, kwargs)
 
     def linear_input(
-        self, path: str, hidden: torch.Tensor, batch: int, rows: slice | None = None
+        self,
+        path: str,
+        hidden: torch.Tensor,
+        batch: int,
+        rows: slice | None = None,
+        block: nn.Module | None = None,
     ) -> torch.Tensor:
-        """The input of the block's linear at `path` when the block (as it is now) runs on `hidden`
-        (batch `batch`); the forward stops there, so what comes after it is not computed."""
+        """The input of the block's linear at `path` when the block as it is now (or `block`, a
+        copy of it) runs on `hidden` (batch `batch`); the forward stops there, so what comes after
+        it is not computed."""
         seen: list[torch.Tensor] = []
 
         def hook(_module, args):
             seen.append(args[0].detach())
             raise _Captured
 
-        handle = self.block.get_submodule(path).register_forward_pre_hook(hook)
+        handle = (self.block if block is None else block).get_submodule(path).register_forward_pre_hook(hook)
         try:
             with torch.no_grad(), contextlib.suppress(_Captured):
-                self.run(hidden, batch, rows)
+                self.run(hidden, batch, rows, block)
         finally:
             handle.remove()
         if not seen:

@@ -369,10 +369,11 @@ def _compress(
             job.tracker.log_block(index, rows, spectra)
         start_inputs = (hidden, teacher)
         log.info("resuming after block %d of %d", job.done, len(adapter.blocks()))
-    blocks = runner.blocks(
-        Propagate(cfg.propagate), plan, method.needs_teacher, start=job.done + 1, start_inputs=start_inputs
-    )
     post = steps.BlockSteps(cfg.quant, cfg.sparsity)
+    teacher = method.needs_teacher or post.needs_teacher
+    blocks = runner.blocks(
+        Propagate(cfg.propagate), plan, teacher, start=job.done + 1, start_inputs=start_inputs
+    )
     with contextlib.closing(blocks):  # on an error or Ctrl-C the walk (and its progress bar) ends here
         for ctx in blocks:
             result = method.compress_block(ctx)

@@ -164,6 +164,26 @@ def gptq(
     return q, Grid(scales, zeros, bits, gs)
 
 
+def asymmetric_target(
+    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, dampening: float, where: str = "a linear"
+) -> torch.Tensor:
+    """GPTAQ's asymmetric calibration (Li et al., 2025): quantize so that the layer on the inputs of
+    the quantized model, X̃, matches it on the reference inputs X (the dense model's): minimize
+    ‖X̃Qᵀ − XWᵀ‖². With H̃ = X̃ᵀX̃ and `cross` = XᵀX̃ that objective is a constant plus
+    ‖X̃(Q − W*)ᵀ‖², W* = W·XᵀX̃·H̃⁻¹ (its least-squares solution), so GPTQ of W* on H̃ minimizes it;
+    GPTAQ's own recursion folds the same correction into GPTQ's column updates. H̃ is damped as
+    GPTQ damps it."""
+    h = gram.to(torch.float64).clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    h += dampening * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise NumericalError(f"{where}: the damped Hessian is not positive definite; raise dampening")
+    rhs = weight.to(torch.float64) @ cross.to(torch.float64)
+    return torch.cholesky_solve(rhs.T, factor).T
+
+
 def nm_pattern(pattern: str) -> tuple[int, int] | None:
     """(N, M) of an 'N:M' pattern (N kept of every M consecutive inputs), None for unstructured."""
     if pattern == "unstructured":

@@ -17,21 +17,23 @@ widths before loading; the methods keep their widths in such multiples).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from .config import FoldTarget
 from .context import BlockContext
 from .errors import ShrinkError
 from .models import Site
 from .packing import attach_grid
 from .placement import BlockState
-from .solvers import Grid, gptq, nm_pattern, rtn, sparsegpt, wanda
-from .stats import SecondMoment
+from .solvers import Grid, asymmetric_target, gptq, nm_pattern, rtn, sparsegpt, wanda
+from .stats import CrossMoment, SecondMoment
 from .surgery import HeadSlicedLinear, LowRankLinear
 
 QUANT = ("none", "rtn", "gptq")
@@ -55,6 +57,11 @@ def check(cfg: DictConfig) -> None:
             raise ShrinkError(f"quant.group_size={q.group_size} is not supported; valid: {valid}")
         if float(q.dampening) <= 0:
             raise ShrinkError(f"quant.dampening={q.dampening} must be positive")
+        if q.target == "dense" and q.name != "gptq":
+            raise ShrinkError(
+                f"quant.target=dense calibrates GPTQ (GPTAQ); quant={q.name} has no calibration: "
+                "use quant=gptq"
+            )
         if cfg.budget_unit == "bytes" and int(q.group_size) <= 0:
             raise ShrinkError(
                 "budget_unit=bytes prices a quantized weight at its bits plus a share of its group's "
@@ -178,31 +185,51 @@ class BlockSteps:
     def active(self) -> bool:
         return self.quant.name != "none" or self.sparsity.name != "none"
 
+    @property
+    def needs_teacher(self) -> bool:
+        """GPTAQ's dense target needs the dense model's inputs of each block."""
+        return self.quant.name != "none" and FoldTarget(self.quant.target) == FoldTarget.dense
+
     def apply(self, ctx: BlockContext) -> list[dict[str, Any]]:
         """Sparsify and quantize every linear of the block, site by site; one row per linear."""
+        if self.needs_teacher and ctx.teacher_hidden is None:
+            raise RuntimeError("quant.target=dense needs the dense stream (the runner's teacher)")
+        # the block before these steps, run on the dense model's inputs: the reference of GPTAQ
+        reference = copy.deepcopy(ctx.block) if self.needs_teacher else None
         rows = []
         for site in ctx.sites:
-            moment = self._site_moment(ctx, site)
+            moments = self._site_moments(ctx, site, reference)
             for path in site.linears:
-                for name, linear, gram in _parts(ctx.block.get_submodule(path), moment.xtx):
-                    rows.append(self._edit(f"block {ctx.index} {path}{name}", linear, gram, path + name))
+                for name, linear, part in _parts(ctx.block.get_submodule(path), moments):
+                    rows.append(self._edit(f"block {ctx.index} {path}{name}", linear, part, path + name))
         return rows
 
-    def _site_moment(self, ctx: BlockContext, site: Site) -> SecondMoment:
-        """The site's input moment (the full input: a thinned o_proj reads part of it)."""
+    def _site_moments(self, ctx: BlockContext, site: Site, reference: nn.Module | None) -> Moments:
+        """The site's input moment (the full input: a thinned o_proj reads part of it) and, with a
+        reference block, the cross moment of the reference inputs with these and their own."""
         first, moment = site.linears[0], None
+        where = f"block {ctx.index} {site.name}"
         for b, h in enumerate(ctx.hidden):
             x = ctx.linear_input(first, h, b)
+            if reference is not None:
+                assert ctx.teacher_hidden is not None
+                y = ctx.linear_input(first, ctx.teacher_hidden[b], b, block=reference)
+                if moment is None:
+                    moment = CrossMoment(x.shape[-1], x.device, where, batch_dtype=self.dtype)
+                moment.update(x, y)
+                continue
             if moment is None:
-                where = f"block {ctx.index} {site.name}"
                 moment = SecondMoment(x.shape[-1], device=x.device, where=where, batch_dtype=self.dtype)
             moment.update(x)
         assert moment is not None, "the runner gives every block at least one calibration batch"
-        return moment
+        if isinstance(moment, CrossMoment):
+            return Moments(moment.x.xtx, moment.xty.T, moment.yty)
+        return Moments(moment.xtx)
 
-    def _edit(self, where: str, linear: nn.Linear, gram: torch.Tensor, path: str) -> dict[str, Any]:
+    def _edit(self, where: str, linear: nn.Linear, moments: Moments, path: str) -> dict[str, Any]:
         start = time.perf_counter()
         _check_span(self.sparsity, self.quant, linear.in_features, where)
+        gram = moments.gram
         dense = linear.weight.detach().to(torch.float64)
         weight, keep = dense, None
         pattern = nm_pattern(str(self.sparsity.pattern)) if self.sparsity.name != "none" else None
@@ -220,6 +247,8 @@ class BlockSteps:
             if keep is not None:
                 weight = weight * keep
         elif q.name == "gptq":
+            if moments.cross is not None:  # GPTAQ: the least-squares target on these inputs
+                weight = asymmetric_target(weight, gram, moments.cross, float(q.dampening), where)
             weight, grid = gptq(
                 weight, gram, int(q.bits), int(q.group_size), bool(q.sym), bool(q.act_order),
                 float(q.dampening), keep, where=where, scale_dtype=linear.weight.dtype,
@@ -230,36 +259,68 @@ class BlockSteps:
             linear.weight.copy_(weight.to(linear.weight.dtype))
         if grid is not None:
             attach_grid(linear, grid, bool(q.sym))
-        delta = weight - dense
-        energy = float(torch.einsum("ij,jk,ik->", dense, gram, dense))
-        error = float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy if energy > 0 else 0.0
+        error = _relative_error(dense, weight, moments)
         return {
             "site": path,
             "step": "+".join(n for n in (self.sparsity.name, q.name) if n != "none"),
-            "rel_error": error**0.5,
+            "rel_error": error,
             "zeros": float((weight == 0).double().mean()),
             "bits": int(q.bits) if q.name != "none" else None,
             "seconds": time.perf_counter() - start,
         }
 
 
-def _parts(module: nn.Module, gram: torch.Tensor | None) -> list[tuple[str, nn.Linear, torch.Tensor | None]]:
-    """The plain linears of a block linear, each with the Gram matrix of its own input (None
-    without one: only the linears are wanted)."""
-    if gram is None:
+class Moments(NamedTuple):
+    """A linear's input moments: H = X̃ᵀX̃ of the inputs it gets; with a dense target (GPTAQ) also
+    XᵀX̃ and XᵀX of the reference inputs X."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+
+    def map(self, edit) -> Moments:
+        return Moments(*(None if m is None else edit(m) for m in self))
+
+
+def _relative_error(dense: torch.Tensor, weight: torch.Tensor, moments: Moments) -> float:
+    """‖X̃Ŵᵀ − XWᵀ‖ / ‖XWᵀ‖ from the moments (X = X̃ without a reference)."""
+    if moments.cross is None:
+        delta = weight - dense
+        energy = float(torch.einsum("ij,jk,ik->", dense, moments.gram, dense))
+        return (
+            (float(torch.einsum("ij,jk,ik->", delta, moments.gram, delta)) / energy) ** 0.5
+            if energy > 0
+            else 0.0
+        )
+    energy = float(torch.einsum("ij,jk,ik->", dense, moments.reference, dense))
+    squared = (
+        float(torch.einsum("ij,jk,ik->", weight, moments.gram, weight))
+        - 2 * float(torch.einsum("ij,jk,ik->", dense, moments.cross, weight))
+        + energy
+    )
+    return (max(squared, 0.0) / energy) ** 0.5 if energy > 0 else 0.0
+
+
+def _parts(module: nn.Module, moments: Moments | None) -> list[tuple[str, nn.Linear, Moments | None]]:
+    """The plain linears of a block linear, each with the moments of its own input (None without
+    them: only the linears are wanted)."""
+    if moments is None:
         inner = (
             [(".first", module.first), (".second", module.second)]
             if isinstance(module, LowRankLinear)
             else [("", module)]
         )
         return [(name, linear, None) for name, linear in inner]
-    gram = gram.to(torch.float64)
+    moments = moments.map(lambda m: m.to(torch.float64))
     if isinstance(module, LowRankLinear):
         right = module.first.weight.detach().to(torch.float64)
-        return [(".first", module.first, gram), (".second", module.second, right @ gram @ right.T)]
+        return [
+            (".first", module.first, moments),
+            (".second", module.second, moments.map(lambda m: right @ m @ right.T)),
+        ]
     if isinstance(module, HeadSlicedLinear):
-        places = module.input_places().to(gram.device)
-        return [("", module, gram[places][:, places])]
+        places = module.input_places().to(moments.gram.device)
+        return [("", module, moments.map(lambda m: m[places][:, places]))]
     if isinstance(module, nn.Linear):
-        return [("", module, gram)]
+        return [("", module, moments)]
     raise TypeError(f"no sparsity/quantization step for {type(module).__name__}")

@@ -192,7 +192,7 @@ def compress_in_memory(*overrides: str) -> Compressed:
     plan = make_plan(cfg.schedule.name, inputs)
     dense, rows, steps = costs.model(), [], []
     post = BlockSteps(cfg.quant, cfg.sparsity)
-    for ctx in runner.blocks(Propagate(cfg.propagate), plan, method.needs_teacher):
+    for ctx in runner.blocks(Propagate(cfg.propagate), plan, method.needs_teacher or post.needs_teacher):
         rows += [{"block": ctx.index, **row} for row in method.compress_block(ctx).records]
         steps += [{"block": ctx.index, **row} for row in (post.apply(ctx) if post.active else [])]
         runner.advance(ctx)

@@ -9,11 +9,11 @@ import torch
 
 import shrink
 from shrink.models import build_adapter, load_model
-from shrink.solvers import gptq, rtn, sparsegpt, wanda
-from shrink.steps import _parts
+from shrink.solvers import asymmetric_target, gptq, rtn, sparsegpt, wanda
+from shrink.steps import Moments, _parts
 from shrink.surgery import HeadSlicedLinear, LowRankLinear
 
-from .conftest import compress_in_memory, logits, make_cfg, tiny_overrides
+from .conftest import FAST, compress_in_memory, logits, make_cfg, tiny_overrides
 from .test_bad_inputs import fails
 
 
@@ -103,14 +103,19 @@ def test_wanda_keeps_the_largest_scores_and_sparsegpt_updates_what_it_keeps():
 
 def test_a_factor_pair_and_a_thin_output_projection_get_their_own_input_moments():
     x, _, h = _problem(cols=16)
+    reference = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    moments = Moments(h, reference.T @ x, reference.T @ reference)
     pair = LowRankLinear(16, 12, 5, bias=False).double()
-    parts = _parts(pair, h)
-    hidden = pair.first(x).detach()
-    assert torch.allclose(parts[1][2], hidden.T @ hidden)
+    parts = _parts(pair, moments)
+    hidden, hidden_ref = pair.first(x).detach(), pair.first(reference).detach()
+    assert torch.allclose(parts[1][2].gram, hidden.T @ hidden)
+    assert torch.allclose(parts[1][2].cross, hidden_ref.T @ hidden)
+    assert torch.allclose(parts[1][2].reference, hidden_ref.T @ hidden_ref)
     sliced = HeadSlicedLinear(heads=4, width=3, head_dim=4, out_features=8)
-    ((_, _, g),) = _parts(sliced, h)
+    ((_, _, m),) = _parts(sliced, moments)
     cols = torch.tensor([0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14])
-    assert torch.allclose(g, x[:, cols].T @ x[:, cols])
+    assert torch.allclose(m.gram, x[:, cols].T @ x[:, cols])
+    assert torch.allclose(m.cross, reference[:, cols].T @ x[:, cols])
 
 
 METHODS = [
@@ -188,3 +193,36 @@ def test_a_run_reports_bits_per_weight_and_zeros(run_job, capsys):
 )
 def test_bad_step_settings_fail_before_loading(tmp_path, overrides, match):
     fails(tmp_path, "model=tiny-llama", "logger=none", "device=cpu", *overrides, match=match)
+
+
+def test_gptaq_fits_the_reference_outputs_better_than_gptq():
+    """Inputs that drifted from the reference (X̃ = X + noise): GPTAQ's target W·XᵀX̃·H̃⁻¹ then GPTQ
+    lowers ‖X̃Qᵀ − XWᵀ‖ against GPTQ of W itself; with no drift it is W (GPTQ unchanged)."""
+    x, w, h = _problem()
+    drifted = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    gram, cross = drifted.T @ drifted, x.T @ drifted
+
+    def asymmetric(q):
+        return float(((drifted @ q.T - x @ w.T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+
+    plain, _ = gptq(w, gram, 4, 16, True, True, 0.01)
+    fitted, _ = gptq(asymmetric_target(w, gram, cross, 0.01), gram, 4, 16, True, True, 0.01)
+    assert asymmetric(fitted) < 0.8 * asymmetric(plain)
+    assert torch.allclose(asymmetric_target(w, h, h, 1e-12), w, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS[:2], ids=lambda m: m[0])
+def test_gptaq_runs_on_the_dense_stream_and_reloads(tmp_path, method):
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"), *method, "quant=gptq", "quant.group_size=-1", "quant.target=dense"
+    )
+    assert done.steps and all(0 < r["rel_error"] < 1 for r in done.steps)
+    ids = torch.randint(0, 255, (2, 32))
+    assert torch.equal(logits(shrink.load(done.save(tmp_path / "model")), ids), logits(done.model, ids))
+
+
+def test_gptaq_with_round_to_nearest_fails_before_loading(tmp_path):
+    fails(
+        tmp_path, "model=tiny-llama", *FAST, "eval=none", "quant=rtn", "quant.target=dense",
+        match=r"quant.target=dense calibrates GPTQ \(GPTAQ\); quant=rtn has no calibration: use quant=gptq$",
+    )  # fmt: skip
