@@ -40,6 +40,7 @@ ROWS: dict[str, list[str]] = {
     "id0.8+gptq4": [*ID, *G4],
     "gptq4-gptaq": [*DENSE, *G4, "quant.target=dense"],
     "id0.8+gptq4-gptaq": [*ID, *G4, "quant.target=dense"],
+    "id0.8+gptq4+lr16": [*ID, *G4, "quant.lowrank=16"],  # corrections inside the same 0.8
     "wanda2:4": [*DENSE, "sparsity=wanda", "sparsity.pattern=2:4"],
     "sparsegpt2:4": [*DENSE, *S24],
     "sparsegpt2:4+gptq4": [*DENSE, *S24, *G4],

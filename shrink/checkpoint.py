@@ -37,7 +37,7 @@ from .models import build_adapter
 from .models.loading import AUTO_CLASSES
 from .packing import ZERO, is_quantized, pack, quantized_bits, register_grid, unpack, write_hf_config
 from .placement import BlockState
-from .surgery import HeadPaddedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
+from .surgery import CorrectedLinear, HeadPaddedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
 
 FORMAT = "shrink-checkpoint"
 VERSION = 1
@@ -67,47 +67,21 @@ def structural_edits(
     caller that asks often has built it once)."""
     reference = reference if reference is not None else reference_modules(model, head)
     edits: list[dict[str, Any]] = []
-    low_rank_prefixes: list[str] = []
+    inside: list[str] = []  # the factors of a pair, a corrected linear's parts: rebuilt with it
+    corrected: list[dict[str, Any]] = []
     for path, module in model.named_modules():
-        if any(path.startswith(prefix) for prefix in low_rank_prefixes):
-            continue  # the factors inside a pair are rebuilt with it
+        if any(path.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, CorrectedLinear):  # the base in its place, the correction after
+            inside.append(path + ".")
+            corrected.append({"kind": "corrected", "path": path, "rank": module.rank})
+            module = module.base
+        edit = _module_edit(path, module, reference)
+        if edit is not None:
+            edits.append(edit)
         if isinstance(module, LowRankLinear):
-            low_rank_prefixes.append(path + ".")
-            edits.append(
-                {
-                    "kind": "low_rank",
-                    "path": path,
-                    "in": module.in_features,
-                    "out": module.out_features,
-                    "rank": module.rank,
-                    "bias": module.second.bias is not None,
-                }
-            )
-        elif isinstance(module, (HeadPaddedLinear, HeadSlicedLinear)):
-            edits.append(
-                {
-                    "kind": "head_padded" if isinstance(module, HeadPaddedLinear) else "head_sliced",
-                    "path": path,
-                    "in": module.in_features,
-                    "out": module.out_features,
-                    "heads": module.heads,
-                    "width": module.width,
-                    "head_dim": module.head_dim,
-                    "bias": module.bias is not None,
-                }
-            )
-            if isinstance(module, HeadPaddedLinear) and module.positions is not None:
-                edits[-1]["positions"] = module.positions.tolist()
-        elif isinstance(module, nn.Linear):
-            ref = reference.get(path)
-            shape = (module.in_features, module.out_features, module.bias is not None)
-            if (
-                not isinstance(ref, nn.Linear)
-                or (ref.in_features, ref.out_features, ref.bias is not None) != shape
-            ):
-                edits.append(
-                    {"kind": "linear", "path": path, "in": shape[0], "out": shape[1], "bias": shape[2]}
-                )
+            inside.append(path + ".")
+    edits.extend(corrected)
     edits.extend(_attribute_edits(model, reference))
     edits.extend(
         {
@@ -121,6 +95,42 @@ def structural_edits(
         if is_quantized(module)
     )  # after the edits that build these linears
     return edits
+
+
+def _module_edit(path: str, module: nn.Module, reference: dict[str, nn.Module]) -> dict[str, Any] | None:
+    """The edit that rebuilds `module` at `path` from the base architecture, None if it is the same."""
+    if isinstance(module, LowRankLinear):
+        return {
+            "kind": "low_rank",
+            "path": path,
+            "in": module.in_features,
+            "out": module.out_features,
+            "rank": module.rank,
+            "bias": module.second.bias is not None,
+        }
+    if isinstance(module, (HeadPaddedLinear, HeadSlicedLinear)):
+        edit = {
+            "kind": "head_padded" if isinstance(module, HeadPaddedLinear) else "head_sliced",
+            "path": path,
+            "in": module.in_features,
+            "out": module.out_features,
+            "heads": module.heads,
+            "width": module.width,
+            "head_dim": module.head_dim,
+            "bias": module.bias is not None,
+        }
+        if isinstance(module, HeadPaddedLinear) and module.positions is not None:
+            edit["positions"] = module.positions.tolist()
+        return edit
+    if isinstance(module, nn.Linear):
+        ref = reference.get(path)
+        shape = (module.in_features, module.out_features, module.bias is not None)
+        if (
+            not isinstance(ref, nn.Linear)
+            or (ref.in_features, ref.out_features, ref.bias is not None) != shape
+        ):
+            return {"kind": "linear", "path": path, "in": shape[0], "out": shape[1], "bias": shape[2]}
+    return None
 
 
 def _attribute_edits(model: nn.Module, reference: dict[str, nn.Module]) -> list[dict[str, Any]]:
@@ -257,6 +267,10 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> No
     if edit["kind"] == "attr":
         setattr(model.get_submodule(edit["path"]), edit["name"], edit["value"])
         return
+    if edit["kind"] == "corrected":
+        base = model.get_submodule(edit["path"])
+        replace_submodule(model, edit["path"], CorrectedLinear(base, edit["rank"], **factory))
+        return
     if edit["kind"] == "quantized":
         register_grid(model.get_submodule(edit["path"]), edit["groups"], edit["zero_point"], edit["bits"])
         return
@@ -281,7 +295,7 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> No
     else:
         raise ShrinkError(
             f"unknown edit kind {edit['kind']!r} in manifest; valid: low_rank, linear, head_padded, "
-            "head_sliced, attr, quantized"
+            "head_sliced, attr, corrected, quantized"
         )
     replace_submodule(model, edit["path"], new)
 

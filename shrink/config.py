@@ -299,6 +299,8 @@ class QuantConf:
     dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal
     # gptq: fit the layer on the compressed model's inputs (GPTQ) or the dense model's (GPTAQ)
     target: FoldTarget = FoldTarget.compressed
+    # a rank-r correction of each quantized linear's error, in full precision (SLiM); 0: none
+    lowrank: int = 0
 
 
 @dataclass

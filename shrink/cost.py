@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import BudgetUnit
+from .errors import ShrinkError
 from .models import Adapter, Attention, Site
 from .packing import SCALE, ZERO, is_quantized, quantized_bits
-from .surgery import LowRankLinear
+from .surgery import CorrectedLinear, LowRankLinear
 
 
 @dataclass(frozen=True)
@@ -109,10 +110,11 @@ class HeadCosts:
 
 
 def module_cost(module: nn.Module) -> Cost:
-    """Every cost of a dense or factorised linear, bytes as stored."""
+    """Every cost of a dense, factorised or corrected linear, bytes as stored."""
     if isinstance(module, LowRankLinear):
-        first, second = module_cost(module.first), module_cost(module.second)
-        return Cost(first.params + second.params, first.macs + second.macs, first.bytes + second.bytes)
+        return module_cost(module.first) + module_cost(module.second)
+    if isinstance(module, CorrectedLinear):
+        return module_cost(module.base) + module_cost(module.correction)
     if isinstance(module, nn.Linear):
         weight, bias = module.weight, module.bias
         stored = weight.numel() * weight.element_size()
@@ -139,11 +141,15 @@ class CostModel:
         seq_len: int = 0,
         weight_bytes: float = 4.0,
         bias_bytes: float = 4.0,
+        correction_rank: int = 0,
     ) -> None:
         """`weight_bytes`: what one kept weight will be stored in (the dtype's size, or a quantized
-        weight's bits and group share / 8); `bias_bytes`: the dtype's size. Used in `bytes` only."""
+        weight's bits and group share / 8); `bias_bytes`: the dtype's size (used in `bytes` only).
+        `correction_rank`: the rank of the quantization step's low-rank corrections, which the
+        plan reserves budget for."""
         self.adapter, self.unit, self.seq_len = adapter, BudgetUnit(unit), seq_len
         self.weight_bytes, self.bias_bytes = weight_bytes, bias_bytes
+        self.correction_rank = correction_rank
 
     @property
     def _weight(self) -> float:
@@ -203,14 +209,26 @@ class CostModel:
         )
 
     def plan_budget(self, budget: float) -> float:
-        """The budget as a fraction of the table's total: in `bytes` the dense blocks are stored at
+        """The budget as a fraction of the table's total. In `bytes` the dense blocks are stored at
         their dtype but priced as they will be stored (quantized), so the fraction grows by their
-        ratio (capped at 1: keep everything)."""
-        if self.unit != BudgetUnit.bytes:
-            return budget
+        ratio (capped at 1: keep everything). Low-rank corrections of the quantization step are
+        reserved first, at the dense widths (an upper bound of what they cost on kept widths)."""
         blocks = self.adapter.blocks()
         planned = sum(self.price(block, site) for block in blocks for site in self.adapter.sites(block))
-        return min(1.0, budget * self.model().bytes / planned)
+        stored = self.model().of(self.unit) if self.unit == BudgetUnit.bytes else planned
+        reserve = self.correction_rank * sum(
+            (linear.in_features + linear.out_features)
+            * (self.bias_bytes if self.unit == BudgetUnit.bytes else 1)
+            for block in blocks
+            for site in self.adapter.sites(block)
+            for linear in (block.get_submodule(path) for path in site.linears)
+        )
+        if reserve >= budget * stored:
+            raise ShrinkError(
+                f"quant.lowrank={self.correction_rank}: the corrections alone cost {reserve / stored:.3f} "
+                f"of the blocks, above budget {budget:g}; lower the rank or raise the budget"
+            )
+        return min(1.0, (budget * stored - reserve) / planned)
 
     def table(self) -> CostTable:
         sites, scores = [], []

@@ -66,7 +66,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 < float(cfg.budget) <= 1.0:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
     check_method(cfg.method.name)
-    steps.check(cfg)
+    steps.check(cfg, METHODS[cfg.method.name].factorises)
     METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size), Propagate(cfg.propagate).value)
     check_schedule(cfg.schedule.name)
     if cfg.schedule.name in NEEDS_PROFILES and not METHODS[cfg.method.name].has_profile:
@@ -107,11 +107,10 @@ def validate(cfg: DictConfig) -> None:
     blocks = skeleton(cfg.model, config)
     check_block_map(cfg.model, blocks)
     steps.check_widths(cfg, list(blocks.blocks()), [blocks.sites(b) for b in blocks.blocks()])
-    if cfg.schedule.name not in NEEDS_PROFILES:  # a budget the schedule cannot meet fails here
-        make_plan(
-            cfg.schedule.name,
-            plan_inputs(cfg, cost_model(cfg, blocks), build_method(cfg.method).prunes_heads),
-        )
+    # a budget the corrections exceed, or (without profiles) the schedule cannot meet, fails here
+    planned = plan_inputs(cfg, cost_model(cfg, blocks), build_method(cfg.method).prunes_heads)
+    if cfg.schedule.name not in NEEDS_PROFILES:
+        make_plan(cfg.schedule.name, planned)
     if cfg.eval.get("glue_hub") is not None:
         glue_hub.check_model(str(cfg.eval.glue_hub.task), int(config.num_labels))
     limit = getattr(config, "max_position_embeddings", None)
@@ -150,7 +149,8 @@ def cost_model(cfg: DictConfig, adapter: Adapter) -> CostModel:
     seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
     dtype_bytes = next(adapter.model.parameters()).element_size()
     weight_bytes = steps.stored_bits(cfg.quant, dtype_bytes * 8) / 8
-    return CostModel(adapter, BudgetUnit(cfg.budget_unit), seq_len, weight_bytes, dtype_bytes)
+    rank = int(cfg.quant.lowrank) if cfg.quant.name != "none" else 0
+    return CostModel(adapter, BudgetUnit(cfg.budget_unit), seq_len, weight_bytes, dtype_bytes, rank)
 
 
 def check_stream(cfg: DictConfig) -> None:

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import NumericalError
+from .linalg import truncated_svd, whitening
 
 
 class Grid(NamedTuple):
@@ -182,6 +183,19 @@ def asymmetric_target(
         raise NumericalError(f"{where}: the damped Hessian is not positive definite; raise dampening")
     rhs = weight.to(torch.float64) @ cross.to(torch.float64)
     return torch.cholesky_solve(rhs.T, factor).T
+
+
+def lowrank_correction(
+    error: torch.Tensor, gram: torch.Tensor, rank: int, ridge: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLiM's low-rank adapter of a compressed layer's error E = W − Ŵ (Mozaffari et al., 2025),
+    in its optimal form: the rank-r LR that minimizes ‖X(E − LR)ᵀ‖, the truncated SVD of E·S with
+    SSᵀ = XᵀX (+ a small ridge), mapped back by S⁻¹ (SLiM scales by input norms, the diagonal of
+    this). Returns (L: out × r, R: r × in)."""
+    whiten, _ = whitening(gram, ridge)
+    left, right, _ = truncated_svd(error.to(torch.float64) @ whiten, rank)
+    right = torch.linalg.solve_triangular(whiten.T, right.T, upper=True).T
+    return left, right
 
 
 def nm_pattern(pattern: str) -> tuple[int, int] | None:

@@ -32,9 +32,9 @@ from .errors import ShrinkError
 from .models import Site
 from .packing import attach_grid
 from .placement import BlockState
-from .solvers import Grid, asymmetric_target, gptq, nm_pattern, rtn, sparsegpt, wanda
+from .solvers import Grid, asymmetric_target, gptq, lowrank_correction, nm_pattern, rtn, sparsegpt, wanda
 from .stats import CrossMoment, SecondMoment
-from .surgery import HeadSlicedLinear, LowRankLinear
+from .surgery import CorrectedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
 
 QUANT = ("none", "rtn", "gptq")
 SPARSITY = ("none", "wanda", "sparsegpt")
@@ -42,13 +42,16 @@ BITS = (8, 4, 3, 2)
 GROUP_SIZES = (-1, 32, 64, 128)
 
 
-def check(cfg: DictConfig) -> None:
-    """Value checks of `quant` and `sparsity`, before anything loads."""
+def check(cfg: DictConfig, factorises: bool = False) -> None:
+    """Value checks of `quant` and `sparsity`, before anything loads; `factorises`: the method
+    leaves factor pairs."""
     q, s = cfg.quant, cfg.sparsity
     if q.name not in QUANT:
         raise ShrinkError(f"unknown quant {q.name!r}; valid: {', '.join(QUANT)}")
     if s.name not in SPARSITY:
         raise ShrinkError(f"unknown sparsity {s.name!r}; valid: {', '.join(SPARSITY)}")
+    if q.name == "none" and int(q.lowrank) != 0:
+        raise ShrinkError(f"quant.lowrank={q.lowrank} corrects a quantization error: set quant=rtn or gptq")
     if q.name != "none":
         if int(q.bits) not in BITS:
             raise ShrinkError(f"quant.bits={q.bits} is not supported; valid: {', '.join(map(str, BITS))}")
@@ -61,6 +64,13 @@ def check(cfg: DictConfig) -> None:
             raise ShrinkError(
                 f"quant.target=dense calibrates GPTQ (GPTAQ); quant={q.name} has no calibration: "
                 "use quant=gptq"
+            )
+        if int(q.lowrank) < 0:
+            raise ShrinkError(f"quant.lowrank={q.lowrank} must be a rank: 0 (no correction) or more")
+        if int(q.lowrank) > 0 and factorises:
+            raise ShrinkError(
+                f"quant.lowrank corrects plain linears; method={cfg.method.name} leaves rank-r factor pairs, "
+                "whose own rank is the place to spend those parameters: raise the budget instead"
             )
         if cfg.budget_unit == "bytes" and int(q.group_size) <= 0:
             raise ShrinkError(
@@ -155,7 +165,8 @@ def summary(cfg: DictConfig, adapter, block_states: BlockState | None = None) ->
         stored = block_states(index) if block_states is not None else None
         for site in adapter.sites(block):
             for path in site.linears:
-                for name, linear, _ in _parts(block.get_submodule(path), None):
+                module = block.get_submodule(path)
+                for name, linear, _ in _parts(module, None):
                     weight = linear.weight.detach() if stored is None else stored[f"{path}{name}.weight"]
                     rows, n = weight.shape
                     zeros += int((weight == 0).sum())
@@ -166,6 +177,10 @@ def summary(cfg: DictConfig, adapter, block_states: BlockState | None = None) ->
                         groups = -(-n // (n if int(q.group_size) <= 0 else int(q.group_size)))
                         overhead = weight.element_size() * 8 + (0 if bool(q.sym) else int(q.bits))
                         bits += rows * (n * int(q.bits) + groups * overhead)
+                if isinstance(module, CorrectedLinear):  # full-precision weights beside the packed ones
+                    factors = (module.correction.first.weight, module.correction.second.weight)
+                    total += sum(f.numel() for f in factors)
+                    bits += sum(f.numel() * f.element_size() * 8.0 for f in factors)
     return {
         "quant": dict(q.items()),
         "sparsity": dict(cfg.sparsity.items()),
@@ -201,7 +216,8 @@ class BlockSteps:
             moments = self._site_moments(ctx, site, reference)
             for path in site.linears:
                 for name, linear, part in _parts(ctx.block.get_submodule(path), moments):
-                    rows.append(self._edit(f"block {ctx.index} {path}{name}", linear, part, path + name))
+                    where = f"block {ctx.index} {path}{name}"
+                    rows.append(self._edit(where, linear, part, path + name, ctx.block))
         return rows
 
     def _site_moments(self, ctx: BlockContext, site: Site, reference: nn.Module | None) -> Moments:
@@ -226,7 +242,9 @@ class BlockSteps:
             return Moments(moment.x.xtx, moment.xty.T, moment.yty)
         return Moments(moment.xtx)
 
-    def _edit(self, where: str, linear: nn.Linear, moments: Moments, path: str) -> dict[str, Any]:
+    def _edit(
+        self, where: str, linear: nn.Linear, moments: Moments, path: str, block: nn.Module
+    ) -> dict[str, Any]:
         start = time.perf_counter()
         _check_span(self.sparsity, self.quant, linear.in_features, where)
         gram = moments.gram
@@ -246,9 +264,15 @@ class BlockSteps:
             weight, grid = rtn(weight, int(q.bits), int(q.group_size), bool(q.sym), linear.weight.dtype)
             if keep is not None:
                 weight = weight * keep
-        elif q.name == "gptq":
-            if moments.cross is not None:  # GPTAQ: the least-squares target on these inputs
-                weight = asymmetric_target(weight, gram, moments.cross, float(q.dampening), where)
+        target = dense  # what the stored weight stands in for, on these inputs
+        if q.name == "gptq" and moments.cross is not None:  # GPTAQ: the least-squares target
+            target = asymmetric_target(dense, gram, moments.cross, float(q.dampening), where)
+            weight = (
+                target
+                if keep is None
+                else asymmetric_target(weight, gram, moments.cross, float(q.dampening), where)
+            )
+        if q.name == "gptq":
             weight, grid = gptq(
                 weight, gram, int(q.bits), int(q.group_size), bool(q.sym), bool(q.act_order),
                 float(q.dampening), keep, where=where, scale_dtype=linear.weight.dtype,
@@ -259,15 +283,47 @@ class BlockSteps:
             linear.weight.copy_(weight.to(linear.weight.dtype))
         if grid is not None:
             attach_grid(linear, grid, bool(q.sym))
-        error = _relative_error(dense, weight, moments)
-        return {
+        row: dict[str, Any] = {
             "site": path,
             "step": "+".join(n for n in (self.sparsity.name, q.name) if n != "none"),
-            "rel_error": error,
-            "zeros": float((weight == 0).double().mean()),
+        }
+        rank = int(q.lowrank) if q.name != "none" else 0
+        if rank:
+            row["rel_error_uncorrected"] = _relative_error(dense, weight, moments)
+            weight = weight + self._correct(where, linear, target - weight, gram, rank, path, block)
+        return row | {
+            "rel_error": _relative_error(dense, weight, moments),
+            "zeros": float((linear.weight == 0).double().mean()),
             "bits": int(q.bits) if q.name != "none" else None,
+            "lowrank": rank or None,
             "seconds": time.perf_counter() - start,
         }
+
+    @staticmethod
+    def _correct(
+        where: str,
+        linear: nn.Linear,
+        error: torch.Tensor,
+        gram: torch.Tensor,
+        rank: int,
+        path: str,
+        block: nn.Module,
+    ) -> torch.Tensor:
+        """Replace the quantized linear at `path` by it plus a rank-r correction of `error` (SLiM);
+        returns the correction's weight."""
+        if rank >= min(linear.in_features, linear.out_features):
+            raise ShrinkError(
+                f"quant.lowrank={rank} is not below {where}'s smaller side "
+                f"({linear.out_features}×{linear.in_features}); lower the rank"
+            )
+        left, right = lowrank_correction(error, gram, rank)
+        factory = {"dtype": linear.weight.dtype, "device": linear.weight.device}
+        corrected = CorrectedLinear(linear, rank, **factory)
+        with torch.no_grad():
+            corrected.correction.first.weight.copy_(right)
+            corrected.correction.second.weight.copy_(left)
+        replace_submodule(block, path, corrected)
+        return corrected.correction.dense_weight().detach().to(torch.float64)
 
 
 class Moments(NamedTuple):
@@ -305,11 +361,10 @@ def _parts(module: nn.Module, moments: Moments | None) -> list[tuple[str, nn.Lin
     """The plain linears of a block linear, each with the moments of its own input (None without
     them: only the linears are wanted)."""
     if moments is None:
-        inner = (
-            [(".first", module.first), (".second", module.second)]
-            if isinstance(module, LowRankLinear)
-            else [("", module)]
-        )
+        if isinstance(module, LowRankLinear):
+            inner = [(".first", module.first), (".second", module.second)]
+        else:  # a corrected linear: its quantized base (the correction stays in full precision)
+            inner = [(".base", module.base)] if isinstance(module, CorrectedLinear) else [("", module)]
         return [(name, linear, None) for name, linear in inner]
     moments = moments.map(lambda m: m.to(torch.float64))
     if isinstance(module, LowRankLinear):

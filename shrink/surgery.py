@@ -99,8 +99,11 @@ class HeadSlicedLinear(nn.Linear):
         self.heads, self.width, self.head_dim = heads, width, head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.unflatten(-1, (self.heads, self.head_dim))[..., : self.width].flatten(-2)
-        return super().forward(x)
+        return super().forward(self.select(x))
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of its input it reads: the first `width` of each head slice."""
+        return x.unflatten(-1, (self.heads, self.head_dim))[..., : self.width].flatten(-2)
 
     def input_places(self) -> torch.Tensor:
         """Where in its (head_dim-wide per head) input the columns it reads lie."""
@@ -108,6 +111,25 @@ class HeadSlicedLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, heads={self.heads}, width={self.width}, head_dim={self.head_dim}"
+
+
+class CorrectedLinear(nn.Module):
+    """A quantized linear plus a rank-r correction of its quantization error in full precision
+    (SLiM): y = base(x) + second(first(x')), x' the part of x the base reads (a thin o_proj reads
+    part of its input). The base keeps its type, path suffix `.base`, and its bias."""
+
+    def __init__(self, base: nn.Linear, rank: int, **factory) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
+        self.correction = LowRankLinear(base.in_features, base.out_features, rank, bias=False, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        read = self.base.select(x) if isinstance(self.base, HeadSlicedLinear) else x
+        return self.base(x) + self.correction(read)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
 
 
 def thin_heads(

@@ -4,14 +4,17 @@ on tiny models, and bad settings failing before anything loads."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import shrink
+from shrink.linalg import truncated_svd
 from shrink.models import build_adapter, load_model
-from shrink.solvers import asymmetric_target, gptq, rtn, sparsegpt, wanda
+from shrink.solvers import asymmetric_target, gptq, lowrank_correction, rtn, sparsegpt, wanda
 from shrink.steps import Moments, _parts
-from shrink.surgery import HeadSlicedLinear, LowRankLinear
+from shrink.surgery import CorrectedLinear, HeadSlicedLinear, LowRankLinear
 
 from .conftest import FAST, compress_in_memory, logits, make_cfg, tiny_overrides
 from .test_bad_inputs import fails
@@ -226,3 +229,53 @@ def test_gptaq_with_round_to_nearest_fails_before_loading(tmp_path):
         tmp_path, "model=tiny-llama", *FAST, "eval=none", "quant=rtn", "quant.target=dense",
         match=r"quant.target=dense calibrates GPTQ \(GPTAQ\); quant=rtn has no calibration: use quant=gptq$",
     )  # fmt: skip
+
+
+def test_the_low_rank_correction_is_the_best_rank_r_fit_of_the_error_on_the_inputs():
+    x, w, h = _problem()
+    q, _ = rtn(w, 3, 16, True)
+    error = w - q
+
+    def left_over(lr):
+        return float(((x @ (error - lr).T) ** 2).sum() / ((x @ error.T) ** 2).sum())
+
+    fits = {r: left_over(torch.matmul(*lowrank_correction(error, h, r))) for r in (2, 4, 8)}
+    assert fits[2] > fits[4] > fits[8]
+    left, right, _ = truncated_svd(error, 4)  # the unweighted SVD of the error fits the outputs worse
+    assert fits[4] < left_over(left @ right)
+    assert left_over(torch.matmul(*lowrank_correction(error, h, 24))) < 1e-8  # full rank: all of it
+
+
+def test_a_corrected_quantization_lowers_every_error_reloads_and_counts_in_the_budget(tmp_path):
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"), "method=id", "budget=0.8", "quant=gptq", "quant.bits=3",
+        "quant.group_size=32", "quant.lowrank=4",
+    )  # fmt: skip
+    assert all(r["rel_error"] < r["rel_error_uncorrected"] for r in done.steps)
+    corrected = [m for m in done.model.modules() if isinstance(m, CorrectedLinear)]
+    assert len(corrected) == 14 and all(m.rank == 4 for m in corrected)
+    assert done.achieved <= 0.8  # the corrections' 4·(m+n) weights included
+    folder = done.save(tmp_path / "model")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sum(e["kind"] == "corrected" for e in manifest["edits"]) == 14
+    ids = torch.randint(0, 255, (2, 32))
+    assert torch.equal(logits(shrink.load(folder), ids), logits(done.model, ids))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["quant.lowrank=4"], r"quant.lowrank=4 corrects a quantization error: set quant=rtn or gptq$"),
+        (
+            ["method=svd", "quant=gptq", "quant.lowrank=4"],
+            r"quant.lowrank corrects plain linears; method=svd leaves rank-r factor pairs",
+        ),
+        (["quant=gptq", "quant.lowrank=-1"], r"quant.lowrank=-1 must be a rank: 0 \(no correction\)"),
+        (
+            ["quant=gptq", "quant.group_size=32", "quant.lowrank=30", "budget=0.5"],
+            r"quant.lowrank=30: the corrections alone cost 0\.\d+ of the blocks, above budget 0.5",
+        ),
+    ],
+)
+def test_bad_corrections_fail_before_compressing(tmp_path, overrides, match):
+    fails(tmp_path, "model=tiny-llama", *FAST, "eval=none", *overrides, match=match)

@@ -22,7 +22,11 @@ CASES = {
     "llama-id-dense": ("tiny-llama", ["method=id", "propagate=dense"], FAST_PPL),
     "opt-svdllm-greedy": ("tiny-opt", ["method=svdllm", "schedule=greedy"], FAST_PPL),
     "bert-distill": ("tiny-bert", ["method=distill", "method.steps=4"], ["eval=none"]),
-    "llama-id-gptq": ("tiny-llama", ["method=id", "quant=gptq", "quant.group_size=32"], FAST_PPL),
+    "llama-id-gptq": (
+        "tiny-llama",
+        ["method=id", "budget=0.7", "quant=gptq", "quant.group_size=32", "quant.lowrank=4"],
+        FAST_PPL,
+    ),
 }
 
 

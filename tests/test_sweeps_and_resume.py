@@ -109,7 +109,15 @@ RESUMABLE = {
     "distill": ["model=tiny-llama", "method=distill", "method.steps=4", "method.eval_every=2"],
     "svdllm-greedy": ["model=tiny-opt", "method=svdllm", "schedule=greedy", "budget=0.6"],
     "rom-dense": ["model=tiny-qwen2", "method=rom", "propagate=dense", "model.tiny.num_hidden_layers=3"],
-    "id-gptq": ["model=tiny-llama", "method=id", "quant=gptq", "quant.group_size=32", "quant.sym=false"],
+    "id-gptq": [
+        "model=tiny-llama",
+        "method=id",
+        "budget=0.7",
+        "quant=gptq",
+        "quant.group_size=32",
+        "quant.sym=false",
+        "quant.lowrank=4",
+    ],
 }
 
 

@@ -23,6 +23,7 @@ class Method(ABC):
     # so greedy can compare them with schedule.error=residual|downstream
     residual_units: bool = False
     needs_teacher: bool = False  # the runner must give it the dense model's block inputs and outputs
+    factorises: bool = False  # it leaves rank-r factor pairs (LowRankLinear)
     # the input widths it leaves (neurons, ranks, value widths) are multiples of this: an N:M
     # sparsity step needs whole spans of M (set by the run from `sparsity.pattern`)
     width_multiple: int = 1

@@ -52,6 +52,7 @@ def token_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class Distill(Method):
     name = "distill"
     has_profile = True  # the initialisation's error profile plans greedy / energy ranks
+    factorises = True
     needs_teacher = True
 
     def __init__(self, cfg: DictConfig) -> None:

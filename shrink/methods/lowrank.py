@@ -42,6 +42,7 @@ class Factorisation:
 
 class LowRank(Method):
     has_profile = True
+    factorises = True
     adds_bias: bool = False  # the factorisation gives every pair a bias (centred `rom`)
 
     @staticmethod
