@@ -8,10 +8,10 @@ lies outside the blocks, then one shard per block, read from the run's block fil
 transformers-style index, so saving it too holds one block at a time.
 
 Quantized linears are stored packed in compressed-tensors' layout (`packing`), and unpacked on
-load. When the structure is the base architecture's (no structural edit: a run that only
-quantizes or sparsifies, or budget 1), the folder is also a plain transformers checkpoint: its
-config.json (with compressed-tensors' quantization_config when packed) lets
-`AutoModel*.from_pretrained` load it without shrink.
+load. When transformers builds the compressed structure under a smaller config (a run that only
+quantizes or sparsifies, budget 1, or blocks thinned alike: `hf_folder`), the folder is also a
+plain transformers checkpoint: its config.json (with compressed-tensors' quantization_config when
+packed) lets `AutoModel*.from_pretrained` load it without shrink.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from .config import Head
 from .devices import resolve_device
 from .errors import ShrinkError
+from .hf_folder import stock_config, write_hf_config
 from .models import build_adapter
 from .models.loading import AUTO_CLASSES
-from .packing import ZERO, is_quantized, pack, quantized_bits, register_grid, unpack, write_hf_config
+from .packing import ZERO, is_quantized, pack, quantized_bits, register_grid, unpack
 from .placement import BlockState
 from .surgery import CorrectedLinear, HeadPaddedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
 
@@ -188,10 +189,11 @@ def save(
         _save_sharded(model, tmp, block_states, quant if quantized else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    if all(e["kind"] == "quantized" for e in manifest["edits"]) and (not quantized or bool(quant["sym"])):
-        # the base architecture as it is. Not with zero points: transformers' compressed-tensors
-        # loader (0.20) sizes packed zero points unpacked and refuses the checkpoint.
-        write_hf_config(model, tmp, quant if quantized else None)
+    # Not with zero points: transformers' compressed-tensors loader (0.20) sizes packed zero
+    # points as unpacked and refuses the checkpoint.
+    stock = stock_config(model, head) if not quantized or bool(quant["sym"]) else None
+    if stock is not None:
+        write_hf_config(model, stock, tmp, quant if quantized else None)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     _apply_umask(tmp)
     shutil.rmtree(folder, ignore_errors=True)

@@ -11,11 +11,9 @@ weight equals the in-memory one bit for bit.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
-from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from torch import nn
@@ -108,17 +106,3 @@ def unpack(tensors: dict[str, torch.Tensor], quant: dict[str, Any], where: str) 
 
 def _prefixes(tensors: dict[str, torch.Tensor], suffix: str) -> list[str]:
     return [name[: -len(suffix)] for name in tensors if name.endswith("." + suffix)]
-
-
-def write_hf_config(model: nn.Module, folder: Path, quant: dict[str, Any] | None) -> None:
-    """config.json (and the generation config) of a checkpoint transformers builds as it is, with
-    compressed-tensors' quantization_config when its linears are packed: every Linear that holds no
-    grid is listed in `ignore`."""
-    model.config.save_pretrained(folder)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and getattr(model, "can_generate", lambda: False)():
-        generation.save_pretrained(folder)
-    if quant is None:
-        return
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_quantized(m)]
-    ModelCompressor(quantization_config=quantization_config(quant, ignore)).update_config(str(folder))

@@ -79,6 +79,10 @@ class Adapter(ABC):
     # attention-module attributes that hold head counts: path -> attribute -> "heads" | "kv_groups"
     # | "head_width" (heads × head size); updated when heads are pruned, recorded in checkpoints
     head_attributes: dict[str, dict[str, str]] = {}
+    # the config keys a stock checkpoint of uniformly thinned blocks changes: the FFN width, and
+    # (None where the family derives its head size from hidden_size / heads) the head counts
+    ffn_config_key: str = "intermediate_size"
+    head_config_keys: dict[str, str] | None = None  # "heads" | "kv_heads" | "head_dim" -> config key
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -128,6 +132,29 @@ class Adapter(ABC):
 
     def blocks(self) -> nn.ModuleList:
         return self._blocks_of(self.model.base_model)
+
+    def stock_config(self) -> dict[str, int] | None:
+        """The config values under which the family's own code builds these blocks as they are now,
+        or None: every block must keep the same FFN width and head counts in plain linears, and
+        changed head counts need a family whose head size is a config key of its own."""
+        shapes = set()
+        for block in self.blocks():
+            linears = [block.get_submodule(path) for site in self.sites(block) for path in site.linears]
+            if any(type(linear) is not nn.Linear for linear in linears):
+                return None
+            ffn = block.get_submodule(self.mlp_paths["mlp_out"][0]).in_features
+            shapes.add((ffn, self.attention(block).counts()))
+        if len(shapes) != 1:
+            return None
+        ((ffn, (n_heads, n_kv)),) = shapes
+        dense = self.heads()
+        values = {self.ffn_config_key: ffn}
+        if (n_heads, n_kv) != (dense.n_heads, dense.n_kv_heads):
+            if self.head_config_keys is None:
+                return None
+            kept = {"heads": n_heads, "kv_heads": n_kv, "head_dim": dense.head_dim}
+            values |= {key: kept[kind] for kind, key in self.head_config_keys.items()}
+        return values
 
     def block_path(self, index: int) -> str:
         """Dotted path of block `index` from the top model (for manifests and logs)."""

@@ -20,6 +20,11 @@ class LlamaAdapter(Adapter):
         "mlp_out": ("mlp.down_proj",),
     }
     head_attributes = {"self_attn": {"num_key_value_groups": "kv_groups"}}
+    head_config_keys = {
+        "heads": "num_attention_heads",
+        "kv_heads": "num_key_value_heads",
+        "head_dim": "head_dim",
+    }
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.layers
@@ -56,6 +61,7 @@ class OPTAdapter(Adapter):
         "mlp_out": ("fc2",),
     }
     head_attributes = {"self_attn": {"num_heads": "heads"}}
+    ffn_config_key = "ffn_dim"
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.decoder.layers
@@ -94,6 +100,7 @@ class DistilBertAdapter(Adapter):
         "mlp_out": ("ffn.lin2",),
     }
     head_attributes = {"attention": {"n_heads": "heads"}}
+    ffn_config_key = "hidden_dim"
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.transformer.layer

@@ -1,0 +1,57 @@
+"""What makes a shrink checkpoint a plain Hugging Face model folder (issue 16, first part).
+
+When the compressed blocks are what the family's own code builds under a smaller config (every
+block the same FFN width and head counts, plain linears), the folder gets that config as
+config.json: `AutoModel*.from_pretrained` loads it with no shrink code. Quantized linears add
+compressed-tensors' quantization_config, so transformers unpacks them itself. The candidate
+config is checked by building the architecture from it (without weights) and comparing every
+parameter's name and shape with the compressed model's, so a structure the family cannot express
+(an added bias, a factor pair) never gets a config.json that would fail to load.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from accelerate import init_empty_weights
+from compressed_tensors.compressors import ModelCompressor
+from torch import nn
+from transformers import PretrainedConfig
+
+from .config import Head
+from .models import build_adapter
+from .models.loading import AUTO_CLASSES
+from .packing import is_quantized, quantization_config
+
+
+def stock_config(model: nn.Module, head: str) -> PretrainedConfig | None:
+    """The config under which transformers builds `model` as it is, or None."""
+    values = build_adapter(model).stock_config()
+    if values is None:
+        return None
+    config = copy.deepcopy(model.config)
+    for key, value in values.items():
+        setattr(config, key, value)
+    with init_empty_weights(include_buffers=False):
+        stock = AUTO_CLASSES[Head(head)].from_config(config)
+    ours = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    theirs = {name: tuple(p.shape) for name, p in stock.named_parameters(remove_duplicate=False)}
+    return config if ours == theirs else None
+
+
+def write_hf_config(
+    model: nn.Module, config: PretrainedConfig, folder: Path, quant: dict[str, Any] | None
+) -> None:
+    """config.json (and the generation config) of a folder transformers builds as it is, with
+    compressed-tensors' quantization_config when its linears are packed: every Linear that holds no
+    grid is listed in `ignore`."""
+    config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(folder)
+    if quant is None:
+        return
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_quantized(m)]
+    ModelCompressor(quantization_config=quantization_config(quant, ignore)).update_config(str(folder))

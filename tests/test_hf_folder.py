@@ -1,0 +1,88 @@
+"""Checkpoints that stock transformers loads (issue 16, first part): blocks thinned alike are the
+family's own architecture under a smaller config, written as config.json; anything else is not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+import shrink
+from shrink.models import build_adapter
+
+from .conftest import compress_in_memory, logits, tiny_overrides
+
+UNIFORM = ["method=id", "schedule=uniform", "budget=0.7"]
+WHOLE_HEADS = ["method.attention=heads"]
+FFN_ONLY = ["method.heads=false"]
+
+CASES = {  # model, overrides, auto class, what the config changes
+    "llama-heads": (
+        "tiny-llama",
+        WHOLE_HEADS,
+        AutoModelForCausalLM,
+        {"num_attention_heads", "intermediate_size"},
+    ),
+    "qwen2-heads": (
+        "tiny-qwen2",
+        WHOLE_HEADS,
+        AutoModelForCausalLM,
+        {"num_attention_heads", "intermediate_size"},
+    ),
+    "opt-ffn": ("tiny-opt", FFN_ONLY, AutoModelForCausalLM, {"ffn_dim"}),
+    "bert-ffn": ("tiny-bert", FFN_ONLY, AutoModelForMaskedLM, {"intermediate_size"}),
+    "distilbert-ffn": ("tiny-distilbert", FFN_ONLY, AutoModelForMaskedLM, {"hidden_dim"}),
+}
+
+
+def _outputs(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_blocks_thinned_alike_load_in_stock_transformers(tmp_path, case):
+    model_name, extra, auto, changed = CASES[case]
+    done = compress_in_memory(*tiny_overrides(model_name), *UNIFORM, *extra)
+    folder = done.save(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    dense = done.model.config.to_dict()
+    assert {k for k in changed if config[k] != dense[k]} == changed, "the blocks were thinned"
+    stock = auto.from_pretrained(folder)
+    assert not any(type(m).__module__.startswith("shrink") for m in stock.modules())
+    ids = torch.randint(0, 255, (2, 32))
+    assert torch.equal(_outputs(stock, ids), _outputs(shrink.load(folder), ids))
+    assert torch.equal(_outputs(stock, ids), logits(done.model, ids))
+
+
+def test_a_quantized_uniform_model_loads_packed_in_stock_transformers(tmp_path):
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"), *UNIFORM, *WHOLE_HEADS, "quant=gptq", "quant.group_size=32"
+    )
+    folder = done.save(tmp_path / "model")
+    assert (
+        json.loads((folder / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    )
+    ids = torch.randint(0, 255, (2, 32))
+    assert torch.equal(_outputs(AutoModelForCausalLM.from_pretrained(folder), ids), logits(done.model, ids))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=tiny-opt", *UNIFORM, *WHOLE_HEADS],  # OPT's head size is hidden / heads
+        ["model=tiny-llama", "method=id", "budget=0.7"],  # greedy-residual: widths per block
+        ["model=tiny-llama", *UNIFORM, "method.bias=true"],  # a bias Llama's down_proj has not
+        ["model=tiny-llama", "method=svd", "budget=0.7"],  # factor pairs
+    ],
+    ids=["opt-heads", "per-block", "added-bias", "pairs"],
+)
+def test_structures_the_family_cannot_build_get_no_config_json(tmp_path, overrides):
+    done = compress_in_memory(*tiny_overrides(overrides[0].removeprefix("model=")), *overrides[1:])
+    assert build_adapter(done.model).stock_config() is None or "bias" in overrides[-1]
+    folder = done.save(tmp_path / "model")
+    assert not (folder / "config.json").exists()
+    ids = torch.randint(0, 255, (2, 32))
+    assert torch.equal(logits(shrink.load(folder), ids), logits(done.model, ids))
