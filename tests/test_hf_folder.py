@@ -86,3 +86,27 @@ def test_structures_the_family_cannot_build_get_no_config_json(tmp_path, overrid
     assert not (folder / "config.json").exists()
     ids = torch.randint(0, 255, (2, 32))
     assert torch.equal(logits(shrink.load(folder), ids), logits(done.model, ids))
+
+
+def test_the_lm_eval_cli_evaluates_a_stock_folder_offline(tmp_path):
+    """`lm_eval --model hf --model_args pretrained=<run>/model` with shrink's offline task files."""
+    import os
+    import subprocess
+    import sys
+
+    from shrink.evaluation.zeroshot import write_offline_tasks
+
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), *UNIFORM, *WHOLE_HEADS)
+    folder = done.save(tmp_path / "model")
+    (task,) = write_offline_tasks(tmp_path / "tasks", ["piqa"])
+    cmd = [
+        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={folder}",
+        "--tasks", task, "--include_path", str(tmp_path / "tasks"), "--limit", "2", "--device", "cpu",
+        "--batch_size", "1", "--output_path", str(tmp_path / "results"),
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (result,) = (tmp_path / "results").rglob("results_*.json")
+    scores = json.loads(result.read_text())["results"][task]
+    assert 0.0 <= scores["acc,none"] <= 1.0
