@@ -84,12 +84,9 @@ def rtn(
     return out, Grid(torch.stack(scales, 1), torch.stack(zeros, 1), bits, gs)
 
 
-def _inverse_hessian_factor(
-    gram: torch.Tensor, dampening: float, where: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's U with UᵀU = (H + δI)⁻¹ (upper Cholesky factor of the damped inverse), H = XᵀX / n
-    from the streamed moment, δ = `dampening`·mean diag H; and the mask of dead inputs (never
-    nonzero on the calibration tokens), whose H diagonal is set to 1 and whose weights are zeroed."""
+def _damped_cholesky(gram: torch.Tensor, dampening: float, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factor of H + δI, δ = `dampening`·mean diag H (GPTQ's damping), with the
+    diagonal of dead inputs (never nonzero on the calibration tokens) set to 1; and their mask."""
     h = gram.to(torch.float64).clone()
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
@@ -97,8 +94,16 @@ def _inverse_hessian_factor(
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
         raise NumericalError(f"{where}: the damped Hessian is not positive definite; raise dampening")
-    inverse = torch.cholesky_inverse(factor)
-    return torch.linalg.cholesky(inverse, upper=True), dead
+    return factor, dead
+
+
+def _inverse_hessian_factor(
+    gram: torch.Tensor, dampening: float, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's U with UᵀU = (H + δI)⁻¹ (upper Cholesky factor of the damped inverse), H = XᵀX / n
+    from the streamed moment; and the mask of dead inputs, whose weights are zeroed."""
+    factor, dead = _damped_cholesky(gram, dampening, where)
+    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True), dead
 
 
 def gptq(
@@ -174,13 +179,7 @@ def asymmetric_target(
     ‖X̃(Q − W*)ᵀ‖², W* = W·XᵀX̃·H̃⁻¹ (its least-squares solution), so GPTQ of W* on H̃ minimizes it;
     GPTAQ's own recursion folds the same correction into GPTQ's column updates. H̃ is damped as
     GPTQ damps it."""
-    h = gram.to(torch.float64).clone()
-    dead = torch.diagonal(h) <= 0
-    h[dead, dead] = 1.0
-    h += dampening * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    factor, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:
-        raise NumericalError(f"{where}: the damped Hessian is not positive definite; raise dampening")
+    factor, _ = _damped_cholesky(gram, dampening, where)
     rhs = weight.to(torch.float64) @ cross.to(torch.float64)
     return torch.cholesky_solve(rhs.T, factor).T
 

@@ -117,3 +117,33 @@ def test_streamed_run_on_smollm2(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == m["params_compressed"]
     again = perplexity(model, windows, 1, torch.device("cpu"))["ppl"]
     assert again == pytest.approx(ppl["compressed"], rel=1e-6)
+
+
+def test_a_uniform_quantized_smollm2_loads_in_stock_transformers(tmp_path):
+    """id 0.8 with whole heads, thinned alike in every block, then 4-bit GPTQ: the run's folder is a
+    plain transformers checkpoint (smaller config, packed weights) with the run's perplexity."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shrink.pipeline import run
+
+    from .conftest import make_cfg
+
+    overrides = [
+        "method=id", "schedule=uniform", "budget=0.8", "method.attention=heads", "quant=gptq",
+        "eval=ppl", "eval.ppl.max_tokens=2048", "logger=none", "calib.nsamples=4", "calib.seq_len=256",
+    ]  # fmt: skip
+    run(make_cfg(*overrides), run_dir=tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    folder = tmp_path / "run" / "model"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["intermediate_size"] < 1536 and config["quantization_config"]["format"] == "pack-quantized"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ppl = metrics["eval"]["ppl"]["wiki"]
+    windows = data.test_windows("wiki", tokenizer, ppl["seq_len"], 2048)
+    assert perplexity(model, windows, 1, torch.device("cpu"))["ppl"] == pytest.approx(
+        ppl["compressed"], rel=1e-5
+    )
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    text = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
