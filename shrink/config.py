@@ -79,6 +79,7 @@ class ModelConf:
     add_bos: bool = False  # prepend BOS to every window (Gemma needs it)
     trust_remote_code: bool = False
     revision: str = "main"
+    base_model: str | None = None  # the hub id it comes from, for model cards (hub sources: `path`)
     # keyword arguments of the config class (tiny models only)
     tiny: dict[str, Any] = field(default_factory=dict)
     # spread the model over devices with accelerate while loading (shrink/mapped.py): null (the

@@ -66,6 +66,9 @@ class RunFolder:
         tasks = {k: v for k, v in metrics.get("eval", {}).get("zeroshot", {}).items() if k != "mean"}
         if tasks:
             plots.append(plot_tasks(tasks, self.path / "zeroshot.png"))
+        from .model_card import write as write_card  # the checkpoint's README.md, before the end
+
+        write_card(self.path, metrics)
         (self.path / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
         return plots
 

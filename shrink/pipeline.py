@@ -296,7 +296,12 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     if achieved > float(cfg.budget) + 1e-9:
         raise RuntimeError(f"achieved budget {achieved:.6f} exceeds the requested {cfg.budget} (a bug)")
     if cfg.save_model:
-        info = {"model": cfg.model.name, "method": cfg.method.name, "budget": float(cfg.budget)}
+        info = {
+            "model": cfg.model.name,
+            "method": cfg.method.name,
+            "budget": float(cfg.budget),
+            "blocks": store.adapter.block_widths(),
+        }
         quant = OmegaConf.to_container(cfg.quant) if cfg.quant.name != "none" else None
         checkpoint.save(
             store.model, store.tokenizer, job.folder.path / "model", cfg.model.head, info, stored, quant

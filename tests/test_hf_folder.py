@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import shrink
@@ -110,3 +111,27 @@ def test_the_lm_eval_cli_evaluates_a_stock_folder_offline(tmp_path):
     (result,) = (tmp_path / "results").rglob("results_*.json")
     scores = json.loads(result.read_text())["results"][task]
     assert 0.0 <= scores["acc,none"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "stock"),
+    [
+        (["model=tiny-llama", *UNIFORM, *WHOLE_HEADS, "quant=gptq", "quant.group_size=32"], True),
+        (["model=tiny-llama", "method=svd", "budget=0.7"], False),
+    ],
+    ids=["stock-quantized", "pairs"],
+)
+def test_the_model_card_has_the_metadata_widths_and_scores(run_job, overrides, stock):
+    from .conftest import FAST, FAST_PPL
+
+    metrics, folder = run_job(*overrides, *FAST, *FAST_PPL)
+    card = (folder / "model" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["library_name"] == ("transformers" if stock else "shrink")
+    assert header["pipeline_tag"] == "text-generation" and "shrink" in header["tags"]
+    assert ("4-bit" in header["tags"]) == stock
+    ppl = metrics["eval"]["ppl"]["wiki"]
+    assert f"| wiki | {ppl['dense']:.2f} | {ppl['compressed']:.2f} |" in card
+    assert f"{metrics['params_compressed']:,}" in card and f"{metrics['budget_achieved']:.4f}" in card
+    assert card.count("\n| 0 | ") == 1 and card.count("\n| 1 | ") == 1  # a row per block
+    assert ("AutoModelForCausalLM.from_pretrained" in card) == stock and ("shrink.load" in card) != stock

@@ -133,6 +133,22 @@ class Adapter(ABC):
     def blocks(self) -> nn.ModuleList:
         return self._blocks_of(self.model.base_model)
 
+    def block_widths(self) -> list[dict[str, Any]]:
+        """Per block what it kept: FFN width, query and KV heads, and the rank of each factor pair
+        (for model cards and reports; shapes only, so blocks may be on the meta device)."""
+        rows = []
+        for block in self.blocks():
+            n_heads, n_kv = self.attention(block).counts()
+            ranks = {
+                path: int(block.get_submodule(path).rank)
+                for site in self.sites(block)
+                for path in site.linears
+                if hasattr(block.get_submodule(path), "first")  # a factor pair
+            }
+            ffn = int(block.get_submodule(self.mlp_paths["mlp_out"][0]).in_features)
+            rows.append({"ffn": ffn, "heads": n_heads, "kv_heads": n_kv, "ranks": ranks})
+        return rows
+
     def stock_config(self) -> dict[str, int] | None:
         """The config values under which the family's own code builds these blocks as they are now,
         or None: every block must keep the same FFN width and head counts in plain linears, and
