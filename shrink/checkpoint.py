@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
@@ -32,7 +33,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from .config import Head
 from .devices import resolve_device
-from .errors import ShrinkError
+from .errors import ShrinkError, first_line
 from .hf_folder import stock_config, write_hf_config
 from .models import build_adapter
 from .models.loading import AUTO_CLASSES
@@ -255,7 +256,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ShrinkError(f"{str(folder)!r} is not a shrink checkpoint (no {MANIFEST})")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShrinkError(f"{path}: not a JSON manifest ({first_line(err)})") from None
+    if not isinstance(manifest, dict):
+        raise ShrinkError(f"{path}: not a shrink manifest (a JSON {type(manifest).__name__})")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ShrinkError(
             f"{path} has format {manifest.get('format')!r} v{manifest.get('version')}; "
@@ -315,10 +321,19 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         apply_edit(model, edit, dtype)
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
-        state |= load_file(str(file), device=str(device))
+        try:
+            state |= load_file(str(file), device=str(device))
+        except (SafetensorError, OSError) as err:
+            raise ShrinkError(f"{file}: not a readable safetensors file ({first_line(err)})") from None
     if "quantization" in manifest:
         state = unpack(state, manifest["quantization"], str(folder))
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # shapes that differ from what the manifest rebuilds
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line] or [
+            first_line(err)
+        ]
+        raise ShrinkError(f"{folder}: the weights do not match {MANIFEST} ({lines[0]})") from None
     if result.unexpected_keys:
         raise ShrinkError(f"{folder}: weights not in the rebuilt model: {result.unexpected_keys[:5]}")
     # Tied tensors are saved once; tie the missing name to the one present (either direction).

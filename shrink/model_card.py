@@ -26,13 +26,18 @@ PIPELINES = {
 LOW_RANK = ("svd", "rom", "svdllm", "distill")
 
 
-def write(run: Path, metrics: dict[str, Any]) -> Path | None:
-    """Write the card into `run`/model (None when the run saved no checkpoint)."""
-    folder = run / "model"
+def write(
+    run: Path, metrics: dict[str, Any], folder: Path | None = None, blocks: list[dict] | None = None
+) -> Path | None:
+    """Write the card into `folder` (by default `run`/model; None when the run saved no
+    checkpoint); `blocks`: per-block widths where the manifest has none (older checkpoints)."""
+    folder = run / "model" if folder is None else folder
     if not (folder / "manifest.json").is_file():
         return None
     cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
     manifest = read_manifest(folder)
+    if blocks is not None:
+        manifest.setdefault("info", {}).setdefault("blocks", blocks)
     stock = (folder / "config.json").is_file()
     card = folder / "README.md"
     card.write_text(_header(cfg, manifest, stock) + _body(cfg, manifest, metrics, stock))
