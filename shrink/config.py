@@ -348,6 +348,9 @@ class Config:
     dtype: DType = DType.float32
     propagate: Propagate = Propagate.compressed
     save_model: bool = True
+    # a hub repo id: upload <run>/model there when the run has finished (needs a hub: without one
+    # the run fails before loading)
+    push_to_hub: str | None = None
     # read one block at a time from the model's safetensors shards (models larger than memory);
     # evaluation is then perplexity only, computed block by block
     stream: bool = False

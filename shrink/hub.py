@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 
@@ -18,3 +19,13 @@ def reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def push(folder: Path, repo_id: str) -> str:
+    """Upload a checkpoint folder to the hub repo `repo_id` (created if needed); returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="shrink checkpoint")
+    return f"https://huggingface.co/{repo_id}"

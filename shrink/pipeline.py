@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import checkpoint, data, rss, steps
+from . import checkpoint, data, hub, rss, steps
 from .budget import PlanInputs
 from .config import BudgetUnit, ErrorCurrency, Propagate
 from .cost import CostModel
@@ -101,6 +101,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.stream:
         check_stream(cfg)
     check_mapping(cfg)
+    check_push(cfg)
     ppl = cfg.eval.get("ppl")
     resolve_device(cfg.device)
     config = load_config(cfg.model)
@@ -166,6 +167,19 @@ def check_stream(cfg: DictConfig) -> None:
     if not cfg.block_checkpoints:
         raise ShrinkError(
             "stream=true keeps the compressed blocks in <run>/progress: set block_checkpoints=true"
+        )
+
+
+def check_push(cfg: DictConfig) -> None:
+    """`push_to_hub` uploads the saved checkpoint, so it needs one and a hub that answers."""
+    if cfg.push_to_hub is None:
+        return
+    if not cfg.save_model:
+        raise ShrinkError(f"push_to_hub={cfg.push_to_hub} uploads <run>/model, but save_model=false")
+    if not hub.reachable():
+        raise ShrinkError(
+            f"push_to_hub={cfg.push_to_hub} needs a model hub, and none answers (offline or "
+            "HF_HUB_OFFLINE=1); drop it and upload <run>/model later"
         )
 
 
@@ -261,6 +275,8 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
         write_failed(folder.path, cfg, err)
         raise
     print(summary(metrics, folder.path))
+    if cfg.push_to_hub is not None:
+        print(f"  pushed     {hub.push(folder.path / 'model', cfg.push_to_hub)}")
     return _objective(metrics)
 
 

@@ -101,3 +101,23 @@ def test_a_folder_that_is_not_a_readable_checkpoint_fails_with_one_line(run_job,
     assert __import__("re").search(match, err), err
     assert not (tmp_path / "exported").exists() and not (tmp_path / "exported.partial").exists()
     assert _files(run / "model") == before
+
+
+def test_push_to_hub_without_a_hub_fails_before_loading(tmp_path, monkeypatch):
+    from .test_bad_inputs import fails
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails(
+        tmp_path, "model=tiny-llama", *FAST, "eval=none", "push_to_hub=someone/tiny",
+        match=r"push_to_hub=someone/tiny needs a model hub, and none answers",
+    )  # fmt: skip
+
+
+def test_push_to_hub_uploads_the_model_folder(run_job, monkeypatch):
+    from shrink import hub
+
+    pushed = []
+    monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub, "push", lambda folder, repo: pushed.append((folder, repo)) or "url")
+    _, run = run_job(*UNIFORM, *FAST, "eval=none", "push_to_hub=someone/tiny")
+    assert pushed == [(run / "model", "someone/tiny")]
