@@ -31,15 +31,16 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
+from . import modeling_shrink
 from .config import Head
 from .devices import resolve_device
 from .errors import ShrinkError, first_line
-from .hf_folder import stock_config, write_hf_config
+from .hf_folder import stock_config, write_hf_config, write_remote_code
 from .models import build_adapter
 from .models.loading import AUTO_CLASSES
 from .packing import ZERO, is_quantized, pack, quantized_bits, register_grid, unpack
 from .placement import BlockState
-from .surgery import CorrectedLinear, HeadPaddedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
+from .surgery import CorrectedLinear, HeadPaddedLinear, HeadSlicedLinear, LowRankLinear
 
 FORMAT = "shrink-checkpoint"
 VERSION = 1
@@ -195,6 +196,8 @@ def save(
     stock = stock_config(model, head) if not quantized or bool(quant["sym"]) else None
     if stock is not None:
         write_hf_config(model, stock, tmp, quant if quantized else None)
+    elif not quantized:  # the family's class plus the edits, with shrink's modeling file
+        write_remote_code(model, head, manifest["edits"], tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     _apply_umask(tmp)
     shutil.rmtree(folder, ignore_errors=True)
@@ -271,41 +274,14 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def apply_edit(model: nn.Module, edit: dict[str, Any], dtype: torch.dtype) -> None:
-    factory = {"device": "meta", "dtype": dtype}
-    if edit["kind"] == "attr":
-        setattr(model.get_submodule(edit["path"]), edit["name"], edit["value"])
-        return
-    if edit["kind"] == "corrected":
-        base = model.get_submodule(edit["path"])
-        replace_submodule(model, edit["path"], CorrectedLinear(base, edit["rank"], **factory))
-        return
+    """Rebuild one manifest edit on the meta device (the weights are assigned afterwards)."""
     if edit["kind"] == "quantized":
         register_grid(model.get_submodule(edit["path"]), edit["groups"], edit["zero_point"], edit["bits"])
         return
-    if edit["kind"] == "low_rank":
-        new = LowRankLinear(edit["in"], edit["out"], edit["rank"], bias=edit["bias"], **factory)
-    elif edit["kind"] == "linear":
-        new = nn.Linear(edit["in"], edit["out"], bias=edit["bias"], **factory)
-    elif edit["kind"] == "head_padded":
-        new = HeadPaddedLinear(
-            edit["in"],
-            edit["heads"],
-            edit["width"],
-            edit["head_dim"],
-            edit["bias"],
-            edit.get("positions"),
-            **factory,
-        )
-    elif edit["kind"] == "head_sliced":
-        new = HeadSlicedLinear(
-            edit["heads"], edit["width"], edit["head_dim"], edit["out"], bias=edit["bias"], **factory
-        )
-    else:
-        raise ShrinkError(
-            f"unknown edit kind {edit['kind']!r} in manifest; valid: low_rank, linear, head_padded, "
-            "head_sliced, attr, corrected, quantized"
-        )
-    replace_submodule(model, edit["path"], new)
+    try:
+        modeling_shrink.apply_edit(model, edit, device="meta", dtype=dtype)
+    except ValueError as err:
+        raise ShrinkError(f"manifest: {err}, quantized") from None
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -2,9 +2,10 @@
 shrink wrote Hugging Face folders up to date (issue 16).
 
 The checkpoint is loaded (and so checked) with `shrink.load` first; then, in `--out` (a copy) or in
-place, it gains config.json when transformers builds its structure from a config (`hf_folder`),
-and a model card when its run folder (metrics.json, config.yaml) is beside it. A folder that is not
-a readable shrink checkpoint fails with one line and exit code 2, and nothing is written.
+place, it gains config.json: the smaller config when transformers builds its structure from one
+(`hf_folder`), else the edits and the modeling file for `trust_remote_code=True`; and a model card
+when its run folder (metrics.json, config.yaml) is beside it. A folder that is not a readable
+shrink checkpoint fails with one line and exit code 2, and nothing is written.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .checkpoint import MANIFEST, load, read_manifest
 from .errors import ShrinkError
-from .hf_folder import stock_config, write_hf_config
+from .hf_folder import stock_config, write_hf_config, write_remote_code
 from .models import build_adapter
 from .packing import is_quantized
 
@@ -54,8 +55,17 @@ def export(path: Path, out: Path | None = None) -> list[str]:
         packed = quant if any(is_quantized(m) for m in model.modules()) else None
         write_hf_config(model, stock, tmp, packed)
         done.append(f"config.json: transformers loads {target} as it is")
+    elif quant is None:
+        write_remote_code(model, manifest["head"], manifest["edits"], tmp)
+        done.append(
+            f"config.json + modeling_shrink.py: transformers loads {target} with trust_remote_code=True"
+        )
     else:
-        why = "packed zero points" if asymmetric else "a structure transformers does not build from a config"
+        why = (
+            "packed zero points"
+            if asymmetric
+            else "packed weights of a structure transformers does not build"
+        )
         done.append(f"config.json: not written ({why}); load it with shrink.load")
     run = source.parent if source.name == "model" else None
     if run is not None and (run / "metrics.json").is_file() and (run / "config.yaml").is_file():

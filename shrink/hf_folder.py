@@ -1,4 +1,4 @@
-"""What makes a shrink checkpoint a plain Hugging Face model folder (issue 16, first part).
+"""What makes a shrink checkpoint a Hugging Face model folder (issue 16).
 
 When the compressed blocks are what the family's own code builds under a smaller config (every
 block the same FFN width and head counts, plain linears), the folder gets that config as
@@ -7,11 +7,18 @@ compressed-tensors' quantization_config, so transformers unpacks them itself. Th
 config is checked by building the architecture from it (without weights) and comparing every
 parameter's name and shape with the compressed model's, so a structure the family cannot express
 (an added bias, a factor pair) never gets a config.json that would fail to load.
+
+Any other structure (per-block widths, thinned heads, factor pairs, corrected linears) gets the
+base config plus its edits (`shrink_edits`) and an `auto_map` naming `modeling_shrink.Shrink<Base>`,
+with that self-contained file copied beside the weights: `from_pretrained(folder,
+trust_remote_code=True)` builds the base class and applies the edits. Not yet for packed weights
+of such structures (transformers' compressed-tensors loader builds its own quantized layers).
 """
 
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,7 @@ from compressed_tensors.compressors import ModelCompressor
 from torch import nn
 from transformers import PretrainedConfig
 
+from . import modeling_shrink
 from .config import Head
 from .models import build_adapter
 from .models.loading import AUTO_CLASSES
@@ -55,3 +63,26 @@ def write_hf_config(
         return
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_quantized(m)]
     ModelCompressor(quantization_config=quantization_config(quant, ignore)).update_config(str(folder))
+
+
+AUTO_KEYS = {
+    Head.causal_lm: "AutoModelForCausalLM",
+    Head.masked_lm: "AutoModelForMaskedLM",
+    Head.sequence_classification: "AutoModelForSequenceClassification",
+    Head.base: "AutoModel",
+}
+
+
+def write_remote_code(model: nn.Module, head: str, edits: list[dict[str, Any]], folder: Path) -> None:
+    """config.json with the edits and an auto_map, and the modeling file, for trust_remote_code."""
+    config = copy.deepcopy(model.config)
+    base = type(model).__name__
+    config.architectures = [f"Shrink{base}"]
+    config.auto_map = {AUTO_KEYS[Head(head)]: f"modeling_shrink.Shrink{base}"}
+    config.shrink_edits = edits
+    config.shrink_modeling_version = modeling_shrink.MODELING_VERSION
+    config.save_pretrained(folder)
+    shutil.copyfile(modeling_shrink.__file__, folder / "modeling_shrink.py")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(folder)

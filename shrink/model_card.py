@@ -38,18 +38,23 @@ def write(
     manifest = read_manifest(folder)
     if blocks is not None:
         manifest.setdefault("info", {}).setdefault("blocks", blocks)
-    stock = (folder / "config.json").is_file()
+    config = folder / "config.json"
+    # transformers' own classes, or (auto_map) the family's class with shrink's modeling file
+    stock = "stock" if config.is_file() else None
+    if stock and "auto_map" in yaml.safe_load(config.read_text()):
+        stock = "remote"
     card = folder / "README.md"
     card.write_text(_header(cfg, manifest, stock) + _body(cfg, manifest, metrics, stock))
     return card
 
 
-def _header(cfg: dict[str, Any], manifest: dict[str, Any], stock: bool) -> str:
+def _header(cfg: dict[str, Any], manifest: dict[str, Any], stock: str | None) -> str:
     model, method = cfg["model"], cfg["method"]["name"]
     base = model.get("base_model") or (model["path"] if model["source"] == "hub" else None)
     tags = ["shrink", "compressed", method, "low-rank" if method in LOW_RANK else "pruned"]
     tags += [f"{cfg['quant']['bits']}-bit", "compressed-tensors"] if cfg["quant"]["name"] != "none" else []
     tags += ["sparse"] if cfg["sparsity"]["name"] != "none" else []
+    tags += ["custom_code"] if stock == "remote" else []
     meta = {
         **({"base_model": base} if base else {}),
         "library_name": "transformers" if stock else "shrink",
@@ -59,21 +64,27 @@ def _header(cfg: dict[str, Any], manifest: dict[str, Any], stock: bool) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
 
 
-def _body(cfg: dict[str, Any], manifest: dict[str, Any], m: dict[str, Any], stock: bool) -> str:
+def _body(cfg: dict[str, Any], manifest: dict[str, Any], m: dict[str, Any], stock: str | None) -> str:
     name, method = cfg["model"]["name"], cfg["method"]["name"]
     lines = [f"# {name}, compressed by shrink ({method}, budget {cfg['budget']:g} {cfg['budget_unit']})", ""]
     lines += ["## How to load", "", "```python"]
     if stock:
         auto = AUTO_CLASSES[Head(manifest["head"])].__name__
+        remote = ", trust_remote_code=True" if stock == "remote" else ""
         lines += [
             f"from transformers import {auto}, AutoTokenizer",
             "",
-            f'model = {auto}.from_pretrained("<this folder>")',
+            *(
+                ["# the family's class plus this folder's edits (modeling_shrink.py, torch only)"]
+                if remote
+                else []
+            ),
+            f'model = {auto}.from_pretrained("<this folder>"{remote})',
             'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
         ]
     else:
         lines += [
-            "import shrink  # the structure is not one transformers builds from a config",
+            "import shrink  # packed weights of a structure transformers does not build",
             "",
             'model = shrink.load("<this folder>")',
             'tokenizer = shrink.load_tokenizer("<this folder>")',

@@ -1,135 +1,20 @@
-"""Module edits shared by every method: low-rank pairs and replacing submodules in place."""
+"""Module edits shared by every method: thinning heads, resizing linears, replacing submodules in
+place. The layer classes they build (factor pairs, padded and sliced head projections, corrected
+linears) are defined in `modeling_shrink`, the self-contained file a checkpoint carries."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-
-class LowRankLinear(nn.Module):
-    """y = second(first(x)): a rank-r factor pair standing in for an out×in Linear.
-
-    Costs r·(in+out) weights (+ the bias), so it is only worth it when r < in·out/(in+out).
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, **factory) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.first = nn.Linear(in_features, rank, bias=False, **factory)
-        self.second = nn.Linear(rank, out_features, bias=bias, **factory)
-
-    @classmethod
-    def from_factors(
-        cls, left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear
-    ) -> LowRankLinear:
-        """left: out×r, right: r×in, so that W ≈ left @ right; dtype/device follow `like`."""
-        dtype, device = like.weight.dtype, like.weight.device
-        module = cls(
-            right.shape[1], left.shape[0], right.shape[0], bias=bias is not None, dtype=dtype, device=device
-        )
-        with torch.no_grad():
-            module.first.weight.copy_(right)
-            module.second.weight.copy_(left)
-            if bias is not None:
-                module.second.bias.copy_(bias)
-        return module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.first(x))
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.second.weight @ self.first.weight
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
-class HeadPaddedLinear(nn.Linear):
-    """A projection whose `heads` heads keep `width` < `head_dim` dimensions: it stores and computes
-    heads·width outputs and pads each head with zeros to `head_dim`, so the family's own attention
-    code (which views heads at the query/key head size) runs unchanged.
-
-    Values keep the first `width` places of each head (the zeros reach only the output projection's
-    dropped inputs, a `HeadSlicedLinear`). Queries and keys keep `positions` (heads × width), the
-    places of the dims they kept: a rotary pair turns at the frequency of its place, and zeros add
-    nothing to q·k (a zero pair stays zero under rotation)."""
-
-    def __init__(
-        self,
-        in_features: int,
-        heads: int,
-        width: int,
-        head_dim: int,
-        bias: bool = True,
-        positions: torch.Tensor | None = None,
-        **factory,
-    ) -> None:
-        super().__init__(in_features, heads * width, bias=bias, **factory)
-        self.heads, self.width, self.head_dim = heads, width, head_dim
-        self.positions: torch.Tensor | None = None
-        if positions is not None:
-            positions = torch.as_tensor(positions, dtype=torch.long, device="cpu")
-            if positions.shape != (heads, width):
-                raise ValueError(f"positions of shape {tuple(positions.shape)}; expected ({heads}, {width})")
-            self.positions = positions
-            self.register_buffer("_places", head_places(positions, head_dim), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        if self.positions is None:
-            return F.pad(y.unflatten(-1, (self.heads, self.width)), (0, self.head_dim - self.width)).flatten(
-                -2
-            )
-        out = y.new_zeros(*y.shape[:-1], self.heads * self.head_dim)
-        return out.index_copy_(-1, self._places, y)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, heads={self.heads}, width={self.width}, head_dim={self.head_dim}"
-
-
-class HeadSlicedLinear(nn.Linear):
-    """An output projection that reads only the first `width` of each of `heads` head slices of
-    size `head_dim` (the dimensions a `HeadPaddedLinear` value projection keeps)."""
-
-    def __init__(
-        self, heads: int, width: int, head_dim: int, out_features: int, bias: bool = True, **factory
-    ) -> None:
-        super().__init__(heads * width, out_features, bias=bias, **factory)
-        self.heads, self.width, self.head_dim = heads, width, head_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.select(x))
-
-    def select(self, x: torch.Tensor) -> torch.Tensor:
-        """The part of its input it reads: the first `width` of each head slice."""
-        return x.unflatten(-1, (self.heads, self.head_dim))[..., : self.width].flatten(-2)
-
-    def input_places(self) -> torch.Tensor:
-        """Where in its (head_dim-wide per head) input the columns it reads lie."""
-        return head_places(torch.arange(self.width).repeat(self.heads, 1), self.head_dim)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, heads={self.heads}, width={self.width}, head_dim={self.head_dim}"
-
-
-class CorrectedLinear(nn.Module):
-    """A quantized linear plus a rank-r correction of its quantization error in full precision
-    (SLiM): y = base(x) + second(first(x')), x' the part of x the base reads (a thin o_proj reads
-    part of its input). The base keeps its type, path suffix `.base`, and its bias."""
-
-    def __init__(self, base: nn.Linear, rank: int, **factory) -> None:
-        super().__init__()
-        self.base = base
-        self.in_features, self.out_features, self.rank = base.in_features, base.out_features, rank
-        self.correction = LowRankLinear(base.in_features, base.out_features, rank, bias=False, **factory)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        read = self.base.select(x) if isinstance(self.base, HeadSlicedLinear) else x
-        return self.base(x) + self.correction(read)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}"
+from .modeling_shrink import (  # noqa: F401  (the layers live in the file a checkpoint copies)
+    CorrectedLinear,
+    HeadPaddedLinear,
+    HeadSlicedLinear,
+    LowRankLinear,
+    head_places,
+    replace_submodule,
+)
 
 
 def thin_heads(
@@ -164,11 +49,6 @@ def thin_heads(
     replace_submodule(block, o_path, new_o)
 
 
-def head_places(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Flat indices of per-head `positions` (heads × width) in a heads·head_dim vector."""
-    return (positions + head_dim * torch.arange(positions.shape[0])[:, None]).flatten()
-
-
 def thin_query_key(block: nn.Module, q_path: str, k_path: str, positions: torch.Tensor, group: int) -> None:
     """Keep query/key dims `positions` (KV heads × width, the places each KV head keeps, shared by
     its `group` query heads) in q and k, which hold whole heads now; each pads back to head_dim."""
@@ -185,17 +65,7 @@ def thin_query_key(block: nn.Module, q_path: str, k_path: str, positions: torch.
             new.weight.copy_(linear.weight[rows])
             if linear.bias is not None:
                 new.bias.copy_(linear.bias[rows])
-        new._places = new._places.to(linear.weight.device)
         replace_submodule(block, path, new)
-
-
-def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Swap the submodule at dotted `path` for `new` and return the old one."""
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    old = getattr(parent, name)
-    setattr(parent, name, new)
-    return old
 
 
 def new_linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:

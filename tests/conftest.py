@@ -25,6 +25,8 @@ FAST = ["logger=none", "calib.nsamples=4", "calib.seq_len=64", "calib.batch_size
 FAST_PPL = ["eval=ppl", "eval.ppl.seq_len=128", "eval.ppl.max_tokens=1024"]
 
 os.environ.setdefault("WANDB_SILENT", "true")
+# trust_remote_code copies a checkpoint's modeling file into this cache: not the user's
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="shrink-hf-modules-"))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers share two cores: one thread each (and in the jobs they start), or their thread
     # pools fight over the cores and both crawl.

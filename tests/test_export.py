@@ -50,10 +50,11 @@ def test_export_to_another_folder_leaves_the_source_as_it_was(run_job, tmp_path)
     assert main([str(run / "model"), "--out", str(tmp_path / "exported")]) == 0
     assert _files(run / "model") == before
     exported = tmp_path / "exported"
-    assert not (exported / "config.json").exists()  # factor pairs: shrink.load only
+    assert json.loads((exported / "config.json").read_text())["auto_map"]  # factor pairs: remote code
+    remote = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
     assert (exported / "README.md").is_file()
     ids = torch.randint(0, 255, (2, 32))
-    assert torch.equal(logits(shrink.load(exported), ids), logits(shrink.load(run / "model"), ids))
+    assert torch.equal(logits(remote, ids), logits(shrink.load(run / "model"), ids))
 
 
 def _truncate(model_folder):

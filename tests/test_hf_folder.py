@@ -4,6 +4,7 @@ family's own architecture under a smaller config, written as config.json; anythi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,11 +81,11 @@ def test_a_quantized_uniform_model_loads_packed_in_stock_transformers(tmp_path):
     ],
     ids=["opt-heads", "per-block", "added-bias", "pairs"],
 )
-def test_structures_the_family_cannot_build_get_no_config_json(tmp_path, overrides):
+def test_structures_the_family_cannot_build_need_the_modeling_file(tmp_path, overrides):
     done = compress_in_memory(*tiny_overrides(overrides[0].removeprefix("model=")), *overrides[1:])
     assert build_adapter(done.model).stock_config() is None or "bias" in overrides[-1]
     folder = done.save(tmp_path / "model")
-    assert not (folder / "config.json").exists()
+    assert "auto_map" in json.loads((folder / "config.json").read_text())
     ids = torch.randint(0, 255, (2, 32))
     assert torch.equal(logits(shrink.load(folder), ids), logits(done.model, ids))
 
@@ -127,11 +128,57 @@ def test_the_model_card_has_the_metadata_widths_and_scores(run_job, overrides, s
     metrics, folder = run_job(*overrides, *FAST, *FAST_PPL)
     card = (folder / "model" / "README.md").read_text()
     header = yaml.safe_load(card.split("---")[1])
-    assert header["library_name"] == ("transformers" if stock else "shrink")
+    assert header["library_name"] == "transformers"
+    assert ("custom_code" in header["tags"]) != stock
     assert header["pipeline_tag"] == "text-generation" and "shrink" in header["tags"]
     assert ("4-bit" in header["tags"]) == stock
     ppl = metrics["eval"]["ppl"]["wiki"]
     assert f"| wiki | {ppl['dense']:.2f} | {ppl['compressed']:.2f} |" in card
     assert f"{metrics['params_compressed']:,}" in card and f"{metrics['budget_achieved']:.4f}" in card
     assert card.count("\n| 0 | ") == 1 and card.count("\n| 1 | ") == 1  # a row per block
-    assert ("AutoModelForCausalLM.from_pretrained" in card) == stock and ("shrink.load" in card) != stock
+    assert "AutoModelForCausalLM.from_pretrained" in card and ("trust_remote_code=True" in card) != stock
+
+
+METHODS = {
+    "id": ["method=id", "budget=0.6"],
+    "id-qk": ["method=id", "budget=0.6", "method.qk_dims=true"],
+    "svd": ["method=svd", "budget=0.7"],
+    "rom": ["method=rom", "budget=0.7"],
+    "svdllm": ["method=svdllm", "budget=0.7"],
+    "distill": ["method=distill", "method.steps=2", "budget=0.7"],
+}
+AUTO = {
+    "tiny-llama": AutoModelForCausalLM,
+    "tiny-opt": AutoModelForCausalLM,
+    "tiny-bert": AutoModelForMaskedLM,
+    "tiny-distilbert": AutoModelForMaskedLM,
+}
+
+
+@pytest.mark.parametrize("model_name", sorted(AUTO))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_any_structure_loads_with_trust_remote_code(tmp_path, model_name, method):
+    if method == "id-qk" and model_name != "tiny-llama":
+        pytest.skip("q/k thinning is covered on one family here (tests/test_id_qk.py has the rest)")
+    done = compress_in_memory(*tiny_overrides(model_name), *METHODS[method])
+    folder = done.save(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] and config["shrink_edits"] and (folder / "modeling_shrink.py").is_file()
+    remote = AUTO[model_name].from_pretrained(folder, trust_remote_code=True)
+    assert type(remote).__name__ == f"Shrink{type(done.model).__name__}"
+    ids = torch.randint(0, 255, (2, 32))
+    assert torch.equal(_outputs(remote, ids), _outputs(shrink.load(folder), ids))
+
+
+def test_the_modeling_file_imports_nothing_from_shrink():
+    import ast
+
+    from shrink import modeling_shrink
+
+    tree = ast.parse(Path(modeling_shrink.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0
+    }
+    assert imported <= {"__future__", "typing", "torch", "transformers"}, imported
+    assert not any(isinstance(n, ast.ImportFrom) and n.level > 0 for n in ast.walk(tree))

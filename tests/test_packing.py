@@ -95,9 +95,10 @@ def test_a_plain_run_of_the_base_structure_loads_in_stock_transformers(tmp_path)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(folder), ids), logits(done.model, ids))
 
 
-def test_structures_transformers_cannot_build_and_zero_points_carry_no_config_json(tmp_path):
-    """Thinned structures need issue 16's modeling file; packed zero points are sized wrongly by
-    transformers' compressed-tensors loader: neither folder claims to be a stock checkpoint."""
+def test_packed_structures_transformers_cannot_build_and_zero_points_carry_no_config_json(tmp_path):
+    """Packed thinned structures would need compressed-tensors inside the modeling file; packed
+    zero points are sized wrongly by transformers' compressed-tensors loader: neither folder claims
+    to load in transformers."""
     thin = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "budget=0.7", *GPTQ_32)
     asym = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "budget=1.0", *ASYM_CHANNEL)
     for name, done in (("thin", thin), ("asym", asym)):
