@@ -15,186 +15,26 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import checkpoint, data, hub, rss, steps
 from .budget import PlanInputs
-from .config import BudgetUnit, ErrorCurrency, Propagate
+from .config import Propagate
 from .cost import CostModel
 from .devices import resolve_device
-from .errors import ShrinkError, first_line
-from .evaluation import glue_hub
-from .evaluation.suite import check_suite, evaluate_suite
+from .errors import ShrinkError
+from .evaluation.suite import evaluate_suite
 from .identity import differences, identity, plain
 from .lock import locked
-from .mapped import check_block_map, check_device_map
-from .methods import METHODS, Method, build_method, check_method
-from .models import Adapter, load_config, skeleton
-from .models.streaming import check_streamable
+from .methods import Method, build_method
 from .outputs import RunFolder, read_metrics, remove_if_empty, write_failed
+from .planning import cost_model, plan_inputs
 from .progress import Progress
 from .provenance import provenance
 from .runner import Runner
-from .schedules import NEEDS_PROFILES, check_schedule, make_plan
+from .schedules import NEEDS_PROFILES, make_plan
 from .store import BlockStore, open_store
 from .summary import summary
-from .tracking import Tracker, check_logger, make_tracker
+from .tracking import Tracker, make_tracker
+from .validation import validate
 
 log = logging.getLogger("shrink")
-
-
-def check_known_keys(node: Any, where: str = "") -> None:
-    """Reject keys that no schema declares, including ones forced in with Hydra's `+key=` syntax."""
-    if not isinstance(node, DictConfig):
-        return
-    schema = OmegaConf.get_type(node)
-    if dataclasses.is_dataclass(schema):
-        known = {f.name for f in dataclasses.fields(schema)}
-        for key in node:
-            if key not in known and not (where == "" and key == "hydra"):
-                raise ShrinkError(
-                    f"unknown config key {where + str(key)!r}; valid keys here: {', '.join(sorted(known))}"
-                )
-    for key in node:
-        if not (where == "" and key == "hydra"):
-            check_known_keys(node[key], f"{where}{key}.")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Every check that needs no weights, so bad input fails before expensive work."""
-    try:
-        OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:  # e.g. model=bert-glue without eval=glue-hub
-        raise ShrinkError(f"the config does not resolve: {first_line(err)}") from None
-    check_known_keys(cfg)
-    if not 0.0 < float(cfg.budget) <= 1.0:
-        raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
-    check_method(cfg.method.name)
-    steps.check(cfg, METHODS[cfg.method.name].factorises)
-    METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size), Propagate(cfg.propagate).value)
-    check_schedule(cfg.schedule.name)
-    if cfg.schedule.name in NEEDS_PROFILES and not METHODS[cfg.method.name].has_profile:
-        with_profiles = sorted(n for n, m in METHODS.items() if m.has_profile)
-        raise ShrinkError(
-            f"schedule {cfg.schedule.name!r} allocates by the method's error profile, which method "
-            f"{cfg.method.name!r} does not provide; methods that do: {', '.join(with_profiles)}"
-        )
-    error = _error_currency(cfg)
-    if error != ErrorCurrency.unit and not METHODS[cfg.method.name].residual_units:
-        with_energies = sorted(n for n, m in METHODS.items() if m.residual_units)
-        raise ShrinkError(
-            f"schedule.error={error.value} compares units by their share of the residual stream, which "
-            f"method {cfg.method.name!r} does not report (methods that do: {', '.join(with_energies)}); "
-            "use schedule.error=unit"
-        )
-    min_keep = cfg.schedule.get("min_keep")
-    if min_keep is not None and not 0.0 <= float(min_keep) <= float(cfg.budget):
-        raise ShrinkError(
-            f"schedule.min_keep={min_keep} must lie in [0, budget={cfg.budget}]: every unit keeps at "
-            "least that share, so a larger floor cannot meet the budget; lower schedule.min_keep or "
-            "use schedule=uniform"
-        )
-    if cfg.budget_seq_len < 0:
-        raise ShrinkError(f"budget_seq_len must be ≥ 0 (0: count linears only), got {cfg.budget_seq_len}")
-    for key in ("nsamples", "seq_len", "batch_size"):
-        if cfg.calib[key] <= 0:
-            raise ShrinkError(f"calib.{key} must be positive, got {cfg.calib[key]}")
-    data.check_corpus(cfg.calib.corpus)
-    check_logger(cfg.logger)
-    check_suite(cfg)
-    if cfg.stream:
-        check_stream(cfg)
-    check_mapping(cfg)
-    check_push(cfg)
-    ppl = cfg.eval.get("ppl")
-    resolve_device(cfg.device)
-    config = load_config(cfg.model)
-    blocks = skeleton(cfg.model, config)
-    check_block_map(cfg.model, blocks)
-    steps.check_widths(cfg, list(blocks.blocks()), [blocks.sites(b) for b in blocks.blocks()])
-    # a budget the corrections exceed, or (without profiles) the schedule cannot meet, fails here
-    planned = plan_inputs(cfg, cost_model(cfg, blocks), build_method(cfg.method).prunes_heads)
-    if cfg.schedule.name not in NEEDS_PROFILES:
-        make_plan(cfg.schedule.name, planned)
-    if cfg.eval.get("glue_hub") is not None:
-        glue_hub.check_model(str(cfg.eval.glue_hub.task), int(config.num_labels))
-    limit = getattr(config, "max_position_embeddings", None)
-    windows = {"calib.seq_len": cfg.calib.seq_len}
-    if ppl is not None:
-        windows["eval.ppl.seq_len"] = ppl.seq_len
-    if cfg.eval.get("speed") is not None:
-        windows["eval.speed.seq_len"] = cfg.eval.speed.seq_len
-    for key, length in windows.items():
-        if limit is not None and length > limit:
-            raise ShrinkError(
-                f"{key}={length} is longer than the context of model {cfg.model.name!r} ({limit} tokens)"
-            )
-
-
-def plan_inputs(cfg: DictConfig, costs: CostModel, prunes_heads: bool) -> PlanInputs:
-    """What the schedule plans from: the budget in its unit, and the schedule's own keys."""
-    return PlanInputs(
-        costs.table(),
-        costs.plan_budget(float(cfg.budget)),
-        prunes_heads,
-        None,
-        float(cfg.schedule.get("min_keep", 0.0)),
-        int(cfg.schedule.get("k", 0)),
-        _error_currency(cfg),
-    )
-
-
-def _error_currency(cfg: DictConfig) -> ErrorCurrency:
-    """greedy's `error` key; schedules without one compare errors per unit."""
-    return ErrorCurrency(cfg.schedule.get("error", ErrorCurrency.unit.value))
-
-
-def cost_model(cfg: DictConfig, adapter: Adapter) -> CostModel:
-    """Prices in the budget unit; attention scores count at `budget_seq_len` (at most the context)."""
-    seq_len = min(int(cfg.budget_seq_len), adapter.max_positions() or int(cfg.budget_seq_len))
-    dtype_bytes = next(adapter.model.parameters()).element_size()
-    weight_bytes = steps.stored_bits(cfg.quant, dtype_bytes * 8) / 8
-    rank = int(cfg.quant.lowrank) if cfg.quant.name != "none" else 0
-    return CostModel(adapter, BudgetUnit(cfg.budget_unit), seq_len, weight_bytes, dtype_bytes, rank)
-
-
-def check_stream(cfg: DictConfig) -> None:
-    """What `stream=true` cannot do: it needs shards to read, and evaluates perplexity only."""
-    check_streamable(cfg.model)
-    whole = [k for k in ("zeroshot", "speed", "glue", "glue_hub") if cfg.eval.get(k) is not None]
-    if whole:
-        raise ShrinkError(
-            f"stream=true evaluates perplexity only (block by block); eval {cfg.eval.name!r} also runs "
-            f"{', '.join(whole)}, which need the whole model: use eval=ppl or eval=none, then evaluate "
-            "the saved checkpoint"
-        )
-    if not cfg.block_checkpoints:
-        raise ShrinkError(
-            "stream=true keeps the compressed blocks in <run>/progress: set block_checkpoints=true"
-        )
-
-
-def check_push(cfg: DictConfig) -> None:
-    """`push_to_hub` uploads the saved checkpoint, so it needs one and a hub that answers."""
-    if cfg.push_to_hub is None:
-        return
-    if not cfg.save_model:
-        raise ShrinkError(f"push_to_hub={cfg.push_to_hub} uploads <run>/model, but save_model=false")
-    if not hub.reachable():
-        raise ShrinkError(
-            f"push_to_hub={cfg.push_to_hub} needs a model hub, and none answers (offline or "
-            "HF_HUB_OFFLINE=1); drop it and upload <run>/model later"
-        )
-
-
-def check_mapping(cfg: DictConfig) -> None:
-    """`model.device_map` needs weights on disk for accelerate to place, and excludes streaming."""
-    check_device_map(cfg.model)
-    if cfg.model.device_map is None:
-        return
-    if cfg.model.source == "tiny":
-        raise ShrinkError(
-            "model.device_map places weights read from files; a tiny random model has none: save it "
-            "and use model.source=local"
-        )
-    if cfg.stream:
-        raise ShrinkError("model.device_map and stream=true exclude each other: pick one way to place blocks")
 
 
 def _run_dir(run_dir: str | Path | None) -> Path:
