@@ -90,19 +90,24 @@ def test_structures_the_family_cannot_build_need_the_modeling_file(tmp_path, ove
     assert torch.equal(logits(shrink.load(folder), ids), logits(done.model, ids))
 
 
-def test_the_lm_eval_cli_evaluates_a_stock_folder_offline(tmp_path):
-    """`lm_eval --model hf --model_args pretrained=<run>/model` with shrink's offline task files."""
+@pytest.mark.parametrize("structure", ["stock", "remote"])
+def test_the_lm_eval_cli_evaluates_a_run_folder_offline(tmp_path, structure):
+    """`lm_eval --model hf --model_args pretrained=<run>/model[,trust_remote_code=True]` with
+    shrink's offline task files."""
     import os
     import subprocess
     import sys
 
     from shrink.evaluation.zeroshot import write_offline_tasks
 
-    done = compress_in_memory(*tiny_overrides("tiny-llama"), *UNIFORM, *WHOLE_HEADS)
+    overrides = [*UNIFORM, *WHOLE_HEADS] if structure == "stock" else ["method=svd", "budget=0.7"]
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), *overrides)
     folder = done.save(tmp_path / "model")
+    remote = ",trust_remote_code=True" if structure == "remote" else ""
+    assert ("auto_map" in json.loads((folder / "config.json").read_text())) == bool(remote)
     (task,) = write_offline_tasks(tmp_path / "tasks", ["piqa"])
     cmd = [
-        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={folder}",
+        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={folder}{remote}",
         "--tasks", task, "--include_path", str(tmp_path / "tasks"), "--limit", "2", "--device", "cpu",
         "--batch_size", "1", "--output_path", str(tmp_path / "results"),
     ]  # fmt: skip
