@@ -191,12 +191,12 @@ def save(
         _save_sharded(model, tmp, block_states, quant if quantized else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    # Not with zero points: transformers' compressed-tensors loader (0.20) sizes packed zero
-    # points as unpacked and refuses the checkpoint.
+    # Packed zero points go to the modeling file: transformers' compressed-tensors loader (0.20)
+    # sizes them as unpacked and refuses the checkpoint.
     stock = stock_config(model, head) if not quantized or bool(quant["sym"]) else None
     if stock is not None:
         write_hf_config(model, stock, tmp, quant if quantized else None)
-    elif not quantized:  # the family's class plus the edits, with shrink's modeling file
+    else:  # the family's class plus the edits (packed linears included), with shrink's modeling file
         write_remote_code(model, head, manifest["edits"], tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     _apply_umask(tmp)

@@ -55,18 +55,11 @@ def export(path: Path, out: Path | None = None) -> list[str]:
         packed = quant if any(is_quantized(m) for m in model.modules()) else None
         write_hf_config(model, stock, tmp, packed)
         done.append(f"config.json: transformers loads {target} as it is")
-    elif quant is None:
+    else:
         write_remote_code(model, manifest["head"], manifest["edits"], tmp)
         done.append(
             f"config.json + modeling_shrink.py: transformers loads {target} with trust_remote_code=True"
         )
-    else:
-        why = (
-            "packed zero points"
-            if asymmetric
-            else "packed weights of a structure transformers does not build"
-        )
-        done.append(f"config.json: not written ({why}); load it with shrink.load")
     run = source.parent if source.name == "model" else None
     if run is not None and (run / "metrics.json").is_file() and (run / "config.yaml").is_file():
         from .model_card import write as write_card

@@ -11,8 +11,9 @@ parameter's name and shape with the compressed model's, so a structure the famil
 Any other structure (per-block widths, thinned heads, factor pairs, corrected linears) gets the
 base config plus its edits (`shrink_edits`) and an `auto_map` naming `modeling_shrink.Shrink<Base>`,
 with that self-contained file copied beside the weights: `from_pretrained(folder,
-trust_remote_code=True)` builds the base class and applies the edits. Not yet for packed weights
-of such structures (transformers' compressed-tensors loader builds its own quantized layers).
+trust_remote_code=True)` builds the base class and applies the edits, reading packed linears
+itself. Asymmetric packed grids go this way too: transformers' compressed-tensors loader (0.20)
+sizes packed zero points as unpacked and refuses them.
 """
 
 from __future__ import annotations

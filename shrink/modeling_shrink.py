@@ -6,7 +6,9 @@ checkpoint whose structure transformers cannot build from a config, so that
 The checkpoint's config.json names a class `Shrink<Base>` (e.g. `ShrinkLlamaForCausalLM`) in its
 `auto_map`; this module makes it on request: the base transformers class, whose `__init__` then
 applies the edits listed in `config.shrink_edits` (factor pairs, resized linears, thinned heads,
-corrected linears, head counts), so the per-layer shapes live in the config, not in code.
+corrected linears, head counts, packed linears), so the per-layer shapes live in the config, not
+in code. A packed linear keeps compressed-tensors' tensors as they are stored and unpacks its
+weight before its first forward (torch only: the layout is read back here, not imported).
 """
 
 from __future__ import annotations
@@ -168,9 +170,67 @@ def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def unpack_int32(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """compressed-tensors' pack-quantized layout read back: along the last dimension, element i of
+    `count` sits at bit i·bits of the little-endian int32 words, stored with an offset of
+    2^(bits−1); returns the signed integers (int64)."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    words = torch.cat([words, torch.zeros_like(words[..., :1])], dim=-1)  # a word past the end
+    start = torch.arange(count, device=packed.device) * bits
+    word, offset = start // 32, start % 32
+    pair = words[..., word] | ((words[..., word + 1] & 0xFF) << 32)  # a value spans two words at most
+    return ((pair >> offset) & ((1 << bits) - 1)) - (1 << (bits - 1))
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """A packed linear's weight: (q − zero point)·scale per row and group of input columns."""
+    out_features, in_features = (int(v) for v in module.weight_shape)
+    bits, scale = module.quant_bits, module.weight_scale
+    q = unpack_int32(module.weight_packed, bits, in_features)
+    group = in_features // scale.shape[-1]
+    if hasattr(module, "weight_zero_point"):
+        zero = unpack_int32(module.weight_zero_point.transpose(0, 1), bits, out_features).transpose(0, 1)
+        q = q - zero.repeat_interleave(group, dim=1)
+    return (q.to(scale.dtype) * scale.repeat_interleave(group, dim=1)).contiguous()
+
+
+def _unpack_before_forward(module: nn.Module, args: Any) -> None:
+    """Give a packed linear its dequantized weight once (again after it moves device or dtype)."""
+    key = (module.weight_packed.device, module.weight_scale.dtype, module.weight_packed.data_ptr())
+    if getattr(module, "_unpacked_for", None) != key:
+        module.weight = dequantized_weight(module)
+        module._unpacked_for = key
+
+
+def make_packed(module: nn.Module, groups: int, zero_point: bool, bits: int, **factory: Any) -> None:
+    """Turn a linear into one that holds compressed-tensors' packed tensors (`weight_packed`,
+    `weight_scale`, `weight_shape`, packed `weight_zero_point`) and unpacks its weight before its
+    first forward: what transformers loads of a packed checkpoint of a structure it cannot build."""
+    out_features, in_features = module.out_features, module.in_features
+    dtype, device = factory.get("dtype"), factory.get("device")
+    del module.weight
+    module.quant_bits = bits
+    words = -(-in_features * bits // 32)
+    module.register_buffer(
+        "weight_packed", torch.zeros(out_features, words, dtype=torch.int32, device=device)
+    )
+    module.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+    module.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
+    if zero_point:
+        rows = -(-out_features * bits // 32)
+        module.register_buffer(
+            "weight_zero_point", torch.zeros(rows, groups, dtype=torch.int32, device=device)
+        )
+    module.register_forward_pre_hook(_unpack_before_forward)
+
+
 def apply_edit(model: nn.Module, edit: dict[str, Any], **factory: Any) -> None:
     """Rebuild one structure edit of a checkpoint's manifest (`factory`: dtype, device)."""
     kind = edit["kind"]
+    if kind == "quantized":
+        module = model.get_submodule(edit["path"])
+        make_packed(module, edit["groups"], edit["zero_point"], edit["bits"], **factory)
+        return
     if kind == "attr":
         setattr(model.get_submodule(edit["path"]), edit["name"], edit["value"])
         return
@@ -193,7 +253,8 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], **factory: Any) -> None:
         )
     else:
         raise ValueError(
-            f"unknown edit kind {kind!r}; valid: low_rank, linear, head_padded, head_sliced, attr, corrected"
+            f"unknown edit kind {kind!r}; valid: low_rank, linear, head_padded, head_sliced, attr, "
+            "corrected, quantized"
         )
     replace_submodule(model, edit["path"], new)
 

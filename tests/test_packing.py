@@ -95,15 +95,28 @@ def test_a_plain_run_of_the_base_structure_loads_in_stock_transformers(tmp_path)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(folder), ids), logits(done.model, ids))
 
 
-def test_packed_structures_transformers_cannot_build_and_zero_points_carry_no_config_json(tmp_path):
-    """Packed thinned structures would need compressed-tensors inside the modeling file; packed
-    zero points are sized wrongly by transformers' compressed-tensors loader: neither folder claims
-    to load in transformers."""
-    thin = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "budget=0.7", *GPTQ_32)
-    asym = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "budget=1.0", *ASYM_CHANNEL)
-    for name, done in (("thin", thin), ("asym", asym)):
-        folder = done.save(tmp_path / name)
-        assert not (folder / "config.json").exists() and (folder / "manifest.json").exists()
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method=id", "budget=0.7", *GPTQ_32],  # per-block widths
+        ["method=id", "budget=1.0", *ASYM_CHANNEL],  # packed zero points
+        ["method=svd", "budget=0.7", "quant=rtn", "quant.group_size=-1"],  # packed factor pairs
+        ["method=id", "budget=0.7", *GPTQ_32, "quant.lowrank=4"],  # corrected linears
+    ],
+    ids=["per-block", "zero-points", "pairs", "corrected"],
+)
+def test_packed_structures_load_with_trust_remote_code(tmp_path, overrides):
+    """What transformers' compressed-tensors loader cannot take (structures it does not build, and
+    packed zero points, which it sizes as unpacked) loads with the modeling file, which reads the
+    packed layout itself: the same logits, bit for bit."""
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), *overrides)
+    folder = done.save(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    assert "auto_map" in config and "quantization_config" not in config
+    assert any(e["kind"] == "quantized" for e in config["shrink_edits"])
+    remote = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    ids = torch.randint(0, 255, (2, 32))
+    assert torch.equal(logits(remote, ids), logits(done.model, ids))
 
 
 def test_a_method_keeps_whole_groups(tmp_path):
