@@ -4,7 +4,7 @@ Each row is one run of `launch.py` on the default model and calibration, evaluat
 held-out tokens of the offline Wikipedia text and of the offline C4 sample; `bits/w` is the
 block linears' bits per weight in the packed checkpoint (weights, plus a float32 scale per group
 of 64), `zeros` their share of zero weights, `MB` the whole checkpoint folder (the float32
-embedding, 108 MB of SmolLM2's 513, is not quantized). Runs whose metrics.json exists are reused.
+embedding, 108 MB of the dense folder's 517, is not quantized). Runs whose metrics.json exists are reused.
 SmolLM2-135M's packaged weights were Q4_1 with groups of 32 before dequantisation, so 4-bit groups
 of 32 would show a near-zero error; 128 does not divide its width of 576 (a packed group is
 whole): the rows use groups of 64.
