@@ -35,7 +35,7 @@ from . import modeling_shrink
 from .config import Head
 from .devices import resolve_device
 from .errors import ShrinkError, first_line
-from .hf_folder import stock_config, write_hf_config, write_remote_code
+from .hf_folder import write_hf_files
 from .models import build_adapter
 from .models.loading import AUTO_CLASSES
 from .packing import ZERO, is_quantized, pack, quantized_bits, register_grid, unpack
@@ -191,13 +191,7 @@ def save(
         _save_sharded(model, tmp, block_states, quant if quantized else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    # Packed zero points go to the modeling file: transformers' compressed-tensors loader (0.20)
-    # sizes them as unpacked and refuses the checkpoint.
-    stock = stock_config(model, head) if not quantized or bool(quant["sym"]) else None
-    if stock is not None:
-        write_hf_config(model, stock, tmp, quant if quantized else None)
-    else:  # the family's class plus the edits (packed linears included), with shrink's modeling file
-        write_remote_code(model, head, manifest["edits"], tmp)
+    write_hf_files(model, head, manifest["edits"], tmp, quant if quantized else None)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     _apply_umask(tmp)
     shutil.rmtree(folder, ignore_errors=True)

@@ -117,17 +117,25 @@ def module_cost(module: nn.Module) -> Cost:
         return module_cost(module.base) + module_cost(module.correction)
     if isinstance(module, nn.Linear):
         weight, bias = module.weight, module.bias
-        stored = weight.numel() * weight.element_size()
-        if is_quantized(module):  # packed: bits per weight, then the grid's scales and zero points
-            stored = weight.numel() * quantized_bits(module) / 8 + sum(
-                t.numel() * (t.element_size() if n == SCALE else quantized_bits(module) / 8)
-                for n, t in module.named_buffers(recurse=False)
-                if n in (SCALE, ZERO)
-            )
         bias_bytes = bias.numel() * bias.element_size() if bias is not None else 0
         n_bias = bias.numel() if bias is not None else 0
-        return Cost(weight.numel() + n_bias, weight.numel(), stored + bias_bytes)
+        return Cost(weight.numel() + n_bias, weight.numel(), weight_bytes(module) + bias_bytes)
     raise TypeError(f"no cost model for {type(module).__name__}")
+
+
+def weight_bytes(linear: nn.Linear) -> float:
+    """What a plain linear's weight takes in the checkpoint: its dtype, or once packed its bits per
+    weight plus the grid's scales and zero points (shapes only: it may be on the meta device)."""
+    weight = linear.weight
+    if not is_quantized(linear):
+        return weight.numel() * weight.element_size()
+    bits = quantized_bits(linear)
+    grid = sum(
+        t.numel() * (t.element_size() if n == SCALE else bits / 8)
+        for n, t in linear.named_buffers(recurse=False)
+        if n in (SCALE, ZERO)
+    )
+    return weight.numel() * bits / 8 + grid
 
 
 class CostModel:

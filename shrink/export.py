@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .checkpoint import MANIFEST, load, read_manifest
 from .errors import ShrinkError
-from .hf_folder import stock_config, write_hf_config, write_remote_code
+from .hf_folder import write_hf_files
 from .models import build_adapter
 from .packing import is_quantized
 
@@ -49,14 +49,10 @@ def export(path: Path, out: Path | None = None) -> list[str]:
     else:
         tmp = source
     done = []
-    asymmetric = quant is not None and not bool(quant.get("sym", True))
-    stock = None if asymmetric else stock_config(model, manifest["head"])
-    if stock is not None:
-        packed = quant if any(is_quantized(m) for m in model.modules()) else None
-        write_hf_config(model, stock, tmp, packed)
+    packed = quant if any(is_quantized(m) for m in model.modules()) else None
+    if write_hf_files(model, manifest["head"], manifest["edits"], tmp, packed):
         done.append(f"config.json: transformers loads {target} as it is")
     else:
-        write_remote_code(model, manifest["head"], manifest["edits"], tmp)
         done.append(
             f"config.json + modeling_shrink.py: transformers loads {target} with trust_remote_code=True"
         )

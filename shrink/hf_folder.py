@@ -57,9 +57,7 @@ def write_hf_config(
     compressed-tensors' quantization_config when its linears are packed: every Linear that holds no
     grid is listed in `ignore`."""
     config.save_pretrained(folder)
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and getattr(model, "can_generate", lambda: False)():
-        generation.save_pretrained(folder)
+    _save_generation_config(model, folder)
     if quant is None:
         return
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_quantized(m)]
@@ -84,6 +82,25 @@ def write_remote_code(model: nn.Module, head: str, edits: list[dict[str, Any]], 
     config.shrink_modeling_version = modeling_shrink.MODELING_VERSION
     config.save_pretrained(folder)
     shutil.copyfile(modeling_shrink.__file__, folder / "modeling_shrink.py")
+    _save_generation_config(model, folder)
+
+
+def _save_generation_config(model: nn.Module, folder: Path) -> None:
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
         generation.save_pretrained(folder)
+
+
+def write_hf_files(
+    model: nn.Module, head: str, edits: list[dict[str, Any]], folder: Path, quant: dict[str, Any] | None
+) -> bool:
+    """Make `folder` a Hugging Face folder; `quant` is the run's quant config when linears are
+    packed. Returns True when transformers builds it as it is, False when it needs the modeling
+    file (trust_remote_code). Packed zero points always take the modeling file: transformers'
+    compressed-tensors loader (0.20) sizes them as unpacked and refuses the checkpoint."""
+    stock = stock_config(model, head) if quant is None or bool(quant.get("sym", True)) else None
+    if stock is not None:
+        write_hf_config(model, stock, folder, quant)
+    else:
+        write_remote_code(model, head, edits, folder)
+    return stock is not None

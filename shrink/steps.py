@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import FoldTarget
 from .context import BlockContext
+from .cost import weight_bytes
 from .errors import ShrinkError
 from .models import Site
 from .packing import attach_grid
@@ -166,21 +167,17 @@ def summary(cfg: DictConfig, adapter, block_states: BlockState | None = None) ->
         for site in adapter.sites(block):
             for path in site.linears:
                 module = block.get_submodule(path)
-                for name, linear, _ in _parts(module, None):
+                parts = [(name, linear) for name, linear, _ in _parts(module, None)]
+                if isinstance(module, CorrectedLinear):  # full-precision factors beside the packed base
+                    parts += [
+                        (".correction.first", module.correction.first),
+                        (".correction.second", module.correction.second),
+                    ]
+                for name, linear in parts:
                     weight = linear.weight.detach() if stored is None else stored[f"{path}{name}.weight"]
-                    rows, n = weight.shape
                     zeros += int((weight == 0).sum())
                     total += weight.numel()
-                    if q.name == "none":
-                        bits += weight.element_size() * 8.0 * weight.numel()
-                    else:
-                        groups = -(-n // (n if int(q.group_size) <= 0 else int(q.group_size)))
-                        overhead = weight.element_size() * 8 + (0 if bool(q.sym) else int(q.bits))
-                        bits += rows * (n * int(q.bits) + groups * overhead)
-                if isinstance(module, CorrectedLinear):  # full-precision weights beside the packed ones
-                    factors = (module.correction.first.weight, module.correction.second.weight)
-                    total += sum(f.numel() for f in factors)
-                    bits += sum(f.numel() * f.element_size() * 8.0 for f in factors)
+                    bits += weight_bytes(linear) * 8
     return {
         "quant": dict(q.items()),
         "sparsity": dict(cfg.sparsity.items()),
