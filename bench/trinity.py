@@ -9,8 +9,15 @@ SmolLM2-135M's packaged weights were Q4_1 with groups of 32 before dequantisatio
 of 32 would show a near-zero error; 128 does not divide its width of 576 (a packed group is
 whole): the rows use groups of 64.
 
+With `--speed` it then loads each row's saved checkpoint (`shrink.load`) and times it on this
+machine as `eval=speed` does: a forward over 512 tokens and greedy decoding (ms per token after a
+32-token prompt, batch 1), with the float linears and again with the quantized ones on torch's
+weight-only integer kernels (`shrink/kernels.py`), next to the weight bytes in memory. Time on an
+idle machine: the rows run one after another in this process.
+
     .venv/bin/python bench/trinity.py
     .venv/bin/python bench/trinity.py --rows dense gptq4 id0.8+gptq4
+    .venv/bin/python bench/trinity.py --rows dense rtn8 gptq4 id0.8 id0.8+gptq4 --speed
 """
 
 from __future__ import annotations
@@ -38,8 +45,10 @@ ROWS: dict[str, list[str]] = {
     "id0.8": ID,
     "id0.8+rtn4": [*ID, "quant=rtn", "quant.bits=4", G],
     "id0.8+gptq4": [*ID, *G4],
-    "gptq4-gptaq": [*DENSE, *G4, "quant.target=dense"],
+    "gptq4-gptaq": [*DENSE, *G4, "quant.target=dense"],  # the paper's recursion, α = 0.25
+    "gptq4-gptaq-target": [*DENSE, *G4, "quant.target=dense", "quant.gptaq_form=target"],
     "id0.8+gptq4-gptaq": [*ID, *G4, "quant.target=dense"],
+    "id0.8+gptq4-gptaq-target": [*ID, *G4, "quant.target=dense", "quant.gptaq_form=target"],
     "id0.8+gptq4+lr16": [*ID, *G4, "quant.lowrank=16"],  # corrections inside the same 0.8
     "wanda2:4": [*DENSE, "sparsity=wanda", "sparsity.pattern=2:4"],
     "sparsegpt2:4": [*DENSE, *S24],
@@ -76,12 +85,49 @@ def run(out: Path, model: str, row: str, tokens: int) -> dict:
     }
 
 
+def speed(out: Path, rows: list[str]) -> None:
+    """Time every row's checkpoint against the dense row's (see the module docstring)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(ROOT))
+    from shrink.checkpoint import load
+    from shrink.evaluation.suite import measure_speed, speed_ratios
+
+    settings = OmegaConf.create(
+        {"batch_size": 1, "seq_len": 512, "repeats": 10, "warmup": 2, "seed": 0,
+         "decode_tokens": 32, "prompt_len": 32, "kernels": True}
+    )  # fmt: skip
+    cpu = torch.device("cpu")
+    table = {row: measure_speed(load(out / row / "model"), settings, cpu) for row in ["dense", *rows] if
+             (out / row / "model").exists()}  # fmt: skip
+    (out / "speed.json").write_text(json.dumps(table, indent=1))
+    print(f"\nCPU, {torch.get_num_threads()} threads; forward: batch 1 × 512 tokens; decode: ms per token")
+    print("| row | forward ms | decode ms | kernels | kernel forward ms | kernel decode ms | decode speedup "
+          "| weight bytes ratio | logits rel diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row, timed in table.items():
+        ratios = speed_ratios({"dense": table["dense"], "compressed": timed})
+        k = timed.get("kernels", {})
+        fast = "latency_ms" in k
+        print(
+            f"| {row} | {timed['latency_ms']:.0f} | {timed['decode_ms_per_token']:.1f} | "
+            f"{k.get('kernel_linears', 0)}/{k.get('quantized_linears', 0)} | "
+            f"{k['latency_ms'] if fast else float('nan'):.0f} | "
+            f"{k['decode_ms_per_token'] if fast else float('nan'):.1f} | "
+            f"{ratios.get('kernel_decode_speedup', ratios['decode_speedup']):.2f}× | "
+            f"{ratios.get('kernel_weight_bytes_ratio', ratios['weight_bytes_ratio']):.3f} | "
+            f"{k.get('logits_max_rel_diff', 0):.1e} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens per corpus")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "trinity")
+    parser.add_argument("--speed", action="store_true", help="then time the saved checkpoints (idle machine)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [run(args.out, args.model, r, args.tokens) for r in args.rows]
@@ -99,6 +145,8 @@ def main() -> None:
             f"{r['c4']:.2f} | "
             f"{r['compress_s']:.0f} |"
         )
+    if args.speed:
+        speed(args.out, [r for r in args.rows if r != "dense"])
 
 
 if __name__ == "__main__":

@@ -94,6 +94,11 @@ class MethodConf:
     name: str = MISSING
 
 
+class GptaqForm(str, Enum):
+    recursion = "recursion"  # the paper's: GPTQ's column recursion with the asymmetry term folded in
+    target = "target"  # GPTQ of the closed-form target W + α·W·ΔXᵀX̃·H̃⁻¹ (all columns corrected)
+
+
 class FoldTarget(str, Enum):
     compressed = "compressed"  # fit the activations the pruned block itself sees (STAT)
     dense = "dense"  # fit the dense model's activations: also corrects the error from below
@@ -250,6 +255,9 @@ class SpeedConf:
     repeats: int = 10  # timed forward passes; the median is reported
     warmup: int = 2
     seed: int = 0  # of the random token ids
+    decode_tokens: int = 32  # greedy tokens generated with the KV cache (causal LMs); 0: no decode timing
+    prompt_len: int = 32  # tokens of the decode prompt
+    kernels: bool = True  # also time quantized linears on torch's weight-only integer kernels (CPU)
 
 
 @dataclass
@@ -300,6 +308,10 @@ class QuantConf:
     dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal
     # gptq: fit the layer on the compressed model's inputs (GPTQ) or the dense model's (GPTAQ)
     target: FoldTarget = FoldTarget.compressed
+    # target=dense: the scale of GPTAQ's asymmetry term (the authors' code: 0.25; 1: all of it)
+    alpha: float = 0.25
+    # target=dense: how the asymmetry term enters (recursion: the paper's; target: closed form)
+    gptaq_form: GptaqForm = GptaqForm.recursion
     # a rank-r correction of each quantized linear's error, in full precision (SLiM); 0: none
     lowrank: int = 0
 

@@ -118,6 +118,8 @@ def gptq(
     block: int = 128,
     where: str = "a linear",
     scale_dtype: torch.dtype | None = None,
+    asymmetry: torch.Tensor | None = None,
+    alpha: float = 0.25,
 ) -> tuple[torch.Tensor, Grid]:
     """GPTQ (Frantar et al., 2023, Alg. 1): quantize one input column at a time and spread its
     rounding error over the columns not yet quantized, in proportion to the inverse Hessian's row
@@ -125,7 +127,14 @@ def gptq(
     `block` columns. `act_order` visits columns by decreasing H diagonal, with each group's grid
     fixed from the weights before any update (static groups, so the stored layout stays
     contiguous). `keep` (a 0/1 mask from a sparsity step) holds pruned weights at zero.
-    `scale_dtype`: as in `grid_for`."""
+    `scale_dtype`: as in `grid_for`.
+
+    With `asymmetry` = ΔXᵀX̃ (ΔX = X − X̃, X the dense model's inputs, X̃ the compressed model's,
+    whose Gram matrix `gram` is), GPTAQ (Li et al., 2025): the objective becomes ‖QX̃ − WX‖², and
+    each column w_i, as it is quantized, also moves the later columns by w_i·P_i,>i with
+    P = α·triu₁(ΔXᵀX̃·Uᵀ)·U (UᵀU = H̃⁻¹): the part of its own input shift w_i·Δx_i that the later
+    columns can still take up. α (`alpha`, the authors' code uses 0.25) scales that term; α = 1 is
+    the full least-squares correction."""
     w = weight.detach().to(torch.float64).clone()
     rows, n = w.shape
     gs = _groups(n, group_size)
@@ -134,6 +143,11 @@ def gptq(
     order = order.to(w.device)
     u, dead = _inverse_hessian_factor(gram[order][:, order], dampening, where)
     w[:, order[dead]] = 0
+    shift = None
+    if asymmetry is not None:
+        a = asymmetry.to(torch.float64)[order][:, order]
+        a[:, dead] = 0
+        shift = alpha * torch.triu(a @ u.T, diagonal=1) @ u
     n_groups = -(-n // gs)
     scales = torch.zeros(rows, n_groups, dtype=w.dtype, device=w.device)
     zeros = torch.zeros_like(scales)
@@ -149,6 +163,7 @@ def gptq(
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1, err = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=w.dtype, device=w.device)
+        before = w1.clone() if shift is not None else None  # each column as it is quantized
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = columns[i1 + i] // gs
@@ -162,26 +177,35 @@ def gptq(
                 column = column * mask[:, i1 + i]
             q[:, i1 + i] = column
             e = (w1[:, i] - column) / u1[i, i]
+            if shift is not None:
+                before[:, i] = w1[:, i]
+                w1[:, i + 1 :] += w1[:, i : i + 1] * shift[i1 + i, i1 + i + 1 : i2][None, :]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err[:, i] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
+        if shift is not None:
+            w[:, i2:] += before @ shift[i1:i2, i2:]
     if act_order:
         q = q[:, torch.argsort(order)]
     return q, Grid(scales, zeros, bits, gs)
 
 
 def asymmetric_target(
-    weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, dampening: float, where: str = "a linear"
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    dampening: float,
+    alpha: float = 1.0,
+    where: str = "a linear",
 ) -> torch.Tensor:
-    """GPTAQ's asymmetric calibration (Li et al., 2025): quantize so that the layer on the inputs of
-    the quantized model, X̃, matches it on the reference inputs X (the dense model's): minimize
-    ‖X̃Qᵀ − XWᵀ‖². With H̃ = X̃ᵀX̃ and `cross` = XᵀX̃ that objective is a constant plus
-    ‖X̃(Q − W*)ᵀ‖², W* = W·XᵀX̃·H̃⁻¹ (its least-squares solution), so GPTQ of W* on H̃ minimizes it;
-    GPTAQ's own recursion folds the same correction into GPTQ's column updates. H̃ is damped as
-    GPTQ damps it."""
+    """What GPTAQ's quantized weight stands in for: W* = W + α·W·ΔXᵀX̃·H̃⁻¹ (ΔXᵀX̃ = `cross` − H̃,
+    `cross` = XᵀX̃, H̃ = X̃ᵀX̃ damped as GPTQ damps it). At α = 1 (and no damping) it is the
+    least-squares solution of ‖X̃W*ᵀ − XWᵀ‖², which splits that objective into a constant plus
+    ‖X̃(Q − W*)ᵀ‖²; the low-rank correction fits the error Q leaves against it."""
     factor, _ = _damped_cholesky(gram, dampening, where)
-    rhs = weight.to(torch.float64) @ cross.to(torch.float64)
-    return torch.cholesky_solve(rhs.T, factor).T
+    w = weight.to(torch.float64)
+    rhs = w @ (cross.to(torch.float64) - gram.to(torch.float64))
+    return w + alpha * torch.cholesky_solve(rhs.T, factor).T
 
 
 def lowrank_correction(

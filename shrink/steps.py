@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from .config import FoldTarget
+from .config import FoldTarget, GptaqForm
 from .context import BlockContext
 from .cost import weight_bytes
 from .errors import ShrinkError
@@ -66,6 +66,8 @@ def check(cfg: DictConfig, factorises: bool = False) -> None:
                 f"quant.target=dense calibrates GPTQ (GPTAQ); quant={q.name} has no calibration: "
                 "use quant=gptq"
             )
+        if not 0 < float(q.alpha) <= 1:
+            raise ShrinkError(f"quant.alpha={q.alpha} scales GPTAQ's asymmetry term: a value in (0, 1]")
         if int(q.lowrank) < 0:
             raise ShrinkError(f"quant.lowrank={q.lowrank} must be a rank: 0 (no correction) or more")
         if int(q.lowrank) > 0 and factorises:
@@ -261,18 +263,16 @@ class BlockSteps:
             weight, grid = rtn(weight, int(q.bits), int(q.group_size), bool(q.sym), linear.weight.dtype)
             if keep is not None:
                 weight = weight * keep
-        target = dense  # what the stored weight stands in for, on these inputs
-        if q.name == "gptq" and moments.cross is not None:  # GPTAQ: the least-squares target
-            target = asymmetric_target(dense, gram, moments.cross, float(q.dampening), where)
-            weight = (
-                target
-                if keep is None
-                else asymmetric_target(weight, gram, moments.cross, float(q.dampening), where)
-            )
+        gptaq = q.name == "gptq" and moments.cross is not None  # asymmetric calibration
+        asymmetry = moments.cross - gram if gptaq else None
+        if gptaq and GptaqForm(q.gptaq_form) == GptaqForm.target:
+            weight = asymmetric_target(weight, gram, moments.cross, float(q.dampening), float(q.alpha), where)
+            asymmetry = None
         if q.name == "gptq":
             weight, grid = gptq(
                 weight, gram, int(q.bits), int(q.group_size), bool(q.sym), bool(q.act_order),
                 float(q.dampening), keep, where=where, scale_dtype=linear.weight.dtype,
+                asymmetry=asymmetry, alpha=float(q.alpha),
             )  # fmt: skip
         if not torch.isfinite(weight).all():
             raise ShrinkError(f"{where}: the sparsity/quantization step produced non-finite weights")
@@ -287,6 +287,11 @@ class BlockSteps:
         rank = int(q.lowrank) if q.name != "none" else 0
         if rank:
             row["rel_error_uncorrected"] = _relative_error(dense, weight, moments)
+            target = (  # what the stored weight stands in for, on these inputs
+                asymmetric_target(dense, gram, moments.cross, float(q.dampening), float(q.alpha), where)
+                if gptaq
+                else dense
+            )
             weight = weight + self._correct(where, linear, target - weight, gram, rank, path, block)
         return row | {
             "rel_error": _relative_error(dense, weight, moments),

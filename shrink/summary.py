@@ -67,6 +67,7 @@ def summary(m: dict[str, Any], path: Path) -> str:
                 f"  warning: speedup {sp['speedup']:.2f}x exceeds 1 / MAC ratio = "
                 f"{1 / sp['model_mac_ratio']:.2f}x: timing noise, not a result (time on an idle machine)"
             )
+        lines += _decode_lines(sp)
     if "mean" in zs:
         lines.append(
             f"  zero-shot mean  dense {zs['mean']['dense']:.3f} -> compressed {zs['mean']['compressed']:.3f}"
@@ -78,3 +79,34 @@ def summary(m: dict[str, Any], path: Path) -> str:
     )
     lines.append(f"  run folder {path}")
     return "\n".join(lines)
+
+
+def _decode_lines(sp: dict) -> list[str]:
+    """Per-token decode latency, and the same with quantized linears on integer kernels."""
+    dense, comp, lines = sp["dense"], sp["compressed"], []
+    if "decode_speedup" in sp:
+        lines.append(
+            f"  decode     {dense['decode_ms_per_token']:.1f} -> {comp['decode_ms_per_token']:.1f} ms/token "
+            f"({sp['decode_speedup']:.2f}x; weight bytes ratio {sp['weight_bytes_ratio']:.3f})"
+        )
+    kernels = comp.get("kernels", {})
+    if "kernel_speedup" in sp:
+        decode = (
+            f"decode {kernels['decode_ms_per_token']:.1f} ms/token ({sp['kernel_decode_speedup']:.2f}x), "
+            if "kernel_decode_speedup" in sp
+            else ""
+        )
+        lines.append(
+            f"  kernels    {kernels['kernel_linears']} of {kernels['quantized_linears']} quantized linears "
+            f"on integer kernels: forward {kernels['latency_ms']:.0f} ms ({sp['kernel_speedup']:.2f}x), "
+            f"{decode}"
+            f"weight bytes ratio {sp['kernel_weight_bytes_ratio']:.3f}, logits max rel diff "
+            f"{kernels['logits_max_rel_diff']:.1e}"
+        )
+    elif kernels:
+        n = kernels["quantized_linears"]
+        lines.append(f"  kernels    none of {n} quantized linears has a kernel here")
+    for key in ("decode_speedup", "kernel_speedup", "kernel_decode_speedup"):
+        if not sp.get(f"{key}_reliable", True):
+            lines.append(f"  warning: {key} {sp[key]:.2f}x exceeds what fewer MACs and bytes allow: noise")
+    return lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from shrink import report
+from shrink.summary import summary
 
 
 def _metrics(folder, method, budget, ppl, status="ok", **extra):
@@ -89,6 +90,26 @@ def test_speed_suite_reports_latency_next_to_the_mac_ratio(run_job):
     assert 0 < speed["block_mac_ratio"] < 1 and speed["block_mac_ratio"] < speed["model_mac_ratio"] < 1
     assert speed["weight_bytes_ratio"] < 1
     assert metrics["checkpoint_mb"] > 0
+
+
+def test_speed_suite_times_quantized_linears_on_integer_kernels(run_job):
+    from .conftest import tiny_overrides
+
+    metrics, folder = run_job(
+        *tiny_overrides("tiny-llama"), "method=id", "budget=1.0", "schedule=uniform", "quant=rtn",
+        "quant.bits=4", "quant.group_size=32", "eval=speed", "eval.speed.repeats=1", "eval.speed.seq_len=32",
+        "eval.speed.decode_tokens=3", "eval.ppl.max_tokens=512", "eval.ppl.seq_len=128", "save_model=false",
+    )  # fmt: skip
+    speed = metrics["eval"]["speed"]
+    assert speed["dense"]["decode_ms_per_token"] > 0 and speed["compressed"]["decode_ms_per_token"] > 0
+    kernels = speed["compressed"]["kernels"]
+    assert kernels["kernel_linears"] == kernels["quantized_linears"] == 14  # 7 linears × 2 blocks
+    assert kernels["latency_ms"] > 0 and kernels["decode_ms_per_token"] > 0
+    assert 0 < kernels["logits_max_rel_diff"] < 2e-2  # bfloat16 activations and scales, nothing more
+    # 4-bit codes and a scale per 32 weights in memory; the float embedding is what stays
+    assert speed["kernel_weight_bytes_ratio"] < 0.35 < speed["weight_bytes_ratio"]
+    assert {"kernel_speedup", "kernel_decode_speedup", "decode_speedup"} <= set(speed)
+    assert "kernels    14 of 14 quantized linears on integer kernels" in summary(metrics, folder)
 
 
 def test_speed_suite_runs_on_an_encoder(run_job):

@@ -188,6 +188,10 @@ def test_a_run_reports_bits_per_weight_and_zeros(run_job, capsys):
             r"quant.group_size=48 is not supported; valid: -1, 32, 64, 128",
         ),
         (["quant=gptq", "quant.dampening=0"], r"quant.dampening=0.0 must be positive"),
+        (
+            ["quant=gptq", "quant.alpha=2"],
+            r"quant.alpha=2.0 scales GPTAQ's asymmetry term: a value in \(0, 1\]$",
+        ),
         (["sparsity=wanda", "sparsity.pattern=4:2"], r"sparsity.pattern='4:2' is not a pattern"),
         (["sparsity=wanda", "sparsity.pattern=half"], r"sparsity.pattern='half' is not a pattern"),
         (["sparsity=sparsegpt", "sparsity.fraction=1.5"], r"sparsity.fraction=1.5 must be in \(0, 1\)"),
@@ -199,26 +203,48 @@ def test_bad_step_settings_fail_before_loading(tmp_path, overrides, match):
 
 
 def test_gptaq_fits_the_reference_outputs_better_than_gptq():
-    """Inputs that drifted from the reference (X̃ = X + noise): GPTAQ's target W·XᵀX̃·H̃⁻¹ then GPTQ
-    lowers ‖X̃Qᵀ − XWᵀ‖ against GPTQ of W itself; with no drift it is W (GPTQ unchanged)."""
-    x, w, h = _problem()
-    drifted = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    """Inputs that drifted from the reference (X̃ = X·(I + D), as an earlier compressed layer
+    distorts them): GPTAQ's recursion lowers ‖X̃Qᵀ − XWᵀ‖ against GPTQ of W, more with the whole
+    asymmetry term (α = 1) than with the authors' α = 0.25; with no drift it is GPTQ exactly, and
+    its lazy blocks change nothing."""
+    x, w, _ = _problem()
+    distortion = 0.1 * torch.randn(64, 64, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    drifted = x @ (torch.eye(64, dtype=x.dtype) + distortion)
     gram, cross = drifted.T @ drifted, x.T @ drifted
 
     def asymmetric(q):
         return float(((drifted @ q.T - x @ w.T) ** 2).sum() / ((x @ w.T) ** 2).sum())
 
     plain, _ = gptq(w, gram, 4, 16, True, True, 0.01)
-    fitted, _ = gptq(asymmetric_target(w, gram, cross, 0.01), gram, 4, 16, True, True, 0.01)
-    assert asymmetric(fitted) < 0.8 * asymmetric(plain)
-    assert torch.allclose(asymmetric_target(w, h, h, 1e-12), w, atol=1e-4)
+    quarter, _ = gptq(w, gram, 4, 16, True, True, 0.01, asymmetry=cross - gram, alpha=0.25)
+    whole, _ = gptq(w, gram, 4, 16, True, True, 0.01, asymmetry=cross - gram, alpha=1.0)
+    assert asymmetric(whole) < 0.6 * asymmetric(plain) and asymmetric(whole) < asymmetric(quarter)
+    assert asymmetric(quarter) < 0.8 * asymmetric(plain)
+    blocks, _ = gptq(w, gram, 4, 16, True, False, 0.01, block=8, asymmetry=cross - gram, alpha=1.0)
+    one_block, _ = gptq(w, gram, 4, 16, True, False, 0.01, block=64, asymmetry=cross - gram, alpha=1.0)
+    assert torch.allclose(blocks, one_block, atol=1e-12)
+    undrifted, _ = gptq(w, gram, 4, 16, True, True, 0.01, asymmetry=torch.zeros_like(gram))
+    assert torch.equal(undrifted, plain)
 
 
+def test_the_asymmetric_target_is_the_least_squares_fit_at_alpha_one():
+    x, w, h = _problem()
+    drifted = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    gram, cross = drifted.T @ drifted, x.T @ drifted
+    least_squares = torch.linalg.lstsq(drifted, x @ w.T).solution.T
+    assert torch.allclose(asymmetric_target(w, gram, cross, 1e-12), least_squares, atol=1e-6)
+    half = asymmetric_target(w, gram, cross, 1e-12, alpha=0.5)
+    assert torch.allclose(half, (w + least_squares) / 2, atol=1e-6)
+    assert torch.allclose(asymmetric_target(w, h, h, 0.01), w, atol=1e-12)  # no drift: W, damped or not
+
+
+@pytest.mark.parametrize("form", ["recursion", "target"])
 @pytest.mark.parametrize("method", METHODS[:2], ids=lambda m: m[0])
-def test_gptaq_runs_on_the_dense_stream_and_reloads(tmp_path, method):
+def test_gptaq_runs_on_the_dense_stream_and_reloads(tmp_path, method, form):
     done = compress_in_memory(
-        *tiny_overrides("tiny-llama"), *method, "quant=gptq", "quant.group_size=-1", "quant.target=dense"
-    )
+        *tiny_overrides("tiny-llama"), *method, "quant=gptq", "quant.group_size=-1", "quant.target=dense",
+        f"quant.gptaq_form={form}",
+    )  # fmt: skip
     assert done.steps and all(0 < r["rel_error"] < 1 for r in done.steps)
     ids = torch.randint(0, 255, (2, 32))
     assert torch.equal(logits(shrink.load(done.save(tmp_path / "model")), ids), logits(done.model, ids))

@@ -1,13 +1,19 @@
 """Speed and size: forward latency and tokens/s at a fixed batch and length (median and spread
-of repeats after warm-up, timed by `torch.utils.benchmark`), MACs per token, and bytes of weights.
-The latency of a compressed model means little without its MAC ratio beside it, so both are
-reported together."""
+of repeats after warm-up, timed by `torch.utils.benchmark`), the per-token latency of greedy
+decoding with the KV cache (causal LMs), MACs per token, and bytes of weights. The latency of a
+compressed model means little without its MAC and byte ratios beside it, so all are reported
+together: a long forward is bound by multiply-adds, one decoded token by the bytes it reads."""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.benchmark import Measurement, Timer
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..cost import CostModel
 from ..models import build_adapter
@@ -28,6 +34,42 @@ def latency(model: nn.Module, ids: torch.Tensor, repeats: int, warmup: int = 2) 
     )
     (merged,) = Measurement.merge([timer.timeit(1) for _ in range(repeats)])
     return merged
+
+
+class _TokenClock(StoppingCriteria):
+    """Never stops generation; notes the time each new token is ready (CUDA synchronised)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if input_ids.is_cuda:
+            torch.cuda.synchronize(input_ids.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def decode_seconds_per_token(
+    model: nn.Module, prompt: torch.Tensor, tokens: int, repeats: int, warmup: int
+) -> tuple[float, float]:
+    """(median, interquartile range) of the seconds between consecutive tokens of greedy decoding
+    with the KV cache (transformers' `generate`, `tokens` new tokens, batch 1), over `repeats`
+    generations after `warmup`; the first token, which carries the prefill, is left out."""
+    model.eval()
+    config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True)
+    config.pad_token_id = config.eos_token_id = None
+    gaps: list[float] = []
+    for step in range(warmup + repeats):
+        clock = _TokenClock()
+        model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
+            stopping_criteria=StoppingCriteriaList([clock]),
+        )  # fmt: skip
+        if step >= warmup:
+            gaps += [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    low, median, high = np.quantile(gaps, [0.25, 0.5, 0.75])
+    return float(median), float(high - low)
 
 
 def macs_per_token(model: nn.Module, seq_len: int) -> tuple[int, int]:
@@ -57,17 +99,30 @@ def measure(
     warmup: int,
     device: torch.device,
     seed: int,
+    decode_tokens: int = 0,
+    prompt_len: int = 32,
+    count_macs: bool = True,
 ) -> dict[str, float]:
-    """Latency, throughput, MACs and weight bytes of `model` on random token ids (seeded)."""
+    """Latency, throughput, MACs (unless not `count_macs`: the same model on other kernels) and
+    weight bytes of `model` on random token ids (seeded); with `decode_tokens` (≥ 2, causal LMs)
+    also the per-token decode latency after a `prompt_len` prompt."""
     vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
-    timed = latency(model, ids.to(device), repeats, warmup)
-    blocks, whole = macs_per_token(model, seq_len)
-    return {
+    ids = random_ids(vocab, batch_size, seq_len, seed).to(device)
+    timed = latency(model, ids, repeats, warmup)
+    out = {
         "latency_ms": 1000 * timed.median,
         "latency_iqr_ms": 1000 * timed.iqr,  # interquartile range of the repeats
         "tokens_per_s": batch_size * seq_len / timed.median,
-        "block_macs_per_token": blocks,
-        "model_macs_per_token": whole,
         "weight_bytes": weight_bytes(model),
     }
+    if count_macs:
+        out["block_macs_per_token"], out["model_macs_per_token"] = macs_per_token(model, seq_len)
+    if decode_tokens > 1 and build_adapter(model).causal:
+        prompt = random_ids(vocab, 1, prompt_len, seed).to(device)
+        median, iqr = decode_seconds_per_token(model, prompt, decode_tokens, repeats, warmup)
+        out["decode_ms_per_token"], out["decode_iqr_ms"] = 1000 * median, 1000 * iqr
+    return out
+
+
+def random_ids(vocab: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))

@@ -14,9 +14,11 @@ from .. import data
 from .. import hub as model_hub
 from ..config import Head, TaskSource
 from ..errors import ShrinkError
+from ..kernels import weight_only_kernels
+from ..packing import is_quantized
 from . import cache, encoders, glue_hub, zeroshot
 from .perplexity import perplexity, perplexity_by_blocks
-from .speed import measure
+from .speed import measure, random_ids
 
 if TYPE_CHECKING:
     from ..store import BlockStore
@@ -47,6 +49,10 @@ def check_suite(cfg: DictConfig) -> None:
                 raise ShrinkError(f"eval.speed.{key} must be ≥ 1, got {speed[key]}")
         if speed.warmup < 0:
             raise ShrinkError(f"eval.speed.warmup must be ≥ 0, got {speed.warmup}")
+        if speed.decode_tokens == 1 or speed.decode_tokens < 0:
+            raise ShrinkError(f"eval.speed.decode_tokens must be 0 (off) or ≥ 2, got {speed.decode_tokens}")
+        if speed.prompt_len < 1:
+            raise ShrinkError(f"eval.speed.prompt_len must be ≥ 1, got {speed.prompt_len}")
     if ppl is not None:
         for corpus in ppl.corpora:
             data.check_corpus(corpus)
@@ -220,15 +226,24 @@ def _glue_hub(cfg: DictConfig, hub: DictConfig, model, tokenizer, device, which:
 
 
 def measure_speed(model, speed: DictConfig, device: torch.device) -> dict[str, Any]:
-    values = measure(
-        model,
-        int(speed.batch_size),
-        int(speed.seq_len),
-        int(speed.repeats),
-        int(speed.warmup),
-        device,
-        int(speed.seed),
-    )
+    """The speed table of one model; a model with quantized linears is timed again with those a
+    weight-only kernel runs swapped in (`kernels`), with the largest logit difference that makes."""
+    timing = (int(speed.batch_size), int(speed.seq_len), int(speed.repeats), int(speed.warmup), device)
+    extra = {"seed": int(speed.seed), "decode_tokens": int(speed.decode_tokens)}
+    extra["prompt_len"] = int(speed.prompt_len)
+    values = measure(model, *timing, **extra)
+    if bool(speed.kernels) and any(is_quantized(m) for m in model.modules()):
+        ids = random_ids(model.get_input_embeddings().num_embeddings, 1, int(speed.seq_len), int(speed.seed))
+        with torch.no_grad():
+            reference = model(input_ids=ids.to(device)).logits.float()
+        with weight_only_kernels(model, device) as swapped:
+            if swapped["kernel_linears"]:
+                swapped |= measure(model, *timing, **extra, count_macs=False)
+                with torch.no_grad():
+                    logits = model(input_ids=ids.to(device)).logits.float()
+                gap = (logits - reference).abs().max() / reference.abs().max()
+                swapped["logits_max_rel_diff"] = float(gap)
+        values["kernels"] = swapped
     return values | {
         "batch_size": int(speed.batch_size),
         "seq_len": int(speed.seq_len),
@@ -237,19 +252,35 @@ def measure_speed(model, speed: DictConfig, device: torch.device) -> dict[str, A
 
 
 def speed_ratios(table: dict[str, Any]) -> dict[str, Any]:
-    """Speedup next to what the MAC count allows, and the weight-size ratio. A speedup beyond
-    1 / MAC ratio is more than fewer multiply-adds can give: timing noise (a busy machine), so it
-    is flagged unreliable (`speedup_reliable: false`) rather than reported as a result."""
+    """Speedups next to what the MAC and byte counts allow. A float model's forward speedup beyond
+    1 / MAC ratio is more than fewer multiply-adds can give; a decode speedup, or any speedup of
+    integer kernels (which read fewer bytes for the same MACs), beyond 1 / the smaller of the MAC
+    and weight-byte ratios is more than fewer multiply-adds and fewer bytes read can give. Either
+    is timing noise (a busy machine), flagged unreliable (`…_reliable: false`), not a result."""
     dense, comp = table["dense"], table["compressed"]
-    speedup = dense["latency_ms"] / comp["latency_ms"]
     mac_ratio = comp["model_macs_per_token"] / dense["model_macs_per_token"]
-    return {
-        "speedup": speedup,
-        "speedup_reliable": speedup <= 1 / mac_ratio,
+    bytes_ratio = comp["weight_bytes"] / dense["weight_bytes"]
+    ratios: dict[str, Any] = {
         "model_mac_ratio": mac_ratio,
         "block_mac_ratio": comp["block_macs_per_token"] / dense["block_macs_per_token"],
-        "weight_bytes_ratio": comp["weight_bytes"] / dense["weight_bytes"],
+        "weight_bytes_ratio": bytes_ratio,
     }
+    ratios |= _speedups(dense, comp, 1 / mac_ratio, 1 / min(mac_ratio, bytes_ratio), "")
+    kernels = comp.get("kernels", {})
+    if "latency_ms" in kernels:
+        ratios["kernel_weight_bytes_ratio"] = kernels["weight_bytes"] / dense["weight_bytes"]
+        bound = 1 / min(mac_ratio, ratios["kernel_weight_bytes_ratio"])
+        ratios |= _speedups(dense, kernels, bound, bound, "kernel_")
+    return ratios
+
+
+def _speedups(dense: dict, comp: dict, forward_bound: float, decode_bound: float, prefix: str) -> dict:
+    speedup = dense["latency_ms"] / comp["latency_ms"]
+    out = {f"{prefix}speedup": speedup, f"{prefix}speedup_reliable": speedup <= forward_bound}
+    if "decode_ms_per_token" in dense and comp.get("decode_ms_per_token"):
+        decode = dense["decode_ms_per_token"] / comp["decode_ms_per_token"]
+        out |= {f"{prefix}decode_speedup": decode, f"{prefix}decode_speedup_reliable": decode <= decode_bound}
+    return out
 
 
 def merge_zeroshot(table: dict[str, Any], scores: dict[str, Any], which: str) -> None:
