@@ -45,10 +45,10 @@ ROWS: dict[str, list[str]] = {
     "id0.8": ID,
     "id0.8+rtn4": [*ID, "quant=rtn", "quant.bits=4", G],
     "id0.8+gptq4": [*ID, *G4],
-    "gptq4-gptaq": [*DENSE, *G4, "quant.target=dense"],  # the paper's recursion, α = 0.25
-    "gptq4-gptaq-target": [*DENSE, *G4, "quant.target=dense", "quant.gptaq_form=target"],
+    "gptq4-gptaq": [*DENSE, *G4, "quant.target=dense"],  # closed-form target, α = 0.25
+    "gptq4-gptaq-recursion": [*DENSE, *G4, "quant.target=dense", "quant.gptaq_form=recursion"],
     "id0.8+gptq4-gptaq": [*ID, *G4, "quant.target=dense"],
-    "id0.8+gptq4-gptaq-target": [*ID, *G4, "quant.target=dense", "quant.gptaq_form=target"],
+    "id0.8+gptq4-gptaq-recursion": [*ID, *G4, "quant.target=dense", "quant.gptaq_form=recursion"],
     "id0.8+gptq4+lr16": [*ID, *G4, "quant.lowrank=16"],  # corrections inside the same 0.8
     "wanda2:4": [*DENSE, "sparsity=wanda", "sparsity.pattern=2:4"],
     "sparsegpt2:4": [*DENSE, *S24],

@@ -95,8 +95,8 @@ class MethodConf:
 
 
 class GptaqForm(str, Enum):
-    recursion = "recursion"  # the paper's: GPTQ's column recursion with the asymmetry term folded in
     target = "target"  # GPTQ of the closed-form target W + α·W·ΔXᵀX̃·H̃⁻¹ (all columns corrected)
+    recursion = "recursion"  # the paper's: GPTQ's column recursion with the asymmetry term folded in
 
 
 class FoldTarget(str, Enum):
@@ -310,8 +310,9 @@ class QuantConf:
     target: FoldTarget = FoldTarget.compressed
     # target=dense: the scale of GPTAQ's asymmetry term (the authors' code: 0.25; 1: all of it)
     alpha: float = 0.25
-    # target=dense: how the asymmetry term enters (recursion: the paper's; target: closed form)
-    gptaq_form: GptaqForm = GptaqForm.recursion
+    # target=dense: how the asymmetry term enters (target: closed form, measured better; recursion:
+    # the paper's)
+    gptaq_form: GptaqForm = GptaqForm.target
     # a rank-r correction of each quantized linear's error, in full precision (SLiM); 0: none
     lowrank: int = 0
 
