@@ -38,6 +38,7 @@ S24 = ["sparsity=sparsegpt", "sparsity.pattern=2:4"]
 ROWS: dict[str, list[str]] = {
     "dense": DENSE,
     "rtn8": [*DENSE, "quant=rtn", "quant.bits=8", G],
+    "rtn8-row": [*DENSE, "quant=rtn", "quant.bits=8", "quant.group_size=-1"],  # one scale per row
     "gptq8": [*DENSE, "quant=gptq", "quant.bits=8", G, "quant.act_order=false"],
     "rtn4": [*DENSE, "quant=rtn", "quant.bits=4", G],
     "gptq4": [*DENSE, *G4],

@@ -2,8 +2,8 @@
 
 A quantized linear keeps a dequantized float weight so that every evaluator sees exactly the
 checkpoint's numbers; that is as slow as the dense model. Timing what 4 or 8 bits buy needs the
-kernels that read the integers: torch's CPU weight-only kernels (the ones torchao's CPU layouts
-call), fed with the linear's *own* grid rather than a grid they would fit again:
+kernels that read the integers: torch's CPU weight-only kernels (the int4 one is what torchao's
+`Int4CPULayout` wraps), fed with the linear's *own* grid rather than a grid fitted again:
 
 - 4 bits, groups of 32/64/128/256: `_weight_int4pack_mm_for_cpu` ("tinygemm": w = (u − 8)·s + z
   per group, u the unsigned code), so u = q + 8 and z = −zero·s reproduce (q − zero)·s;
