@@ -133,8 +133,9 @@ def gptq(
     whose Gram matrix `gram` is), GPTAQ (Li et al., 2025): the objective becomes ‖QX̃ − WX‖², and
     each column w_i, as it is quantized, also moves the later columns by w_i·P_i,>i with
     P = α·triu₁(ΔXᵀX̃·Uᵀ)·U (UᵀU = H̃⁻¹): the part of its own input shift w_i·Δx_i that the later
-    columns can still take up. α (`alpha`, the authors' code uses 0.25) scales that term; α = 1 is
-    the full least-squares correction."""
+    columns can still take up. α (`alpha`, the authors' code uses 0.25) scales that term; α = 1
+    takes all of it (still short of the least-squares target: the columns already rounded keep
+    their share)."""
     w = weight.detach().to(torch.float64).clone()
     rows, n = w.shape
     gs = _groups(n, group_size)
