@@ -52,6 +52,9 @@ ROWS: dict[str, list[str]] = {
     "id0.8+gptq4-gptaq-recursion": [*ID, *G4, "quant.target=dense", "quant.gptaq_form=recursion"],
     "gptq4-gptaq-asym": [*DENSE, *G4, "quant.target=dense", "quant.sym=false"],  # zero points
     "id0.8+gptq4-gptaq-asym": [*ID, *G4, "quant.target=dense", "quant.sym=false"],
+    "gptq4-gptaq-clip": [*DENSE, *G4, "quant.target=dense", "quant.clip=true"],  # searched ranges
+    "id0.8+gptq4-gptaq-clip": [*ID, *G4, "quant.target=dense", "quant.clip=true"],
+    "id0.8+gptq4-gptaq-asym-clip": [*ID, *G4, "quant.target=dense", "quant.sym=false", "quant.clip=true"],
     "id0.8+gptq4+lr16": [*ID, *G4, "quant.lowrank=16"],  # corrections inside the same 0.8
     "wanda2:4": [*DENSE, "sparsity=wanda", "sparsity.pattern=2:4"],
     "sparsegpt2:4": [*DENSE, *S24],

@@ -304,6 +304,7 @@ class QuantConf:
     bits: int = 4  # 8, 4, 3 or 2
     group_size: int = 64  # input columns sharing one scale: -1 (whole row), 32, 64 or 128
     sym: bool = True  # symmetric grid (zero point 0)
+    clip: bool = False  # search each row and group's range for the least rounding error (`mse`)
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal (static groups)
     dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal
     # gptq: fit the layer on the compressed model's inputs (GPTQ) or the dense model's (GPTAQ)

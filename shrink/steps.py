@@ -260,7 +260,9 @@ class BlockSteps:
         grid: Grid | None = None
         q = self.quant
         if q.name == "rtn":
-            weight, grid = rtn(weight, int(q.bits), int(q.group_size), bool(q.sym), linear.weight.dtype)
+            weight, grid = rtn(
+                weight, int(q.bits), int(q.group_size), bool(q.sym), linear.weight.dtype, bool(q.clip)
+            )
             if keep is not None:
                 weight = weight * keep
         gptaq = q.name == "gptq" and moments.cross is not None  # asymmetric calibration
@@ -272,7 +274,7 @@ class BlockSteps:
             weight, grid = gptq(
                 weight, gram, int(q.bits), int(q.group_size), bool(q.sym), bool(q.act_order),
                 float(q.dampening), keep, where=where, scale_dtype=linear.weight.dtype,
-                asymmetry=asymmetry, alpha=float(q.alpha),
+                asymmetry=asymmetry, alpha=float(q.alpha), clip=bool(q.clip),
             )  # fmt: skip
         if not torch.isfinite(weight).all():
             raise ShrinkError(f"{where}: the sparsity/quantization step produced non-finite weights")

@@ -18,7 +18,7 @@ from .conftest import FAST, compress_in_memory, logits, tiny_overrides
 from .test_bad_inputs import fails
 
 GPTQ_32 = ["quant=gptq", "quant.bits=4", "quant.group_size=32"]
-ASYM_CHANNEL = ["quant=rtn", "quant.bits=3", "quant.group_size=-1", "quant.sym=false"]
+ASYM_CHANNEL = ["quant=rtn", "quant.bits=3", "quant.group_size=-1", "quant.sym=false", "quant.clip=true"]
 
 
 def _tensor_names(folder):

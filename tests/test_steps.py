@@ -53,6 +53,25 @@ def test_round_to_nearest_is_the_nearest_grid_point_of_each_group(sym):
         assert torch.allclose(q[:, cols], (levels.clamp(-8, 7) - zero[:, None]) * scale[:, None])
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_a_clipped_grid_is_the_searched_range_with_the_least_rounding_error(sym):
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(24, 64, generator=gen, dtype=torch.float64).exp()
+    w = spread * torch.randn(24, 64, generator=gen, dtype=torch.float64)  # heavy tails, as weights have
+    q, grid = rtn(w, 4, 16, sym, clip=True)
+    plain, wide = rtn(w, 4, 16, sym)
+    per_group = lambda x: (x - w).abs().pow(2.4).reshape(24, 4, 16).sum(-1)  # noqa: E731
+    assert (per_group(q) <= per_group(plain) + 1e-9).all()  # the search includes the full range
+    clipped = grid.scale < wide.scale - 1e-12
+    assert clipped.float().mean() > 0.2 and per_group(q).sum() < 0.95 * per_group(plain).sum()
+    shrink = (grid.scale / wide.scale)[clipped]  # each a searched factor: 0.99, 0.98, …, 0.21
+    if sym:  # (an asymmetric grid also rounds its zero point, so only the symmetric scale is exact)
+        assert torch.allclose(shrink * 100, (shrink * 100).round(), atol=1e-6)
+    assert (shrink > 0.2).all()
+    gptq_clipped, _ = gptq(w, w.T @ w, 4, 16, sym, True, 0.01, clip=True)
+    assert torch.isfinite(gptq_clipped).all()
+
+
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [-1, 16])
