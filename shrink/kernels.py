@@ -5,9 +5,11 @@ checkpoint's numbers; that is as slow as the dense model. Timing what 4 or 8 bit
 kernels that read the integers: torch's CPU weight-only kernels (the int4 one is what torchao's
 `Int4CPULayout` wraps), fed with the linear's *own* grid rather than a grid fitted again:
 
-- 4 bits, groups of 32/64/128/256: `_weight_int4pack_mm_for_cpu` ("tinygemm": w = (u − 8)·s + z
-  per group, u the unsigned code), so u = q + 8 and z = −zero·s reproduce (q − zero)·s;
-- 8 bits, symmetric, one scale per output row (`group_size=-1`): `_weight_int8pack_mm`.
+- 4 bits, groups of 32/64/128/256, outputs a multiple of 16: `_weight_int4pack_mm_for_cpu`
+  ("tinygemm": w = (u − 8)·s + z per group, u the unsigned code), so u = q + 8 and z = −zero·s
+  reproduce (q − zero)·s;
+- 8 bits, symmetric, one scale per output row (`group_size=-1`), inputs a multiple of 8:
+  `_weight_int8pack_mm`.
 
 Both kernels take bfloat16 activations and scales (their float32 paths are slower than a float32
 matmul on the CPUs measured), so the swapped model's logits differ from the checkpoint's by
@@ -99,9 +101,11 @@ def kernel_for(linear: nn.Module, device: torch.device) -> type[nn.Module] | Non
         return None
     bits, groups = quantized_bits(linear), linear._buffers[SCALE].shape[1]
     group = linear.in_features // groups
-    if bits == 4 and group in INT4_GROUPS:
+    # the kernels' own shape limits: int4 packs outputs in 16s; int8 reads inputs in 8s (other
+    # widths crash the process or return garbage in torch 2.13 rather than raise)
+    if bits == 4 and group in INT4_GROUPS and linear.out_features % 16 == 0:
         return Int4WeightOnlyLinear
-    if bits == 8 and groups == 1 and ZERO not in linear._buffers:
+    if bits == 8 and groups == 1 and ZERO not in linear._buffers and linear.in_features % 8 == 0:
         return Int8WeightOnlyLinear
     return None
 

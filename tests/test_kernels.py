@@ -68,6 +68,10 @@ def test_only_grids_and_layers_a_kernel_fits_are_swapped():
     assert kernel_for(_quantized(8, -1, False), CPU) is None  # 8 bits with zero points
     assert kernel_for(_quantized(4, 64, True), torch.device("meta")) is None  # CPU kernels only
     assert kernel_for(nn.Linear(128, 96), CPU) is None  # not quantized
+    # shapes the kernels cannot take (they would crash the process or return garbage)
+    assert kernel_for(_quantized(4, 64, True, nn.Linear(128, 24)), CPU) is None  # int4: outputs in 16s
+    assert kernel_for(_quantized(8, -1, True, nn.Linear(36, 96)), CPU) is None  # int8: inputs in 8s
+    assert kernel_for(_quantized(8, -1, True, nn.Linear(40, 7)), CPU) is Int8WeightOnlyLinear
     sliced = _quantized(4, 64, True, HeadSlicedLinear(heads=4, width=32, head_dim=48, out_features=96))
     assert kernel_for(sliced, CPU) is None  # moves its input itself
 
