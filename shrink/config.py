@@ -309,11 +309,8 @@ class QuantConf:
     dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal
     # gptq: fit the layer on the compressed model's inputs (GPTQ) or the dense model's (GPTAQ)
     target: FoldTarget = FoldTarget.compressed
-    # target=dense: the scale of GPTAQ's asymmetry term (the authors' code: 0.25; 1: all of it)
-    alpha: float = 0.25
-    # target=dense: how the asymmetry term enters (target: closed form, measured better; recursion:
-    # the paper's)
-    gptaq_form: GptaqForm = GptaqForm.target
+    alpha: float = 0.25  # target=dense: scale of GPTAQ's asymmetry term (the authors' code: 0.25)
+    gptaq_form: GptaqForm = GptaqForm.target  # target=dense: closed form (measured better), recursion
     # a rank-r correction of each quantized linear's error, in full precision (SLiM); 0: none
     lowrank: int = 0
 

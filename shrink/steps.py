@@ -266,10 +266,16 @@ class BlockSteps:
             if keep is not None:
                 weight = weight * keep
         gptaq = q.name == "gptq" and moments.cross is not None  # asymmetric calibration
-        asymmetry = moments.cross - gram if gptaq else None
-        if gptaq and GptaqForm(q.gptaq_form) == GptaqForm.target:
-            weight = asymmetric_target(weight, gram, moments.cross, float(q.dampening), float(q.alpha), where)
-            asymmetry = None
+        target, asymmetry = dense, None  # what the stored weight stands in for, on these inputs
+
+        def corrected(w: torch.Tensor) -> torch.Tensor:  # GPTAQ's closed-form target of w
+            return asymmetric_target(w, gram, moments.cross, float(q.dampening), float(q.alpha), where)
+
+        if gptaq and GptaqForm(q.gptaq_form) == GptaqForm.recursion:
+            asymmetry = moments.cross - gram
+        elif gptaq:
+            target = corrected(dense)
+            weight = target if keep is None else corrected(weight)  # a pruned weight keeps its mask
         if q.name == "gptq":
             weight, grid = gptq(
                 weight, gram, int(q.bits), int(q.group_size), bool(q.sym), bool(q.act_order),
@@ -289,11 +295,7 @@ class BlockSteps:
         rank = int(q.lowrank) if q.name != "none" else 0
         if rank:
             row["rel_error_uncorrected"] = _relative_error(dense, weight, moments)
-            target = (  # what the stored weight stands in for, on these inputs
-                asymmetric_target(dense, gram, moments.cross, float(q.dampening), float(q.alpha), where)
-                if gptaq
-                else dense
-            )
+            target = corrected(dense) if asymmetry is not None else target
             weight = weight + self._correct(where, linear, target - weight, gram, rank, path, block)
         return row | {
             "rel_error": _relative_error(dense, weight, moments),
