@@ -306,13 +306,13 @@ class QuantConf:
     sym: bool = True  # symmetric grid (zero point 0)
     clip: bool = False  # search each row and group's range for the least rounding error (`mse`)
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal (static groups)
+    refit: bool = False  # gptq: refit each row's group scales to the calibration inputs (codes fixed)
     dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal
     # gptq: fit the layer on the compressed model's inputs (GPTQ) or the dense model's (GPTAQ)
     target: FoldTarget = FoldTarget.compressed
     alpha: float = 0.25  # target=dense: scale of GPTAQ's asymmetry term (the authors' code: 0.25)
     gptaq_form: GptaqForm = GptaqForm.target  # target=dense: closed form (measured better), recursion
-    # a rank-r correction of each quantized linear's error, in full precision (SLiM); 0: none
-    lowrank: int = 0
+    lowrank: int = 0  # a rank-r full-precision correction of each quantized linear's error (SLiM)
 
 
 @dataclass

@@ -216,6 +216,48 @@ def gptq(
     return q, Grid(scales, zeros, bits, gs)
 
 
+def refit_scales(
+    quantized: torch.Tensor,
+    grid: Grid,
+    target: torch.Tensor,
+    gram: torch.Tensor,
+    dampening: float,
+    scale_dtype: torch.dtype | None = None,
+    where: str = "a linear",
+) -> tuple[torch.Tensor, Grid]:
+    """With GPTQ's integer codes c fixed, each row's group scales s refitted together to the
+    least ‖X̃(Ŵ − T)ᵀ‖² (`target` T, H̃ = X̃ᵀX̃ damped as GPTQ damps it): a G × G least-squares
+    system per row (G groups), M s = b with M_gh = c_gᵀH̃c_h and b_g = c_gᵀH̃t. The codes were
+    chosen column by column against scales fixed beforehand (from the weights' ranges); these
+    scales are the best the calibration inputs allow for those codes, in the layer objective, as
+    llama.cpp's importance-weighted scale fits do with a diagonal H̃. A scale that would not be
+    positive and finite (a group of zero codes, say) keeps its old value."""
+    factor, _ = _damped_cholesky(gram, dampening, where)
+    h = factor @ factor.T
+    q = quantized.to(torch.float64)
+    rows, n = q.shape
+    groups = grid.columns(n).to(q.device)
+    count = grid.scale.shape[1]
+    old = grid.scale.to(torch.float64)
+    codes = (q / old[:, groups]).round()
+    system = torch.zeros(rows, count, count, dtype=q.dtype, device=q.device)
+    for g in range(count):
+        cols = (groups == g).nonzero().squeeze(1)
+        system[:, :, g] = torch.zeros(rows, count, dtype=q.dtype, device=q.device).index_add_(
+            1, groups, (codes[:, cols] @ h[cols]) * codes
+        )
+    rhs = torch.zeros(rows, count, dtype=q.dtype, device=q.device).index_add_(
+        1, groups, (target.to(torch.float64) @ h) * codes
+    )
+    diagonal = torch.diagonal(system, dim1=1, dim2=2)
+    ridge = 1e-6 * diagonal + 1e-12 * diagonal.mean(dim=1, keepdim=True).clamp_min(1e-30)
+    scale = torch.linalg.solve(system + torch.diag_embed(ridge), (rhs + ridge * old).unsqueeze(-1))[..., 0]
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).to(torch.float64)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, old)
+    return codes * scale[:, groups], Grid(scale, grid.zero, grid.bits, grid.group_size)
+
+
 def asymmetric_target(
     weight: torch.Tensor,
     gram: torch.Tensor,

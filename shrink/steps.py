@@ -33,7 +33,17 @@ from .errors import ShrinkError
 from .models import Site
 from .packing import attach_grid
 from .placement import BlockState
-from .solvers import Grid, asymmetric_target, gptq, lowrank_correction, nm_pattern, rtn, sparsegpt, wanda
+from .solvers import (
+    Grid,
+    asymmetric_target,
+    gptq,
+    lowrank_correction,
+    nm_pattern,
+    refit_scales,
+    rtn,
+    sparsegpt,
+    wanda,
+)
 from .stats import CrossMoment, SecondMoment
 from .surgery import CorrectedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
 
@@ -61,6 +71,11 @@ def check(cfg: DictConfig, factorises: bool = False) -> None:
             raise ShrinkError(f"quant.group_size={q.group_size} is not supported; valid: {valid}")
         if float(q.dampening) <= 0:
             raise ShrinkError(f"quant.dampening={q.dampening} must be positive")
+        if bool(q.refit) and q.name != "gptq":
+            raise ShrinkError(
+                f"quant.refit fits scales to the calibration inputs; quant={q.name} has no calibration: "
+                "use quant=gptq"
+            )
         if q.target == "dense" and q.name != "gptq":
             raise ShrinkError(
                 f"quant.target=dense calibrates GPTQ (GPTAQ); quant={q.name} has no calibration: "
@@ -277,11 +292,17 @@ class BlockSteps:
             target = corrected(dense)
             weight = target if keep is None else corrected(weight)  # a pruned weight keeps its mask
         if q.name == "gptq":
+            given = weight
             weight, grid = gptq(
                 weight, gram, int(q.bits), int(q.group_size), bool(q.sym), bool(q.act_order),
                 float(q.dampening), keep, where=where, scale_dtype=linear.weight.dtype,
                 asymmetry=asymmetry, alpha=float(q.alpha), clip=bool(q.clip),
             )  # fmt: skip
+            if bool(q.refit):
+                fit_to = corrected(given) if asymmetry is not None else given
+                weight, grid = refit_scales(
+                    weight, grid, fit_to, gram, float(q.dampening), linear.weight.dtype, where
+                )
         if not torch.isfinite(weight).all():
             raise ShrinkError(f"{where}: the sparsity/quantization step produced non-finite weights")
         with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 import shrink
 from shrink.linalg import truncated_svd
 from shrink.models import build_adapter, load_model
-from shrink.solvers import asymmetric_target, gptq, lowrank_correction, rtn, sparsegpt, wanda
+from shrink.solvers import asymmetric_target, gptq, lowrank_correction, refit_scales, rtn, sparsegpt, wanda
 from shrink.steps import Moments, _parts
 from shrink.surgery import CorrectedLinear, HeadSlicedLinear, LowRankLinear
 
@@ -84,6 +84,34 @@ def test_gptq_lowers_the_layer_error_of_round_to_nearest(bits, act_order, group_
     levels = q / grid.scale[:, cols] + grid.zero[:, cols]
     assert torch.allclose(levels, levels.round(), atol=1e-6)
     assert levels.min() >= grid.qmin - 1e-6 and levels.max() <= grid.qmax + 1e-6
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_refitted_scales_keep_the_codes_and_are_the_least_squares_scales(sym):
+    """The refit keeps every integer code and zero point, lowers the layer error of GPTQ's
+    grid, and each row's scales are the least-squares solution on the explicit activations
+    (no damping, to compare with lstsq)."""
+    x, w, h = _problem()
+    q, grid = gptq(w, h, 4, 16, sym, True, 0.01)
+    fitted, refit = refit_scales(q, grid, w, h, 1e-12)
+    cols = grid.columns(w.shape[1])
+    codes = q / grid.scale[:, cols]
+    assert torch.allclose(fitted / refit.scale[:, cols], codes, atol=1e-6)
+    assert torch.equal(refit.zero, grid.zero) and (refit.scale > 0).all()
+    assert _error(x, w, fitted) < 0.97 * _error(x, w, q)
+    for row in (0, 7):  # min over s of ‖X(Σ_g s_g c_g − w)‖: columns X_g c_g of each group
+        design = torch.stack([x[:, cols == g] @ codes[row, cols == g] for g in range(4)], 1)
+        best = torch.linalg.lstsq(design, x @ w[row]).solution
+        assert torch.allclose(refit.scale[row], best, rtol=1e-4)
+
+
+def test_a_group_of_zero_codes_keeps_its_scale():
+    x, w, h = _problem()
+    w[:3, :16] = 0  # rows whose first group rounds to all zeros
+    q, grid = gptq(w, h, 4, 16, True, False, 0.01)
+    fitted, refit = refit_scales(q, grid, w, h, 0.01, torch.float32)
+    assert torch.equal(refit.scale[:3, 0], grid.scale[:3, 0]) and torch.isfinite(fitted).all()
+    assert torch.equal(refit.scale, refit.scale.float().double())  # stored exactly as the checkpoint will
 
 
 def test_gptq_at_eight_bits_keeps_the_outputs():
@@ -211,6 +239,10 @@ def test_a_run_reports_bits_per_weight_and_zeros(run_job, capsys):
             ["quant=gptq", "quant.alpha=2"],
             r"quant.alpha=2.0 scales GPTAQ's asymmetry term: a value in \(0, 1\]$",
         ),
+        (
+            ["quant=rtn", "quant.refit=true"],
+            r"quant.refit fits scales to the calibration inputs; quant=rtn has no calibration: use",
+        ),
         (["sparsity=wanda", "sparsity.pattern=4:2"], r"sparsity.pattern='4:2' is not a pattern"),
         (["sparsity=wanda", "sparsity.pattern=half"], r"sparsity.pattern='half' is not a pattern"),
         (["sparsity=sparsegpt", "sparsity.fraction=1.5"], r"sparsity.fraction=1.5 must be in \(0, 1\)"),
@@ -260,9 +292,10 @@ def test_the_asymmetric_target_is_the_least_squares_fit_at_alpha_one():
 @pytest.mark.parametrize("form", ["recursion", "target"])
 @pytest.mark.parametrize("method", METHODS[:2], ids=lambda m: m[0])
 def test_gptaq_runs_on_the_dense_stream_and_reloads(tmp_path, method, form):
+    """Both forms, and with scales refitted (to the closed-form target either way)."""
     done = compress_in_memory(
         *tiny_overrides("tiny-llama"), *method, "quant=gptq", "quant.group_size=-1", "quant.target=dense",
-        f"quant.gptaq_form={form}",
+        f"quant.gptaq_form={form}", f"quant.refit={form == 'recursion'}",
     )  # fmt: skip
     assert done.steps and all(0 < r["rel_error"] < 1 for r in done.steps)
     ids = torch.randint(0, 255, (2, 32))
