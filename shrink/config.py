@@ -306,7 +306,7 @@ class QuantConf:
     sym: bool = True  # symmetric grid (zero point 0)
     clip: bool = False  # search each row and group's range for the least rounding error (`mse`)
     act_order: bool = False  # gptq: columns by decreasing Hessian diagonal (static groups)
-    refit: bool = False  # gptq: refit each row's group scales to the calibration inputs (codes fixed)
+    refit: int = 0  # gptq: rounds of refitting the group scales to the calibration inputs
     dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal
     # gptq: fit the layer on the compressed model's inputs (GPTQ) or the dense model's (GPTAQ)
     target: FoldTarget = FoldTarget.compressed

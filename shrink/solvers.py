@@ -145,6 +145,7 @@ def gptq(
     asymmetry: torch.Tensor | None = None,
     alpha: float = 0.25,
     clip: bool = False,
+    fixed: Grid | None = None,
 ) -> tuple[torch.Tensor, Grid]:
     """GPTQ (Frantar et al., 2023, Alg. 1): quantize one input column at a time and spread its
     rounding error over the columns not yet quantized, in proportion to the inverse Hessian's row
@@ -152,7 +153,7 @@ def gptq(
     `block` columns. `act_order` visits columns by decreasing H diagonal, with each group's grid
     fixed from the weights before any update (static groups, so the stored layout stays
     contiguous). `keep` (a 0/1 mask from a sparsity step) holds pruned weights at zero.
-    `scale_dtype`, `clip`: as in `grid_for`.
+    `scale_dtype`, `clip`: as in `grid_for`; `fixed`: quantize on this grid instead.
 
     With `asymmetry` = ΔXᵀX̃ (ΔX = X − X̃, X the dense model's inputs, X̃ the compressed model's,
     whose Gram matrix `gram` is), GPTAQ (Li et al., 2025): the objective becomes ‖QX̃ − WX‖², and
@@ -178,7 +179,10 @@ def gptq(
     scales = torch.zeros(rows, n_groups, dtype=w.dtype, device=w.device)
     zeros = torch.zeros_like(scales)
     ready = torch.zeros(n_groups, dtype=torch.bool)
-    if act_order:  # static groups: every grid from the weights as they are
+    if fixed is not None:
+        scales, zeros = fixed.scale.to(w.dtype).clone(), fixed.zero.to(w.dtype).clone()
+        ready[:] = True
+    elif act_order:  # static groups: every grid from the weights as they are
         for g in range(n_groups):
             scales[:, g], zeros[:, g] = grid_for(w[:, g * gs : (g + 1) * gs], bits, sym, scale_dtype, clip)
         ready[:] = True
@@ -256,6 +260,51 @@ def refit_scales(
         scale = scale.to(scale_dtype).to(torch.float64)
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, old)
     return codes * scale[:, groups], Grid(scale, grid.zero, grid.bits, grid.group_size)
+
+
+def gptq_refitted(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    target: torch.Tensor,
+    rounds: int,
+    dampening: float,
+    scale_dtype: torch.dtype | None = None,
+    where: str = "a linear",
+    **settings,
+) -> tuple[torch.Tensor, Grid]:
+    """GPTQ (`settings` as `gptq` takes them, `weight` its input), then `rounds` times: the
+    scales refitted to the codes (`refit_scales`, against `target`), and from the second round on
+    GPTQ run again on the refitted grid first, so the codes follow the scales. The quantized
+    weight with the least layer error ‖X̃(Ŵ − T)ᵀ‖² among them is returned: never worse than
+    GPTQ's own."""
+    quantized, grid = gptq(
+        weight, gram, dampening=dampening, scale_dtype=scale_dtype, where=where, **settings
+    )
+    if rounds == 0:
+        return quantized, grid
+    t = target.to(torch.float64)
+    h = gram.to(torch.float64)
+
+    def error(q: torch.Tensor) -> float:
+        d = q - t
+        return float(torch.einsum("ij,jk,ik->", d, h, d))
+
+    best = (error(quantized), quantized, grid)
+    for round_ in range(rounds):
+        if round_:
+            quantized, grid = gptq(
+                weight,
+                gram,
+                dampening=dampening,
+                scale_dtype=scale_dtype,
+                where=where,
+                fixed=grid,
+                **settings,
+            )
+        quantized, grid = refit_scales(quantized, grid, t, gram, dampening, scale_dtype, where)
+        if (e := error(quantized)) < best[0]:
+            best = (e, quantized, grid)
+    return best[1], best[2]
 
 
 def asymmetric_target(

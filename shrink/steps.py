@@ -36,10 +36,9 @@ from .placement import BlockState
 from .solvers import (
     Grid,
     asymmetric_target,
-    gptq,
+    gptq_refitted,
     lowrank_correction,
     nm_pattern,
-    refit_scales,
     rtn,
     sparsegpt,
     wanda,
@@ -71,7 +70,9 @@ def check(cfg: DictConfig, factorises: bool = False) -> None:
             raise ShrinkError(f"quant.group_size={q.group_size} is not supported; valid: {valid}")
         if float(q.dampening) <= 0:
             raise ShrinkError(f"quant.dampening={q.dampening} must be positive")
-        if bool(q.refit) and q.name != "gptq":
+        if int(q.refit) < 0:
+            raise ShrinkError(f"quant.refit={q.refit} is a number of rounds: 0 (none) or more")
+        if int(q.refit) and q.name != "gptq":
             raise ShrinkError(
                 f"quant.refit fits scales to the calibration inputs; quant={q.name} has no calibration: "
                 "use quant=gptq"
@@ -292,17 +293,13 @@ class BlockSteps:
             target = corrected(dense)
             weight = target if keep is None else corrected(weight)  # a pruned weight keeps its mask
         if q.name == "gptq":
-            given = weight
-            weight, grid = gptq(
-                weight, gram, int(q.bits), int(q.group_size), bool(q.sym), bool(q.act_order),
-                float(q.dampening), keep, where=where, scale_dtype=linear.weight.dtype,
-                asymmetry=asymmetry, alpha=float(q.alpha), clip=bool(q.clip),
+            refit = int(q.refit)  # the refit's target: under the recursion, the closed-form one
+            fit_to = corrected(weight) if asymmetry is not None and refit else weight
+            weight, grid = gptq_refitted(
+                weight, gram, fit_to, refit, float(q.dampening), linear.weight.dtype, where,
+                bits=int(q.bits), group_size=int(q.group_size), sym=bool(q.sym), act_order=bool(q.act_order),
+                keep=keep, asymmetry=asymmetry, alpha=float(q.alpha), clip=bool(q.clip),
             )  # fmt: skip
-            if bool(q.refit):
-                fit_to = corrected(given) if asymmetry is not None else given
-                weight, grid = refit_scales(
-                    weight, grid, fit_to, gram, float(q.dampening), linear.weight.dtype, where
-                )
         if not torch.isfinite(weight).all():
             raise ShrinkError(f"{where}: the sparsity/quantization step produced non-finite weights")
         with torch.no_grad():

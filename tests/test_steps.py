@@ -12,7 +12,16 @@ import torch
 import shrink
 from shrink.linalg import truncated_svd
 from shrink.models import build_adapter, load_model
-from shrink.solvers import asymmetric_target, gptq, lowrank_correction, refit_scales, rtn, sparsegpt, wanda
+from shrink.solvers import (
+    asymmetric_target,
+    gptq,
+    gptq_refitted,
+    lowrank_correction,
+    refit_scales,
+    rtn,
+    sparsegpt,
+    wanda,
+)
 from shrink.steps import Moments, _parts
 from shrink.surgery import CorrectedLinear, HeadSlicedLinear, LowRankLinear
 
@@ -112,6 +121,23 @@ def test_a_group_of_zero_codes_keeps_its_scale():
     fitted, refit = refit_scales(q, grid, w, h, 0.01, torch.float32)
     assert torch.equal(refit.scale[:3, 0], grid.scale[:3, 0]) and torch.isfinite(fitted).all()
     assert torch.equal(refit.scale, refit.scale.float().double())  # stored exactly as the checkpoint will
+
+
+def test_rounds_of_refitting_never_raise_the_layer_error():
+    """Each round can only add a candidate: the layer error falls with the rounds, from GPTQ's own
+    (0 rounds is GPTQ exactly), and GPTQ on a given grid keeps that grid."""
+    x, w, h = _problem(rows=48)
+    settings = {"bits": 4, "group_size": 16, "sym": True, "act_order": True}
+    errors = []
+    for rounds in (0, 1, 3):
+        q, grid = gptq_refitted(w, h, w, rounds, 0.01, **settings)
+        errors.append(_error(x, w, q))
+    assert torch.equal(
+        gptq_refitted(w, h, w, 0, 0.01, **settings)[0], gptq(w, h, dampening=0.01, **settings)[0]
+    )
+    assert errors[2] <= errors[1] < 0.98 * errors[0]
+    again, same = gptq(w, h, dampening=0.01, fixed=grid, **settings)
+    assert torch.equal(same.scale, grid.scale) and torch.equal(same.zero, grid.zero)
 
 
 def test_gptq_at_eight_bits_keeps_the_outputs():
@@ -240,9 +266,10 @@ def test_a_run_reports_bits_per_weight_and_zeros(run_job, capsys):
             r"quant.alpha=2.0 scales GPTAQ's asymmetry term: a value in \(0, 1\]$",
         ),
         (
-            ["quant=rtn", "quant.refit=true"],
+            ["quant=rtn", "quant.refit=1"],
             r"quant.refit fits scales to the calibration inputs; quant=rtn has no calibration: use",
         ),
+        (["quant=gptq", "quant.refit=-1"], r"quant.refit=-1 is a number of rounds: 0 \(none\) or more$"),
         (["sparsity=wanda", "sparsity.pattern=4:2"], r"sparsity.pattern='4:2' is not a pattern"),
         (["sparsity=wanda", "sparsity.pattern=half"], r"sparsity.pattern='half' is not a pattern"),
         (["sparsity=sparsegpt", "sparsity.fraction=1.5"], r"sparsity.fraction=1.5 must be in \(0, 1\)"),
@@ -295,7 +322,7 @@ def test_gptaq_runs_on_the_dense_stream_and_reloads(tmp_path, method, form):
     """Both forms, and with scales refitted (to the closed-form target either way)."""
     done = compress_in_memory(
         *tiny_overrides("tiny-llama"), *method, "quant=gptq", "quant.group_size=-1", "quant.target=dense",
-        f"quant.gptaq_form={form}", f"quant.refit={form == 'recursion'}",
+        f"quant.gptaq_form={form}", f"quant.refit={2 if form == 'recursion' else 0}",
     )  # fmt: skip
     assert done.steps and all(0 < r["rel_error"] < 1 for r in done.steps)
     ids = torch.randint(0, 255, (2, 32))
