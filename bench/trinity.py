@@ -34,6 +34,7 @@ DENSE = ["method=id", "budget=1.0", "schedule=uniform"]  # keeps every weight: t
 ID = ["method=id", "budget=0.8"]
 G = "quant.group_size=64"
 G4 = ["quant=gptq", "quant.bits=4", G]
+ASYM_CLIP = ["quant.sym=false", "quant.clip=true"]  # zero points and searched ranges
 S24 = ["sparsity=sparsegpt", "sparsity.pattern=2:4"]
 ROWS: dict[str, list[str]] = {
     "dense": DENSE,
@@ -55,6 +56,15 @@ ROWS: dict[str, list[str]] = {
     "gptq4-gptaq-clip": [*DENSE, *G4, "quant.target=dense", "quant.clip=true"],  # searched ranges
     "id0.8+gptq4-gptaq-clip": [*ID, *G4, "quant.target=dense", "quant.clip=true"],
     "id0.8+gptq4-gptaq-asym-clip": [*ID, *G4, "quant.target=dense", "quant.sym=false", "quant.clip=true"],
+    "gptq4-refit": [*DENSE, *G4, "quant.refit=1"],  # scales refitted to the calibration inputs
+    "id0.8+gptq4-refit": [*ID, *G4, "quant.refit=1"],
+    "gptq4-gptaq-refit": [*DENSE, *G4, "quant.target=dense", "quant.refit=1"],
+    "id0.8+gptq4-gptaq-refit": [*ID, *G4, "quant.target=dense", "quant.refit=1"],
+    "gptq4-gptaq-asym-clip-refit": [*DENSE, *G4, "quant.target=dense", *ASYM_CLIP, "quant.refit=1"],
+    "id0.8+gptq4-gptaq-asym-clip-refit": [*ID, *G4, "quant.target=dense", *ASYM_CLIP, "quant.refit=1"],
+    "gptq4-refit4": [*DENSE, *G4, "quant.refit=4"],  # four rounds, GPTQ again on each refitted grid
+    "id0.8+gptq4-refit4": [*ID, *G4, "quant.refit=4"],
+    "id0.8+gptq4-gptaq-asym-clip-refit4": [*ID, *G4, "quant.target=dense", *ASYM_CLIP, "quant.refit=4"],
     "id0.8+gptq4+lr16": [*ID, *G4, "quant.lowrank=16"],  # corrections inside the same 0.8
     "wanda2:4": [*DENSE, "sparsity=wanda", "sparsity.pattern=2:4"],
     "sparsegpt2:4": [*DENSE, *S24],
@@ -107,7 +117,9 @@ def speed(out: Path, rows: list[str]) -> None:
     cpu = torch.device("cpu")
     table = {row: measure_speed(load(out / row / "model"), settings, cpu) for row in ["dense", *rows] if
              (out / row / "model").exists()}  # fmt: skip
-    (out / "speed.json").write_text(json.dumps(table, indent=1))
+    saved = out / "speed.json"  # rows timed before keep their entries
+    previous = json.loads(saved.read_text()) if saved.exists() else {}
+    saved.write_text(json.dumps(previous | table, indent=1))
     print(f"\nCPU, {torch.get_num_threads()} threads; forward: batch 1 × 512 tokens; decode: ms per token")
     print("| row | forward ms | decode ms | kernels | kernel forward ms | kernel decode ms | decode speedup "
           "| weight bytes ratio | logits rel diff |")  # fmt: skip
