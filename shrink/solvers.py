@@ -108,13 +108,19 @@ def rtn(
     return out, Grid(torch.stack(scales, 1), torch.stack(zeros, 1), bits, gs)
 
 
-def _damped_cholesky(gram: torch.Tensor, dampening: float, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower Cholesky factor of H + δI, δ = `dampening`·mean diag H (GPTQ's damping), with the
-    diagonal of dead inputs (never nonzero on the calibration tokens) set to 1; and their mask."""
+def _damped_hessian(gram: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """H + δI, δ = `dampening`·mean diag H (GPTQ's damping), with the diagonal of dead inputs
+    (never nonzero on the calibration tokens) set to 1; and their mask."""
     h = gram.to(torch.float64).clone()
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
     h += dampening * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h, dead
+
+
+def _damped_cholesky(gram: torch.Tensor, dampening: float, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factor of the damped Hessian (`_damped_hessian`); and the dead inputs' mask."""
+    h, dead = _damped_hessian(gram, dampening)
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
         raise NumericalError(f"{where}: the damped Hessian is not positive definite; raise dampening")
@@ -227,7 +233,6 @@ def refit_scales(
     gram: torch.Tensor,
     dampening: float,
     scale_dtype: torch.dtype | None = None,
-    where: str = "a linear",
 ) -> tuple[torch.Tensor, Grid]:
     """With GPTQ's integer codes c fixed, each row's group scales s refitted together to the
     least ‖X̃(Ŵ − T)ᵀ‖² (`target` T, H̃ = X̃ᵀX̃ damped as GPTQ damps it): a G × G least-squares
@@ -236,8 +241,7 @@ def refit_scales(
     scales are the best the calibration inputs allow for those codes, in the layer objective, as
     llama.cpp's importance-weighted scale fits do with a diagonal H̃. A scale that would not be
     positive and finite (a group of zero codes, say) keeps its old value."""
-    factor, _ = _damped_cholesky(gram, dampening, where)
-    h = factor @ factor.T
+    h, _ = _damped_hessian(gram, dampening)
     q = quantized.to(torch.float64)
     rows, n = q.shape
     groups = grid.columns(n).to(q.device)
@@ -277,9 +281,8 @@ def gptq_refitted(
     GPTQ run again on the refitted grid first, so the codes follow the scales. The quantized
     weight with the least layer error ‖X̃(Ŵ − T)ᵀ‖² among them is returned: never worse than
     GPTQ's own."""
-    quantized, grid = gptq(
-        weight, gram, dampening=dampening, scale_dtype=scale_dtype, where=where, **settings
-    )
+    settings |= {"dampening": dampening, "scale_dtype": scale_dtype, "where": where}
+    quantized, grid = gptq(weight, gram, **settings)
     if rounds == 0:
         return quantized, grid
     t = target.to(torch.float64)
@@ -292,16 +295,8 @@ def gptq_refitted(
     best = (error(quantized), quantized, grid)
     for round_ in range(rounds):
         if round_:
-            quantized, grid = gptq(
-                weight,
-                gram,
-                dampening=dampening,
-                scale_dtype=scale_dtype,
-                where=where,
-                fixed=grid,
-                **settings,
-            )
-        quantized, grid = refit_scales(quantized, grid, t, gram, dampening, scale_dtype, where)
+            quantized, grid = gptq(weight, gram, fixed=grid, **settings)
+        quantized, grid = refit_scales(quantized, grid, t, gram, dampening, scale_dtype)
         if (e := error(quantized)) < best[0]:
             best = (e, quantized, grid)
     return best[1], best[2]
