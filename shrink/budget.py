@@ -77,6 +77,19 @@ class Curve:
     residual: tuple[float, float] | None = None
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What one unit of a block can be cut to, priced from its shapes alone: the costs of the
+    options its profile will offer (or the sizes it may take under a fixed schedule). Enough to
+    tell, before anything loads, that a budget is out of reach."""
+
+    block: int
+    name: str
+    sites: tuple[str, ...]
+    dense_cost: float
+    costs: tuple[float, ...]
+
+
 @dataclass
 class PlanInputs:
     """What schedules may use besides the budget."""
@@ -88,6 +101,7 @@ class PlanInputs:
     min_keep: float = 0.0  # greedy: the least share of its dense cost any unit keeps
     k: int = 0  # last_k / first_k: how many blocks are compressed
     error: ErrorCurrency = ErrorCurrency.unit  # greedy: what errors are compared in
+    schedule: str = ""  # the schedule's name, as the user chose it (for messages)
 
     @property
     def unit(self) -> BudgetUnit:

@@ -22,6 +22,7 @@ def plan_inputs(cfg: DictConfig, costs: CostModel, prunes_heads: bool) -> PlanIn
         float(cfg.schedule.get("min_keep", 0.0)),
         int(cfg.schedule.get("k", 0)),
         error_currency(cfg),
+        str(cfg.schedule.name),
     )
 
 

@@ -13,11 +13,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .budget import Curve, Option, Plan, PlanInputs
+from .budget import Curve, Option, Plan, PlanInputs, Sizes
 from .config import ErrorCurrency
 from .errors import ShrinkError
 
 log = logging.getLogger(__name__)
+
+# relative slack on sums of prices: float sums of the same costs in another order differ by ~1e-16
+# relative, far below one weight, and must not turn "everything fits" into a cut
+SLACK = 1e-9
 
 
 class Unreachable(ShrinkError):
@@ -29,6 +33,12 @@ def _dense_costs(inputs: PlanInputs) -> tuple[list[dict[str, float]], list[float
     return inputs.costs.sites, inputs.costs.scores
 
 
+def _snapped(fraction: float) -> float:
+    """A kept fraction within rounding of 1 is 1: a sum of prices that rounds a hair below the
+    dense cost must not cost a neuron."""
+    return 1.0 if fraction > 1.0 - SLACK else fraction
+
+
 def _block_fraction(
     inputs: PlanInputs, index: int, costs: dict[str, float], score: float, fraction: float
 ) -> float:
@@ -37,7 +47,7 @@ def _block_fraction(
     if not score or inputs.prunes_heads:
         return fraction
     linears = sum(costs.values()) - score
-    adjusted = (fraction * sum(costs.values()) - score) / linears
+    adjusted = _snapped((fraction * sum(costs.values()) - score) / linears)
     if adjusted <= 0:
         raise ShrinkError(
             f"budget {inputs.budget} in macs cannot be met: block {index}'s attention-score MACs "
@@ -72,7 +82,7 @@ def _only_k(inputs: PlanInputs, last: bool) -> Plan:
         )
     plan = Plan(inputs.budget, inputs.unit)
     for i, (costs, score) in enumerate(zip(site_costs, scores, strict=True)):
-        f = _block_fraction(inputs, i, costs, score, min(fraction, 1.0)) if i in chosen else 1.0
+        f = _block_fraction(inputs, i, costs, score, _snapped(fraction)) if i in chosen else 1.0
         plan.targets[i] = dict.fromkeys(costs, f)
     return plan
 
@@ -154,6 +164,25 @@ def _profiles(inputs: PlanInputs, name: str, min_keep: float = 0.0) -> _Profiles
     )
 
 
+def _whole(inputs: PlanInputs, p: _Profiles) -> Plan | None:
+    """Every unit kept whole, when that fits the budget: at budget 1 (or any budget the dense
+    blocks meet) nothing is cut, whatever options of zero calibration error a rank-deficient
+    profile offers and however the sums of prices round. None when it does not fit."""
+    whole = []
+    for curve in p.curves:
+        dense = [
+            j
+            for j, o in enumerate(curve.options)
+            if abs(o.cost - curve.dense_cost) <= SLACK * curve.dense_cost
+        ]
+        if not dense:
+            return None
+        whole.append(min(dense, key=lambda j: curve.options[j].error))
+    if p.spent(whole) > p.allowance + SLACK * p.total:
+        return None
+    return _plan_from(inputs, p.site_costs, p.curves, whole)
+
+
 def _smallest_fitting(fits: Callable[[float], bool], lo: float, hi: float, steps: int = 100) -> float:
     """Bisection for the smallest x in [lo, hi] with fits(x), given fits(hi) and monotonicity."""
     for _ in range(steps):
@@ -168,6 +197,9 @@ def energy(inputs: PlanInputs) -> Plan:
     allocation fits the budget. For low-rank methods this is the rank at which each matrix keeps a
     fraction 1 − t of its spectrum's energy (of W·S for svdllm, of WCWᵀ for rom)."""
     p = _profiles(inputs, "energy")
+    whole = _whole(inputs, p)
+    if whole is not None:
+        return whole
 
     def pick(t: float) -> list[int]:
         return [
@@ -176,8 +208,8 @@ def energy(inputs: PlanInputs) -> Plan:
 
     if p.spent(pick(1.0)) > p.allowance + 1e-9:
         raise Unreachable(
-            f"budget {inputs.budget} cannot be met by schedule 'energy': the smallest option of every unit "
-            "already exceeds it"
+            f"budget {inputs.budget} cannot be met by schedule {inputs.schedule or 'energy'!r}: the smallest "
+            "option of every unit already exceeds it"
         )
     t = _smallest_fitting(lambda t: p.spent(pick(t)) <= p.allowance + 1e-9, 0.0, 1.0)
     return _plan_from(inputs, p.site_costs, p.curves, pick(t))
@@ -201,6 +233,9 @@ def greedy(inputs: PlanInputs) -> Plan:
     which would make finishing any unit look worth its cost.
     """
     p = _profiles(inputs, "greedy", inputs.min_keep)
+    whole = _whole(inputs, p)
+    if whole is not None:
+        return whole
     costs, errors, allowance = p.costs, p.errors, p.allowance
 
     def pick(mu: float) -> list[int]:
@@ -209,8 +244,9 @@ def greedy(inputs: PlanInputs) -> Plan:
     cheapest = float(sum(c.min() for c in costs))
     if cheapest > allowance + 1e-9:
         raise Unreachable(
-            f"budget {inputs.budget} cannot be met by schedule 'greedy': the smallest option of every "
-            f"unit keeps {(cheapest + p.fixed) / p.total:.4f} of the block cost (min_keep={inputs.min_keep})"
+            f"budget {inputs.budget} cannot be met by schedule {inputs.schedule or 'greedy'!r}: the smallest "
+            f"option of every unit keeps {(cheapest + p.fixed) / p.total:.4f} of the block cost "
+            f"(min_keep={inputs.min_keep})"
         )
     hi = 1.0 / max(p.total, 1.0)
     while p.spent(pick(hi)) > allowance + 1e-9:
@@ -294,3 +330,30 @@ def check_schedule(name: str) -> None:
 def make_plan(name: str, inputs: PlanInputs) -> Plan:
     check_schedule(name)
     return SCHEDULES[name](inputs)
+
+
+def least_kept(
+    inputs: PlanInputs, sizes: list[Sizes], plan: Plan | None
+) -> tuple[float, float, int | None] | None:
+    """Where the sizes the method may keep (priced from shapes alone) cannot meet the budget: the
+    least share of the cost they keep, the share asked for, and the block (None: all blocks, for
+    a schedule that allocates globally: `plan` is None). None where the budget is in reach."""
+    site_costs, _ = _dense_costs(inputs)
+    if plan is None:  # greedy / energy: every unit at its smallest size above min_keep
+        total = sum(sum(c.values()) for c in site_costs)
+        fixed = total - sum(z.dense_cost for z in sizes)
+        floor = inputs.min_keep
+        cheapest = sum(
+            min((c for c in z.costs if c >= floor * z.dense_cost - 1e-9), default=max(z.costs)) for z in sizes
+        )
+        least = (cheapest + fixed) / total
+        return (least, inputs.budget, None) if least > inputs.budget + SLACK else None
+    for b, costs in enumerate(site_costs):
+        units = [z for z in sizes if z.block == b]
+        covered = {site for z in units for site in z.sites}
+        cheapest = sum(min(z.costs) for z in units) + sum(c for s, c in costs.items() if s not in covered)
+        allowance = sum(plan.targets[b][s] * c for s, c in costs.items())
+        dense = sum(costs.values())
+        if cheapest > allowance + SLACK * dense:
+            return cheapest / dense, allowance / dense, b
+    return None

@@ -258,3 +258,28 @@ def test_a_run_reports_macs_with_attention_scores(run_job):
     assert metrics["block_macs_compressed"] / metrics["block_macs_dense"] == pytest.approx(
         metrics["budget_achieved"]
     )
+
+
+@pytest.mark.parametrize("schedule", ["greedy", "energy"])
+def test_budget_one_keeps_every_unit_whatever_the_profile_offers(schedule):
+    """Rank-deficient statistics give cheaper options of zero error, and sums of prices round: at
+    budget 1 the plan still keeps every unit whole."""
+    from shrink.schedules import make_plan
+
+    third = 1 / 3  # prices that do not add up exactly in floating point
+    curves = [
+        Curve(
+            b,
+            "mlp",
+            ("mlp",),
+            3 * third,
+            [Option(third, 0.0, {"neurons": 1}), Option(3 * third, 0.0, {"neurons": 3})],
+        )
+        for b in range(7)
+    ]
+    table = CostTable(
+        BudgetUnit.params, [{"mlp": third + third + third} for _ in curves], [0.0] * len(curves)
+    )
+    plan = make_plan(schedule, PlanInputs(table, 1.0, curves=curves, schedule=schedule))
+    assert all(f == 1.0 for sites in plan.targets.values() for f in sites.values())
+    assert all(c["mlp"]["neurons"] == 3 for c in plan.choices.values())

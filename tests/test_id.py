@@ -108,13 +108,16 @@ def test_sketch_qr_selection_runs_end_to_end():
     assert done.achieved <= 0.6
 
 
-def test_heads_only_below_reach_fails_clearly(tmp_path):
+def test_heads_only_below_reach_fails_clearly(tmp_path, monkeypatch):
     from shrink.errors import ShrinkError
     from shrink.pipeline import run
 
+    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     overrides = [*tiny_overrides("tiny-llama"), "method=id", "schedule=uniform", "method.ffn=false"]
     cfg = make_cfg(*overrides, "budget=0.5")
-    with pytest.raises(ShrinkError, match=r"block 0: id with ffn=False, heads=True keeps .* over its target"):
+    with pytest.raises(
+        ShrinkError, match=r"budget 0.5 cannot .* 'uniform' .*: block 0 keeps at least 0\.[6-9]"
+    ):
         run(cfg, run_dir=tmp_path / "run")
 
 

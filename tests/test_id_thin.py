@@ -238,7 +238,7 @@ def test_auto_thins_values_and_keeps_every_head_while_it_can():
 
 def test_auto_drops_heads_only_below_the_reach_of_thinning():
     low = ["method=id", "budget=0.4"]
-    with pytest.raises(ShrinkError, match="budget 0.4 cannot be met by schedule 'greedy'"):
+    with pytest.raises(ShrinkError, match="budget 0.4 cannot be met by schedule 'greedy-residual'"):
         compress_in_memory(*tiny_overrides("tiny-llama"), *low, "method.attention=dims")
     done = compress_in_memory(*tiny_overrides("tiny-llama"), *low)  # auto, the default
     assert done.achieved <= 0.4

@@ -147,3 +147,66 @@ def test_a_uniform_quantized_smollm2_loads_in_stock_transformers(tmp_path):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     text = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0])
     assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
+
+
+ATTENTION_MODES = [["method.attention=auto"], ["method.attention=heads"], ["method.attention=dims"],
+                   ["method.attention=both"], ["method.attention=both", "method.qk_dims=true"]]  # fmt: skip
+SCHEDULES = [["schedule=greedy-residual"], ["schedule=greedy"],
+             ["schedule=greedy", "schedule.error=downstream"], ["schedule=energy"], ["schedule=uniform"],
+             ["schedule=last_k", "schedule.k=2"], ["schedule=first_k", "schedule.k=2"]]  # fmt: skip
+
+
+def test_budget_one_keeps_every_unit_of_the_real_model():
+    """Budget 1 is the identity on SmolLM2's own shapes and weights (9 query / 3 KV heads of 64)
+    under every schedule and attention mode, planned from 128 calibration tokens: fewer than the
+    attention width, so the statistics are rank-deficient and cheaper options of zero error
+    abound. Then the default run at budget 1 gives the dense logits exactly. Four of the thirty
+    blocks keep the test short."""
+    from shrink.config import Propagate
+    from shrink.methods import build_method
+    from shrink.models import build_adapter, load_model
+    from shrink.placement import Resident
+    from shrink.planning import cost_model, plan_inputs
+    from shrink.runner import Runner
+    from shrink.schedules import NEEDS_PROFILES, make_plan
+
+    from .conftest import make_cfg
+
+    calib = ["budget=1.0", "calib.nsamples=2", "calib.seq_len=64", "calib.batch_size=2", "device=cpu"]
+    loaded = load_model(make_cfg(*calib).model, torch.float32)
+    loaded.model.model.layers = loaded.model.model.layers[:4]
+    loaded.model.config.num_hidden_layers = 4
+    adapter, cpu = build_adapter(loaded.model), torch.device("cpu")
+    ids = data.test_windows("wiki", loaded.tokenizer, 64, 128)
+    with torch.no_grad():
+        dense = loaded.model(input_ids=ids).logits
+
+    def runner(cfg, method):
+        windows = data.calibration_windows("wiki", loaded.tokenizer, 2, 64, 0)
+        return Runner(adapter, windows, 2, cpu, Resident(cpu), cost_model(cfg, adapter), method.new_stats)
+
+    for mode in ATTENTION_MODES:
+        method = build_method(make_cfg(*calib, *mode).method)
+        curves = [
+            c
+            for ctx in runner(make_cfg(*calib, *mode), method).blocks(Propagate.dense)
+            for c in method.profile(ctx)
+        ]
+        for schedule in SCHEDULES:
+            cfg = make_cfg(*calib, *mode, *schedule)
+            inputs = plan_inputs(cfg, cost_model(cfg, adapter), method.prunes_heads)
+            inputs.curves = curves if cfg.schedule.name in NEEDS_PROFILES else None
+            plan = make_plan(cfg.schedule.name, inputs)
+            cut = {(b, s): f for b, sites in plan.targets.items() for s, f in sites.items() if f != 1.0}
+            assert not cut, (mode, schedule, cut)
+
+    cfg = make_cfg(*calib)  # the default: id, greedy-residual, attention=auto
+    method = build_method(cfg.method)
+    walk = runner(cfg, method)
+    inputs = plan_inputs(cfg, cost_model(cfg, adapter), method.prunes_heads)
+    inputs.curves = [c for ctx in walk.blocks(Propagate.dense) for c in method.profile(ctx)]
+    for ctx in walk.blocks(Propagate.compressed, make_plan(cfg.schedule.name, inputs)):
+        method.compress_block(ctx)
+        walk.advance(ctx)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(input_ids=ids).logits, dense)

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 from omegaconf import DictConfig
 
-from ..budget import Curve
+from ..budget import Curve, Sizes
 from ..context import BlockContext, BlockResult
 from ..errors import ShrinkError
 from ..models import Adapter, Site
@@ -55,6 +55,12 @@ class Method(ABC):
     def prunes_heads(self) -> bool:
         """Whether the method removes attention heads (and so their attention-score MACs)."""
         return False
+
+    def sizes(self, ctx: BlockContext) -> list[Sizes] | None:
+        """The sizes each unit of the block may take, priced from the block's shapes alone (`ctx`
+        has no statistics): what validation checks a budget against before anything loads. None:
+        the method does not say, and its budget is checked as it compresses."""
+        return None
 
     def profile(self, ctx: BlockContext) -> list[Curve]:
         """Error-vs-cost options of each unit of the block, from its statistics; edits nothing."""

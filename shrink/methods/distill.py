@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ..budget import Curve
+from ..budget import Curve, Sizes
 from ..config import DistillInit, DistillInputs
 from ..context import BlockContext, BlockResult
 from ..errors import ShrinkError
@@ -102,6 +102,9 @@ class Distill(Method):
     @width_multiple.setter
     def width_multiple(self, value: int) -> None:
         self.init.width_multiple = value
+
+    def sizes(self, ctx: BlockContext) -> list[Sizes]:
+        return self.init.sizes(ctx)
 
     def profile(self, ctx: BlockContext) -> list[Curve]:
         return self.init.profile(ctx)

@@ -32,7 +32,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from ..budget import Curve, Option
+from ..budget import Curve, Option, Sizes
 from ..config import AttentionUnits, FoldTarget, IDSelection
 from ..context import BlockContext, BlockResult
 from ..cost import HeadCosts, NeuronCosts, module_cost
@@ -389,6 +389,27 @@ class InterpolativeDecomposition(Method):
         )
 
     # ---- error profiles for the greedy schedule ---------------------------------------------------
+    def _ffn_sizes(self, neurons: int) -> list[int]:
+        """The neuron counts an FFN may keep: multiples of the width multiple, and all of them."""
+        return [k for k in range(1, neurons + 1) if k % self.width_multiple == 0 or k == neurons]
+
+    def sizes(self, ctx: BlockContext) -> list[Sizes]:
+        """The attention shapes and FFN widths on offer (as `profile` offers them), priced."""
+        units = []
+        if self.cfg.heads:
+            costs = ctx.costs.heads(ctx.attention, self.cfg.bias)
+            prices = tuple(costs.of(s.m, s.q, s.v, s.qk) for s in self._candidates(costs, ctx))
+            units.append(
+                Sizes(ctx.index, "attn", ("attn_in", "attn_out"), ctx.price("attn_in", "attn_out"), prices)
+            )
+        if self.cfg.ffn:
+            costs = _ffn_costs(ctx, self.cfg.bias)
+            prices = tuple(costs.of(k) for k in self._ffn_sizes(costs.neurons))
+            units.append(
+                Sizes(ctx.index, "mlp", ("mlp_in", "mlp_out"), ctx.price("mlp_in", "mlp_out"), prices)
+            )
+        return units
+
     def profile(self, ctx: BlockContext) -> list[Curve]:
         """Every size this block could take, with its ID error, normalised per unit.
 
@@ -420,9 +441,7 @@ class InterpolativeDecomposition(Method):
             total = total if total > 0 else 1.0
             errors = (left[1:].clamp_min(0) / total).sqrt().tolist()
             options = [
-                Option(costs.of(k), e, {"neurons": k})
-                for k, e in enumerate(errors, start=1)
-                if k % self.width_multiple == 0 or k == costs.neurons
+                Option(costs.of(k), errors[k - 1], {"neurons": k}) for k in self._ffn_sizes(costs.neurons)
             ]
             dense = ctx.price("mlp_in", "mlp_out")
             energy = total / max(stats.count, 1)

@@ -17,10 +17,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..budget import Curve, Option
+from ..budget import Curve, Option, Sizes
 from ..config import FoldTarget
 from ..context import BlockContext, BlockResult
-from ..cost import module_cost
+from ..cost import CostModel, module_cost
 from ..errors import ShrinkError
 from ..linalg import affine_output_error, fold_error, refit_left
 from ..stats import CrossMoment, SecondMoment
@@ -141,6 +141,22 @@ class LowRank(Method):
                 )
         return BlockResult(records, spectra)
 
+    def _ranks(self, linear: nn.Linear) -> range:
+        """The ranks a pair may take: multiples of the width multiple, still cheaper than dense."""
+        return range(self.width_multiple, CostModel.max_rank(linear) + 1, self.width_multiple)
+
+    def sizes(self, ctx: BlockContext) -> list[Sizes]:
+        """Each linear: its pairs of every rank on offer, or dense."""
+        units = []
+        for site in ctx.sites:
+            for path in site.linears:
+                linear = ctx.block.get_submodule(path)
+                dense = ctx.costs.planned(linear)
+                bias = linear.bias is not None or self.adds_bias
+                prices = tuple(ctx.costs.rank_pair(linear, r, bias) for r in self._ranks(linear))
+                units.append(Sizes(ctx.index, path, (site.name,), dense, (*prices, dense)))
+        return units
+
     def profile(self, ctx: BlockContext) -> list[Curve]:
         """One curve per linear: every rank still cheaper than dense, plus dense itself."""
         curves = []
@@ -161,7 +177,7 @@ class LowRank(Method):
                         (float(tail[min(r, len(tail) - 1)]) / total) ** 0.5 if total > 0 else 0.0,
                         {"rank": r},
                     )
-                    for r in range(self.width_multiple, ctx.costs.max_rank(linear) + 1, self.width_multiple)
+                    for r in self._ranks(linear)
                 ]
                 options.append(Option(dense, 0.0, {"rank": None}))
                 curves.append(Curve(ctx.index, path, (site.name,), dense, options))
