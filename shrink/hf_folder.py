@@ -19,6 +19,7 @@ sizes packed zero points as unpacked and refuses them.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -72,15 +73,48 @@ AUTO_KEYS = {
 }
 
 
+# what each kind of edit is, in the words of a note to a reader of config.json
+EDIT_NAMES = {
+    "low_rank": "rank-r factor pairs",
+    "linear": "widths that differ from block to block",
+    "head_padded": "thinned heads",
+    "head_sliced": "thinned heads",
+    "attr": "head counts that differ from block to block",
+    "corrected": "low-rank corrections",
+    "quantized": "packed weights",
+}
+NOTE = "shrink_note"
+
+
+def remote_code_reason(model: nn.Module, edits: list[dict[str, Any]]) -> str:
+    """Why a folder needs trust_remote_code=True, in one sentence (config.json's first key, the
+    model card's first line)."""
+    kinds = list(dict.fromkeys(EDIT_NAMES.get(e["kind"], e["kind"]) for e in edits))
+    return (
+        f"Load with trust_remote_code=True: transformers' {type(model).__name__} cannot build this "
+        f"structure ({', '.join(kinds) or 'edited layers'}) from a config, so modeling_shrink.py beside "
+        "this file (torch and transformers only) builds it; without it, loading stops and asks for it."
+    )
+
+
 def write_remote_code(model: nn.Module, head: str, edits: list[dict[str, Any]], folder: Path) -> None:
-    """config.json with the edits and an auto_map, and the modeling file, for trust_remote_code."""
+    """config.json with the edits, an auto_map and a model type of its own (so that transformers
+    refuses the folder without trust_remote_code instead of building the base class), and the
+    modeling file. The reason comes first in config.json (`shrink_note`)."""
     config = copy.deepcopy(model.config)
     base = type(model).__name__
     config.architectures = [f"Shrink{base}"]
-    config.auto_map = {AUTO_KEYS[Head(head)]: f"modeling_shrink.Shrink{base}"}
     config.shrink_edits = edits
     config.shrink_modeling_version = modeling_shrink.MODELING_VERSION
     config.save_pretrained(folder)
+    values = json.loads((folder / "config.json").read_text())
+    values["model_type"] = modeling_shrink.MODEL_TYPE_PREFIX + values["model_type"]
+    values["auto_map"] = {
+        "AutoConfig": f"modeling_shrink.Shrink{type(model.config).__name__}",
+        AUTO_KEYS[Head(head)]: f"modeling_shrink.Shrink{base}",
+    }
+    values = {NOTE: remote_code_reason(model, edits), **values}
+    (folder / "config.json").write_text(json.dumps(values, indent=2) + "\n")
     shutil.copyfile(modeling_shrink.__file__, folder / "modeling_shrink.py")
     _save_generation_config(model, folder)
 

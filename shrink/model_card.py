@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import read_manifest
 from .config import Head
+from .hf_folder import NOTE
 from .models.loading import AUTO_CLASSES
 
 PIPELINES = {
@@ -41,10 +42,11 @@ def write(
     config = folder / "config.json"
     # transformers' own classes, or (auto_map) the family's class with shrink's modeling file
     stock = "stock" if config.is_file() else None
-    if stock and "auto_map" in yaml.safe_load(config.read_text()):
-        stock = "remote"
+    note = None
+    if stock and "auto_map" in (values := yaml.safe_load(config.read_text())):
+        stock, note = "remote", values.get(NOTE)
     card = folder / "README.md"
-    card.write_text(_header(cfg, manifest, stock) + _body(cfg, manifest, metrics, stock))
+    card.write_text(_header(cfg, manifest, stock) + _body(cfg, manifest, metrics, stock, note))
     return card
 
 
@@ -64,9 +66,13 @@ def _header(cfg: dict[str, Any], manifest: dict[str, Any], stock: str | None) ->
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
 
 
-def _body(cfg: dict[str, Any], manifest: dict[str, Any], m: dict[str, Any], stock: str | None) -> str:
+def _body(
+    cfg: dict[str, Any], manifest: dict[str, Any], m: dict[str, Any], stock: str | None, note: str | None
+) -> str:
     name, method = cfg["model"]["name"], cfg["method"]["name"]
     lines = [f"# {name}, compressed by shrink ({method}, budget {cfg['budget']:g} {cfg['budget_unit']})", ""]
+    if note:  # the first thing a reader of a folder that needs remote code must know
+        lines += [f"**{note}**", ""]
     lines += ["## How to load", "", "```python"]
     if stock:
         auto = AUTO_CLASSES[Head(manifest["head"])].__name__

@@ -7,8 +7,12 @@ The checkpoint's config.json names a class `Shrink<Base>` (e.g. `ShrinkLlamaForC
 `auto_map`; this module makes it on request: the base transformers class, whose `__init__` then
 applies the edits listed in `config.shrink_edits` (factor pairs, resized linears, thinned heads,
 corrected linears, head counts, packed linears), so the per-layer shapes live in the config, not
-in code. A packed linear keeps compressed-tensors' tensors as they are stored and unpacks its
-weight before its first forward (torch only: the layout is read back here, not imported).
+in code. Its config is `Shrink<BaseConfig>`, of model type `shrink_<base type>`: a model type
+transformers does not know, so that loading the folder without `trust_remote_code=True` fails
+with transformers' own message asking for it, instead of building the base class, whose weights
+do not fit (a silently re-initialised model, or a long size-mismatch report). A packed linear
+keeps compressed-tensors' tensors as they are stored and unpacks its weight before its first
+forward (torch only: the layout is read back here, not imported).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import transformers
 from torch import nn
 from torch.nn import functional as F
 
-MODELING_VERSION = 1
+MODELING_VERSION = 2  # 2: the config has a model type of its own (shrink_<base>)
+MODEL_TYPE_PREFIX = "shrink_"
 
 
 class LowRankLinear(nn.Module):
@@ -259,6 +264,15 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], **factory: Any) -> None:
     replace_submodule(model, edit["path"], new)
 
 
+def shrunk_config(base_name: str) -> type:
+    """`Shrink<base_name>`: the transformers config class `base_name` under the model type
+    `shrink_<its type>`, which only this file builds."""
+    base = getattr(transformers, base_name)
+    name = f"Shrink{base_name}"
+    attributes = {"model_type": MODEL_TYPE_PREFIX + base.model_type, "__module__": __name__}
+    return type(name, (base,), {**attributes, "__qualname__": name})
+
+
 def shrunk_class(base_name: str) -> type:
     """`Shrink<base_name>`: the transformers class `base_name` with the config's edits applied."""
     base = getattr(transformers, base_name)
@@ -270,13 +284,22 @@ def shrunk_class(base_name: str) -> type:
             apply_edit(self, edit, dtype=dtype)
 
     name = f"Shrink{base_name}"
-    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    attributes = {"__init__": __init__, "__module__": __name__, "__qualname__": name}
+    attributes["config_class"] = _shrunk(f"Shrink{base.config_class.__name__}")
+    return type(name, (base,), attributes)
+
+
+def _shrunk(name: str) -> type:
+    """The `Shrink<Base>` class `name` (a model or a config), made once."""
+    if name not in globals():
+        base = name.removeprefix("Shrink")
+        make = shrunk_config if base.endswith("Config") else shrunk_class
+        globals()[name] = make(base)
+    return globals()[name]
 
 
 def __getattr__(name: str) -> type:
     """`Shrink<Base>` classes on request (what a checkpoint's auto_map names)."""
     if name.startswith("Shrink") and hasattr(transformers, name.removeprefix("Shrink")):
-        cls = shrunk_class(name.removeprefix("Shrink"))
-        globals()[name] = cls
-        return cls
+        return _shrunk(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

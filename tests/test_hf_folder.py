@@ -12,9 +12,9 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import shrink
-from shrink.models import build_adapter
+from shrink.models import build_adapter, check_source
 
-from .conftest import compress_in_memory, logits, tiny_overrides
+from .conftest import compress_in_memory, logits, make_cfg, tiny_overrides
 
 UNIFORM = ["method=id", "schedule=uniform", "budget=0.7"]
 WHOLE_HEADS = ["method.attention=heads"]
@@ -81,13 +81,23 @@ def test_a_quantized_uniform_model_loads_packed_in_stock_transformers(tmp_path):
     ],
     ids=["opt-heads", "per-block", "added-bias", "pairs"],
 )
-def test_structures_the_family_cannot_build_need_the_modeling_file(tmp_path, overrides):
+def test_structures_the_family_cannot_build_need_the_modeling_file(tmp_path, monkeypatch, overrides):
+    """Such a folder says why it needs trust_remote_code (config.json's first key) and has a model
+    type of its own, so that transformers without remote code refuses it, asking for it, instead of
+    building the base class on weights that do not fit (or, for factor pairs, re-initialising)."""
     done = compress_in_memory(*tiny_overrides(overrides[0].removeprefix("model=")), *overrides[1:])
     assert build_adapter(done.model).stock_config() is None or "bias" in overrides[-1]
     folder = done.save(tmp_path / "model")
-    assert "auto_map" in json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert "auto_map" in config and config["model_type"].startswith("shrink_")
+    assert next(iter(config)) == "shrink_note" and "trust_remote_code=True" in config["shrink_note"]
+    monkeypatch.setattr("builtins.input", lambda *a: (_ for _ in ()).throw(EOFError))  # no one to answer
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModelForCausalLM.from_pretrained(folder)
     ids = torch.randint(0, 255, (2, 32))
     assert torch.equal(logits(shrink.load(folder), ids), logits(done.model, ids))
+    with pytest.raises(shrink.ShrinkError, match="is a shrink checkpoint .* start from its base model"):
+        check_source(make_cfg("model=local", f"model.path={folder}").model)
 
 
 @pytest.mark.parametrize("structure", ["stock", "remote"])
@@ -142,6 +152,8 @@ def test_the_model_card_has_the_metadata_widths_and_scores(run_job, overrides, s
     assert f"{metrics['params_compressed']:,}" in card and f"{metrics['budget_achieved']:.4f}" in card
     assert card.count("\n| 0 | ") == 1 and card.count("\n| 1 | ") == 1  # a row per block
     assert "AutoModelForCausalLM.from_pretrained" in card and ("trust_remote_code=True" in card) != stock
+    below_title = card.split("\n# ", 1)[1].splitlines()[2]
+    assert below_title.startswith("**Load with trust_remote_code=True") != stock
 
 
 METHODS = {
