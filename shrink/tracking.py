@@ -35,6 +35,10 @@ class Tracker:
 
     def finish(self, status: str = "ok") -> None: ...
 
+    def closing_line(self) -> str | None:
+        """What a finished run's summary says about where this backend's record went (None: nothing)."""
+        return None
+
 
 class JsonlTracker(Tracker):
     """Appends one JSON event per line to `events.jsonl` in the run folder."""
@@ -133,7 +137,14 @@ class WandbTracker(Tracker):
 
     def finish(self, status: str = "ok") -> None:
         if getattr(self, "run", None) is not None:  # None when wandb.init itself failed
+            self.offline_dir = self.run.settings.sync_dir if self.run.settings.mode == "offline" else None
             self.run.finish(exit_code=0 if status == "ok" else 1)
+
+    def closing_line(self) -> str | None:
+        """An offline run lives in `<run>/wandb/` (not where `wandb sync` looks by default): the
+        exact command that uploads it."""
+        where = getattr(self, "offline_dir", None)
+        return f"  wandb      offline; upload with: wandb sync {where}" if where else None
 
 
 def check_logger(cfg: DictConfig) -> None:

@@ -92,7 +92,7 @@ def test_speed_suite_reports_latency_next_to_the_mac_ratio(run_job):
     assert metrics["checkpoint_mb"] > 0
 
 
-def test_speed_suite_times_quantized_linears_on_integer_kernels(run_job):
+def test_speed_suite_times_quantized_linears_on_integer_kernels(run_job, capfd):
     from .conftest import tiny_overrides
 
     metrics, folder = run_job(
@@ -110,6 +110,9 @@ def test_speed_suite_times_quantized_linears_on_integer_kernels(run_job):
     assert speed["kernel_weight_bytes_ratio"] < 0.35 < speed["weight_bytes_ratio"]
     assert {"kernel_speedup", "kernel_decode_speedup", "decode_speedup"} <= set(speed)
     assert "kernels    14 of 14 quantized linears on integer kernels" in summary(metrics, folder)
+    bars = capfd.readouterr().err  # a progress bar for each timing, as for every evaluation
+    for desc in ("speed (dense)", "speed (compressed)", "speed (compressed) on integer kernels"):
+        assert f"{desc}:" in bars
 
 
 def test_speed_suite_runs_on_an_encoder(run_job):

@@ -3,6 +3,9 @@ mapping, clear failures for missing data, and metrics.json's layout."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -36,9 +39,10 @@ def test_offline_task_files_use_absolute_paths(tmp_path):
         assert path.startswith("/") and path.endswith((".arrow", ".jsonl.gz"))
 
 
-def test_every_offline_task_runs_on_a_tiny_model(run_job, monkeypatch, tmp_path):
-    """All seven tasks, two items each, on the dense and the compressed model of one run; the
-    second run logs its per-task table to an offline W&B run."""
+def test_every_offline_task_runs_on_a_tiny_model(run_job, monkeypatch, tmp_path, capfd):
+    """All seven tasks, two items each, on the dense and the compressed model of one run, each
+    task under a progress bar of its own; the second run logs its per-task table to an offline
+    W&B run and ends with the command that uploads it."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     metrics, folder = run_job(
@@ -54,12 +58,18 @@ def test_every_offline_task_runs_on_a_tiny_model(run_job, monkeypatch, tmp_path)
     assert table["mean"]["dense"] == pytest.approx(sum(table[t]["dense"] for t in PAPER_TASKS) / 7)
     assert (folder / "lm_eval_tasks" / "piqa_offline.yaml").is_file()
     assert (folder / "zeroshot.png").stat().st_size > 1000
+    bars = capfd.readouterr().err
+    assert (
+        "zero-shot (compressed) piqa (1/7)" in bars and "zero-shot (compressed) lambada_openai (7/7)" in bars
+    )
 
     again, _ = run_job(
         *tiny_overrides("tiny-llama"), "method=svd", "budget=0.5", "eval=zeroshot", "eval.zeroshot.limit=2",
         "eval.ppl.max_tokens=512", "eval.ppl.seq_len=128", "save_model=false", "logger=wandb", name="again",
     )  # fmt: skip
     assert "zeroshot" in again["eval"]["dense_cached"]
+    (offline,) = re.findall(r"wandb      offline; upload with: wandb sync (\S+)", capfd.readouterr().out)
+    assert Path(offline).parent == folder.parent / "again" / "wandb" and Path(offline).is_dir()
     assert again["eval"]["zeroshot"]["mean"]["dense"] == table["mean"]["dense"]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import data
 from ..assets import package_dir, package_file
@@ -61,12 +62,14 @@ def held_out_sentences(corpus: str, count: int) -> list[str]:
 
 
 @torch.no_grad()
-def embed(model, tokenizer, sentences: list[str], batch_size: int, max_len: int, device) -> np.ndarray:
+def embed(
+    model, tokenizer, sentences: list[str], batch_size: int, max_len: int, device, desc: str = "embed"
+) -> np.ndarray:
     """Mean-pooled, L2-normalised last hidden states (float64 numpy, one row per sentence)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     out = []
-    for start in range(0, len(sentences), batch_size):
+    for start in tqdm(range(0, len(sentences), batch_size), desc=desc, unit="batch", leave=False):
         batch = tokenizer(
             sentences[start : start + batch_size],
             padding=True,
@@ -101,18 +104,19 @@ def evaluate(
     results: dict[str, Any] = {}
     for task in tasks:
         if task == "cosine":
-            emb = embed(model, tokenizer, held_out_sentences(corpus, sentences), batch_size, max_len, device)
+            texts = held_out_sentences(corpus, sentences)
+            emb = embed(model, tokenizer, texts, batch_size, max_len, device, "glue cosine")
             results["_embeddings"] = emb
         elif task == "mrpc":
             ds = _glue("mrpc")
-            a = embed(model, tokenizer, list(ds["sentence1"]), batch_size, max_len, device)
-            b = embed(model, tokenizer, list(ds["sentence2"]), batch_size, max_len, device)
+            a = embed(model, tokenizer, list(ds["sentence1"]), batch_size, max_len, device, "glue mrpc (1/2)")
+            b = embed(model, tokenizer, list(ds["sentence2"]), batch_size, max_len, device, "glue mrpc (2/2)")
             score = float(roc_auc_score(np.asarray(ds["label"]), (a * b).sum(1)))
             results["mrpc"] = {"metric": "roc_auc_cosine", "value": score, "n": len(ds)}
         elif task == "sst2":
             ds = _glue("sst2")
             x, y = (
-                embed(model, tokenizer, list(ds["sentence"]), batch_size, max_len, device),
+                embed(model, tokenizer, list(ds["sentence"]), batch_size, max_len, device, "glue sst2"),
                 np.asarray(ds["label"]),
             )
             folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)

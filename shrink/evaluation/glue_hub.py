@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import hub
 from ..assets import package_dir
@@ -156,7 +157,7 @@ def predict(model, tokenizer, rows: dict[str, list], task: str, batch_size: int,
     columns = TASKS[task].columns
     n, out, accepted = len(rows["label"]), [], _forward_args(model)
     model.eval()
-    for start in range(0, n, batch_size):
+    for start in tqdm(range(0, n, batch_size), desc=f"glue {task}", unit="batch", leave=False):
         texts = [rows[c][start : start + batch_size] for c in columns]
         batch = tokenizer(*texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         logits = model(**{k: v.to(device) for k, v in batch.items() if k in accepted}).logits.float().cpu()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.benchmark import Measurement, Timer
+from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from ..cost import CostModel
@@ -20,20 +21,33 @@ from ..models import build_adapter
 
 
 @torch.no_grad()
-def latency(model: nn.Module, ids: torch.Tensor, repeats: int, warmup: int = 2) -> Measurement:
+def latency(
+    model: nn.Module, ids: torch.Tensor, repeats: int, warmup: int = 2, bar: tqdm | None = None
+) -> Measurement:
     """`repeats` timed forward passes over `ids` after `warmup` untimed ones, with all of torch's
-    threads (the Timer's default is one) and CUDA synchronised: `.median`, `.iqr` in seconds."""
+    threads (the Timer's default is one) and CUDA synchronised: `.median`, `.iqr` in seconds.
+    `bar` advances once per pass, between the timed ones."""
     model.eval()
     kwargs = {"use_cache": False} if build_adapter(model).causal else {}
     for _ in range(warmup):
         model(input_ids=ids, **kwargs)
+        _tick(bar)
     timer = Timer(
         "model(input_ids=ids, **kwargs)",
         globals={"model": model, "ids": ids, "kwargs": kwargs},
         num_threads=torch.get_num_threads(),
     )
-    (merged,) = Measurement.merge([timer.timeit(1) for _ in range(repeats)])
+    timed = []
+    for _ in range(repeats):
+        timed.append(timer.timeit(1))
+        _tick(bar)
+    (merged,) = Measurement.merge(timed)
     return merged
+
+
+def _tick(bar: tqdm | None) -> None:
+    if bar is not None:
+        bar.update(1)
 
 
 class _TokenClock(StoppingCriteria):
@@ -51,7 +65,7 @@ class _TokenClock(StoppingCriteria):
 
 @torch.no_grad()
 def decode_seconds_per_token(
-    model: nn.Module, prompt: torch.Tensor, tokens: int, repeats: int, warmup: int
+    model: nn.Module, prompt: torch.Tensor, tokens: int, repeats: int, warmup: int, bar: tqdm | None = None
 ) -> tuple[float, float]:
     """(median, interquartile range) of the seconds between consecutive tokens of greedy decoding
     with the KV cache (transformers' `generate`, `tokens` new tokens, batch 1), over `repeats`
@@ -68,6 +82,7 @@ def decode_seconds_per_token(
         )  # fmt: skip
         if step >= warmup:
             gaps += [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+        _tick(bar)
     low, median, high = np.quantile(gaps, [0.25, 0.5, 0.75])
     return float(median), float(high - low)
 
@@ -102,25 +117,30 @@ def measure(
     decode_tokens: int = 0,
     prompt_len: int = 32,
     count_macs: bool = True,
+    desc: str = "speed",
 ) -> dict[str, float]:
     """Latency, throughput, MACs (unless not `count_macs`: the same model on other kernels) and
     weight bytes of `model` on random token ids (seeded); with `decode_tokens` (≥ 2, causal LMs)
-    also the per-token decode latency after a `prompt_len` prompt."""
+    also the per-token decode latency after a `prompt_len` prompt. A progress bar (`desc`)
+    counts the passes."""
     vocab = model.get_input_embeddings().num_embeddings
     ids = random_ids(vocab, batch_size, seq_len, seed).to(device)
-    timed = latency(model, ids, repeats, warmup)
-    out = {
-        "latency_ms": 1000 * timed.median,
-        "latency_iqr_ms": 1000 * timed.iqr,  # interquartile range of the repeats
-        "tokens_per_s": batch_size * seq_len / timed.median,
-        "weight_bytes": weight_bytes(model),
-    }
-    if count_macs:
-        out["block_macs_per_token"], out["model_macs_per_token"] = macs_per_token(model, seq_len)
-    if decode_tokens > 1 and build_adapter(model).causal:
-        prompt = random_ids(vocab, 1, prompt_len, seed).to(device)
-        median, iqr = decode_seconds_per_token(model, prompt, decode_tokens, repeats, warmup)
-        out["decode_ms_per_token"], out["decode_iqr_ms"] = 1000 * median, 1000 * iqr
+    decodes = decode_tokens > 1 and build_adapter(model).causal
+    passes = (warmup + repeats) * (2 if decodes else 1)
+    with tqdm(total=passes, desc=desc, unit="pass", leave=False) as bar:
+        timed = latency(model, ids, repeats, warmup, bar)
+        out = {
+            "latency_ms": 1000 * timed.median,
+            "latency_iqr_ms": 1000 * timed.iqr,  # interquartile range of the repeats
+            "tokens_per_s": batch_size * seq_len / timed.median,
+            "weight_bytes": weight_bytes(model),
+        }
+        if count_macs:
+            out["block_macs_per_token"], out["model_macs_per_token"] = macs_per_token(model, seq_len)
+        if decodes:
+            prompt = random_ids(vocab, 1, prompt_len, seed).to(device)
+            median, iqr = decode_seconds_per_token(model, prompt, decode_tokens, repeats, warmup, bar)
+            out["decode_ms_per_token"], out["decode_iqr_ms"] = 1000 * median, 1000 * iqr
     return out
 
 

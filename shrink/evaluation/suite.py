@@ -118,7 +118,7 @@ def evaluate_suite(cfg: DictConfig, store: BlockStore, compressed: bool, results
     store.ready_for_evaluation()
     model, tokenizer, device = store.model, store.tokenizer, store.device
     if speed is not None:  # timed first, before the other evaluators warm caches differently
-        results.setdefault("speed", {})[which] = measure_speed(model, speed, device)
+        results.setdefault("speed", {})[which] = measure_speed(model, speed, device, f"speed ({which})")
         if which == "compressed" and "dense" in results["speed"]:
             results["speed"].update(speed_ratios(results["speed"]))
     for corpus in ppl.corpora if ppl is not None else []:
@@ -171,6 +171,7 @@ def evaluate_suite(cfg: DictConfig, store: BlockStore, compressed: bool, results
                 int(zs.seed),
                 device,
                 folder / "lm_eval_tasks",
+                f"zero-shot ({which})",
             ),
             results,
         )
@@ -225,20 +226,22 @@ def _glue_hub(cfg: DictConfig, hub: DictConfig, model, tokenizer, device, which:
         entry[f"{which}_{extra}"] = row[extra]
 
 
-def measure_speed(model, speed: DictConfig, device: torch.device) -> dict[str, Any]:
+def measure_speed(model, speed: DictConfig, device: torch.device, desc: str = "speed") -> dict[str, Any]:
     """The speed table of one model; a model with quantized linears is timed again with those a
     weight-only kernel runs swapped in (`kernels`), with the largest logit difference that makes."""
     timing = (int(speed.batch_size), int(speed.seq_len), int(speed.repeats), int(speed.warmup), device)
     extra = {"seed": int(speed.seed), "decode_tokens": int(speed.decode_tokens)}
     extra["prompt_len"] = int(speed.prompt_len)
-    values = measure(model, *timing, **extra)
+    values = measure(model, *timing, **extra, desc=desc)
     if bool(speed.kernels) and any(is_quantized(m) for m in model.modules()):
         ids = random_ids(model.get_input_embeddings().num_embeddings, 1, int(speed.seq_len), int(speed.seed))
         with torch.no_grad():
             reference = model(input_ids=ids.to(device)).logits.float()
         with weight_only_kernels(model, device) as swapped:
             if swapped["kernel_linears"]:
-                swapped |= measure(model, *timing, **extra, count_macs=False)
+                swapped |= measure(
+                    model, *timing, **extra, count_macs=False, desc=f"{desc} on integer kernels"
+                )
                 with torch.no_grad():
                     logits = model(input_ids=ids.to(device)).logits.float()
                 gap = (logits - reference).abs().max() / reference.abs().max()

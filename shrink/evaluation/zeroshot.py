@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from ..assets import package_dir
 from ..errors import ShrinkError
@@ -160,6 +161,38 @@ def write_offline_tasks(folder: Path, tasks: list[str]) -> list[str]:
     return names
 
 
+def _with_progress(hflm: type, label: str) -> type:
+    """lm-eval's HFLM, scoring one task's requests at a time under a progress bar of shrink's own
+    (`<label> <task> (i/n)`, requests done / total) instead of lm-eval's, which name no task."""
+
+    class ProgressLM(hflm):
+        bar: tqdm | None = None
+
+        def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+            by_task: dict[str, list[int]] = {}
+            for i, request in enumerate(requests):
+                by_task.setdefault(str(request.task_name), []).append(i)
+            scores: list = [None] * len(requests)
+            for n, (task, indices) in enumerate(by_task.items(), start=1):
+                name = task.removesuffix("_offline")
+                desc = f"{label} {name} ({n}/{len(by_task)})"
+                with tqdm(total=len(indices), desc=desc, unit="request", leave=False) as self.bar:
+                    done = super().loglikelihood([requests[i] for i in indices], disable_tqdm=True)
+                    self.bar.update(self.bar.total - self.bar.n)
+                self.bar = None
+                for i, score in zip(indices, done, strict=True):
+                    scores[i] = score
+            return scores
+
+        def _model_call(self, inps: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = super()._model_call(inps, *args, **kwargs)
+            if self.bar is not None:  # a batch of requests (shared contexts may stand for more)
+                self.bar.update(min(int(inps.shape[0]), self.bar.total - self.bar.n))
+            return out
+
+    return ProgressLM
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
@@ -170,8 +203,10 @@ def evaluate(
     seed: int,
     device: torch.device,
     task_dir: Path,
+    label: str = "zero-shot",
 ) -> dict[str, Any]:
-    """{task: {"metric", "value", "stderr", "n"}} for every task, plus "mean" of the main metrics."""
+    """{task: {"metric", "value", "stderr", "n"}} for every task, plus "mean" of the main metrics;
+    `label` heads the progress bar (which model is scored)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -184,7 +219,9 @@ def evaluate(
     else:
         names, manager = [TASKS[t].builtin for t in tasks], TaskManager()
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    lm = _with_progress(HFLM, label)(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device)
+    )
     out = simple_evaluate(
         model=lm,
         tasks=names,
