@@ -10,10 +10,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 import shrink.config  # noqa: F401  (registers the config schemas)
-from shrink.cli import INTERRUPTED, one_line_error, override_under_null
-from shrink.errors import ShrinkError
+from shrink.cli import INTERRUPTED, one_line_error, override_under_null, resume_arguments, resume_command
+from shrink.errors import ShrinkError, first_line
 from shrink.lock import FolderBusy
 
 
@@ -24,18 +25,21 @@ def main(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     folder = hydra_cfg.runtime.output_dir
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         return run(cfg)
     except KeyboardInterrupt:
-        print(f"error: interrupted; continue with resume=true hydra.run.dir={folder}", file=sys.stderr)
+        again = resume_command(hydra_cfg.sweep.dir if multirun else folder, multirun, sys.argv[0])
+        hint = f"continue with: {again}" if again else "the run had not begun: nothing to resume"
+        print(f"error: interrupted; {hint}", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None
     except ShrinkError as err:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if not multirun:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         failure: BaseException = err
     except Exception as err:  # noqa: BLE001  (a sweep outlives its failed jobs)
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if not multirun:
             raise
         failure = err
     # In a sweep, a failed job is recorded (metrics.json: status failed) and the sweep goes on.
@@ -49,16 +53,26 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    # Hydra's composition errors (an unknown `method=` name, a value of the wrong type) reach us
-    # as exceptions, to be printed as one line with exit code 2 like every other bad input.
+    # Hydra's composition errors (an unknown `method=` name, a value of the wrong type) and the
+    # checks that run before the run folder exists (shrink.validation.CheckFirst) reach us as
+    # exceptions, to be printed as one line with exit code 2 like every other bad input.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.argv[1:], resumed = resume_arguments(sys.argv[1:])
+    if resumed:
+        print(resumed, file=sys.stderr)
     try:
         main()
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted before the run began: nothing to resume", file=sys.stderr)
         sys.exit(INTERRUPTED)
+    except ShrinkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except hydra.errors.HydraException as err:
         print(f"error: {one_line_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    except OmegaConfBaseException as err:  # an interpolation that cannot resolve, e.g. in hydra.run.dir
+        print(f"error: the config does not resolve: {first_line(err)}", file=sys.stderr)
         sys.exit(2)
     except AssertionError as err:
         message = override_under_null(err)

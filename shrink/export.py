@@ -1,5 +1,6 @@
-"""`python -m shrink.export <run or model folder> [--out DIR]`: bring a checkpoint written before
-shrink wrote Hugging Face folders up to date (issue 16).
+"""`python -m shrink.export <run or model folder> [--out DIR]`: give a shrink checkpoint the
+Hugging Face files of the current release (config.json, and the modeling file where its structure
+needs it) and its model card.
 
 The checkpoint is loaded (and so checked) with `shrink.load` first; then, in `--out` (a copy) or in
 place, it gains config.json: the smaller config when transformers builds its structure from one
@@ -71,7 +72,7 @@ def export(path: Path, out: Path | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shrink.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m shrink.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="a run folder or its model/ folder")
     parser.add_argument("--out", type=Path, help="write the exported folder here (default: in place)")
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # never part of a run's identity: how it was launched and where it logs
-NOT_RESULTS = ("resume", "hydra", "logger")
+NOT_RESULTS = ("resume", "overwrite", "hydra", "logger")
 
 
 def identity(cfg: DictConfig, ignore: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import first_line
+from .errors import ShrinkError, first_line
 
 # what a folder holds before its run began: Hydra's log, and the folder's lock (shrink.lock)
 NOT_A_RUN = {"launch.log", ".shrink.lock"}
@@ -27,10 +28,15 @@ class RunFolder:
         self.rows: list[dict[str, Any]] = []
 
     def start(self, cfg: DictConfig) -> None:
-        """Begin the run: clear what an earlier run here left, record the config (and, under
-        Hydra, its `.hydra/` files: `hydra.output_subdir` is null so that Hydra writes nothing
-        before the folder is locked and the run is known to go ahead)."""
+        """Begin the run: clear what an earlier run here left (all of it with `overwrite=true`;
+        a resumed run keeps its progress and checkpoint), record the config (and, under Hydra,
+        its `.hydra/` files: `hydra.output_subdir` is null so that Hydra writes nothing before
+        the folder is locked and the run is known to go ahead)."""
         self.path.mkdir(parents=True, exist_ok=True)
+        if cfg.get("overwrite"):
+            for entry in self.path.iterdir():
+                if entry.name not in NOT_A_RUN:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         for stale in STALE:
             (self.path / stale).unlink(missing_ok=True)
         OmegaConf.save(cfg, self.path / "config.yaml", resolve=True)
@@ -116,9 +122,21 @@ def remove_if_empty(path: str | Path) -> None:
     run that failed validation leaves no folder to be mistaken for a run."""
     path = Path(path)
     if path.is_dir() and {p.name for p in path.iterdir()} <= NOT_A_RUN:
-        import shutil
-
         shutil.rmtree(path, ignore_errors=True)
+
+
+def check_reuse(path: Path, cfg: DictConfig) -> None:
+    """A folder that holds an earlier run is continued (`resume=true`) or replaced
+    (`overwrite=true`), never silently overwritten."""
+    if cfg.resume or cfg.get("overwrite") or not (path / "config.yaml").is_file():
+        return
+    previous = read_metrics(path)
+    status = (previous or {}).get("status")
+    held = "a finished run" if status == "ok" else "a failed run" if status else "an unfinished run"
+    raise ShrinkError(
+        f"run folder {path} holds {held}: resume=true continues it (a finished one is kept as it is), "
+        "overwrite=true replaces it; or choose another folder (hydra.run.dir=…)"
+    )
 
 
 def _pyplot():

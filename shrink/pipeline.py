@@ -23,7 +23,7 @@ from .evaluation.suite import evaluate_suite
 from .identity import differences, identity, plain
 from .lock import locked
 from .methods import Method, build_method
-from .outputs import RunFolder, read_metrics, remove_if_empty, write_failed
+from .outputs import RunFolder, check_reuse, read_metrics, remove_if_empty, write_failed
 from .planning import cost_model, plan_inputs
 from .progress import Progress
 from .provenance import provenance
@@ -46,8 +46,9 @@ def _run_dir(run_dir: str | Path | None) -> Path:
 
 
 def _run_name_and_group(cfg: DictConfig) -> tuple[str, str | None]:
-    """W&B run name from the job's overrides; in a sweep, the group is the sweep folder's name
-    unless `logger.group` sets one."""
+    """W&B run name: the model actually loaded, method, schedule and budget; in a sweep, the job's
+    overrides (what tells its jobs apart), in a group named after the sweep folder unless
+    `logger.group` sets one."""
     name = f"{cfg.model.name}-{cfg.method.name}-{cfg.schedule.name}-b{cfg.budget}"
     group = cfg.logger.get("group")
     try:
@@ -55,9 +56,9 @@ def _run_name_and_group(cfg: DictConfig) -> tuple[str, str | None]:
         from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get()
-        name = hydra_cfg.job.override_dirname or name
-        if group is None and hydra_cfg.mode == RunMode.MULTIRUN:
-            group = Path(hydra_cfg.sweep.dir).name
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            name = hydra_cfg.job.override_dirname or name
+            group = group if group is not None else Path(hydra_cfg.sweep.dir).name
     except ValueError:  # not under Hydra (tests, the Python API)
         pass
     return name, group
@@ -82,6 +83,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
 def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
     try:
         validate(cfg)
+        check_reuse(folder.path, cfg)
         previous = finished_run(folder.path, cfg) if cfg.resume else None
         if previous is not None:
             print(f"shrink: {folder.path} has finished already with this config (resume=true): skipped")
@@ -115,6 +117,8 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
         write_failed(folder.path, cfg, err)
         raise
     print(summary(metrics, folder.path))
+    if tracker.closing_line():
+        print(tracker.closing_line())
     if cfg.push_to_hub is not None:
         print(f"  pushed     {hub.push(folder.path / 'model', cfg.push_to_hub)}")
     return _objective(metrics)

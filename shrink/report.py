@@ -153,7 +153,7 @@ def report(folders: list[Path], out: Path | None = None) -> list[dict[str, Any]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shrink.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m shrink.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="run folders or folders holding them")
     parser.add_argument("--out", type=Path, help="write report.md, report.csv and ppl_vs_budget.png here")
     args = parser.parse_args(argv)

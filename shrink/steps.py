@@ -18,15 +18,16 @@ widths before loading; the methods keep their widths in such multiples).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Any, NamedTuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .config import FoldTarget, GptaqForm
+from .config import FoldTarget, GptaqForm, QuantConf, SparsityConf
 from .context import BlockContext
 from .cost import weight_bytes
 from .errors import ShrinkError
@@ -60,8 +61,6 @@ def check(cfg: DictConfig, factorises: bool = False) -> None:
         raise ShrinkError(f"unknown quant {q.name!r}; valid: {', '.join(QUANT)}")
     if s.name not in SPARSITY:
         raise ShrinkError(f"unknown sparsity {s.name!r}; valid: {', '.join(SPARSITY)}")
-    if q.name == "none" and int(q.lowrank) != 0:
-        raise ShrinkError(f"quant.lowrank={q.lowrank} corrects a quantization error: set quant=rtn or gptq")
     if q.name != "none":
         if int(q.bits) not in BITS:
             raise ShrinkError(f"quant.bits={q.bits} is not supported; valid: {', '.join(map(str, BITS))}")
@@ -113,6 +112,39 @@ def check(cfg: DictConfig, factorises: bool = False) -> None:
             )
         if float(s.dampening) <= 0:
             raise ShrinkError(f"sparsity.dampening={s.dampening} must be positive")
+
+
+# each step's schema, what it does, and the options that run it
+STEP_GROUPS = {
+    "quant": (QuantConf, "quantization", ("rtn", "gptq")),
+    "sparsity": (SparsityConf, "sparsity", ("wanda", "sparsegpt")),
+}
+
+
+def check_unused_keys(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
+    """A `quant.*` or `sparsity.*` key set while that step is `none` would change nothing, and the
+    user would believe the model quantized: refuse it (keys named on the command line, or values
+    other than the schema's). A sweep that crosses `quant=none,gptq` with `quant.bits=…` is the
+    exception: its none job names the group on purpose."""
+    named = [o.lstrip("+~").partition("=")[0] for o in overrides]
+    for group, (schema, step, options) in STEP_GROUPS.items():
+        node = cfg[group]
+        if node.name != "none" or (multirun and group in named):
+            continue
+        defaults = schema(name="none")
+        changed = {
+            f"{group}.{f.name}"
+            for f in dataclasses.fields(schema)
+            if f.name != "name" and node[f.name] != getattr(defaults, f.name)
+        }
+        keys = sorted(changed | {k for k in named if k.startswith(group + ".")})
+        if keys:
+            shown = " ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in keys)
+            raise ShrinkError(
+                f"{shown}: {group}=none runs no {step}, so {'it does' if len(keys) == 1 else 'they do'} "
+                f"nothing; choose the step too ({' or '.join(f'{group}={o}' for o in options)}) or drop "
+                f"{'it' if len(keys) == 1 else 'them'}"
+            )
 
 
 def stored_bits(quant: DictConfig, dtype_bits: int) -> float:

@@ -1,26 +1,30 @@
 """Every check of a run's config that needs no weights, so bad input fails with one line before
-anything expensive starts (and before a run folder exists)."""
+anything expensive starts, and before a run folder exists: under the launcher the checks run
+(`shrink.cli.CheckFirst`, a Hydra callback) before Hydra creates the run folder and its parents."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import data, hub, steps
-from .config import ErrorCurrency, Propagate
+from .config import ErrorCurrency, Propagate, Source
+from .context import BlockContext
 from .devices import resolve_device
 from .errors import ShrinkError, first_line
 from .evaluation import glue_hub
 from .evaluation.suite import check_suite
 from .mapped import check_block_map, check_device_map
 from .methods import METHODS, build_method, check_method
-from .models import load_config, skeleton
+from .models import Adapter, load_config, skeleton
+from .models.catalog import check_label
 from .models.streaming import check_streamable
 from .planning import cost_model, error_currency, plan_inputs
-from .schedules import NEEDS_PROFILES, check_schedule, make_plan
+from .schedules import NEEDS_PROFILES, check_schedule, least_kept, make_plan
 from .tracking import check_logger
 
 
@@ -41,13 +45,51 @@ def check_known_keys(node: Any, where: str = "") -> None:
             check_known_keys(node[key], f"{where}{key}.")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Every check that needs no weights, so bad input fails before expensive work."""
+_checked_first: set[str] = set()  # what `CheckFirst` passed, for its job to skip once
+
+
+def launch_overrides() -> tuple[list[str], bool]:
+    """The command line's overrides of the job being run, and whether it is one job of a sweep
+    (([], False) outside Hydra: the Python API, tests)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return [], False
+    hydra_cfg = HydraConfig.get()
+    return list(hydra_cfg.overrides.task), hydra_cfg.mode == RunMode.MULTIRUN
+
+
+def validate(cfg: DictConfig, launch: tuple[list[str], bool] | None = None, first: bool = False) -> None:
+    """Every check that needs no weights, so bad input fails before expensive work. `launch`: the
+    command line's overrides and whether the job is part of a sweep (by default Hydra's record),
+    which tell keys a user set apart from defaults; `first`: checked by `CheckFirst`, before the
+    job, which then skips the checks once."""
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ShrinkError(
+            f"model={Source(cfg.model.source).value} needs model.path=<a folder with config.json and "
+            "safetensors weights, or a .gguf file for model=gguf>"
+        )
     try:
-        OmegaConf.to_container(cfg, resolve=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:  # e.g. model=bert-glue without eval=glue-hub
         raise ShrinkError(f"the config does not resolve: {first_line(err)}") from None
+    overrides, multirun = launch if launch is not None else launch_overrides()
+    key = json.dumps([resolved, overrides], default=str, sort_keys=True)
+    if key in _checked_first and not first:
+        _checked_first.discard(key)
+        return
+    _checks(cfg, overrides, multirun)
+    if first:
+        _checked_first.add(key)
+
+
+def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
     check_known_keys(cfg)
+    check_label(cfg.model)
+    steps.check_unused_keys(cfg, overrides, multirun)
+    if cfg.resume and cfg.overwrite:
+        raise ShrinkError("resume=true continues a run folder, overwrite=true starts it afresh: choose one")
     if not 0.0 < float(cfg.budget) <= 1.0:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
     check_method(cfg.method.name)
@@ -93,10 +135,7 @@ def validate(cfg: DictConfig) -> None:
     blocks = skeleton(cfg.model, config)
     check_block_map(cfg.model, blocks)
     steps.check_widths(cfg, list(blocks.blocks()), [blocks.sites(b) for b in blocks.blocks()])
-    # a budget the corrections exceed, or (without profiles) the schedule cannot meet, fails here
-    planned = plan_inputs(cfg, cost_model(cfg, blocks), build_method(cfg.method).prunes_heads)
-    if cfg.schedule.name not in NEEDS_PROFILES:
-        make_plan(cfg.schedule.name, planned)
+    check_reachable(cfg, blocks)
     if cfg.eval.get("glue_hub") is not None:
         glue_hub.check_model(str(cfg.eval.glue_hub.task), int(config.num_labels))
     limit = getattr(config, "max_position_embeddings", None)
@@ -153,3 +192,69 @@ def check_mapping(cfg: DictConfig) -> None:
         )
     if cfg.stream:
         raise ShrinkError("model.device_map and stream=true exclude each other: pick one way to place blocks")
+
+
+def check_reachable(cfg: DictConfig, adapter: Adapter) -> None:
+    """The budget against what the method can keep, priced on the architecture alone: the
+    corrections' reserve, a fixed schedule's plan, and the sizes the method may take (widths in
+    multiples of the quantization group or N:M span, min_keep), so that a budget out of reach
+    fails here rather than after the dense evaluation and the planning pass."""
+    method = build_method(cfg.method)
+    method.width_multiple = steps.width_multiple(cfg)
+    method.check_model(adapter)
+    costs = cost_model(cfg, adapter)
+    planned = plan_inputs(cfg, costs, method.prunes_heads)
+    plan = None if cfg.schedule.name in NEEDS_PROFILES else make_plan(cfg.schedule.name, planned)
+    contexts = (
+        BlockContext(
+            index=i,
+            block=block,
+            sites=adapter.sites(block),
+            stats={},
+            targets={},
+            choices={},
+            attention=adapter.attention(block),
+            costs=costs,
+            forward=adapter.run_block,
+            hidden=[],
+            args=[],
+            kwargs=[],
+        )  # fmt: skip
+        for i, block in enumerate(adapter.blocks())
+    )
+    sizes = [size for ctx in contexts for size in (method.sizes(ctx) or [])]
+    short = least_kept(planned, sizes, plan) if sizes else None
+    if short is None:
+        return
+    least, asked, block = short
+    where = f"block {block} keeps" if block is not None else "the blocks keep"
+    multiple = method.width_multiple
+    why = []
+    if multiple > 1:
+        why.append(f"the widths it keeps come in multiples of {multiple}, {_width_cause(cfg)}")
+    if block is None and planned.min_keep > 0:
+        why.append(f"no unit keeps less than schedule.min_keep={planned.min_keep:g}")
+    fixes = ["raise the budget"]
+    if multiple > 1:
+        fixes.append(
+            "use a smaller quant.group_size" if cfg.quant.name != "none" else "use another sparsity.pattern"
+        )
+    if block is None and planned.min_keep > 0:
+        fixes.append("lower schedule.min_keep")
+    raise ShrinkError(
+        f"budget {cfg.budget:g} cannot be met by method {cfg.method.name!r} under schedule "
+        f"{cfg.schedule.name!r} on model {cfg.model.name!r}: {where} at least {least:.4f} of the block "
+        f"cost, {asked:.4f} asked{' (' + '; '.join(why) + ')' if why else ''}; {' or '.join(fixes)}"
+    )
+
+
+def _width_cause(cfg: DictConfig) -> str:
+    """What forces the widths: the quantization group and/or the N:M span."""
+    causes = []
+    if cfg.quant.name != "none" and int(cfg.quant.group_size) > 1:
+        causes.append(
+            f"as quant={cfg.quant.name} packs whole groups of quant.group_size={cfg.quant.group_size}"
+        )
+    if cfg.sparsity.name != "none" and str(cfg.sparsity.pattern) != "unstructured":
+        causes.append(f"as sparsity.pattern={cfg.sparsity.pattern} needs whole spans")
+    return " and ".join(causes)

@@ -46,6 +46,13 @@ def tiny_overrides(model: str) -> list[str]:
     return [f"model={model}", *FAST, *(["eval=none"] if model in ENCODERS else FAST_PPL)]
 
 
+def local_model(model_name: str, folder) -> list[str]:
+    """Overrides that load a saved copy of tiny model `model_name` from `folder` (`model=local`),
+    with the head the tiny config gives it."""
+    head = make_cfg(f"model={model_name}").model.head
+    return ["model=local", f"model.path={folder}", f"model.head={getattr(head, 'value', head)}"]
+
+
 def sharded_copy(tmp_path, model_name: str):
     """A tiny random model saved as several safetensors shards, with its tokenizer."""
     from shrink.models import load_model

@@ -14,7 +14,14 @@ from .conftest import CONF, make_cfg
 
 GROUPS = ["model", "method", "schedule", "calib", "eval", "logger", "sparsity", "quant"]
 # options that read another group's settings (the GLUE task of eval=glue-hub)
-COMPANIONS = {("model", "bert-glue"): ["eval=glue-hub"], ("calib", "glue-train"): ["eval=glue-hub"]}
+COMPANIONS = {
+    ("model", "bert-glue"): ["eval=glue-hub"],
+    ("calib", "glue-train"): ["eval=glue-hub"],
+    ("model", "local"): ["model.path=/data/my-model"],
+    ("model", "gguf"): ["model.path=/data/my-model.Q8_0.gguf"],
+}
+# options named after what they load
+NAMED_BY_PATH = {("model", "local"): "my-model", ("model", "gguf"): "my-model.Q8_0"}
 
 
 def options(group: str) -> list[str]:
@@ -24,7 +31,7 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group, option):
     cfg = make_cfg(f"{group}={option}", *COMPANIONS.get((group, option), []))
-    assert cfg[group].name == option
+    assert cfg[group].name == NAMED_BY_PATH.get((group, option), option)
     OmegaConf.to_container(cfg, resolve=True)
 
 

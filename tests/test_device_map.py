@@ -13,7 +13,7 @@ from shrink.errors import ShrinkError
 from shrink.mapped import Mapped
 from shrink.pipeline import run
 
-from .conftest import FAST, FAST_PPL, interrupt_then_resume, make_cfg, sharded_copy
+from .conftest import FAST, FAST_PPL, interrupt_then_resume, local_model, make_cfg, sharded_copy
 
 # Llama: a dict map with one block, the final norm and the (tied) head offloaded to disk;
 # OPT: accelerate's own map under a memory cap too small for anything but the embeddings, with a
@@ -35,7 +35,7 @@ CASES = {
 
 def _overrides(tmp_path, model_name: str) -> list[str]:
     source = sharded_copy(tmp_path, model_name)
-    return [f"model={model_name}", "model.source=local", f"model.path={source}", *FAST, *FAST_PPL]
+    return [*local_model(model_name, source), *FAST, *FAST_PPL]
 
 
 def _metrics(folder) -> dict:
@@ -112,9 +112,7 @@ def test_bad_device_maps_fail_before_loading(tmp_path, monkeypatch, overrides, m
     tiny = load_model(make_cfg("model=tiny-llama").model, torch.float32)
     tiny.model.save_pretrained(source)
     monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
-    cfg = make_cfg(
-        "model=tiny-llama", "model.source=local", f"model.path={source}", "logger=none", *overrides
-    )
+    cfg = make_cfg(*local_model("tiny-llama", source), "logger=none", *overrides)
     with pytest.raises(ShrinkError, match=message):
         run(cfg, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()

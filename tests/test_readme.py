@@ -109,3 +109,31 @@ def test_the_smoke_experiment_is_short():
         cfg = compose("config", overrides=["+experiment=smoke"])
     assert cfg.model.name == "smollm2-135m" and cfg.eval.name == "ppl" and cfg.eval.zeroshot is None
     assert cfg.eval.ppl.max_tokens == 2048 and cfg.calib.nsamples * cfg.calib.seq_len <= 1024
+
+
+def test_the_readme_and_docs_stand_on_their_own():
+    """A user has the repository, not the project's shared notes: what they say is in docs/; the
+    README says to activate the environment before its `python launch.py` commands."""
+    readme = (ROOT / "README.md").read_text()
+    assert "shared/" not in readme and "OFFLINE.md" not in readme
+    assert readme.index("source .venv/bin/activate") < readme.index("python launch.py model=tiny-llama")
+    for page in ("offline", "models", "runs"):
+        assert (ROOT / "docs" / f"{page}.md").is_file() and f"docs/{page}.md" in readme
+    assert "smollm2-135m" in (ROOT / "docs" / "offline.md").read_text()
+    assert (ROOT / "CHANGELOG.md").is_file()
+
+
+@pytest.mark.parametrize("module", ["export", "report"])
+def test_command_help_says_whole_sentences(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"shrink.{module}").main(["--help"])
+    description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
+    assert description.endswith(".") and "issue" not in description, description
+
+
+def test_the_license_is_an_spdx_string():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
@@ -184,9 +186,10 @@ def test_launcher_turns_composition_errors_into_one_line_and_exit_2():
         assert len(error_lines(out.stderr)) == 1 and error_lines(out.stderr)[0].startswith(expected)
 
 
-def test_sigint_prints_one_line_and_exits_130(tmp_path):
-    """Interrupted mid-compression (distill trains long): exit 130, one line naming how to resume,
-    and the folder records the failure for a later resume=true."""
+def test_sigint_prints_a_resume_command_that_works_when_pasted(tmp_path):
+    """Interrupted mid-compression (distill trains long): exit 130, one line with the command that
+    continues the run, and the folder records the failure. Pasted as printed, that command takes
+    the run's own overrides from its folder (here with one more, so that it ends)."""
     folder = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "launch.py", *TINY_RUN, "method=distill", "method.steps=1000000",
@@ -209,10 +212,21 @@ def test_sigint_prints_one_line_and_exits_130(tmp_path):
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     # one message; progress bars share stderr, so it is looked for anywhere, not only at line starts
-    assert re.findall(r"error: interrupted; continue with resume=true hydra.run.dir=(\S+)", stderr) == [
-        str(folder)
-    ]
+    (command,) = re.findall(r"error: interrupted; continue with: (.+)", stderr)
     assert json.loads((folder / "metrics.json").read_text())["status"] == "failed"
+    words = shlex.split(command)
+    assert words[1:] == ["launch.py", "resume=true", f"hydra.run.dir={folder}"], command
+
+    out = subprocess.run(
+        [*words, "method.steps=2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming" in out.stderr and "method=distill" in out.stderr
+    resumed = yaml.safe_load((folder / "config.yaml").read_text())
+    assert resumed["method"]["name"] == "distill" and resumed["method"]["steps"] == 2
+    assert resumed["calib"]["nsamples"] == 4 and resumed["model"]["name"] == "tiny-llama"
+    assert json.loads((folder / "metrics.json").read_text())["status"] == "ok"
 
 
 # 5. reports

@@ -15,7 +15,7 @@ from shrink.errors import ShrinkError
 from shrink.pipeline import run
 from shrink.placement import Streamed
 
-from .conftest import FAST, FAST_PPL, interrupt_then_resume, logits, make_cfg, sharded_copy
+from .conftest import FAST, FAST_PPL, interrupt_then_resume, local_model, logits, make_cfg, sharded_copy
 
 # (tiny model, method, eval): Llama with dense propagation, OPT with a profiling pass, an encoder
 CASES = {
@@ -42,9 +42,7 @@ def test_stream_equals_a_loaded_run_and_holds_one_block(tmp_path, monkeypatch, c
     model_name, method, evaluation = CASES[case]
     source = sharded_copy(tmp_path, model_name)
     overrides = [
-        f"model={model_name}",
-        "model.source=local",
-        f"model.path={source}",
+        *local_model(model_name, source),
         *FAST,
         *method,
         *evaluation,
@@ -94,7 +92,7 @@ def test_stream_equals_a_loaded_run_and_holds_one_block(tmp_path, monkeypatch, c
 
 def test_stream_resumes_after_an_interruption(tmp_path, monkeypatch):
     source = sharded_copy(tmp_path, "tiny-llama")
-    overrides = ["model=tiny-llama", "model.source=local", f"model.path={source}", *FAST, *FAST_PPL]
+    overrides = [*local_model("tiny-llama", source), *FAST, *FAST_PPL]
     overrides += ["stream=true", "method=svdllm"]
     run(make_cfg(*overrides), run_dir=tmp_path / "whole")
 

@@ -164,3 +164,57 @@ def test_resume_skips_a_finished_run_and_refuses_another_config(tmp_path, monkey
         run(make_cfg(*overrides), run_dir=tmp_path / "other")
     with pytest.raises(ShrinkError, match="different config.*differs in: budget"):
         run(make_cfg(*overrides, "budget=0.7", "resume=true"), run_dir=tmp_path / "other")
+
+
+def _record(folder, overrides: list[str], config_name: str = "config", sweep: bool = False):
+    """What Hydra leaves in a run folder (`.hydra/`) or a sweep folder (`multirun.yaml`)."""
+    hydra = {"job": {"config_name": config_name}, "overrides": {"task": overrides}}
+    if sweep:
+        folder.mkdir(parents=True)
+        (folder / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
+    else:
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+
+
+def test_resume_takes_the_folders_own_overrides(tmp_path):
+    from shrink.cli import resume_arguments, resume_command
+
+    folder = tmp_path / "run"
+    _record(folder, ["model=tiny-llama", "budget=0.7", "+experiment=smoke"], config_name="mine")
+    args, note = resume_arguments(["resume=true", f"hydra.run.dir={folder}", "budget=0.8"])
+    assert args == [
+        "-cn", "mine", "model=tiny-llama", "+experiment=smoke", "resume=true", f"hydra.run.dir={folder}",
+        "budget=0.8",
+    ]  # fmt: skip
+    assert "model=tiny-llama" in note
+    assert resume_arguments(["budget=0.8", f"hydra.run.dir={folder}"]) == (
+        ["budget=0.8", f"hydra.run.dir={folder}"],
+        None,
+    )
+    assert resume_command(tmp_path / "nothing", False, "launch.py") is None  # never began
+
+    sweep = tmp_path / "sweep"
+    _record(sweep, ["budget=0.5,0.8", "model=tiny-llama"], sweep=True)
+    args, _ = resume_arguments(["-m", "resume=true", f"hydra.sweep.dir={sweep}"])
+    assert args == ["-m", "budget=0.5,0.8", "model=tiny-llama", "resume=true", f"hydra.sweep.dir={sweep}"]
+    assert resume_command(sweep, True, "launch.py").endswith(
+        f"launch.py -m resume=true hydra.sweep.dir={sweep}"
+    )
+
+
+def test_a_folder_with_a_run_is_continued_or_replaced_never_overwritten(tmp_path):
+    overrides = ["model=tiny-llama", *FAST, *FAST_PPL]
+    folder = tmp_path / "run"
+    run(make_cfg(*overrides), run_dir=folder)
+    first = (folder / "metrics.json").read_text()
+    (folder / "notes.txt").write_text("left by the earlier run")
+    with pytest.raises(ShrinkError, match="holds a finished run: resume=true continues it .* overwrite=true"):
+        run(make_cfg(*overrides, "budget=0.7"), run_dir=folder)
+    assert (folder / "metrics.json").read_text() == first
+    with pytest.raises(ShrinkError, match="resume=true .* overwrite=true .*: choose one"):
+        run(make_cfg(*overrides, "resume=true", "overwrite=true"), run_dir=folder)
+    run(make_cfg(*overrides, "budget=0.7", "overwrite=true"), run_dir=folder)
+    assert json.loads((folder / "metrics.json").read_text())["budget"] == 0.7
+    assert not (folder / "notes.txt").exists()

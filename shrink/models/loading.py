@@ -6,6 +6,7 @@ it on. Hub ids fail fast, with the offline alternatives named, when no hub can b
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,11 @@ from .. import hub
 from ..config import Head, ModelConf, Source
 from ..errors import ShrinkError, first_line
 from ..mapped import is_mapped, loading_kwargs, onload_outside_blocks
+from ..modeling_shrink import MODEL_TYPE_PREFIX
 from .base import Adapter
+from .catalog import is_local_path, local_hint, offline_models
 from .families import adapter_class_for, supported_model_types
 from .packaged import PACKAGED, check_installed, gguf_model_dir, packaged_model_dir
-
-OFFLINE_MODELS = "smollm2-135m, gemma3-270m, minilm-l6 (packaged), tiny-llama, tiny-opt, tiny-bert"
 
 AUTO_CLASSES = {
     Head.causal_lm: AutoModelForCausalLM,
@@ -60,20 +61,39 @@ def check_source(cfg: ModelConf) -> None:
     """Cheap checks that a model can be had at all, before anything is loaded."""
     if cfg.source == Source.packaged:
         if cfg.path not in PACKAGED:
-            raise ShrinkError(f"unknown packaged model {cfg.path!r}; valid: {', '.join(sorted(PACKAGED))}")
+            hint = f"; a local model loads with {local_hint(cfg.path)}" if is_local_path(cfg.path) else ""
+            raise ShrinkError(
+                f"unknown packaged model {cfg.path!r}; valid: {', '.join(sorted(PACKAGED))}{hint}"
+            )
         check_installed(cfg.path)
     elif cfg.source == Source.hub:
         if not _hub_cached(cfg.path, cfg.revision) and not hub.reachable():
             raise ShrinkError(
                 f"model {cfg.name!r} (hub id {cfg.path!r}) is not available offline: no hub connection "
-                f"and not in the local cache; offline models: {OFFLINE_MODELS}"
+                f"and not in the local cache; offline: {offline_models()}"
             )
     elif cfg.source == Source.local:
         if not (Path(cfg.path) / "config.json").is_file():
             raise ShrinkError(f"local model folder {cfg.path!r} has no config.json")
+        check_not_compressed(Path(cfg.path))
         check_weight_files(Path(cfg.path))
     elif cfg.source == Source.tiny and not hasattr(transformers, cfg.path):
         raise ShrinkError(f"tiny model config class {cfg.path!r} is not in transformers")
+
+
+def check_not_compressed(folder: Path) -> None:
+    """A shrink checkpoint whose structure only its modeling file builds (factor pairs, per-block
+    widths) is not a model shrink's adapters know: say so, instead of failing in the cost model."""
+    try:
+        model_type = str(json.loads((folder / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config.json is reported when AutoConfig reads it
+    if model_type.startswith(MODEL_TYPE_PREFIX):
+        raise ShrinkError(
+            f"model.path={folder} is a shrink checkpoint ({model_type}) whose structure only its "
+            "modeling file builds, which shrink does not compress again: start from its base model, or "
+            "run it with shrink.load(folder) or from_pretrained(folder, trust_remote_code=True)"
+        )
 
 
 def check_weight_files(folder: Path) -> None:

