@@ -42,7 +42,7 @@ def shipped() -> dict[str, dict[str, Any]]:
 def offline_models() -> str:
     """The shipped models that need no hub, as one phrase for error messages."""
     by_source: dict[str, list[str]] = {}
-    for name, entry in shipped().items():
+    for name, entry in sorted(shipped().items()):
         if name not in FROM_PATH:
             by_source.setdefault(str(entry.get("source")), []).append(name)
     parts = []
