@@ -73,29 +73,8 @@ def _body(
     lines = [f"# {name}, compressed by shrink ({method}, budget {cfg['budget']:g} {cfg['budget_unit']})", ""]
     if note:  # the first thing a reader of a folder that needs remote code must know
         lines += [f"**{note}**", ""]
-    lines += ["## How to load", "", "```python"]
-    if stock:
-        auto = AUTO_CLASSES[Head(manifest["head"])].__name__
-        remote = ", trust_remote_code=True" if stock == "remote" else ""
-        lines += [
-            f"from transformers import {auto}, AutoTokenizer",
-            "",
-            *(
-                ["# the family's class plus this folder's edits (modeling_shrink.py, torch only)"]
-                if remote
-                else []
-            ),
-            f'model = {auto}.from_pretrained("<this folder>"{remote})',
-            'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
-        ]
-    else:
-        lines += [
-            "import shrink  # packed weights of a structure transformers does not build",
-            "",
-            'model = shrink.load("<this folder>")',
-            'tokenizer = shrink.load_tokenizer("<this folder>")',
-        ]
-    lines += ["```", "", "## What was kept", "", "| | dense | compressed |", "|---|---|---|"]
+    lines += _how_to_load(manifest, stock)
+    lines += ["", "## What was kept", "", "| | dense | compressed |", "|---|---|---|"]
     lines.append(
         f"| budget ({m['budget_unit']}) | 1 | {m['budget_achieved']:.4f} (requested {m['budget']:g}) |"
     )
@@ -157,3 +136,30 @@ def _body(
         lines += ["No evaluation ran with this checkpoint.", ""]
     lines += [f"shrink {m.get('versions', {}).get('shrink', '')}".rstrip(), ""]
     return "\n".join(lines)
+
+
+def _how_to_load(manifest: dict[str, Any], stock: str | None) -> list[str]:
+    """The card's loading snippet: transformers' class (with remote code where needed) or shrink."""
+    lines = ["## How to load", "", "```python"]
+    if stock:
+        auto = AUTO_CLASSES[Head(manifest["head"])].__name__
+        remote = ", trust_remote_code=True" if stock == "remote" else ""
+        lines += [
+            f"from transformers import {auto}, AutoTokenizer",
+            "",
+            *(
+                ["# the family's class plus this folder's edits (modeling_shrink.py, torch only)"]
+                if remote
+                else []
+            ),
+            f'model = {auto}.from_pretrained("<this folder>"{remote})',
+            'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+        ]
+    else:
+        lines += [
+            "import shrink  # packed weights of a structure transformers does not build",
+            "",
+            'model = shrink.load("<this folder>")',
+            'tokenizer = shrink.load_tokenizer("<this folder>")',
+        ]
+    return [*lines, "```"]

@@ -219,7 +219,7 @@ def check_reachable(cfg: DictConfig, adapter: Adapter) -> None:
             hidden=[],
             args=[],
             kwargs=[],
-        )  # fmt: skip
+        )
         for i, block in enumerate(adapter.blocks())
     )
     sizes = [size for ctx in contexts for size in (method.sizes(ctx) or [])]
