@@ -92,7 +92,7 @@ def check_not_compressed(folder: Path) -> None:
         raise ShrinkError(
             f"model.path={folder} is a shrink checkpoint ({model_type}) whose structure only its "
             "modeling file builds, which shrink does not compress again: start from its base model, or "
-            "run it with shrink.load(folder) or from_pretrained(folder, trust_remote_code=True)"
+            "run it with shrink.load(folder), or in transformers with trust_remote_code=True"
         )
 
 
