@@ -299,7 +299,7 @@ class EvalConf:
 
 @dataclass
 class QuantConf:
-    """Weight quantization after the method's edit (issue 17): `none`, `rtn` or `gptq`."""
+    """Weight quantization after the method's edit: `none`, `rtn` or `gptq`."""
 
     name: str = MISSING
     bits: int = 4  # 8, 4, 3 or 2
@@ -318,7 +318,7 @@ class QuantConf:
 
 @dataclass
 class SparsityConf:
-    """Weight sparsity after the method's edit, before quantization (issue 17)."""
+    """Weight sparsity after the method's edit, before quantization."""
 
     name: str = MISSING
     pattern: str = "unstructured"  # or N:M (N kept of every M consecutive inputs), e.g. 2:4

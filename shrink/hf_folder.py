@@ -1,4 +1,4 @@
-"""What makes a shrink checkpoint a Hugging Face model folder (issue 16).
+"""What makes a shrink checkpoint a Hugging Face model folder.
 
 When the compressed blocks are what the family's own code builds under a smaller config (every
 block the same FFN width and head counts, plain linears), the folder gets that config as

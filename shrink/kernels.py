@@ -1,4 +1,4 @@
-"""Weight-only integer kernels for quantized linears, used by `eval=speed` (issue 17).
+"""Weight-only integer kernels for quantized linears, used by `eval=speed`.
 
 A quantized linear keeps a dequantized float weight so that every evaluator sees exactly the
 checkpoint's numbers; that is as slow as the dense model. Timing what 4 or 8 bits buy needs the

@@ -1,4 +1,4 @@
-"""The model card of a run's checkpoint: `<run>/model/README.md` (issue 16).
+"""The model card of a run's checkpoint: `<run>/model/README.md`.
 
 Hugging Face's metadata header (base model, library, tags, pipeline), then what a reader of the
 hub page needs: how to load the folder, what was kept (budget, parameters, MACs, bits, per-block

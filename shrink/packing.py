@@ -1,4 +1,4 @@
-"""Quantized linears in compressed-tensors' pack-quantized layout (issue 17).
+"""Quantized linears in compressed-tensors' pack-quantized layout.
 
 A quantized linear keeps its dequantized weight for every evaluation and carries its grid as
 buffers named as compressed-tensors names them (`weight_scale`, `weight_zero_point` when

@@ -1,4 +1,4 @@
-"""The per-linear solvers of the sparsity and quantization steps (issue 17): round-to-nearest,
+"""The per-linear solvers of the sparsity and quantization steps: round-to-nearest,
 GPTQ, SparseGPT and Wanda, on a layer's weight and the Gram matrix XᵀX of its calibration inputs
 (the Hessian of the layer-wise objective ‖WX − ŴX‖²), in float64."""
 

@@ -71,7 +71,7 @@ class SecondMoment:
 class CrossMoment:
     """Accumulates, at one site, the moments of two streams seen on the same tokens: x, the input
     the edited block will get (the compressed model's), and y, the dense model's. ΣxyᵀΣ, Σyyᵀ and
-    Σy let a fold fit the dense function (issue 15's dense targets) without keeping activations."""
+    Σy let a fold fit the dense function (the dense targets) without keeping activations."""
 
     def __init__(
         self,

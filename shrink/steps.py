@@ -1,4 +1,4 @@
-"""Sparsity and quantization stacked on any method (issue 17): per block, after the method's edit.
+"""Sparsity and quantization stacked on any method: per block, after the method's edit.
 
 Order within a block: the method's structural edit → sparsity → quantization. The sites are
 visited in forward order, and each site's input moment is taken on the block as edited so far

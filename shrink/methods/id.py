@@ -11,7 +11,7 @@ from all kept head dimensions by least squares (T folded into o_proj), and q/k/v
 With grouped-query attention every kept KV group keeps the same number of query heads, and a KV
 head goes only with all of its query heads.
 
-Thinner heads (`attention`, issue 15): a query head's output is A_h V_g, so an ID of the value
+Thinner heads (`attention`): a query head's output is A_h V_g, so an ID of the value
 dims of KV head g (V_g ≈ V_g[:, J] T) carries over to every query head of the group; v keeps rows
 J, o keeps the matching columns, and the same least-squares fold rebuilds o_proj's inputs. `auto`
 (default) thins values and keeps whole-head drops as the schedule's reserve options.

@@ -1,4 +1,4 @@
-"""Thinner queries and keys for `id` (issue 15): which q/k dims each KV group keeps, and what
+"""Thinner queries and keys for `id`: which q/k dims each KV group keeps, and what
 dropping the rest costs the attention output.
 
 A head's score is q·k = Σᵢ qᵢkᵢ, a sum over its dims (with rotary embeddings, over pairs that turn
