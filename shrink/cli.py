@@ -143,7 +143,7 @@ class CheckFirst(Callback):
     parents), so a bad input leaves nothing under `outputs/`; a sweep's jobs are checked in their
     own folders, which record why they failed. Hydra turns a callback's exceptions into warnings,
     so the refusal is printed here as the launcher prints it (one line, exit code 2). Registered
-    in `conf/config.yaml`; the job then skips the checks its config already passed."""
+    in `conf/config.yaml`."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         from omegaconf import open_dict, read_write
@@ -155,7 +155,7 @@ class CheckFirst(Callback):
             overrides = list(task.hydra.overrides.task)
             del task["hydra"]
         try:
-            validate(task, (overrides, False), first=True)
+            validate(task, (overrides, False))
         except ShrinkError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None

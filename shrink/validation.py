@@ -5,7 +5,6 @@ anything expensive starts, and before a run folder exists: under the launcher th
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -45,9 +44,6 @@ def check_known_keys(node: Any, where: str = "") -> None:
             check_known_keys(node[key], f"{where}{key}.")
 
 
-_checked_first: set[str] = set()  # what `CheckFirst` passed, for its job to skip once
-
-
 def launch_overrides() -> tuple[list[str], bool]:
     """The command line's overrides of the job being run, and whether it is one job of a sweep
     (([], False) outside Hydra: the Python API, tests)."""
@@ -60,28 +56,22 @@ def launch_overrides() -> tuple[list[str], bool]:
     return list(hydra_cfg.overrides.task), hydra_cfg.mode == RunMode.MULTIRUN
 
 
-def validate(cfg: DictConfig, launch: tuple[list[str], bool] | None = None, first: bool = False) -> None:
-    """Every check that needs no weights, so bad input fails before expensive work. `launch`: the
-    command line's overrides and whether the job is part of a sweep (by default Hydra's record),
-    which tell keys a user set apart from defaults; `first`: checked by `CheckFirst`, before the
-    job, which then skips the checks once."""
+def validate(cfg: DictConfig, launch: tuple[list[str], bool] | None = None) -> None:
+    """Every check that needs no weights, so bad input fails before expensive work (about half a
+    second on the default model; the launcher runs them before the run folder exists, the job
+    again). `launch`: the command line's overrides and whether the job is part of a sweep (by
+    default Hydra's record), which tell keys a user set apart from defaults."""
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ShrinkError(
             f"model={Source(cfg.model.source).value} needs model.path=<a folder with config.json and "
             "safetensors weights, or a .gguf file for model=gguf>"
         )
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:  # e.g. model=bert-glue without eval=glue-hub
         raise ShrinkError(f"the config does not resolve: {first_line(err)}") from None
     overrides, multirun = launch if launch is not None else launch_overrides()
-    key = json.dumps([resolved, overrides], default=str, sort_keys=True)
-    if key in _checked_first and not first:
-        _checked_first.discard(key)
-        return
     _checks(cfg, overrides, multirun)
-    if first:
-        _checked_first.add(key)
 
 
 def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
