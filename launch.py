@@ -12,16 +12,18 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-import shrink.config  # noqa: F401  (registers the config schemas)
-from shrink.cli import INTERRUPTED, one_line_error, override_under_null, resume_arguments, resume_command
 from shrink.errors import ShrinkError, first_line
-from shrink.lock import FolderBusy
+from shrink.run.cli import INTERRUPTED, one_line_error, override_under_null, resume_arguments, resume_command
+from shrink.run.lock import FolderBusy
+from shrink.run.plugins import load_plugins
+
+load_plugins()  # their schemas must be in Hydra's ConfigStore before it composes
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from shrink.outputs import read_metrics, write_failed
-    from shrink.pipeline import run
+    from shrink.run.outputs import read_metrics, write_failed
+    from shrink.run.pipeline import run
 
     hydra_cfg = HydraConfig.get()
     folder = hydra_cfg.runtime.output_dir
@@ -54,7 +56,7 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     # Hydra's composition errors (an unknown `method=` name, a value of the wrong type) and the
-    # checks that run before the run folder exists (shrink.validation.CheckFirst) reach us as
+    # checks that run before the run folder exists (shrink.run.validation.CheckFirst) reach us as
     # exceptions, to be printed as one line with exit code 2 like every other bad input.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     sys.argv[1:], resumed = resume_arguments(sys.argv[1:])

@@ -5,7 +5,7 @@ exists, so an interrupted bench resumes; a run that fails is reported with its e
 times the saved checkpoint's forward pass against the dense model's, next to their MAC ratio,
 and writes a Markdown table and a JSON file. Compression time is also given as a multiple of one
 dense forward pass over the calibration set, and the run's peak RSS as a multiple of the fp32 model
-size. A run is `method:schedule[:override,...]`; `python -m shrink.report <out>` plots
+size. A run is `method:schedule[:override,...]`; `python -m shrink report <out>` plots
 perplexity against budget from the same folders.
 
     .venv/bin/python bench/compare.py                        # id vs svd on SmolLM2-135M (README)
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import shrink  # noqa: E402
-from shrink import data  # noqa: E402
-from shrink.devices import resolve_device  # noqa: E402
+from shrink.data import corpora as data  # noqa: E402
 from shrink.evaluation.speed import latency, macs_per_token  # noqa: E402
+from shrink.hardware.devices import resolve_device  # noqa: E402
 from shrink.models import load_model  # noqa: E402
 
 

@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import shrink.config  # noqa: E402,F401  (registers the config schemas)
 from shrink.models.streaming import load_streamed, model_folder  # noqa: E402
-from shrink.pipeline import validate  # noqa: E402
+from shrink.run.pipeline import validate  # noqa: E402
+from shrink.run.plugins import load_plugins  # noqa: E402
 
 
 def mb(tensors) -> float:
@@ -49,7 +49,7 @@ def truncated_copy(source: Path, depth: int, out: Path) -> Path:
 
 
 def import_baseline_mb() -> float:
-    code = "import shrink.pipeline, shrink.rss; print(shrink.rss.peak_mb())"
+    code = "import shrink.run.pipeline, shrink.hardware.memory; print(shrink.hardware.memory.peak_mb())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     return float(out.stdout)
 
@@ -74,6 +74,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from hydra import compose, initialize_config_dir
+
+    load_plugins()
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={args.model}", "eval=none"])

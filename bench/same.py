@@ -48,9 +48,15 @@ DRIVER = """
 import os
 import sys
 from hydra import compose, initialize_config_dir
-import shrink.config
-from shrink.pipeline import run
-from shrink.progress import Progress
+try:  # the package's layout of the tree being run
+    from shrink.run.plugins import load_plugins
+    from shrink.run.pipeline import run
+    from shrink.run.progress import Progress
+    load_plugins()
+except ImportError:
+    import shrink.config
+    from shrink.pipeline import run
+    from shrink.progress import Progress
 folder, interrupt, *overrides = sys.argv[1:]
 import shrink
 assert shrink.__file__.startswith(os.getcwd()), (shrink.__file__, os.getcwd())  # this tree's code

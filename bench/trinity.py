@@ -107,7 +107,7 @@ def speed(out: Path, rows: list[str]) -> None:
     from omegaconf import OmegaConf
 
     sys.path.insert(0, str(ROOT))
-    from shrink.checkpoint import load
+    from shrink.checkpoints.save_load import load
     from shrink.evaluation.suite import measure_speed, speed_ratios
 
     settings = OmegaConf.create(

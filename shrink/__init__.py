@@ -1,6 +1,6 @@
 """shrink: compress pretrained transformers without retraining."""
 
-from .checkpoint import load, load_tokenizer
+from .checkpoints.save_load import load, load_tokenizer
 from .errors import NumericalError, ShrinkError
 
 __version__ = "0.1.0"

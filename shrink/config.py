@@ -95,91 +95,9 @@ class MethodConf:
     name: str = MISSING
 
 
-class GptaqForm(str, Enum):
-    target = "target"  # GPTQ of the closed-form target W + α·W·ΔXᵀX̃·H̃⁻¹ (all columns corrected)
-    recursion = "recursion"  # the paper's: GPTQ's column recursion with the asymmetry term folded in
-
-
 class FoldTarget(str, Enum):
     compressed = "compressed"  # fit the activations the pruned block itself sees (STAT)
     dense = "dense"  # fit the dense model's activations: also corrects the error from below
-
-
-@dataclass
-class SVDConf(MethodConf):
-    name: str = "svd"
-
-
-@dataclass
-class ROMConf(MethodConf):
-    name: str = "rom"
-    center: bool = False  # PCA of centred outputs, the mean folded into a (counted) bias
-    target: FoldTarget = FoldTarget.compressed  # dense: refit each left factor on dense targets
-    target_ridge: float = 1e-2  # target=dense: λ/mean(diag) of the refit, shrinking towards the fit
-
-
-@dataclass
-class SVDLLMConf(MethodConf):
-    name: str = "svdllm"
-    ridge: float = 0.0  # λ/mean(diag C) added before the Cholesky; raised from 1e-10 if C is singular
-    target: FoldTarget = FoldTarget.compressed  # dense: refit each left factor on dense targets
-    target_ridge: float = 1e-2  # target=dense: λ/mean(diag) of the refit, shrinking towards the fit
-
-
-class DistillInit(str, Enum):
-    svd = "svd"  # truncated SVD of each weight (Lillama's choice)
-    svdllm = "svdllm"  # whitened SVD on the block's calibration inputs
-
-
-class DistillInputs(str, Enum):
-    teacher = "teacher"  # the dense model's block inputs
-    student = "student"  # the compressed model's own block inputs (detached)
-    teacher_student = "teacher+student"  # both losses, summed, in one step (Lillama)
-
-
-@dataclass
-class DistillConf(MethodConf):
-    name: str = "distill"
-    init: DistillInit = DistillInit.svd
-    ridge: float = 0.0  # init=svdllm: λ/mean(diag C), as in method=svdllm
-    # a DistillInputs value; a plain string because OmegaConf matches enums by member name and
-    # `teacher+student` is not a valid name (checked in shrink.validate)
-    inputs: str = DistillInputs.teacher_student.value
-    steps: int = 32  # AdamW steps per block
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 2  # calibration windows per step (at most calib.batch_size)
-    eval_every: int = 16  # steps between full calibration-loss checks; the best factors are kept
-
-
-class IDSelection(str, Enum):
-    cholesky = "cholesky"  # pivoted Cholesky of the streamed Gram matrix (default)
-    sketch_qr = "sketch_qr"  # pivoted QR of a streamed Gaussian row sketch ΩZ (exact check)
-
-
-class AttentionUnits(str, Enum):
-    auto = "auto"  # dims; whole heads only when thinning cannot reach the budget (default)
-    heads = "heads"  # drop whole heads / KV groups (STAT)
-    dims = "dims"  # keep every head, thin each KV head's value dims (and o_proj's inputs)
-    both = "both"  # the plan chooses heads kept and value dims per head together
-
-
-@dataclass
-class IDConf(MethodConf):
-    name: str = "id"
-    selection: IDSelection = IDSelection.cholesky
-    sketch_oversample: float = 2.0  # sketch_qr: rows of ΩZ per column of Z
-    weight_by_outgoing: bool = True  # scale column j of Z by ‖W_next[:, j]‖ before selecting
-    ridge: float = 1e-2  # λ/mean(diag G[J,J]) of the ridge fit of T (always on; see linalg)
-    ffn: bool = True  # prune FFN neurons
-    heads: bool = True  # prune attention (whole heads and/or value dims, see `attention`)
-    attention: AttentionUnits = AttentionUnits.auto  # the attention units `id` removes (heads: STAT)
-    dims_step: int = 8  # value (and query/key) dims per head are kept in multiples of this
-    qk_dims: bool = False  # also thin query/key dims (rotary pairs) of every head; see README
-    qk_probe_windows: int = 2  # calibration windows on which thinned q/k's output error is measured
-    bias: bool = False  # affine fold: the next layer gets a bias carrying the dropped units' mean
-    target: FoldTarget = FoldTarget.compressed  # what the fold fits (dense: error-correcting)
-    batch_gram_fp32: bool = True  # each batch's XᵀX in float32, summed in float64 (stats.SecondMoment)
 
 
 @dataclass
@@ -188,40 +106,9 @@ class ScheduleConf:
 
 
 @dataclass
-class UniformConf(ScheduleConf):
-    name: str = "uniform"
-
-
-@dataclass
-class GreedyConf(ScheduleConf):
-    name: str = "greedy"
-    # no unit keeps less than this share of its dense cost (guards units whose calibration energy
-    # is dominated by a few outlier tokens; see README, schedules)
-    min_keep: float = 0.3
-    error: ErrorCurrency = ErrorCurrency.unit  # see README, schedules
-
-
-@dataclass
-class LastKConf(ScheduleConf):
-    name: str = "last_k"
-    k: int = 10  # compress only the last k blocks
-
-
-@dataclass
-class FirstKConf(ScheduleConf):
-    name: str = "first_k"
-    k: int = 10  # compress only the first k blocks
-
-
-@dataclass
-class EnergyConf(ScheduleConf):
-    name: str = "energy"
-
-
-@dataclass
 class CalibConf:
     name: str = MISSING
-    corpus: str = MISSING  # a key of shrink.data.CORPORA
+    corpus: str = MISSING  # a key of shrink.data.corpora.CORPORA
     nsamples: int = 16
     seq_len: int = 512
     batch_size: int = 4
@@ -298,32 +185,10 @@ class EvalConf:
 
 
 @dataclass
-class QuantConf:
-    """Weight quantization after the method's edit: `none`, `rtn` or `gptq`."""
+class StepConf:
+    """A step after the method (`quant`, `sparsity`); each step's schema extends it with its keys."""
 
     name: str = MISSING
-    bits: int = 4  # 8, 4, 3 or 2
-    group_size: int = 64  # input columns sharing one scale: -1 (whole row), 32, 64 or 128
-    sym: bool = True  # symmetric grid (zero point 0)
-    clip: bool = False  # search each row and group's range for the least rounding error (`mse`)
-    act_order: bool = False  # gptq: columns by decreasing Hessian diagonal (static groups)
-    refit: int = 0  # gptq: rounds of refitting the group scales to the calibration inputs
-    dampening: float = 0.01  # gptq: δ/mean diag H added to the Hessian's diagonal
-    # gptq: fit the layer on the compressed model's inputs (GPTQ) or the dense model's (GPTAQ)
-    target: FoldTarget = FoldTarget.compressed
-    alpha: float = 0.25  # target=dense: scale of GPTAQ's asymmetry term (the authors' code: 0.25)
-    gptaq_form: GptaqForm = GptaqForm.target  # target=dense: closed form (measured better), recursion
-    lowrank: int = 0  # a rank-r full-precision correction of each quantized linear's error (SLiM)
-
-
-@dataclass
-class SparsityConf:
-    """Weight sparsity after the method's edit, before quantization."""
-
-    name: str = MISSING
-    pattern: str = "unstructured"  # or N:M (N kept of every M consecutive inputs), e.g. 2:4
-    fraction: float = 0.5  # unstructured: the share of each linear's weights set to zero
-    dampening: float = 0.01  # sparsegpt: δ/mean diag H added to the Hessian's diagonal
 
 
 @dataclass
@@ -349,8 +214,8 @@ class Config:
     calib: CalibConf = MISSING
     eval: EvalConf = MISSING
     logger: LoggerConf = MISSING
-    quant: QuantConf = MISSING
-    sparsity: SparsityConf = MISSING
+    quant: StepConf = MISSING
+    sparsity: StepConf = MISSING
     budget: float = 0.5  # fraction of the compressible block weights kept
     budget_unit: BudgetUnit = BudgetUnit.params
     # context length at which attention-score MACs (QKᵀ, AV) are counted; 0 counts linears only
@@ -391,21 +256,9 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(group="schema", name="config", node=Config)
     cs.store(group="schema/model", name="model", node=ModelConf)
-    cs.store(group="schema/method", name="svd", node=SVDConf)
-    cs.store(group="schema/method", name="id", node=IDConf)
-    cs.store(group="schema/method", name="rom", node=ROMConf)
-    cs.store(group="schema/method", name="svdllm", node=SVDLLMConf)
-    cs.store(group="schema/method", name="distill", node=DistillConf)
-    cs.store(group="schema/schedule", name="uniform", node=UniformConf)
-    cs.store(group="schema/schedule", name="greedy", node=GreedyConf)
-    cs.store(group="schema/schedule", name="last_k", node=LastKConf)
-    cs.store(group="schema/schedule", name="first_k", node=FirstKConf)
-    cs.store(group="schema/schedule", name="energy", node=EnergyConf)
     cs.store(group="schema/calib", name="calib", node=CalibConf)
     cs.store(group="schema/eval", name="eval", node=EvalConf)
     cs.store(group="schema/logger", name="logger", node=LoggerConf)
-    cs.store(group="schema/quant", name="quant", node=QuantConf)
-    cs.store(group="schema/sparsity", name="sparsity", node=SparsityConf)
     cs.store(group="schema/logger", name="wandb", node=WandbConf)
 
     OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)

@@ -14,8 +14,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import shrink.config  # noqa: F401  (registers schemas)
+from shrink.run.plugins import load_plugins
 
+load_plugins()  # their schemas before any config is composed
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TINY = ["tiny-llama", "tiny-opt", "tiny-bert", "tiny-qwen2", "tiny-distilbert"]
@@ -68,8 +69,8 @@ def sharded_copy(tmp_path, model_name: str):
 def interrupt_then_resume(monkeypatch, overrides: list[str], folder: Path) -> dict:
     """Run a job that is killed right after block 0 is checkpointed, check what it leaves, resume
     it with `resume=true`; returns the resumed run's metrics."""
-    from shrink.pipeline import run
-    from shrink.progress import Progress
+    from shrink.run.pipeline import run
+    from shrink.run.progress import Progress
 
     real_save = Progress.save_block
 
@@ -94,7 +95,7 @@ def interrupt_then_resume(monkeypatch, overrides: list[str], folder: Path) -> di
 @pytest.fixture
 def run_job(tmp_path):
     """Run one job from overrides; returns (metrics, run folder)."""
-    from shrink.pipeline import run
+    from shrink.run.pipeline import run
 
     def _run(*overrides: str, name: str = "run"):
         folder = tmp_path / name
@@ -114,7 +115,7 @@ def logits(model, ids):
 @pytest.fixture
 def saved_logits(monkeypatch):
     """Records the in-memory compressed model's logits on `ids` at the moment it is saved."""
-    from shrink import checkpoint
+    from shrink.checkpoints import save_load as checkpoint
 
     ids = torch.randint(0, 255, (2, 48))
     seen: dict = {"ids": ids}
@@ -134,9 +135,9 @@ class Compressed:
     run folder, evaluation or Hydra job: what budget and method tests need, in a fraction of a job."""
 
     loaded: Any  # shrink.models.Loaded
-    plan: Any  # shrink.budget.Plan
+    plan: Any  # shrink.planning.budget.Plan
     rows: list[dict]
-    dense: Any  # shrink.cost.Cost of the blocks before
+    dense: Any  # shrink.planning.cost.Cost of the blocks before
     kept: Any  # and after
     unit: str
     head: str  # the model's head kind, which a checkpoint records
@@ -152,15 +153,15 @@ class Compressed:
         return self.kept.of(self.unit) / self.dense.of(self.unit)
 
     def save(self, folder: Path) -> Path:
-        from shrink import checkpoint
+        from shrink.checkpoints import save_load as checkpoint
 
         return checkpoint.save(self.model, self.loaded.tokenizer, folder, self.head, {}, quant=self.quant)
 
 
 def first_attention(name: str):
     """A tiny model's params cost model, its first block, that block's attention and head costs."""
-    from shrink.cost import CostModel
     from shrink.models import load_model
+    from shrink.planning.cost import CostModel
 
     adapter = load_model(make_cfg(f"model={name}").model, torch.float32, seed=0).adapter
     costs = CostModel(adapter, "params")
@@ -171,15 +172,15 @@ def first_attention(name: str):
 
 def compress_in_memory(*overrides: str) -> Compressed:
     """Compose the overrides, then plan and compress exactly as `pipeline._compress` does."""
-    from shrink import data
+    from shrink.blocks.placement import Resident
+    from shrink.blocks.runner import Runner
+    from shrink.blocks.steps import BlockSteps, width_multiple
     from shrink.config import Propagate
+    from shrink.data import corpora as data
     from shrink.methods import build_method
     from shrink.models import load_model
-    from shrink.pipeline import cost_model, plan_inputs
-    from shrink.placement import Resident
-    from shrink.runner import Runner
-    from shrink.schedules import NEEDS_PROFILES, make_plan
-    from shrink.steps import BlockSteps, width_multiple
+    from shrink.planning.schedules import make_plan, needs_profiles
+    from shrink.run.pipeline import cost_model, plan_inputs
 
     cfg = make_cfg(*overrides)
     loaded = load_model(cfg.model, torch.float32, seed=cfg.seed)
@@ -194,7 +195,7 @@ def compress_in_memory(*overrides: str) -> Compressed:
     runner = Runner(
         loaded.adapter, windows, cfg.calib.batch_size, cpu, Resident(cpu), costs, method.new_stats
     )
-    if cfg.schedule.name in NEEDS_PROFILES:
+    if needs_profiles(cfg.schedule.name):
         inputs.curves = [
             c for ctx in runner.blocks(Propagate.dense, desc="profile") for c in method.profile(ctx)
         ]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from shrink.errors import ShrinkError
-from shrink.pipeline import run
+from shrink.run.pipeline import run
 
 from .conftest import FAST, ROOT, make_cfg
 
@@ -120,7 +120,7 @@ def test_hub_corpus_offline_fails_before_loading(tmp_path, monkeypatch):
 
 
 def test_a_schedule_that_cannot_meet_the_budget_fails_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("shrink.run.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     fails(
         tmp_path,
         "model=tiny-llama",
@@ -150,7 +150,7 @@ def _local_copy(tmp_path, name: str):
 def test_broken_local_models_fail_with_one_line_before_loading(tmp_path, monkeypatch):
     import json
 
-    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("shrink.run.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     local = ["model=local", "model.name=mine", *FAST]
     bad_json = _local_copy(tmp_path, "bad-json")
     (bad_json / "config.json").write_text("{not json")
@@ -230,7 +230,7 @@ def test_failed_checks_leave_nothing_under_outputs(tmp_path):
 
 
 def test_a_shipped_name_never_labels_another_model(tmp_path, monkeypatch):
-    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("shrink.run.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     folder = _local_copy(tmp_path, "my-model")
     fails(
         tmp_path, *FAST, "model.source=local", f"model.path={folder}",
@@ -255,14 +255,14 @@ def test_a_shipped_name_never_labels_another_model(tmp_path, monkeypatch):
     ],
 )
 def test_step_keys_without_their_step_fail(overrides, launch, message):
-    from shrink.validation import validate
+    from shrink.run.validation import validate
 
     with pytest.raises(ShrinkError, match=message):
         validate(make_cfg("model=tiny-llama", *FAST, *overrides), launch)
 
 
 def test_a_sweep_may_cross_a_step_with_none():
-    from shrink.validation import validate
+    from shrink.run.validation import validate
 
     validate(make_cfg("model=tiny-llama", *FAST, "quant.bits=3"), (["quant=none", "quant.bits=3"], True))
 
@@ -283,7 +283,7 @@ def test_a_sweep_may_cross_a_step_with_none():
     ],
 )
 def test_a_budget_the_widths_cannot_meet_fails_before_loading(tmp_path, monkeypatch, overrides, message):
-    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("shrink.run.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     fails(tmp_path, *FAST, *overrides, match=message)
 
 
@@ -308,7 +308,7 @@ def test_hub_offline_names_every_offline_model(tmp_path, monkeypatch):
 def test_a_path_where_a_config_name_belongs_names_model_local():
     from hydra.errors import MissingConfigException
 
-    from shrink.cli import one_line_error
+    from shrink.run.cli import one_line_error
 
     err = MissingConfigException("x", missing_cfg_file="model//data/m", options=["local", "tiny-llama"])
     assert one_line_error(err) == (

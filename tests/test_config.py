@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from shrink.errors import ShrinkError
-from shrink.validation import check_known_keys
+from shrink.run.validation import check_known_keys
 
 from .conftest import CONF, make_cfg
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from shrink.config import BudgetUnit
-from shrink.cost import CostModel, module_cost
 from shrink.models import load_model
-from shrink.surgery import LowRankLinear, keep_outputs, set_inputs
+from shrink.models.edits import LowRankLinear, keep_outputs, set_inputs
+from shrink.planning.cost import CostModel, module_cost
 
 from .conftest import TINY, make_cfg
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shrink import data
+from shrink.data import corpora as data
 from shrink.models.loading import byte_tokenizer
 
 

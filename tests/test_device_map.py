@@ -10,8 +10,8 @@ import torch
 
 import shrink
 from shrink.errors import ShrinkError
-from shrink.mapped import Mapped
-from shrink.pipeline import run
+from shrink.models.device_map import Mapped
+from shrink.run.pipeline import run
 
 from .conftest import FAST, FAST_PPL, interrupt_then_resume, local_model, make_cfg, sharded_copy
 
@@ -111,7 +111,7 @@ def test_bad_device_maps_fail_before_loading(tmp_path, monkeypatch, overrides, m
 
     tiny = load_model(make_cfg("model=tiny-llama").model, torch.float32)
     tiny.model.save_pretrained(source)
-    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("shrink.run.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     cfg = make_cfg(*local_model("tiny-llama", source), "logger=none", *overrides)
     with pytest.raises(ShrinkError, match=message):
         run(cfg, run_dir=tmp_path / "run")

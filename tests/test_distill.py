@@ -7,17 +7,17 @@ import pytest
 import torch
 
 import shrink
-from shrink.budget import PlanInputs
+from shrink.blocks.context import BlockContext, BlockResult, take_rows
+from shrink.blocks.placement import Resident
+from shrink.blocks.runner import Runner
 from shrink.config import Propagate
-from shrink.context import BlockContext, BlockResult, take_rows
-from shrink.cost import CostModel
 from shrink.errors import ShrinkError
 from shrink.methods.distill import token_losses
 from shrink.models import load_model
-from shrink.pipeline import run
-from shrink.placement import Resident
-from shrink.runner import Runner
-from shrink.schedules import make_plan
+from shrink.planning.budget import PlanInputs
+from shrink.planning.cost import CostModel
+from shrink.planning.schedules import make_plan
+from shrink.run.pipeline import run
 
 from .conftest import TINY, compress_in_memory, logits, make_cfg, tiny_overrides
 
@@ -155,7 +155,7 @@ def test_the_teacher_stream_is_the_dense_models_hidden_states():
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert"])
 def test_only_the_blocks_stay_behind_when_the_rest_moves_to_an_accelerator(model):
     """The runner's accelerator layout, checked with the meta device standing in for a GPU."""
-    from shrink.placement import place_except_blocks
+    from shrink.blocks.placement import place_except_blocks
 
     loaded = load_model(make_cfg(*tiny_overrides(model)).model, torch.float32, seed=0)
     adapter = loaded.adapter

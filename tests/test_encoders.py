@@ -7,7 +7,7 @@ import pytest
 
 from shrink.errors import ShrinkError
 from shrink.evaluation import encoders
-from shrink.pipeline import run
+from shrink.run.pipeline import run
 
 from .conftest import FAST, make_cfg
 

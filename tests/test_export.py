@@ -1,4 +1,4 @@
-"""`python -m shrink.export`: checkpoints written before config.json and model cards gain them;
+"""`python -m shrink export`: checkpoints written before config.json and model cards gain them;
 folders that are not readable shrink checkpoints fail with one line, exit 2, nothing written."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import shrink
-from shrink.export import main
+from shrink.checkpoints.export import main
 
 from .conftest import FAST, FAST_PPL, logits
 
@@ -115,7 +115,7 @@ def test_push_to_hub_without_a_hub_fails_before_loading(tmp_path, monkeypatch):
 
 
 def test_push_to_hub_uploads_the_model_folder(run_job, monkeypatch):
-    from shrink import hub
+    from shrink.data import hub
 
     pushed = []
     monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: True)

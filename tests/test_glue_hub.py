@@ -12,7 +12,7 @@ import torch
 import shrink
 from shrink.errors import ShrinkError
 from shrink.evaluation import glue_hub
-from shrink.pipeline import run
+from shrink.run.pipeline import run
 
 from .conftest import FAST, logits, make_cfg
 
@@ -135,7 +135,8 @@ def test_head_size_mismatch_and_unresolved_checkpoint_fail_clearly(tmp_path, mon
 def test_hub_corpora_join_pair_columns_and_read_ptb_from_parquet(monkeypatch):
     import datasets
 
-    from shrink import data, hub
+    from shrink.data import corpora as data
+    from shrink.data import hub
 
     seen = {}
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import shrink
-from shrink.budget import Curve, Option, PlanInputs
 from shrink.config import BudgetUnit, ErrorCurrency
-from shrink.cost import CostTable
 from shrink.errors import ShrinkError
-from shrink.linalg import pivoted_cholesky
+from shrink.linalg.decompositions import pivoted_cholesky
 from shrink.models import build_adapter, load_model
-from shrink.schedules import greedy
+from shrink.planning.budget import Curve, Option, PlanInputs
+from shrink.planning.cost import CostTable
+from shrink.planning.schedules import greedy
 
 from .conftest import compress_in_memory, logits, make_cfg, tiny_overrides
 
@@ -90,10 +90,10 @@ def test_the_residual_currency_weighs_units_by_their_share_of_the_residual_strea
 def test_id_curves_carry_the_weighted_output_energy_and_the_residual_stream():
     """Curve.energy / Curve.residual[0] of id's FFN: Σⱼ‖W_down[:, j]‖² E[zⱼ²] over the median
     token's ‖h‖², computed here on explicit activations captured from the tiny block."""
+    from shrink.blocks.placement import Resident
+    from shrink.blocks.runner import Runner
     from shrink.config import Propagate
     from shrink.methods import build_method
-    from shrink.placement import Resident
-    from shrink.runner import Runner
 
     cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=id")
     loaded = load_model(cfg.model, torch.float32, seed=0)
@@ -118,7 +118,7 @@ def test_id_curves_carry_the_weighted_output_energy_and_the_residual_stream():
 def test_the_downstream_currency_counts_an_error_at_every_later_block():
     """Three blocks whose residual streams leave with ‖h‖² 1, 2, 4: an error added by block b
     counts relative to every stream from b's output on, so blocks weigh 1.75, 0.75, 0.25."""
-    from shrink.schedules import _error_weights
+    from shrink.planning.schedules import _error_weights
 
     curves = _curves([[0.5, 0.0]] * 3, 1.0)
     for c, out in zip(curves, (1.0, 2.0, 4.0), strict=True):
@@ -131,7 +131,7 @@ def test_the_downstream_currency_counts_an_error_at_every_later_block():
 @pytest.mark.parametrize("error", ["residual", "downstream"])
 def test_the_residual_currencies_refuse_units_outside_the_residual_stream(error):
     """Before any work (validate), and in the schedule itself should profiles lack the energies."""
-    from shrink.pipeline import validate
+    from shrink.run.pipeline import validate
 
     overrides = ["model=tiny-llama", "method=svdllm", "schedule=greedy", f"schedule.error={error}"]
     refused = rf"schedule.error={error} compares units .* \(methods that do: id\); use schedule.error=unit"
@@ -204,7 +204,7 @@ def test_greedy_sizes_differ_per_layer_and_reload(tmp_path):
 
 def test_greedy_needs_a_method_with_profiles(tmp_path, monkeypatch):
     from shrink.methods.svd import SVD
-    from shrink.pipeline import run
+    from shrink.run.pipeline import run
 
     monkeypatch.setattr(SVD, "has_profile", False)  # as a method without `profile` would be
     cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=svd", "schedule=greedy")
@@ -217,7 +217,7 @@ def test_greedy_needs_a_method_with_profiles(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("override", ["schedule.min_keep=0.6", "schedule.min_keep=-0.1"])
 def test_greedy_floor_above_budget_fails_before_work(tmp_path, override):
-    from shrink.pipeline import run
+    from shrink.run.pipeline import run
 
     cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=id", "schedule=greedy", "budget=0.5", override)
     with pytest.raises(ShrinkError, match=r"schedule.min_keep=-?0.\d must lie in \[0, budget=0.5\]"):
@@ -264,7 +264,7 @@ def test_a_run_reports_macs_with_attention_scores(run_job):
 def test_budget_one_keeps_every_unit_whatever_the_profile_offers(schedule):
     """Rank-deficient statistics give cheaper options of zero error, and sums of prices round: at
     budget 1 the plan still keeps every unit whole."""
-    from shrink.schedules import make_plan
+    from shrink.planning.schedules import make_plan
 
     third = 1 / 3  # prices that do not add up exactly in floating point
     curves = [

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 import shrink
-from shrink.linalg import block_pivoted_cholesky, interpolation_matrix, pivoted_cholesky, pivoted_qr
+from shrink.linalg.decompositions import (
+    block_pivoted_cholesky,
+    interpolation_matrix,
+    pivoted_cholesky,
+    pivoted_qr,
+)
 from shrink.models import build_adapter, load_model
 
 from .conftest import TINY, compress_in_memory, logits, make_cfg, tiny_overrides
@@ -73,7 +78,7 @@ def test_cholesky_and_sketched_qr_select_the_same_columns():
 
 def test_head_selection_from_gram_equals_block_qr():
     """Block pivoted Cholesky of ZᵀZ selects exactly the heads of block pivoted QR of Z."""
-    from shrink.methods.id_attention import sketch_heads
+    from shrink.methods.id.attention import sketch_heads
 
     always = lambda chosen: torch.ones(8, dtype=torch.bool)  # noqa: E731
     for seed in range(3):
@@ -110,9 +115,9 @@ def test_sketch_qr_selection_runs_end_to_end():
 
 def test_heads_only_below_reach_fails_clearly(tmp_path, monkeypatch):
     from shrink.errors import ShrinkError
-    from shrink.pipeline import run
+    from shrink.run.pipeline import run
 
-    monkeypatch.setattr("shrink.store.load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("shrink.run.store.load_model", lambda *a, **k: pytest.fail("loaded"))
     overrides = [*tiny_overrides("tiny-llama"), "method=id", "schedule=uniform", "method.ffn=false"]
     cfg = make_cfg(*overrides, "budget=0.5")
     with pytest.raises(
@@ -140,8 +145,8 @@ def test_block_selection_adds_a_head_at_once_as_column_by_column(monkeypatch, ra
     """Adding a chosen head's columns in one triangular solve gives the column-by-column pivoted
     Cholesky's picks and residual energies (full rank), and falls back to it when a head is
     (nearly) in the span of what was chosen (rank 40 < 96 columns)."""
-    from shrink import linalg
-    from shrink.methods.id_attention import group_constraint
+    from shrink.linalg import decompositions as linalg
+    from shrink.methods.id.attention import group_constraint
 
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(500, rank, generator=gen, dtype=torch.float64) @ torch.randn(

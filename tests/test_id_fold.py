@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import shrink
-from shrink.linalg import fold, fold_error
+from shrink.linalg.decompositions import fold, fold_error
+from shrink.linalg.moments import CrossMoment, SecondMoment
 from shrink.models import load_model
-from shrink.stats import CrossMoment, SecondMoment
 
 from .conftest import compress_in_memory, logits, make_cfg, tiny_overrides
 
@@ -113,7 +113,7 @@ def test_greedy_plans_with_the_switches(switches):
 
 def test_dense_targets_with_dense_propagation_fail_before_loading(tmp_path):
     from shrink.errors import ShrinkError
-    from shrink.pipeline import run
+    from shrink.run.pipeline import run
 
     cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=id", "method.target=dense", "propagate=dense")
     with pytest.raises(ShrinkError, match="method.target=dense fits the dense model's activations"):
@@ -141,8 +141,8 @@ def test_float32_batch_grams_match_float64_and_keep_the_id():
     the same leading pivots."""
     import torch
 
-    from shrink.linalg import pivoted_cholesky
-    from shrink.stats import SecondMoment
+    from shrink.linalg.decompositions import pivoted_cholesky
+    from shrink.linalg.moments import SecondMoment
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(256, 48, generator=gen) @ torch.randn(48, 48, generator=gen) for _ in range(4)]

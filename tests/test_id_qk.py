@@ -10,11 +10,11 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import shrink
-from shrink.cost import CostModel
 from shrink.errors import ShrinkError
 from shrink.methods import build_method
 from shrink.models import build_adapter, load_model
-from shrink.surgery import HeadPaddedLinear, thin_query_key
+from shrink.models.edits import HeadPaddedLinear, thin_query_key
+from shrink.planning.cost import CostModel
 
 from .conftest import TINY, compress_in_memory, first_attention, logits, make_cfg, tiny_overrides
 from .test_bad_inputs import fails
@@ -103,11 +103,11 @@ def test_dims_without_score_are_dropped_without_error(monkeypatch, name):
 
 
 def test_the_probe_measures_what_the_thinned_block_computes():
-    from shrink import data
+    from shrink.blocks.placement import Resident
+    from shrink.blocks.runner import Runner
     from shrink.config import Propagate
-    from shrink.methods.id_qk import attention_output, qk_errors, qk_positions
-    from shrink.placement import Resident
-    from shrink.runner import Runner
+    from shrink.data import corpora as data
+    from shrink.methods.id.qk import attention_output, qk_errors, qk_positions
 
     cfg = make_cfg(*tiny_overrides("tiny-llama"), *QK)
     method = build_method(cfg.method)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import shrink
-from shrink.budget import Curve, Option, PlanInputs
 from shrink.config import BudgetUnit
-from shrink.cost import CostModel, CostTable
 from shrink.errors import ShrinkError
-from shrink.linalg import balanced, block_pivoted_cholesky, unit_pivoted_cholesky
+from shrink.linalg.decompositions import balanced, block_pivoted_cholesky, unit_pivoted_cholesky
 from shrink.models import build_adapter, load_model
-from shrink.schedules import make_plan
-from shrink.surgery import HeadPaddedLinear, HeadSlicedLinear, thin_heads
+from shrink.models.edits import HeadPaddedLinear, HeadSlicedLinear, thin_heads
+from shrink.planning.budget import Curve, Option, PlanInputs
+from shrink.planning.cost import CostModel, CostTable
+from shrink.planning.schedules import make_plan
 
 from .conftest import FAST, TINY, compress_in_memory, first_attention, logits, make_cfg, tiny_overrides
 

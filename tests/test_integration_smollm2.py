@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import shrink
-import shrink.pipeline
-from shrink import data
+import shrink.run.pipeline
+from shrink.data import corpora as data
 from shrink.evaluation import perplexity
 
 from .conftest import ROOT
@@ -68,7 +68,7 @@ def test_quick_suite_on_a_mapped_smollm2(tmp_path):
     (`model.device_map`): zero-shot scores in a sane range, dense near the reference figures of
     shared/OFFLINE.md (from the dense cache the default launch filled), a mild compression keeps
     them above chance when lm-eval runs the mapped compressed model through accelerate's hooks."""
-    from shrink.pipeline import run
+    from shrink.run.pipeline import run
 
     from .conftest import make_cfg
 
@@ -101,7 +101,7 @@ def test_streamed_run_on_smollm2(tmp_path):
     folder = tmp_path / "run"
     overrides = ["stream=true", "eval=ppl", "eval.ppl.max_tokens=1024", "eval.cache_dense=false"]
     overrides += ["calib.nsamples=4", "calib.seq_len=256", "budget=0.8", "logger=none", "schedule=uniform"]
-    shrink.pipeline.run(make_cfg(*overrides), run_dir=folder)
+    shrink.run.pipeline.run(make_cfg(*overrides), run_dir=folder)
     m = json.loads((folder / "metrics.json").read_text())
     ppl = m["eval"]["ppl"]["wiki"]
     assert m["stream"] and (folder / "model" / "model.safetensors.index.json").is_file()
@@ -124,7 +124,7 @@ def test_a_uniform_quantized_smollm2_loads_in_stock_transformers(tmp_path):
     plain transformers checkpoint (smaller config, packed weights) with the run's perplexity."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shrink.pipeline import run
+    from shrink.run.pipeline import run
 
     from .conftest import make_cfg
 
@@ -162,13 +162,13 @@ def test_budget_one_keeps_every_unit_of_the_real_model():
     attention width, so the statistics are rank-deficient and cheaper options of zero error
     abound. Then the default run at budget 1 gives the dense logits exactly. Four of the thirty
     blocks keep the test short."""
+    from shrink.blocks.placement import Resident
+    from shrink.blocks.runner import Runner
     from shrink.config import Propagate
     from shrink.methods import build_method
     from shrink.models import build_adapter, load_model
-    from shrink.placement import Resident
-    from shrink.planning import cost_model, plan_inputs
-    from shrink.runner import Runner
-    from shrink.schedules import NEEDS_PROFILES, make_plan
+    from shrink.planning.inputs import cost_model, plan_inputs
+    from shrink.planning.schedules import make_plan, needs_profiles
 
     from .conftest import make_cfg
 
@@ -195,7 +195,7 @@ def test_budget_one_keeps_every_unit_of_the_real_model():
         for schedule in SCHEDULES:
             cfg = make_cfg(*calib, *mode, *schedule)
             inputs = plan_inputs(cfg, cost_model(cfg, adapter), method.prunes_heads)
-            inputs.curves = curves if cfg.schedule.name in NEEDS_PROFILES else None
+            inputs.curves = curves if needs_profiles(cfg.schedule.name) else None
             plan = make_plan(cfg.schedule.name, inputs)
             cut = {(b, s): f for b, sites in plan.targets.items() for s, f in sites.items() if f != 1.0}
             assert not cut, (mode, schedule, cut)

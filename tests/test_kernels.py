@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from shrink.evaluation.suite import speed_ratios
-from shrink.kernels import (
+from shrink.modeling_shrink import HeadSlicedLinear
+from shrink.quantization.kernels import (
     KERNEL_DTYPE,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -16,9 +17,8 @@ from shrink.kernels import (
     kernel_for,
     weight_only_kernels,
 )
-from shrink.modeling_shrink import HeadSlicedLinear
-from shrink.packing import attach_grid
-from shrink.solvers import rtn
+from shrink.quantization.packing import attach_grid
+from shrink.quantization.rtn import rtn
 
 CPU = torch.device("cpu")
 

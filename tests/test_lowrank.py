@@ -9,8 +9,8 @@ from torch import nn
 
 import shrink
 from shrink.errors import ShrinkError
+from shrink.linalg.moments import SecondMoment
 from shrink.methods import build_method
-from shrink.stats import SecondMoment
 
 from .conftest import TINY, compress_in_memory, logits, make_cfg, tiny_overrides
 
@@ -130,7 +130,7 @@ def test_last_k_compresses_only_the_last_blocks():
 
 
 def test_last_k_that_cannot_meet_the_budget_fails_clearly(tmp_path):
-    from shrink.pipeline import run
+    from shrink.run.pipeline import run
 
     cfg = make_cfg(
         *tiny_overrides("tiny-llama"), "method=svdllm", "schedule=last_k", "schedule.k=1", "budget=0.3"

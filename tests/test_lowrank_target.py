@@ -10,9 +10,9 @@ import torch
 from omegaconf import OmegaConf
 
 import shrink
-from shrink.linalg import fold_error, refit_left
+from shrink.linalg.decompositions import fold_error, refit_left
+from shrink.linalg.moments import CrossMoment, SecondMoment
 from shrink.methods import build_method
-from shrink.stats import CrossMoment, SecondMoment
 
 from .conftest import FAST, compress_in_memory, logits, tiny_overrides
 from .test_bad_inputs import fails

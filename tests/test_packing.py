@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 import shrink
-from shrink.packing import SCALE, ZERO, is_quantized
+from shrink.quantization.packing import SCALE, ZERO, is_quantized
 
 from .conftest import FAST, compress_in_memory, logits, tiny_overrides
 from .test_bad_inputs import fails

@@ -127,8 +127,10 @@ def test_the_readme_and_docs_stand_on_their_own():
 def test_command_help_says_whole_sentences(module, capsys):
     import importlib
 
+    from shrink.__main__ import COMMANDS
+
     with pytest.raises(SystemExit):
-        importlib.import_module(f"shrink.{module}").main(["--help"])
+        importlib.import_module(COMMANDS[module]).main(["--help"])
     description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
     assert description.endswith(".") and "issue" not in description, description
 

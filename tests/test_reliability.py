@@ -19,13 +19,13 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-from shrink import report
-from shrink.cli import one_line_error, override_under_null
 from shrink.errors import ShrinkError
 from shrink.evaluation.suite import speed_ratios
-from shrink.lock import FolderBusy, is_locked, locked
-from shrink.pipeline import run
-from shrink.summary import summary
+from shrink.run import report
+from shrink.run.cli import one_line_error, override_under_null
+from shrink.run.lock import FolderBusy, is_locked, locked
+from shrink.run.pipeline import run
+from shrink.run.summary import summary
 
 from .conftest import CONF, FAST, FAST_PPL, ROOT, make_cfg
 
@@ -66,7 +66,7 @@ def test_a_second_process_in_a_busy_folder_fails_and_touches_nothing(tmp_path):
     run(make_cfg(*TINY_RUN), run_dir=folder)
     before = snapshot(folder)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from shrink.lock import locked\n"
+        [sys.executable, "-c", "import sys; from shrink.run.lock import locked\n"
          f"with locked({str(folder)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -86,7 +86,7 @@ def test_the_lock_is_exclusive_and_reentrant_within_a_process(tmp_path):
     with locked(tmp_path / "run"), locked(tmp_path / "run"):  # taken again by the same process
         assert is_locked(tmp_path / "run")
     assert not is_locked(tmp_path / "run")
-    probe = "import sys; from shrink.lock import locked\nwith locked(sys.argv[1]): pass"
+    probe = "import sys; from shrink.run.lock import locked\nwith locked(sys.argv[1]): pass"
     with locked(tmp_path / "run"):
         other = subprocess.run(
             [sys.executable, "-c", probe, str(tmp_path / "run")], cwd=ROOT, capture_output=True
@@ -237,7 +237,7 @@ def test_report_lists_killed_running_and_corrupt_runs(tmp_path):
     run(make_cfg(*TINY_RUN), run_dir=ok)
     for folder in (killed, running, corrupt):
         folder.mkdir()
-        (folder / ".shrink.lock").touch()
+        (folder / ".shrink.run.lock").touch()
         (folder / "config.yaml").write_text((ok / "config.yaml").read_text())
     (corrupt / "metrics.json").write_text('{"status": "ok", "eval": ')
     with locked(running):

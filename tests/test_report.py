@@ -1,11 +1,11 @@
-"""`python -m shrink.report`: one table and one plot from many run folders, failed runs marked."""
+"""`python -m shrink report`: one table and one plot from many run folders, failed runs marked."""
 
 from __future__ import annotations
 
 import json
 
-from shrink import report
-from shrink.summary import summary
+from shrink.run import report
+from shrink.run.summary import summary
 
 
 def _metrics(folder, method, budget, ppl, status="ok", **extra):

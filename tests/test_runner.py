@@ -6,8 +6,8 @@ import json
 
 import torch
 
-from shrink.linalg import output_error, truncated_svd
-from shrink.stats import SecondMoment
+from shrink.linalg.decompositions import output_error, truncated_svd
+from shrink.linalg.moments import SecondMoment
 
 from .conftest import FAST, FAST_PPL
 

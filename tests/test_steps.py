@@ -10,20 +10,15 @@ import pytest
 import torch
 
 import shrink
-from shrink.linalg import truncated_svd
+from shrink.blocks.steps import Moments, _parts
+from shrink.linalg.decompositions import truncated_svd
 from shrink.models import build_adapter, load_model
-from shrink.solvers import (
-    asymmetric_target,
-    gptq,
-    gptq_refitted,
-    lowrank_correction,
-    refit_scales,
-    rtn,
-    sparsegpt,
-    wanda,
-)
-from shrink.steps import Moments, _parts
-from shrink.surgery import CorrectedLinear, HeadSlicedLinear, LowRankLinear
+from shrink.models.edits import CorrectedLinear, HeadSlicedLinear, LowRankLinear
+from shrink.quantization.gptq import asymmetric_target, gptq, gptq_refitted, refit_scales
+from shrink.quantization.lowrank import lowrank_correction
+from shrink.quantization.rtn import rtn
+from shrink.sparsity.sparsegpt import sparsegpt
+from shrink.sparsity.wanda import wanda
 
 from .conftest import FAST, compress_in_memory, logits, make_cfg, tiny_overrides
 from .test_bad_inputs import fails
@@ -370,7 +365,7 @@ def test_a_corrected_quantization_lowers_every_error_reloads_and_counts_in_the_b
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["quant.lowrank=4"], r"quant.lowrank=4: quant=none runs no quantization.*quant=rtn or quant=gptq"),
+        (["quant.lowrank=4"], r"quant.lowrank=4: quant=none runs no quantization.*quant=gptq or quant=rtn"),
         (
             ["method=svd", "quant=gptq", "quant.lowrank=4"],
             r"quant.lowrank corrects plain linears; method=svd leaves rank-r factor pairs",

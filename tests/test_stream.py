@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import shrink
+from shrink.blocks.placement import Streamed
 from shrink.errors import ShrinkError
-from shrink.pipeline import run
-from shrink.placement import Streamed
+from shrink.run.pipeline import run
 
 from .conftest import FAST, FAST_PPL, interrupt_then_resume, local_model, logits, make_cfg, sharded_copy
 
@@ -69,7 +69,7 @@ def test_stream_equals_a_loaded_run_and_holds_one_block(tmp_path, monkeypatch, c
         return loaded, fetch
 
     monkeypatch.setattr(Streamed, "enter", enter_alone)
-    monkeypatch.setattr("shrink.store.load_streamed", load_and_remember)
+    monkeypatch.setattr("shrink.run.store.load_streamed", load_and_remember)
     run(make_cfg(*overrides, "stream=true"), run_dir=tmp_path / "streamed")
     assert entered and set(entered) == {0, 1}
 
@@ -123,7 +123,7 @@ def test_peak_rss_is_the_runs_own():
     already holds, so the allocation would not raise the mark it is meant to raise."""
     script = (
         "import sys, torch\n"
-        "from shrink import rss\n"
+        "from shrink.hardware import memory as rss\n"
         "big = torch.ones(50_000_000)  # 200 MB\n"
         "high = rss.peak_mb()\n"
         "del big\n"

@@ -11,7 +11,7 @@ from torch import nn
 
 import shrink
 from shrink.config import BudgetUnit
-from shrink.cost import CostModel
+from shrink.planning.cost import CostModel
 
 from .conftest import TINY, compress_in_memory, logits, make_cfg, tiny_overrides
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from shrink import report
 from shrink.errors import ShrinkError
-from shrink.pipeline import run
-from shrink.progress import Progress
+from shrink.run import report
+from shrink.run.pipeline import run
+from shrink.run.progress import Progress
 
 from .conftest import FAST, FAST_PPL, ROOT, interrupt_then_resume, make_cfg
 
@@ -179,7 +179,7 @@ def _record(folder, overrides: list[str], config_name: str = "config", sweep: bo
 
 
 def test_resume_takes_the_folders_own_overrides(tmp_path):
-    from shrink.cli import resume_arguments, resume_command
+    from shrink.run.cli import resume_arguments, resume_command
 
     folder = tmp_path / "run"
     _record(folder, ["model=tiny-llama", "budget=0.7", "+experiment=smoke"], config_name="mine")

@@ -11,7 +11,7 @@ import yaml
 
 from shrink.errors import ShrinkError
 from shrink.evaluation import zeroshot
-from shrink.pipeline import run
+from shrink.run.pipeline import run
 
 from .conftest import CONF, make_cfg, tiny_overrides
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..assets import cache_root
+from ..data.assets import cache_root
 
 
 def cache_dir() -> Path:

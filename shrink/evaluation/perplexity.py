@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..capture import forward_by_blocks
+from ..blocks.capture import forward_by_blocks
+from ..blocks.placement import Placement
 from ..models import build_adapter
-from ..placement import Placement
 
 
 @torch.no_grad()

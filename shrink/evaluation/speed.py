@@ -16,8 +16,8 @@ from torch.utils.benchmark import Measurement, Timer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from ..cost import CostModel
 from ..models import build_adapter
+from ..planning.cost import CostModel
 
 
 @torch.no_grad()

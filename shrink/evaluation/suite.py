@@ -10,18 +10,18 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import data
-from .. import hub as model_hub
 from ..config import Head, TaskSource
+from ..data import corpora as data
+from ..data import hub as model_hub
 from ..errors import ShrinkError
-from ..kernels import weight_only_kernels
-from ..packing import is_quantized
+from ..quantization.kernels import weight_only_kernels
+from ..quantization.packing import is_quantized
 from . import cache, encoders, glue_hub, zeroshot
 from .perplexity import perplexity, perplexity_by_blocks
 from .speed import measure, random_ids
 
 if TYPE_CHECKING:
-    from ..store import BlockStore
+    from ..run.store import BlockStore
 
 
 def check_suite(cfg: DictConfig) -> None:

@@ -26,7 +26,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..assets import package_dir
+from ..data.assets import package_dir
 from ..errors import ShrinkError
 
 log = logging.getLogger("shrink")

@@ -7,11 +7,11 @@ from abc import ABC, abstractmethod
 import torch
 from omegaconf import DictConfig
 
-from ..budget import Curve, Sizes
-from ..context import BlockContext, BlockResult
+from ..blocks.context import BlockContext, BlockResult
 from ..errors import ShrinkError
+from ..linalg.moments import SecondMoment
 from ..models import Adapter, Site
-from ..stats import SecondMoment
+from ..planning.budget import Curve, Sizes
 
 
 class Method(ABC):

@@ -19,25 +19,25 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ..budget import Curve, Sizes
-from ..config import DistillInit, DistillInputs
-from ..context import BlockContext, BlockResult
+from ..blocks.context import BlockContext, BlockResult
+from ..config import MethodConf
 from ..errors import ShrinkError
-from ..linalg import output_error
-from ..surgery import LowRankLinear
+from ..linalg.decompositions import output_error
+from ..models.edits import LowRankLinear
+from ..planning.budget import Curve, Sizes
 from . import register
 from .base import Method
 from .svd import SVD
 from .svdllm import SVDLLM
 
 log = logging.getLogger("shrink")
-
-INPUT_CHOICES = [mode.value for mode in DistillInputs]
 
 
 def token_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -48,9 +48,37 @@ def token_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return l1 - F.logsigmoid(cos)
 
 
-@register
+class DistillInit(str, Enum):
+    svd = "svd"  # truncated SVD of each weight (Lillama's choice)
+    svdllm = "svdllm"  # whitened SVD on the block's calibration inputs
+
+
+class DistillInputs(str, Enum):
+    teacher = "teacher"  # the dense model's block inputs
+    student = "student"  # the compressed model's own block inputs (detached)
+    teacher_student = "teacher+student"  # both losses, summed, in one step (Lillama)
+
+
+INPUT_CHOICES = [mode.value for mode in DistillInputs]
+
+
+@dataclass
+class DistillConf(MethodConf):
+    name: str = "distill"
+    init: DistillInit = DistillInit.svd
+    ridge: float = 0.0  # init=svdllm: λ/mean(diag C), as in method=svdllm
+    # a DistillInputs value; a plain string because OmegaConf matches enums by member name and
+    # `teacher+student` is not a valid name (checked in shrink.validate)
+    inputs: str = DistillInputs.teacher_student.value
+    steps: int = 32  # AdamW steps per block
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 2  # calibration windows per step (at most calib.batch_size)
+    eval_every: int = 16  # steps between full calibration-loss checks; the best factors are kept
+
+
+@register("distill", DistillConf)
 class Distill(Method):
-    name = "distill"
     has_profile = True  # the initialisation's error profile plans greedy / energy ranks
     factorises = True
     needs_teacher = True

@@ -17,14 +17,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..budget import Curve, Option, Sizes
+from ..blocks.context import BlockContext, BlockResult
 from ..config import FoldTarget
-from ..context import BlockContext, BlockResult
-from ..cost import CostModel, module_cost
 from ..errors import ShrinkError
-from ..linalg import affine_output_error, fold_error, refit_left
-from ..stats import CrossMoment, SecondMoment
-from ..surgery import LowRankLinear, replace_submodule
+from ..linalg.decompositions import affine_output_error, fold_error, refit_left
+from ..linalg.moments import CrossMoment, SecondMoment
+from ..models.edits import LowRankLinear, replace_submodule
+from ..planning.budget import Curve, Option, Sizes
+from ..planning.cost import CostModel, module_cost
 from .base import Method
 
 

@@ -12,19 +12,28 @@ none, which the budget counts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..config import FoldTarget, MethodConf
 from ..errors import NumericalError
-from ..stats import SecondMoment
+from ..linalg.moments import SecondMoment
 from . import register
 from .lowrank import Factorisation, LowRank
 
 
-@register
-class ROM(LowRank):
-    name = "rom"
+@dataclass
+class ROMConf(MethodConf):
+    name: str = "rom"
+    center: bool = False  # PCA of centred outputs, the mean folded into a (counted) bias
+    target: FoldTarget = FoldTarget.compressed  # dense: refit each left factor on dense targets
+    target_ridge: float = 1e-2  # target=dense: λ/mean(diag) of the refit, shrinking towards the fit
 
+
+@register("rom", ROMConf)
+class ROM(LowRank):
     @property
     def adds_bias(self) -> bool:  # type: ignore[override]
         return bool(self.cfg.center)

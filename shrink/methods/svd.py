@@ -7,19 +7,25 @@ calibration inputs so every method's `layers.jsonl` is comparable.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ..linalg import truncated_svd
-from ..stats import SecondMoment
+from ..config import MethodConf
+from ..linalg.decompositions import truncated_svd
+from ..linalg.moments import SecondMoment
 from . import register
 from .lowrank import Factorisation, LowRank
 
 
-@register
-class SVD(LowRank):
-    name = "svd"
+@dataclass
+class SVDConf(MethodConf):
+    name: str = "svd"
 
+
+@register("svd", SVDConf)
+class SVD(LowRank):
     def factorise(self, linear: nn.Linear, stats: SecondMoment | None) -> Factorisation:
         left, right, singular = truncated_svd(linear.weight, min(linear.weight.shape))
         bias = linear.bias.detach().to(torch.float64) if linear.bias is not None else None

@@ -10,20 +10,29 @@ succeeds; the λ/mean(diag C) used is each row's `whitening_ridge` in layers.jso
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..config import FoldTarget, MethodConf
 from ..errors import NumericalError
-from ..linalg import whitening
-from ..stats import SecondMoment
+from ..linalg.decompositions import whitening
+from ..linalg.moments import SecondMoment
 from . import register
 from .lowrank import Factorisation, LowRank
 
 
-@register
-class SVDLLM(LowRank):
-    name = "svdllm"
+@dataclass
+class SVDLLMConf(MethodConf):
+    name: str = "svdllm"
+    ridge: float = 0.0  # λ/mean(diag C) added before the Cholesky; raised from 1e-10 if C is singular
+    target: FoldTarget = FoldTarget.compressed  # dense: refit each left factor on dense targets
+    target_ridge: float = 1e-2  # target=dense: λ/mean(diag) of the refit, shrinking towards the fit
 
+
+@register("svdllm", SVDLLMConf)
+class SVDLLM(LowRank):
     def factorise(self, linear: nn.Linear, stats: SecondMoment | None) -> Factorisation:
         if stats is None:
             raise NumericalError("svdllm needs the input statistics of every site")

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+BlockState = Callable[[int], dict[str, torch.Tensor]]  # block index -> its tensors, block-relative names
+
 
 @dataclass(frozen=True)
 class Site:

@@ -26,13 +26,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .. import hub
 from ..config import Head, ModelConf, Source
+from ..data import hub
 from ..errors import ShrinkError, first_line
-from ..mapped import is_mapped, loading_kwargs, onload_outside_blocks
 from ..modeling_shrink import MODEL_TYPE_PREFIX
 from .base import Adapter
 from .catalog import is_local_path, local_hint, offline_models
+from .device_map import is_mapped, loading_kwargs, onload_outside_blocks
 from .families import adapter_class_for, supported_model_types
 from .packaged import PACKAGED, check_installed, gguf_model_dir, packaged_model_dir
 

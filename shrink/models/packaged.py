@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..assets import cache_root, package_file, publish_dir, require_packages
+from ..data.assets import cache_root, package_file, publish_dir, require_packages
 from ..errors import ShrinkError
 
 

@@ -21,10 +21,10 @@ from transformers import AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 from transformers.utils import logging as hf_logging
 
-from .. import hub
 from ..config import Head, ModelConf, Source
+from ..data import hub
 from ..errors import ShrinkError
-from ..placement import BlockState
+from ..models.base import BlockState
 from .loading import (
     AUTO_CLASSES,
     Loaded,

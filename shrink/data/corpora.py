@@ -1,0 +1,257 @@
+"""Text corpora for calibration and perplexity, tokenised into fixed windows.
+
+Every corpus has a calibration part and a disjoint test part. Offline corpora are split by
+document: every tenth document is test text, the rest calibration text. Interleaving keeps both
+parts representative (the packaged Wikipedia dump ends with hundreds of near-identical species
+stubs, which a contiguous tail split would make the whole test set). Hub corpora use their own
+splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import ShrinkError
+from . import hub
+from .assets import package_file
+
+TEST_EVERY = 10  # document i is test text when i % TEST_EVERY == TEST_EVERY - 1
+
+
+@dataclass(frozen=True)
+class PackagedText:
+    module: str
+    pip_spec: str
+    file: str
+    description: str
+
+    def documents(self) -> list[str]:
+        path = package_file(self.module, self.pip_spec, self.file, f"corpus ({self.description})")
+        text = path.read_text(encoding="utf-8")
+        if "<doc" in text:  # Wikipedia dump: one document between <doc ...> and </doc> lines
+            docs, current = [], []
+            for line in text.splitlines():
+                if line.startswith("<doc"):
+                    current = []
+                elif line.startswith("</doc>"):
+                    docs.append("\n".join(current).strip())
+                else:
+                    current.append(line)
+            return [d for d in docs if d]
+        return [line.strip() for line in text.splitlines() if line.strip()]  # one document a line
+
+    def part(self, which: str) -> str:
+        calib, test = _split_documents(tuple(self.documents()))
+        return "\n\n".join(test if which == "test" else calib)
+
+
+@dataclass(frozen=True)
+class MixedText:
+    """Offline corpora taken together: each part interleaves the same part of every component,
+    one document from each in turn (a component that runs out leaves the others to go on), so
+    calibration sees each domain throughout and test text stays disjoint from calibration text."""
+
+    components: tuple[str, ...]
+    description: str
+
+    def part(self, which: str) -> str:
+        parts = []
+        for name in self.components:
+            calib, test = _split_documents(tuple(CORPORA[name].documents()))
+            parts.append(test if which == "test" else calib)
+        mixed = [doc for turn in itertools.zip_longest(*parts) for doc in turn if doc is not None]
+        return "\n\n".join(mixed)
+
+
+MIN_DOCUMENT_CHARS = 64  # shorter "documents" are titles of empty articles
+
+
+@lru_cache(maxsize=4)
+def _split_documents(docs: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Every TEST_EVERY-th distinct document is test text, unless it occurs verbatim in the
+    calibration text (duplicates and quoted stubs would leak)."""
+    unique = [d for d in dict.fromkeys(docs) if len(d) >= MIN_DOCUMENT_CHARS]
+    calib = [d for i, d in enumerate(unique) if i % TEST_EVERY != TEST_EVERY - 1]
+    joined = "\n\n".join(calib)
+    test = [d for i, d in enumerate(unique) if i % TEST_EVERY == TEST_EVERY - 1 and d not in joined]
+    return calib, test
+
+
+@dataclass(frozen=True)
+class HubText:
+    path: str
+    name: str | None
+    calib_split: str
+    test_split: str
+    field: str | tuple[str, ...]  # a tuple: the columns of one example, joined by a newline
+    description: str
+    data_files: dict[str, str] | None = None
+    join: str = "\n\n"
+    revision: str | None = None  # e.g. the hub's parquet export of a script-only dataset
+
+    def check(self) -> None:
+        """Refuse at validation, before any model loads, when the hub cannot be reached."""
+        if not hub.reachable():
+            raise ShrinkError(
+                f"corpus {self.description!r} needs the dataset hub, which cannot be reached; "
+                f"offline corpora: {', '.join(k for k, v in CORPORA.items() if not isinstance(v, HubText))}"
+            )
+
+    def part(self, which: str) -> str:
+        self.check()
+        import datasets
+
+        split = self.calib_split if which == "calib" else self.test_split
+        kw = {"revision": self.revision} if self.revision else {}
+        ds = datasets.load_dataset(self.path, self.name, split=split, data_files=self.data_files, **kw)
+        if isinstance(self.field, str):
+            return self.join.join(ds[self.field])
+        return self.join.join("\n".join(row) for row in zip(*(ds[f] for f in self.field), strict=True))
+
+
+CORPORA: dict[str, PackagedText | MixedText | HubText] = {
+    "wiki": PackagedText(
+        "exllamav2", "exllamav2==0.3.2", "conversion/standard_cal_data/wiki.utf8", "offline Wikipedia"
+    ),
+    "c4-sample": PackagedText(
+        "exllamav3", "exllamav3==1.6.5", "conversion/standard_cal_data/c4.utf8", "offline C4 sample"
+    ),
+    "wikitext2": HubText("wikitext", "wikitext-2-raw-v1", "train", "test", "text", "wikitext2", join=""),
+    "c4": HubText(
+        "allenai/c4",
+        None,
+        "train",
+        "validation",
+        "text",
+        "c4",
+        data_files={
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        },
+        join=" ",
+    ),
+    # GPTQ's Penn Treebank, sentences joined by spaces; the dataset is script-only, and datasets ≥ 4
+    # runs no scripts, so it is read from the hub's parquet export
+    "ptb": HubText(
+        "ptb-text-only/ptb_text_only",
+        "penn_treebank",
+        "train",
+        "test",
+        "sentence",
+        "ptb",
+        join=" ",
+        revision="refs/convert/parquet",
+    ),
+}
+# GLUE training sentences (calibration for eval=glue-hub), dev sentences as the test part
+GLUE_COLUMNS = {
+    "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
+    "stsb": ("sentence1", "sentence2"), "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"),
+    "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"),
+}  # fmt: skip
+
+
+def glue_dev_split(task: str) -> str:
+    """GLUE's dev split of a task (MNLI has a matched and a mismatched one; the papers use matched)."""
+    return "validation_matched" if task == "mnli" else "validation"
+
+
+CORPORA["wiki+c4-sample"] = MixedText(("wiki", "c4-sample"), "offline Wikipedia and C4 sample, interleaved")
+CORPORA |= {
+    f"glue-{task}": HubText("nyu-mll/glue", task, "train", glue_dev_split(task), columns, f"GLUE {task}")
+    for task, columns in GLUE_COLUMNS.items()
+}
+
+
+def check_corpus(name: str) -> None:
+    if name not in CORPORA:
+        raise ShrinkError(f"unknown corpus {name!r}; valid: {', '.join(CORPORA)}")
+    corpus = CORPORA[name]
+    if isinstance(corpus, PackagedText):
+        package_file(corpus.module, corpus.pip_spec, corpus.file, f"corpus {name!r}")
+    elif isinstance(corpus, MixedText):
+        for component in corpus.components:
+            check_corpus(component)
+    else:
+        corpus.check()
+
+
+@lru_cache(maxsize=8)
+def _text(name: str, which: str) -> str:
+    check_corpus(name)
+    return CORPORA[name].part(which)
+
+
+def token_stream(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The whole part as one 1-D tensor of token ids (no special tokens). A run tokenizes the
+    same part for calibration, the dense and the compressed evaluation, so fast tokenizers'
+    streams are kept, keyed by the tokenizer's full serialisation (not its name)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return _encode(name, which, tokenizer)
+    key = (name, which, hashlib.sha256(backend.to_str().encode()).hexdigest())
+    if key not in _STREAMS:
+        if len(_STREAMS) >= 8:
+            _STREAMS.pop(next(iter(_STREAMS)))
+        _STREAMS[key] = _encode(name, which, tokenizer)
+    return _STREAMS[key].clone()
+
+
+_STREAMS: dict[tuple[str, str, str], torch.Tensor] = {}
+
+
+def _encode(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    ids = tokenizer(
+        _text(name, which), add_special_tokens=False, return_attention_mask=False, verbose=False
+    ).input_ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _with_bos(windows: torch.Tensor, tokenizer: PreTrainedTokenizerBase, add_bos: bool) -> torch.Tensor:
+    if not add_bos:
+        return windows
+    if tokenizer.bos_token_id is None:
+        raise ShrinkError("add_bos is set but the tokenizer has no BOS token")
+    bos = torch.full((windows.shape[0], 1), tokenizer.bos_token_id, dtype=windows.dtype)
+    return torch.cat([bos, windows[:, :-1]], dim=1)
+
+
+def calibration_windows(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    nsamples: int,
+    seq_len: int,
+    seed: int,
+    add_bos: bool = False,
+) -> torch.Tensor:
+    """`nsamples` windows of `seq_len` tokens at seeded random offsets of the calibration part."""
+    stream = token_stream(name, "calib", tokenizer)
+    if stream.numel() <= seq_len:
+        raise ShrinkError(
+            f"corpus {name!r} has only {stream.numel()} calibration tokens; seq_len is {seq_len}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seq_len, (nsamples,), generator=gen)
+    windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    return _with_bos(windows, tokenizer, add_bos)
+
+
+def test_windows(
+    name: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, max_tokens: int = 0, add_bos: bool = False
+) -> torch.Tensor:
+    """Non-overlapping windows cut from the joined test part (remainder dropped), as in the papers."""
+    stream = token_stream(name, "test", tokenizer)
+    if max_tokens:
+        stream = stream[:max_tokens]
+    count = stream.numel() // seq_len
+    if count == 0:
+        raise ShrinkError(
+            f"corpus {name!r}: test part has {stream.numel()} tokens, fewer than seq_len={seq_len}"
+        )
+    return _with_bos(stream[: count * seq_len].view(count, seq_len), tokenizer, add_bos)

@@ -1,0 +1,16 @@
+"""Every plug-in registered before Hydra composes a config: their schemas are what the files of
+`conf/method/`, `conf/schedule/`, `conf/quant/` and `conf/sparsity/` extend."""
+
+from __future__ import annotations
+
+from ..methods import METHODS
+from ..planning.schedules import SCHEDULES
+from ..quantization import QUANTIZERS
+from ..sparsity import SPARSIFIERS
+
+REGISTRIES = (METHODS, SCHEDULES, QUANTIZERS, SPARSIFIERS)
+
+
+def load_plugins() -> None:
+    for registry in REGISTRIES:
+        registry.load()
