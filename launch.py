@@ -13,7 +13,13 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from shrink.errors import ShrinkError, first_line
-from shrink.run.cli import INTERRUPTED, one_line_error, override_under_null, resume_arguments, resume_command
+from shrink.run.cli import (
+    INTERRUPTED,
+    one_line_error,
+    override_under_null,
+    resume_arguments,
+    resume_command,
+)
 from shrink.run.lock import FolderBusy
 from shrink.run.plugins import load_plugins
 

@@ -22,6 +22,7 @@ class Source(str, Enum):
     local = "local"  # a local directory with config.json + safetensors
     gguf = "gguf"  # a local .gguf file, dequantised and cached as safetensors
     tiny = "tiny"  # a tiny random model built from a config class (tests)
+    memory = "memory"  # a model already loaded, handed to `shrink.compress` (the Python API)
 
 
 class Head(str, Enum):
@@ -249,6 +250,19 @@ def folder_name(path: str) -> str:
     return where.stem if where.suffix == ".gguf" else where.name
 
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def config_groups() -> str:
+    """`group: option, option, …` for every config group of `conf/`, one a line: the options a
+    user picks from (`python launch.py --help`; the schemas under `schema/` are not options)."""
+    lines = []
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir()):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        lines.append(f"{group.name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
 def register_schemas() -> None:
     """Store the schemas under `schema/<group>/<name>`, which the YAML files of each group extend
     (`/schema/method/id@_here_`). They live outside the user-facing groups, so `method=` lists and
@@ -262,6 +276,7 @@ def register_schemas() -> None:
     cs.store(group="schema/logger", name="wandb", node=WandbConf)
 
     OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+    OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)  # launch.py --help
 
 
 register_schemas()

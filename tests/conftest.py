@@ -172,7 +172,7 @@ def first_attention(name: str):
 
 def compress_in_memory(*overrides: str) -> Compressed:
     """Compose the overrides, then plan and compress exactly as `pipeline._compress` does."""
-    from shrink.blocks.placement import Resident
+    from shrink.blocks.placement import OnDevice
     from shrink.blocks.runner import Runner
     from shrink.blocks.steps import BlockSteps, width_multiple
     from shrink.config import Propagate
@@ -193,7 +193,7 @@ def compress_in_memory(*overrides: str) -> Compressed:
     )
     cpu = torch.device("cpu")
     runner = Runner(
-        loaded.adapter, windows, cfg.calib.batch_size, cpu, Resident(cpu), costs, method.new_stats
+        loaded.adapter, windows, cfg.calib.batch_size, cpu, OnDevice(cpu), costs, method.new_stats
     )
     if needs_profiles(cfg.schedule.name):
         inputs.curves = [

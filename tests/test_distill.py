@@ -8,7 +8,7 @@ import torch
 
 import shrink
 from shrink.blocks.context import BlockContext, BlockResult, take_rows
-from shrink.blocks.placement import Resident
+from shrink.blocks.placement import OnDevice
 from shrink.blocks.runner import Runner
 from shrink.config import Propagate
 from shrink.errors import ShrinkError
@@ -114,7 +114,7 @@ def test_a_slice_of_a_batch_runs_like_the_whole_batch(model):
 
     cpu = torch.device("cpu")
     with torch.no_grad():
-        for ctx in Runner(adapter, windows, 3, cpu, Resident(cpu)).blocks(Propagate.dense):
+        for ctx in Runner(adapter, windows, 3, cpu, OnDevice(cpu)).blocks(Propagate.dense):
             record(ctx)
     assert torch.allclose(seen["part"], seen["full"][1:3], atol=1e-5)
     sliced = take_rows({"a": (torch.ones(3, 2), torch.ones(1, 2)), "b": None}, slice(0, 1), 3)
@@ -140,7 +140,7 @@ def test_the_teacher_stream_is_the_dense_models_hidden_states():
 
     plan = make_plan("uniform", PlanInputs(CostModel(adapter).table(), 1.0, True))
     cpu = torch.device("cpu")
-    for ctx in Runner(adapter, windows, 2, cpu, Resident(cpu)).blocks(
+    for ctx in Runner(adapter, windows, 2, cpu, OnDevice(cpu)).blocks(
         Propagate.compressed, plan, teacher=True
     ):
         zero_out_mlp(ctx)

@@ -90,7 +90,7 @@ def test_the_residual_currency_weighs_units_by_their_share_of_the_residual_strea
 def test_id_curves_carry_the_weighted_output_energy_and_the_residual_stream():
     """Curve.energy / Curve.residual[0] of id's FFN: Σⱼ‖W_down[:, j]‖² E[zⱼ²] over the median
     token's ‖h‖², computed here on explicit activations captured from the tiny block."""
-    from shrink.blocks.placement import Resident
+    from shrink.blocks.placement import OnDevice
     from shrink.blocks.runner import Runner
     from shrink.config import Propagate
     from shrink.methods import build_method
@@ -98,7 +98,7 @@ def test_id_curves_carry_the_weighted_output_energy_and_the_residual_stream():
     cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=id")
     loaded = load_model(cfg.model, torch.float32, seed=0)
     method, cpu = build_method(cfg.method), torch.device("cpu")
-    runner = Runner(loaded.adapter, torch.randint(0, 255, (4, 16)), 2, cpu, Resident(cpu))
+    runner = Runner(loaded.adapter, torch.randint(0, 255, (4, 16)), 2, cpu, OnDevice(cpu))
     ctx = next(runner.blocks(Propagate.dense))
     mlp = next(c for c in method.profile(ctx) if c.name == "mlp")
     down = ctx.block.get_submodule(ctx.site("mlp_out").linears[0])

@@ -103,7 +103,7 @@ def test_dims_without_score_are_dropped_without_error(monkeypatch, name):
 
 
 def test_the_probe_measures_what_the_thinned_block_computes():
-    from shrink.blocks.placement import Resident
+    from shrink.blocks.placement import OnDevice
     from shrink.blocks.runner import Runner
     from shrink.config import Propagate
     from shrink.data import corpora as data
@@ -116,7 +116,7 @@ def test_the_probe_measures_what_the_thinned_block_computes():
     windows = data.calibration_windows("wiki", loaded.tokenizer, 4, 64, 0, cfg.model.add_bos)
     cpu = torch.device("cpu")
     costs = CostModel(loaded.adapter, "params")
-    runner = Runner(loaded.adapter, windows, 2, cpu, Resident(cpu), costs, method.new_stats)
+    runner = Runner(loaded.adapter, windows, 2, cpu, OnDevice(cpu), costs, method.new_stats)
     ctx = next(iter(runner.blocks(Propagate.dense)))
     weights = ctx.attention.linear("o").weight.detach().to(torch.float64).norm(dim=0)
     errors = qk_errors(ctx, ctx.stats["attn_in"], weights, [8, 16], windows=4)

@@ -162,7 +162,7 @@ def test_budget_one_keeps_every_unit_of_the_real_model():
     attention width, so the statistics are rank-deficient and cheaper options of zero error
     abound. Then the default run at budget 1 gives the dense logits exactly. Four of the thirty
     blocks keep the test short."""
-    from shrink.blocks.placement import Resident
+    from shrink.blocks.placement import OnDevice
     from shrink.blocks.runner import Runner
     from shrink.config import Propagate
     from shrink.methods import build_method
@@ -183,7 +183,7 @@ def test_budget_one_keeps_every_unit_of_the_real_model():
 
     def runner(cfg, method):
         windows = data.calibration_windows("wiki", loaded.tokenizer, 2, 64, 0)
-        return Runner(adapter, windows, 2, cpu, Resident(cpu), cost_model(cfg, adapter), method.new_stats)
+        return Runner(adapter, windows, 2, cpu, OnDevice(cpu), cost_model(cfg, adapter), method.new_stats)
 
     for mode in ATTENTION_MODES:
         method = build_method(make_cfg(*calib, *mode).method)

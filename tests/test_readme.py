@@ -139,3 +139,17 @@ def test_the_license_is_an_spdx_string():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == "Apache-2.0"
+
+
+def test_launch_help_lists_the_groups_and_the_common_commands():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "launch.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "method: distill, id, rom, svd, svdllm" in out.stdout
+    assert "quant: gptq, none, rtn" in out.stdout and "schema" not in out.stdout
+    commands = out.stdout.split("== Common commands ==")[1]
+    assert commands.count("python launch.py") >= 5

@@ -25,7 +25,7 @@ from shrink.run import report
 from shrink.run.cli import one_line_error, override_under_null
 from shrink.run.lock import FolderBusy, is_locked, locked
 from shrink.run.pipeline import run
-from shrink.run.summary import summary
+from shrink.run.summary import closing_summary
 
 from .conftest import CONF, FAST, FAST_PPL, ROOT, make_cfg
 
@@ -286,7 +286,7 @@ def test_summary_warns_about_a_broken_perplexity_and_a_noisy_speedup(tmp_path):
                       "model_mac_ratio": 0.6, "speedup_reliable": False},
         },
     }  # fmt: skip
-    text = summary(metrics, tmp_path)
+    text = closing_summary(metrics, tmp_path)
     assert "warning: wiki perplexity is over 1000x dense" in text
     assert "warning: speedup 5.00x exceeds 1 / MAC ratio = 1.67x" in text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from shrink.run import report
-from shrink.run.summary import summary
+from shrink.run.summary import closing_summary
 
 
 def _metrics(folder, method, budget, ppl, status="ok", **extra):
@@ -109,7 +109,7 @@ def test_speed_suite_times_quantized_linears_on_integer_kernels(run_job, capfd):
     # 4-bit codes and a scale per 32 weights in memory; the float embedding is what stays
     assert speed["kernel_weight_bytes_ratio"] < 0.35 < speed["weight_bytes_ratio"]
     assert {"kernel_speedup", "kernel_decode_speedup", "decode_speedup"} <= set(speed)
-    assert "kernels    14 of 14 quantized linears on integer kernels" in summary(metrics, folder)
+    assert "kernels    14 of 14 quantized linears on integer kernels" in closing_summary(metrics, folder)
     bars = capfd.readouterr().err  # a progress bar for each timing, as for every evaluation
     for desc in ("speed (dense)", "speed (compressed)", "speed (compressed) on integer kernels"):
         assert f"{desc}:" in bars

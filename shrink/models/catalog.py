@@ -68,7 +68,7 @@ def check_label(cfg: ModelConf) -> None:
     """Refuse a shipped model's name on a model that config does not describe (another source or
     path): the run would be filed, summarised and published under the wrong name and base model."""
     entry = shipped().get(str(cfg.name))
-    if entry is None or str(cfg.name) in FROM_PATH:
+    if entry is None or str(cfg.name) in FROM_PATH or cfg.source == Source.memory:
         return
     source, path = Source(cfg.source).value, str(cfg.path)
     if source in (Source.local.value, Source.gguf.value) and folder_name(path) == cfg.name:

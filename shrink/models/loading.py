@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,35 @@ class Loaded:
     adapter: Adapter
 
 
+_HANDED_OVER: dict[str, Loaded] = {}
+
+
+@contextmanager
+def handed_over(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Iterator[str]:
+    """Lend a model already in memory (the Python API) to the loader for the duration: configs
+    name it `model.source=memory model.path=<the key yielded>`. It is used as it is, on the CPU,
+    and edited in place."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model.to("cpu")  # the runner brings one block at a time to the device
+    model.eval()
+    model.requires_grad_(False)
+    key = f"model-{id(model):x}"
+    _HANDED_OVER[key] = Loaded(model, tokenizer, build_adapter(model))
+    try:
+        yield key
+    finally:
+        _HANDED_OVER.pop(key, None)
+
+
+def _handed(cfg: ModelConf) -> Loaded:
+    if cfg.path not in _HANDED_OVER:
+        raise ShrinkError(
+            f"model.source=memory names a model handed to shrink.compress or shrink.evaluate; "
+            f"{cfg.path!r} is none (from the command line, use model=local model.path=<folder>)"
+        )
+    return _HANDED_OVER[cfg.path]
+
+
 def _hub_cached(repo_id: str, revision: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -77,6 +108,8 @@ def check_source(cfg: ModelConf) -> None:
             raise ShrinkError(f"local model folder {cfg.path!r} has no config.json")
         check_not_compressed(Path(cfg.path))
         check_weight_files(Path(cfg.path))
+    elif cfg.source == Source.memory:
+        _handed(cfg)
     elif cfg.source == Source.tiny and not hasattr(transformers, cfg.path):
         raise ShrinkError(f"tiny model config class {cfg.path!r} is not in transformers")
 
@@ -139,6 +172,8 @@ def load_config(cfg: ModelConf) -> PretrainedConfig:
     check_source(cfg)
     if cfg.source == Source.tiny:
         config = getattr(transformers, cfg.path)(**dict(cfg.tiny))
+    elif cfg.source == Source.memory:
+        config = _handed(cfg).model.config
     else:
         config = _pretrained_config(cfg)
     if adapter_class_for(config.model_type) is None:
@@ -207,6 +242,8 @@ def load_model(
     weights that it must convert to `offload_folder` (the modules outside the blocks are then
     read in: see mapped.py)."""
     config = load_config(cfg)
+    if cfg.source == Source.memory:
+        return _handed(cfg)
     auto = AUTO_CLASSES[Head(cfg.head)]
     if cfg.source == Source.tiny:
         torch.manual_seed(seed)

@@ -36,9 +36,10 @@ from .loading import (
 
 
 def check_streamable(cfg: ModelConf) -> None:
-    if Source(cfg.source) == Source.tiny:
+    if Source(cfg.source) in (Source.tiny, Source.memory):
+        what = "a tiny random model" if Source(cfg.source) == Source.tiny else "a model in memory"
         raise ShrinkError(
-            f"stream=true reads blocks from safetensors shards; model {cfg.name!r} is a tiny random model "
+            f"stream=true reads blocks from safetensors shards; model {cfg.name!r} is {what} "
             "with none (valid sources: packaged, local, hub, gguf)"
         )
 

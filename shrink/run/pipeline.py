@@ -34,7 +34,7 @@ from .outputs import RunFolder, check_reuse, read_metrics, remove_if_empty, writ
 from .progress import Progress
 from .provenance import provenance
 from .store import BlockStore, open_store
-from .summary import summary
+from .summary import closing_summary
 from .tracking import Tracker, make_tracker
 from .validation import validate
 
@@ -76,22 +76,37 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@dataclasses.dataclass
+class Finished:
+    """What one job leaves in memory: its metrics and, unless it streamed its blocks or skipped a
+    finished run, the compressed model with its tokenizer."""
+
+    metrics: dict[str, Any]
+    model: Any = None
+    tokenizer: Any = None
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
-    """Run one job; returns the objective (compressed perplexity on the first eval corpus). The
-    run folder is locked for the whole run: a second process there fails at once, writing nothing."""
+    """Run one job; returns the objective (compressed perplexity on the first eval corpus)."""
+    return _objective(run_job(cfg, run_dir).metrics)
+
+
+def run_job(cfg: DictConfig, run_dir: str | Path | None = None) -> Finished:
+    """Run one job (what `launch.py` and `shrink.compress` run). The run folder is locked for the
+    whole run: a second process there fails at once, writing nothing."""
     folder = RunFolder(_run_dir(run_dir))
     with locked(folder.path):
         return _run(cfg, folder)
 
 
-def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
+def _run(cfg: DictConfig, folder: RunFolder) -> Finished:
     try:
         validate(cfg)
         check_reuse(folder.path, cfg)
         previous = finished_run(folder.path, cfg) if cfg.resume else None
         if previous is not None:
             print(f"shrink: {folder.path} has finished already with this config (resume=true): skipped")
-            return _objective(previous)
+            return Finished(previous)
         progress = Progress(folder.path, identity(cfg, ignore=("eval",)))
         done = progress.finished() if cfg.resume else -1
     except BaseException:  # nothing began: leave no folder that looks like a run
@@ -111,6 +126,7 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
         with open_store(cfg, folder.path, device, dtype, progress) as store:
             clock["loaded"] = time.perf_counter()
             metrics = _compress_and_evaluate(cfg, store, Job(folder, tracker, progress, done, clock))
+            kept = (None, None) if cfg.stream else (store.model, store.tokenizer)
         for plot in folder.finish(metrics):
             tracker.log_image(plot.stem, plot)
         tracker.log_metrics(metrics)
@@ -120,12 +136,12 @@ def _run(cfg: DictConfig, folder: RunFolder) -> float | None:
         tracker.finish("failed")
         write_failed(folder.path, cfg, err)
         raise
-    print(summary(metrics, folder.path))
+    print(closing_summary(metrics, folder.path))
     if tracker.closing_line():
         print(tracker.closing_line())
     if cfg.push_to_hub is not None:
         print(f"  pushed     {hub.push(folder.path / 'model', cfg.push_to_hub)}")
-    return _objective(metrics)
+    return Finished(metrics, *kept)
 
 
 @dataclasses.dataclass

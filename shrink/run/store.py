@@ -1,9 +1,9 @@
 """Where the model's blocks live during a run, chosen once from the config: the only reader of
 `stream` and `model.device_map`.
 
-* `Resident` — the model is loaded whole on the CPU; on an accelerator the runner brings one block
+* `ResidentStore` — the model is loaded whole on the CPU; on an accelerator the runner brings one block
   at a time there, and evaluation moves the whole model.
-* `Shards` (`stream=true`) — the blocks sit on the meta device and are read one at a time from the
+* `ShardStore` (`stream=true`) — the blocks sit on the meta device and are read one at a time from the
   model's safetensors shards; compressed blocks go to the run's per-block checkpoints
   (`progress/`), and are read back from there to save and to evaluate, block by block.
 * `Mapped` (`model.device_map`) — accelerate spread the model over devices while loading; each
@@ -81,10 +81,10 @@ class BlockStore:
         return None
 
 
-class Resident(BlockStore):
+class ResidentStore(BlockStore):
     def __init__(self, loaded: Loaded, device: torch.device) -> None:
         super().__init__(loaded, device)
-        self.placement = placement.Resident(device)
+        self.placement = placement.OnDevice(device)
 
     def ready_for_evaluation(self) -> None:
         self.model.to(self.device)
@@ -99,7 +99,7 @@ class Resident(BlockStore):
         return None
 
 
-class Shards(BlockStore):
+class ShardStore(BlockStore):
     def __init__(self, model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, progress: Progress):
         loaded, fetch = load_streamed(model_cfg, dtype)
         super().__init__(loaded, device)
@@ -143,10 +143,10 @@ def open_store(
     offload = Path(run_dir) / OFFLOAD
     try:
         if cfg.stream:
-            yield Shards(cfg.model, device, dtype, progress)
+            yield ShardStore(cfg.model, device, dtype, progress)
         else:
             loaded = load_model(cfg.model, dtype, seed=cfg.seed, offload_folder=offload)
             mapped = cfg.model.device_map is not None
-            yield MappedStore(loaded, device) if mapped else Resident(loaded, device)
+            yield MappedStore(loaded, device) if mapped else ResidentStore(loaded, device)
     finally:
         shutil.rmtree(offload, ignore_errors=True)

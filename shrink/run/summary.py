@@ -9,7 +9,7 @@ from typing import Any
 BROKEN_PPL_RATIO = 1000.0
 
 
-def summary(m: dict[str, Any], path: Path) -> str:
+def closing_summary(m: dict[str, Any], path: Path) -> str:
     lines = [
         f"shrink: {m['model']}  method={m['method']}  schedule={m['schedule']}  "
         f"budget={m['budget']:g} {m['budget_unit']} (achieved {m['budget_achieved']:.4f})",

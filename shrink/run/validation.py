@@ -177,10 +177,10 @@ def check_mapping(cfg: DictConfig) -> None:
     check_device_map(cfg.model)
     if cfg.model.device_map is None:
         return
-    if cfg.model.source == "tiny":
+    if cfg.model.source in ("tiny", "memory"):
         raise ShrinkError(
-            "model.device_map places weights read from files; a tiny random model has none: save it "
-            "and use model.source=local"
+            "model.device_map places weights read from files; a tiny random model or a model in memory "
+            "has none: save it and use model=local"
         )
     if cfg.stream:
         raise ShrinkError("model.device_map and stream=true exclude each other: pick one way to place blocks")
