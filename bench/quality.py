@@ -1,4 +1,4 @@
-"""Quality of `id`'s options: held-out perplexity on two corpora, per budget (issue 15).
+"""Quality of `id`'s options: held-out perplexity on two corpora, per budget.
 
 Each variant is a set of overrides on top of the default run (`id`, the default calibration);
 every run is evaluated on the held-out parts of the offline Wikipedia text (the calibration

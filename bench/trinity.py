@@ -1,4 +1,4 @@
-"""Structure, sparsity and quantization stacked (issue 17): held-out perplexity per combination.
+"""Structure, sparsity and quantization stacked: held-out perplexity per combination.
 
 Each row is one run of `launch.py` on the default model and calibration, evaluated on 8192
 held-out tokens of the offline Wikipedia text and of the offline C4 sample; `bits/w` is the

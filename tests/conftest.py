@@ -210,3 +210,16 @@ def compress_in_memory(*overrides: str) -> Compressed:
     return Compressed(
         loaded, plan, rows, dense, costs.model(), costs.unit.value, cfg.model.head, steps, quant
     )
+
+
+def fails(tmp_path, *overrides: str, match: str) -> None:
+    """The run refuses the overrides with one ShrinkError matching `match`, leaving no run folder."""
+    from shrink.errors import ShrinkError
+    from shrink.run.pipeline import run
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "launch.log").touch()  # what Hydra leaves before calling the job
+    with pytest.raises(ShrinkError, match=match):
+        run(make_cfg(*overrides), run_dir=folder)
+    assert not folder.exists(), "a failed validation must not leave a run folder"
