@@ -153,7 +153,7 @@ def _how_to_load(manifest: dict[str, Any], stock: str | None) -> list[str]:
                 else []
             ),
             f'model = {auto}.from_pretrained("<this folder>"{remote})',
-            'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+            f'tokenizer = AutoTokenizer.from_pretrained("<this folder>"{remote})',
         ]
     else:
         lines += [

@@ -317,4 +317,14 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(folder))
+    """The checkpoint's tokenizer, without its modeling file: a checkpoint of a structure of its own
+    names that file in config.json, which AutoTokenizer would otherwise offer to run (a prompt, or
+    an error where no one can answer) and then warn that the model type is unknown to it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 import shrink
 from shrink.models import build_adapter, check_source
@@ -94,6 +94,8 @@ def test_structures_the_family_cannot_build_need_the_modeling_file(tmp_path, mon
     monkeypatch.setattr("builtins.input", lambda *a: (_ for _ in ()).throw(EOFError))  # no one to answer
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         AutoModelForCausalLM.from_pretrained(folder)
+    assert shrink.load_tokenizer(folder)("abc").input_ids == done.loaded.tokenizer("abc").input_ids
+    AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # as the model card says
     ids = torch.randint(0, 255, (2, 32))
     assert torch.equal(logits(shrink.load(folder), ids), logits(done.model, ids))
     with pytest.raises(shrink.ShrinkError, match="is a shrink checkpoint .* start from its base model"):
@@ -152,6 +154,8 @@ def test_the_model_card_has_the_metadata_widths_and_scores(run_job, overrides, s
     assert f"{metrics['params_compressed']:,}" in card and f"{metrics['budget_achieved']:.4f}" in card
     assert card.count("\n| 0 | ") == 1 and card.count("\n| 1 | ") == 1  # a row per block
     assert "AutoModelForCausalLM.from_pretrained" in card and ("trust_remote_code=True" in card) != stock
+    tokenizer_line = next(line for line in card.splitlines() if "AutoTokenizer.from_pretrained" in line)
+    assert ("trust_remote_code=True" in tokenizer_line) != stock
     below_title = card.split("\n# ", 1)[1].splitlines()[2]
     assert below_title.startswith("**Load with trust_remote_code=True") != stock
 
