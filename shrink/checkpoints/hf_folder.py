@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import init_empty_weights
-from compressed_tensors.compressors import ModelCompressor
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -61,6 +60,8 @@ def write_hf_config(
     _save_generation_config(model, folder)
     if quant is None:
         return
+    from compressed_tensors.compressors import ModelCompressor
+
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_quantized(m)]
     ModelCompressor(quantization_config=quantization_config(quant, ignore)).update_config(str(folder))
 

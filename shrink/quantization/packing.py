@@ -11,15 +11,16 @@ weight equals the in-memory one bit for bit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from torch import nn
 
 from ..errors import ShrinkError
 from .grid import Grid
+
+if TYPE_CHECKING:  # compressed-tensors takes over a second to import: only a quantized run pays it
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
 SCALE, ZERO = "weight_scale", "weight_zero_point"
 PACKED = ("weight_packed", "weight_shape")
@@ -58,6 +59,8 @@ def register_grid(linear: nn.Linear, groups: int, zero_point: bool, bits: int) -
 def scheme(quant: dict[str, Any]) -> QuantizationScheme:
     """compressed-tensors' scheme of a run's `quant` config: signed integers, per group of input
     columns (per output channel for group_size -1), symmetric or with zero points."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
     group = int(quant["group_size"])
     args = QuantizationArgs(
         num_bits=int(quant["bits"]),
@@ -71,6 +74,8 @@ def scheme(quant: dict[str, Any]) -> QuantizationScheme:
 
 def quantization_config(quant: dict[str, Any], ignore: list[str]) -> QuantizationConfig:
     """The `quantization_config` transformers reads: one group for every Linear but `ignore`."""
+    from compressed_tensors.quantization import QuantizationConfig
+
     return QuantizationConfig(
         config_groups={"group_0": scheme(quant)},
         format=FORMAT,
@@ -81,6 +86,8 @@ def quantization_config(quant: dict[str, Any], ignore: list[str]) -> Quantizatio
 
 def pack(tensors: dict[str, torch.Tensor], quant: dict[str, Any]) -> dict[str, torch.Tensor]:
     """`tensors` with every quantized linear's weight (found by its `weight_scale`) packed."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+
     out = dict(tensors)
     chosen = scheme(quant)
     for prefix in _prefixes(tensors, SCALE):
@@ -92,6 +99,8 @@ def pack(tensors: dict[str, torch.Tensor], quant: dict[str, Any]) -> dict[str, t
 
 def unpack(tensors: dict[str, torch.Tensor], quant: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
     """`tensors` with every packed weight restored (the grid buffers stay, unpacked)."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+
     out = dict(tensors)
     chosen = scheme(quant)
     for prefix in _prefixes(tensors, "weight_packed"):

@@ -31,7 +31,7 @@ def readme_commands() -> list[list[str]]:
             match = LAUNCH.search(line)
             if match:
                 commands.append(shlex.split(match.group(1), comments=True))
-    return commands
+    return [list(c) for c in dict.fromkeys(map(tuple, commands))]  # a command on two pages runs once
 
 
 COMMANDS = readme_commands()
