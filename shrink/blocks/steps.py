@@ -227,9 +227,8 @@ class BlockSteps:
         dense = linear.weight.detach().to(torch.float64)
         weight, keep = dense, None
         if self.sparsity.name != "none":
-            pattern = nm_pattern(str(self.sparsity.pattern))
             sparsifier = SPARSIFIERS[self.sparsity.name]()
-            weight, keep = sparsifier.sparsify(weight, moments.gram, pattern, self.sparsity, where)
+            weight, keep = sparsifier.sparsify(weight, moments.gram, self.sparsity, where)
         q, grid, target = self.quant, None, lambda: dense  # what the stored weight stands in for
         if q.name != "none":
             job = LinearJob(where, dense, weight, keep, moments, linear.weight.dtype)

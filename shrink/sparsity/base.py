@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 import torch
 from omegaconf import DictConfig
 
+Pruned = tuple[torch.Tensor, torch.Tensor]  # (pruned weight, keep mask)
+
 
 class Sparsifier(ABC):
     """A sparsity step (`sparsity=<name>`), registered with `@SPARSIFIERS.register(name)`; its keys
@@ -16,12 +18,5 @@ class Sparsifier(ABC):
         """Checks of its own, before anything loads (after the keys every sparsifier shares)."""
 
     @abstractmethod
-    def sparsify(
-        self,
-        weight: torch.Tensor,
-        gram: torch.Tensor,
-        pattern: tuple[int, int] | None,
-        sparsity: DictConfig,
-        where: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pruned weight in float64, keep mask); `pattern`: N:M, or None for unstructured."""
+    def sparsify(self, weight: torch.Tensor, gram: torch.Tensor, sparsity: DictConfig, where: str) -> Pruned:
+        """The pruned weight (float64) and its keep mask, under `sparsity.pattern` (N:M or unstructured)."""

@@ -8,7 +8,8 @@ from omegaconf import DictConfig
 
 from ..linalg.hessian import inverse_hessian_factor
 from . import SPARSIFIERS
-from .base import Sparsifier
+from .base import Pruned, Sparsifier
+from .patterns import nm_pattern
 
 
 def sparsegpt(
@@ -59,14 +60,8 @@ def sparsegpt(
 
 @SPARSIFIERS.register("sparsegpt")
 class SparseGpt(Sparsifier):
-    def sparsify(
-        self,
-        weight: torch.Tensor,
-        gram: torch.Tensor,
-        pattern: tuple[int, int] | None,
-        sparsity: DictConfig,
-        where: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sparsify(self, weight: torch.Tensor, gram: torch.Tensor, sparsity: DictConfig, where: str) -> Pruned:
         return sparsegpt(
-            weight, gram, float(sparsity.fraction), pattern, float(sparsity.dampening), where=where
-        )
+            weight, gram, float(sparsity.fraction), nm_pattern(str(sparsity.pattern)),
+            float(sparsity.dampening), where=where,
+        )  # fmt: skip

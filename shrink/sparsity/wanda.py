@@ -6,7 +6,8 @@ import torch
 from omegaconf import DictConfig
 
 from . import SPARSIFIERS
-from .base import Sparsifier
+from .base import Pruned, Sparsifier
+from .patterns import nm_pattern
 
 
 def wanda(
@@ -34,12 +35,5 @@ def wanda(
 
 @SPARSIFIERS.register("wanda")
 class Wanda(Sparsifier):
-    def sparsify(
-        self,
-        weight: torch.Tensor,
-        gram: torch.Tensor,
-        pattern: tuple[int, int] | None,
-        sparsity: DictConfig,
-        where: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return wanda(weight, gram, float(sparsity.fraction), pattern)
+    def sparsify(self, weight: torch.Tensor, gram: torch.Tensor, sparsity: DictConfig, where: str) -> Pruned:
+        return wanda(weight, gram, float(sparsity.fraction), nm_pattern(str(sparsity.pattern)))
