@@ -17,39 +17,9 @@ from ..config import ErrorCurrency, ScheduleConf
 from ..errors import ShrinkError
 from ..registry import Registry
 from .budget import Curve, Option, Plan, PlanInputs, Sizes
+from .schedule_config import EnergyConf, FirstKConf, GreedyConf, LastKConf, UniformConf
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class UniformConf(ScheduleConf):
-    name: str = "uniform"
-
-
-@dataclass
-class GreedyConf(ScheduleConf):
-    name: str = "greedy"
-    # no unit keeps less than this share of its dense cost (guards units whose calibration energy
-    # is dominated by a few outlier tokens; see README, schedules)
-    min_keep: float = 0.3
-    error: ErrorCurrency = ErrorCurrency.unit  # see README, schedules
-
-
-@dataclass
-class LastKConf(ScheduleConf):
-    name: str = "last_k"
-    k: int = 10  # compress only the last k blocks
-
-
-@dataclass
-class FirstKConf(ScheduleConf):
-    name: str = "first_k"
-    k: int = 10  # compress only the first k blocks
-
-
-@dataclass
-class EnergyConf(ScheduleConf):
-    name: str = "energy"
 
 
 # relative slack on sums of prices: float sums of the same costs in another order differ by ~1e-16
