@@ -29,21 +29,19 @@ def _sweep(*overrides: str, name: str = "tiny", failed: int = 0) -> subprocess.C
 
 
 def test_a_sweep_with_failing_jobs_finishes_and_reports_them(tmp_path):
-    """2 methods × 3 budgets in parallel (joblib); budget 1.5 fails, the other four complete."""
+    """2 methods × 2 budgets in parallel (joblib); budget 1.5 fails, the other two complete."""
     sweep = tmp_path / "sweep"
     _sweep(
-        "budget=0.5,0.8,1.5",
+        "budget=0.5,1.5",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
         f"hydra.sweep.dir={sweep}",
         failed=2,
     )
     runs = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")}
-    assert len(runs) == 6
+    assert len(runs) == 4
     ok = {name: m for name, m in runs.items() if m["status"] == "ok"}
-    assert sorted((m["method"], m["budget"]) for m in ok.values()) == [
-        ("id", 0.5), ("id", 0.8), ("svd", 0.5), ("svd", 0.8)
-    ]  # fmt: skip
+    assert sorted((m["method"], m["budget"]) for m in ok.values()) == [("id", 0.5), ("svd", 0.5)]
     for name, m in ok.items():
         assert m["budget_achieved"] <= m["budget"] and (sweep / name / "model" / "manifest.json").is_file()
         assert not (sweep / name / "progress").exists()  # per-block checkpoints go once a run is done
@@ -54,7 +52,7 @@ def test_a_sweep_with_failing_jobs_finishes_and_reports_them(tmp_path):
 
     assert report.main([str(sweep), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "report.md").read_text()
-    assert table.count("failed: ShrinkError: budget 1.5") == 2 and table.count("| ok |") == 4
+    assert table.count("failed: ShrinkError: budget 1.5") == 2 and table.count("| ok |") == 2
 
 
 def test_the_submitit_launcher_runs_a_sweep(tmp_path):
