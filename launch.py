@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float | None:
     # In a sweep, a failed job is recorded (metrics.json: status failed) and the sweep goes on.
     # It returns None, which the Optuna sweeper records as a failed trial (a NaN makes optuna 2.x
     # raise inside the sweeper and ends the search). A folder in use by another process is left
-    # alone; the sweep's closing summary (shrink/sweep.py) counts the job as unfinished.
+    # alone; the sweep's closing summary (shrink/run/sweep.py) counts the job as unfinished.
     if read_metrics(folder) is None and not isinstance(failure, FolderBusy):
         write_failed(folder, cfg, failure)
     logging.getLogger("shrink").error("job %s failed: %s", hydra_cfg.job.num, failure)

@@ -12,7 +12,7 @@ whole): the rows use groups of 64.
 With `--speed` it then loads each row's saved checkpoint (`shrink.load`) and times it on this
 machine as `eval=speed` does: a forward over 512 tokens and greedy decoding (ms per token after a
 32-token prompt, batch 1), with the float linears and again with the quantized ones on torch's
-weight-only integer kernels (`shrink/kernels.py`), next to the weight bytes in memory. Time on an
+weight-only integer kernels (`shrink/quantization/kernels.py`), next to the weight bytes in memory. Time on an
 idle machine: the rows run one after another in this process.
 
     .venv/bin/python bench/trinity.py

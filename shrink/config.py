@@ -84,7 +84,7 @@ class ModelConf:
     base_model: str | None = None  # the hub id it comes from, for model cards (hub sources: `path`)
     # keyword arguments of the config class (tiny models only)
     tiny: dict[str, Any] = field(default_factory=dict)
-    # spread the model over devices with accelerate while loading (shrink/mapped.py): null (the
+    # spread the model over devices with accelerate while loading (shrink/models/device_map.py): null (the
     # runner places blocks itself), auto | balanced | balanced_low_0 | sequential, or a dict of
     # module path -> device ("cuda:0", 0, "cpu", "disk"); max_memory caps devices ({cpu: 2GiB})
     device_map: Any = None

@@ -240,7 +240,7 @@ def load_model(
     """Load weights (safetensors only) and tokenizer on the CPU, where the runner moves blocks to
     devices; or, with `cfg.device_map`, spread over devices by accelerate, which may offload
     weights that it must convert to `offload_folder` (the modules outside the blocks are then
-    read in: see mapped.py)."""
+    read in: see device_map.py)."""
     config = load_config(cfg)
     if cfg.source == Source.memory:
         return _handed(cfg)

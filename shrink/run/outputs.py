@@ -57,7 +57,7 @@ class RunFolder:
             self.spectra[f"block{index:03d}/{name}"] = np.asarray(values, dtype=np.float64)
 
     def add_steps(self, rows: list[dict[str, Any]]) -> None:
-        """One row per linear that the sparsity / quantization steps edited (shrink/steps.py)."""
+        """One row per linear that the sparsity / quantization steps edited (shrink/blocks/steps.py)."""
         if rows:
             self._append("steps.jsonl", rows)
 

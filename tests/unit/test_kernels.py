@@ -1,4 +1,4 @@
-"""Weight-only integer kernels (shrink/kernels.py): they compute the quantized linear on its own
+"""Weight-only integer kernels (shrink/quantization/kernels.py): they compute the quantized linear on its own
 grid, swap in only where a kernel fits, and put the float linears back."""
 
 from __future__ import annotations
