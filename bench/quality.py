@@ -60,6 +60,11 @@ VARIANTS: dict[str, list[str]] = {
     "svdllm+dense": ["method=svdllm", "method.target=dense"],
     "rom": ["method=rom"],
     "rom+dense": ["method=rom", "method.target=dense"],
+    # the reference structured pruners (their own default allocation; see docs/methods)
+    "flap": ["method=flap"],  # AL-AM (schedule=threshold), WIFV, bias compensation
+    "flap-dense": ["method=flap", "propagate=dense"],  # statistics of the dense model, as FLAP's code
+    "flap-ulum": ["method=flap", "schedule=uniform"],  # FLAP's UL-UM
+    "wanda-sp": ["method=wanda-sp"],  # uniform, as FLAP's code runs it
 }
 
 

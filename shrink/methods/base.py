@@ -22,6 +22,7 @@ class Method(ABC):
     # its profile's units write into the residual stream and report their energies (Curve.energy),
     # so greedy can compare them with schedule.error=residual|downstream
     residual_units: bool = False
+    scores_units: bool = False  # its profile's options carry unit scores, for schedule=threshold
     needs_teacher: bool = False  # the runner must give it the dense model's block inputs and outputs
     factorises: bool = False  # it leaves rank-r factor pairs (LowRankLinear)
     # the input widths it leaves (neurons, ranks, value widths) are multiples of this: an N:M

@@ -58,6 +58,9 @@ class Option:
     # a last resort: profile-driven schedules use it only when the budget cannot be met without
     # reserves (id's whole-head drops under `attention=auto`, whose ID error understates the harm)
     reserve: bool = False
+    # for methods that rank units by a score (FLAP, Wanda-sp): the highest score among the units this
+    # option removes (None: it removes none), which `schedule=threshold` compares across blocks
+    score: float | None = None
 
 
 @dataclass

@@ -36,3 +36,8 @@ class FirstKConf(ScheduleConf):
 @dataclass
 class EnergyConf(ScheduleConf):
     name: str = "energy"
+
+
+@dataclass
+class ThresholdConf(ScheduleConf):
+    name: str = "threshold"

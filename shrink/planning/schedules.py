@@ -17,7 +17,7 @@ from ..config import ErrorCurrency, ScheduleConf
 from ..errors import ShrinkError
 from ..registry import Registry
 from .budget import Curve, Option, Plan, PlanInputs, Sizes
-from .schedule_config import EnergyConf, FirstKConf, GreedyConf, LastKConf, UniformConf
+from .schedule_config import EnergyConf, FirstKConf, GreedyConf, LastKConf, ThresholdConf, UniformConf
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,39 @@ def energy(inputs: PlanInputs) -> Plan:
     return _plan_from(inputs, p.site_costs, p.curves, pick(t))
 
 
+def threshold(inputs: PlanInputs) -> Plan:
+    """FLAP's adaptive allocation across layers and modules (AL-AM): one threshold t on the units'
+    scores, shared by every block and module; each unit removes exactly its parts scoring at most t
+    (its cheapest option whose `score` is ≤ t), and t is the lowest value whose allocation fits the
+    budget. Costs enter only through the budget, as in FLAP: a head and a neuron of equal score go
+    together, however different their prices. The scores must be comparable across blocks (FLAP
+    standardises them per layer and module)."""
+    p = _profiles(inputs, "threshold")
+    unscored = [c.name for c in p.curves if any(o.score is None and o.cost < c.dense_cost for o in c.options)]
+    if unscored:
+        raise ShrinkError(
+            f"schedule 'threshold' ranks units by their scores, and unit {unscored[0]!r} has none; "
+            "use a method that scores units (flap, wanda-sp)"
+        )
+    whole = _whole(inputs, p)
+    if whole is not None:
+        return whole
+    scores = [np.array([-np.inf if o.score is None else o.score for o in c.options]) for c in p.curves]
+
+    def pick(t: float) -> list[int]:
+        return [int(np.where(s <= t, c, np.inf).argmin()) for c, s in zip(p.costs, scores, strict=True)]
+
+    candidates = np.unique(np.concatenate(scores))
+    candidates = candidates[np.isfinite(candidates)]
+    fits = [t for t in candidates if p.spent(pick(t)) <= p.allowance + SLACK * p.total]
+    if not fits:
+        raise Unreachable(
+            f"budget {inputs.budget} cannot be met by schedule 'threshold': removing every unit the "
+            "method may remove still keeps more"
+        )
+    return _plan_from(inputs, p.site_costs, p.curves, pick(min(fits)))
+
+
 def _at_least(options: list[Option], floor: float) -> list[Option]:
     """The options costing at least `floor` (the most expensive one always stays)."""
     kept = [o for o in options if o.cost >= floor - 1e-9]
@@ -317,6 +350,7 @@ def _reserves_last(schedule: Callable[[PlanInputs], Plan]) -> Callable[[PlanInpu
 class Schedule:
     plan: Callable[[PlanInputs], Plan]
     needs_profiles: bool  # plans on the method's error profiles (a planning pass before compression)
+    needs_scores: bool = False  # compares the units' scores (Option.score), which few methods give
 
 
 SCHEDULES: Registry[Schedule] = Registry("schedule", __name__)
@@ -327,10 +361,11 @@ def register(
     schema: type[ScheduleConf] | None,
     plan: Callable[[PlanInputs], Plan],
     needs_profiles: bool = False,
+    needs_scores: bool = False,
 ) -> None:
     """A schedule registers once: its config name, its keys (`schema`, stored as
     `schema/schedule/<name>`; None: it shares another's) and its planning function."""
-    SCHEDULES.register(name, schema)(Schedule(plan, needs_profiles))
+    SCHEDULES.register(name, schema)(Schedule(plan, needs_profiles, needs_scores))
 
 
 register("uniform", UniformConf, uniform)
@@ -340,10 +375,15 @@ register("energy", EnergyConf, _reserves_last(energy), needs_profiles=True)
 register("greedy", GreedyConf, _reserves_last(greedy), needs_profiles=True)
 # greedy with schedule.error=residual (conf/schedule/greedy-residual.yaml)
 register("greedy-residual", None, _reserves_last(greedy), needs_profiles=True)
+register("threshold", ThresholdConf, threshold, needs_profiles=True, needs_scores=True)
 
 
 def needs_profiles(name: str) -> bool:
     return SCHEDULES.get(name).needs_profiles
+
+
+def needs_scores(name: str) -> bool:
+    return SCHEDULES.get(name).needs_scores
 
 
 def check_schedule(name: str) -> None:

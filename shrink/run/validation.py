@@ -25,7 +25,7 @@ from ..models.catalog import check_label
 from ..models.device_map import check_block_map, check_device_map
 from ..models.streaming import check_streamable
 from ..planning.inputs import cost_model, error_currency, plan_inputs
-from ..planning.schedules import check_schedule, least_kept, make_plan, needs_profiles
+from ..planning.schedules import check_schedule, least_kept, make_plan, needs_profiles, needs_scores
 from .tracking import check_logger
 
 
@@ -93,6 +93,12 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
         raise ShrinkError(
             f"schedule {cfg.schedule.name!r} allocates by the method's error profile, which method "
             f"{cfg.method.name!r} does not provide; methods that do: {', '.join(with_profiles)}"
+        )
+    if needs_scores(cfg.schedule.name) and not METHODS[cfg.method.name].scores_units:
+        with_scores = sorted(n for n, m in METHODS.items() if m.scores_units)
+        raise ShrinkError(
+            f"schedule {cfg.schedule.name!r} compares the units' scores, which method {cfg.method.name!r} "
+            f"does not give; methods that do: {', '.join(with_scores)}"
         )
     error = error_currency(cfg)
     if error != ErrorCurrency.unit and not METHODS[cfg.method.name].residual_units:

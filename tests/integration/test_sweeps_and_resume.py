@@ -87,7 +87,7 @@ def test_the_optuna_sweeper_searches_a_schedule_parameter(tmp_path):
 def test_every_ready_sweep_composes():
     from hydra import compose, initialize_config_dir
 
-    for name in ("methods-budgets", "schedules", "paper-grid", "tiny", "optuna-greedy"):
+    for name in ("methods", "methods-budgets", "schedules", "paper-grid", "tiny", "optuna-greedy"):
         with initialize_config_dir(config_dir=str(ROOT / "sweeps"), version_base="1.3"):
             cfg = compose(name, [f"hydra.searchpath=[file://{ROOT / 'conf'}]"], return_hydra_config=True)
         assert cfg.hydra.sweeper.params, name

@@ -168,6 +168,7 @@ METHODS = {
     "rom": ["method=rom", "budget=0.7"],
     "svdllm": ["method=svdllm", "budget=0.7"],
     "distill": ["method=distill", "method.steps=2", "budget=0.7"],
+    "flap": ["method=flap", "budget=0.7"],
 }
 AUTO = {
     "tiny-llama": AutoModelForCausalLM,

@@ -40,40 +40,13 @@ from ...linalg.moments import CrossMoment, SecondMoment
 from ...models import Adapter, Site
 from ...models.edits import keep_outputs, set_inputs, thin_heads, thin_query_key
 from ...planning.budget import Curve, Option, Sizes
-from ...planning.cost import HeadCosts, NeuronCosts, module_cost
+from ...planning.cost import HeadCosts, module_cost
 from .. import register
 from ..base import Method
+from ..units import ffn_costs, site_fraction, unit_record
 from .attention import Shape, attention_options, candidates, group_constraint, sketch_heads, value_dims
 from .config import AttentionUnits, IDConf, IDSelection
 from .qk import qk_errors, qk_positions, qk_widths, thinned_moments
-
-
-def _site_fraction(ctx: BlockContext, names: tuple[str, str]) -> float:
-    """The target of a unit spanning two sites, weighted by their dense costs."""
-    costs = {n: ctx.price(n) for n in names}
-    return sum(ctx.targets[n] * costs[n] for n in names) / sum(costs.values())
-
-
-def _ffn_costs(ctx: BlockContext, adds_bias: bool) -> NeuronCosts:
-    ins = [ctx.block.get_submodule(p) for p in ctx.site("mlp_in").linears]
-    return ctx.costs.neurons(ins, ctx.block.get_submodule(ctx.site("mlp_out").linears[0]), adds_bias)
-
-
-def _record(ctx, unit_name, kept, total, before, paths, fraction, error, start, **extra) -> dict:
-    after = [module_cost(ctx.block.get_submodule(p)) for p in paths]
-    return {
-        "site": unit_name,
-        "kept": kept,
-        "total": total,
-        "params_dense": sum(c.params for c in before),
-        "params_kept": sum(c.params for c in after),
-        "macs_dense": sum(c.macs for c in before),
-        "macs_kept": sum(c.macs for c in after),
-        "target": fraction,
-        "rel_error": error,
-        "seconds": time.perf_counter() - start,
-        **extra,
-    }
 
 
 @register("id", IDConf)
@@ -159,7 +132,7 @@ class InterpolativeDecomposition(Method):
         dense = attn_cost + ffn_cost
         if self.cfg.heads:
             share = (
-                _site_fraction(ctx, ("attn_in", "attn_out"))
+                site_fraction(ctx, ("attn_in", "attn_out"))
                 if self.cfg.ffn
                 else (allowance - ffn_cost) / attn_cost
             )
@@ -230,7 +203,7 @@ class InterpolativeDecomposition(Method):
         down = ctx.block.get_submodule(site_out.linears[0])
         paths = [*site_in.linears, site_out.linears[0]]
         before = [module_cost(ctx.block.get_submodule(p)) for p in paths]
-        costs = _ffn_costs(ctx, self.cfg.bias)
+        costs = ffn_costs(ctx, self.cfg.bias)
         n = costs.neurons
         if "mlp" in ctx.choices:
             k = int(ctx.choices["mlp"]["neurons"])
@@ -256,7 +229,7 @@ class InterpolativeDecomposition(Method):
         for path in site_in.linears:
             keep_outputs(ctx.block, path, keep)
         set_inputs(ctx.block, site_out.linears[0], new_down, new_bias)
-        return _record(ctx, "mlp", k, n, before, paths, fraction, error, start)
+        return unit_record(ctx, "mlp", k, n, before, paths, fraction, error, start)
 
     # ---- attention heads ---------------------------------------------------------------------
     def _candidates(self, costs: HeadCosts, ctx: BlockContext) -> list[Shape]:
@@ -373,7 +346,7 @@ class InterpolativeDecomposition(Method):
             keep_outputs(ctx.block, attention.paths.v, kv_full)
             set_inputs(ctx.block, attention.paths.o, new_o, new_bias)
         attention.set_counts(len(heads), len(kv_kept))
-        return _record(
+        return unit_record(
             ctx,
             "attn",
             len(heads),
@@ -403,7 +376,7 @@ class InterpolativeDecomposition(Method):
                 Sizes(ctx.index, "attn", ("attn_in", "attn_out"), ctx.price("attn_in", "attn_out"), prices)
             )
         if self.cfg.ffn:
-            costs = _ffn_costs(ctx, self.cfg.bias)
+            costs = ffn_costs(ctx, self.cfg.bias)
             prices = tuple(costs.of(k) for k in self._ffn_sizes(costs.neurons))
             units.append(
                 Sizes(ctx.index, "mlp", ("mlp_in", "mlp_out"), ctx.price("mlp_in", "mlp_out"), prices)
@@ -435,7 +408,7 @@ class InterpolativeDecomposition(Method):
         if self.cfg.ffn:
             down = ctx.block.get_submodule(ctx.site("mlp_out").linears[0])
             stats = ctx.stats["mlp_out"]
-            costs = _ffn_costs(ctx, self.cfg.bias)
+            costs = ffn_costs(ctx, self.cfg.bias)
             left = pivoted_cholesky(self._selection_gram(stats, down), costs.neurons).remaining
             total = self._output_energy(stats, down) or float(left[0])
             total = total if total > 0 else 1.0
