@@ -65,6 +65,8 @@ VARIANTS: dict[str, list[str]] = {
     "flap-dense": ["method=flap", "propagate=dense"],  # statistics of the dense model, as FLAP's code
     "flap-ulum": ["method=flap", "schedule=uniform"],  # FLAP's UL-UM
     "wanda-sp": ["method=wanda-sp"],  # uniform, as FLAP's code runs it
+    "shortgpt": ["method=shortgpt"],  # whole blocks by Block Influence (schedule=threshold)
+    "shortgpt-angular": ["method=shortgpt", "method.metric=angular"],
 }
 
 

@@ -202,10 +202,15 @@ def compress_in_memory(*overrides: str) -> Compressed:
     plan = make_plan(cfg.schedule.name, inputs)
     dense, rows, steps = costs.model(), [], []
     post = BlockSteps(cfg.quant, cfg.sparsity)
+    removed = []
     for ctx in runner.blocks(Propagate(cfg.propagate), plan, method.needs_teacher or post.needs_teacher):
         rows += [{"block": ctx.index, **row} for row in method.compress_block(ctx).records]
-        steps += [{"block": ctx.index, **row} for row in (post.apply(ctx) if post.active else [])]
+        removed += [ctx.index] if ctx.removed else []
+        step_rows = post.apply(ctx) if post.active and not ctx.removed else []
+        steps += [{"block": ctx.index, **row} for row in step_rows]
         runner.advance(ctx)
+    if removed:
+        loaded.adapter.remove_blocks(removed)
     quant = OmegaConf.to_container(cfg.quant) if cfg.quant.name != "none" else None
     return Compressed(
         loaded, plan, rows, dense, costs.model(), costs.unit.value, cfg.model.head, steps, quant

@@ -41,6 +41,9 @@ class BlockContext:
     teacher_hidden: Streams | None = None
     teacher_outputs: Streams | None = None
     outputs: Streams | None = None  # the block's outputs on `hidden` before any edit
+    # set by a method that removes the whole block: its output is its input from here on, and the
+    # run deletes it from the model once every block is done
+    removed: bool = False
 
     def site(self, name: str) -> Site:
         return next(s for s in self.sites if s.name == name)

@@ -134,7 +134,10 @@ class Runner:
         if step is None or step.ctx is not ctx:
             raise RuntimeError(f"block {ctx.index} is not the runner's current block")
         if step.next is None:
-            outputs = step.dense_outputs if step.propagate == Propagate.dense else ctx.run_all(ctx.hidden)
+            if step.propagate == Propagate.dense:
+                outputs = step.dense_outputs
+            else:  # a removed block passes its inputs on
+                outputs = ctx.hidden if ctx.removed else ctx.run_all(ctx.hidden)
             if not all(torch.isfinite(o).all() for o in outputs):
                 raise NumericalError(
                     f"block {ctx.index} produced non-finite outputs ({step.propagate.value} propagation)"

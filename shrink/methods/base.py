@@ -23,6 +23,8 @@ class Method(ABC):
     # so greedy can compare them with schedule.error=residual|downstream
     residual_units: bool = False
     scores_units: bool = False  # its profile's options carry unit scores, for schedule=threshold
+    # it may remove whole blocks (BlockContext.removed), chosen across the model by a planning pass
+    removes_blocks: bool = False
     needs_teacher: bool = False  # the runner must give it the dense model's block inputs and outputs
     factorises: bool = False  # it leaves rank-r factor pairs (LowRankLinear)
     # the input widths it leaves (neurons, ranks, value widths) are multiples of this: an N:M

@@ -85,6 +85,7 @@ class Adapter(ABC):
     # (None where the family derives its head size from hidden_size / heads) the head counts
     ffn_config_key: str = "intermediate_size"
     head_config_keys: dict[str, str] | None = None  # "heads" | "kv_heads" | "head_dim" -> config key
+    layers_config_key: str = "num_hidden_layers"  # the config key of the block count
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -173,6 +174,23 @@ class Adapter(ABC):
             kept = {"heads": n_heads, "kv_heads": n_kv, "head_dim": dense.head_dim}
             values |= {key: kept[kind] for kind, key in self.head_config_keys.items()}
         return values
+
+    def remove_blocks(self, indices: list[int]) -> None:
+        """Delete whole blocks: the block list, the config's block count (and per-layer types) and
+        every module's `layer_idx` (what KV caches are indexed by) follow, so the model is the
+        family's own architecture with fewer layers."""
+        gone = set(indices)
+        blocks = self.blocks()
+        for index in sorted(gone, reverse=True):
+            del blocks[index]
+        for new, block in enumerate(blocks):
+            for module in block.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new
+        setattr(self.config, self.layers_config_key, len(blocks))
+        types = getattr(self.config, "layer_types", None)
+        if isinstance(types, list) and len(types) == len(blocks) + len(gone):
+            self.config.layer_types = [t for i, t in enumerate(types) if i not in gone]
 
     def block_path(self, index: int) -> str:
         """Dotted path of block `index` from the top model (for manifests and logs)."""

@@ -90,6 +90,7 @@ class DistilBertAdapter(Adapter):
     """DistilBERT: post-LN blocks with q_lin/k_lin/v_lin/out_lin and ffn.lin1/lin2."""
 
     family = "distilbert"
+    layers_config_key = "n_layers"
     model_types = ("distilbert",)
     causal = False
     attention_paths = AttentionPaths(

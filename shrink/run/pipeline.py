@@ -167,9 +167,11 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     results: dict[str, Any] = {}
     evaluate_suite(cfg, store, False, results, job.folder.path)
     job.clock["dense_eval"] = time.perf_counter()
-    _compress(cfg, store, method, costs, inputs, job)
+    removed = _compress(cfg, store, method, costs, inputs, job)
     job.clock["compressed"] = time.perf_counter()
     stored = store.end_compression()  # where the compressed blocks are read from for saving
+    if removed:  # whole blocks a method removed (validation keeps such methods to resident models)
+        store.adapter.remove_blocks(removed)
     kept_cost = costs.model()
     unit = inputs.unit
     achieved = kept_cost.of(unit) / dense_cost.of(unit)
@@ -226,9 +228,10 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
 
 def _compress(
     cfg: DictConfig, store: BlockStore, method: Method, costs: CostModel, inputs: PlanInputs, job: Job
-) -> None:
+) -> list[int]:
     """Plan (profiling first when the schedule needs it), then compress block by block, each
-    finished block recorded (and checkpointed) as it comes; a resumed run starts after job.done."""
+    finished block recorded (and checkpointed) as it comes; a resumed run starts after job.done.
+    Returns the blocks the method removed whole (their rows say `removed`)."""
     adapter, device = store.adapter, store.device
     windows = data.calibration_windows(
         cfg.calib.corpus, store.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
@@ -247,9 +250,11 @@ def _compress(
     job.tracker.log_plan(plan.rows())
 
     start_inputs = None
+    removed: list[int] = []
     if job.done >= 0:  # resume: rebuild the finished blocks, feed the next one its saved inputs
         records, hidden, teacher = store.restore(job.progress, job.done)
         for index, (rows, spectra) in enumerate(records):
+            removed += [index] if any(row.get("removed") for row in rows) else []
             job.folder.add_block(index, rows, spectra)
             job.tracker.log_block(index, rows, spectra)
         start_inputs = (hidden, teacher)
@@ -262,7 +267,8 @@ def _compress(
     with contextlib.closing(blocks):  # on an error or Ctrl-C the walk (and its progress bar) ends here
         for ctx in blocks:
             result = method.compress_block(ctx)
-            step_rows = post.apply(ctx) if post.active else []
+            removed += [ctx.index] if ctx.removed else []
+            step_rows = post.apply(ctx) if post.active and not ctx.removed else []
             hidden, teacher, seconds = runner.advance(ctx)
             rows = [{"block": ctx.index, **row, "block_seconds": seconds} for row in result.records]
             job.folder.add_block(ctx.index, rows, result.spectra)
@@ -272,6 +278,7 @@ def _compress(
                 job.progress.save_block(
                     ctx.index, store.model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher
                 )
+    return removed
 
 
 def _objective(metrics: dict[str, Any]) -> float | None:

@@ -100,6 +100,19 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
             f"schedule {cfg.schedule.name!r} compares the units' scores, which method {cfg.method.name!r} "
             f"does not give; methods that do: {', '.join(with_scores)}"
         )
+    method_class = METHODS[cfg.method.name]
+    if method_class.removes_blocks:
+        if not needs_profiles(cfg.schedule.name):
+            raise ShrinkError(
+                f"method {cfg.method.name!r} removes whole blocks, chosen across the model by a planning "
+                f"pass, which schedule {cfg.schedule.name!r} does not run; use schedule=threshold (its "
+                "default), greedy or energy"
+            )
+        if cfg.stream or cfg.model.get("device_map") is not None:
+            raise ShrinkError(
+                f"method {cfg.method.name!r} removes whole blocks, which stream=true and model.device_map "
+                "(blocks kept in files or spread over devices) do not support yet; run it on a resident model"
+            )
     error = error_currency(cfg)
     if error != ErrorCurrency.unit and not METHODS[cfg.method.name].residual_units:
         with_energies = sorted(n for n, m in METHODS.items() if m.residual_units)

@@ -156,8 +156,8 @@ def test_the_launcher_leaves_a_refused_finished_folder_as_it_was(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("method=nope", "unknown method 'nope'; valid: distill, flap, id, rom, svd, svdllm, wanda-sp"),
-        ("method=base_id", "unknown method 'base_id'; valid: distill, flap, id, rom, svd, svdllm, wanda-sp"),
+        ("method=nope", "unknown method 'nope'; valid: distill, flap, id, rom, shortgpt, svd, svdllm, wanda"),
+        ("method=base_id", "unknown method 'base_id'; valid: distill, flap, id, rom, shortgpt, svd, svdllm,"),
         ("schedule=zigzag", "unknown schedule 'zigzag'; valid: energy, first_k, greedy, greedy-residual,"),
         ("eval=everything", "unknown eval 'everything'; valid: glue, glue-hub, none, ppl, ppl-hub, quick,"),
         ("model=gpt9", "unknown model 'gpt9'; valid: bert-base, bert-glue,"),
@@ -178,7 +178,7 @@ def test_an_override_under_a_null_node_is_named():
 
 def test_launcher_turns_composition_errors_into_one_line_and_exit_2():
     for args, expected in [
-        (["method=nope"], "error: unknown method 'nope'; valid: distill, flap, id, rom, svd, svdllm, wanda-sp"),
+        (["method=nope"], "error: unknown method 'nope'; valid: distill, flap, id, rom, shortgpt, svd, "),
         (["eval=none", "eval.ppl.seq_len=2048"], "error: cannot set eval.ppl.seq_len: eval.ppl is null"),
     ]:
         out = launch(*args)

@@ -64,7 +64,8 @@ def test_unregistered_method_and_schedule(tmp_path):
         "model=tiny-llama",
         *FAST,
         "schedule.name=zigzag",
-        match="unknown schedule 'zigzag'; valid: energy, first_k, greedy, greedy-residual, last_k, threshold, uniform",
+        match="unknown schedule 'zigzag'; valid: energy, first_k, greedy, greedy-residual, last_k, "
+        "threshold, uniform",
     )
 
 

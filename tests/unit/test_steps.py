@@ -195,6 +195,7 @@ METHODS = [
     ["method=svdllm", "budget=0.8"],
     ["method=distill", "method.steps=2", "budget=0.8"],
     ["method=flap", "budget=0.8"],
+    ["method=shortgpt", "budget=0.8"],
 ]
 
 

@@ -1,0 +1,113 @@
+"""`shortgpt`: Block Influence on explicit activations, an identity block goes first, whole blocks
+leave a stock model with fewer layers that saves, reloads and resumes, and bad inputs fail first."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import shrink
+import shrink.models
+from shrink.methods.shortgpt import LayerMetric, block_influence
+from shrink.models import build_adapter
+
+from ..conftest import (
+    FAST,
+    FAST_PPL,
+    compress_in_memory,
+    fails,
+    interrupt_then_resume,
+    logits,
+    make_cfg,
+    tiny_overrides,
+)
+
+
+def test_block_influence_is_the_papers_equation_on_explicit_activations():
+    gen = torch.Generator().manual_seed(0)
+    h_in = [torch.randn(2, 5, 8, generator=gen), torch.randn(1, 5, 8, generator=gen)]
+    h_out = [h + 0.5 * torch.randn(h.shape, generator=gen) for h in h_in]
+    pairs = zip(h_in, h_out, strict=True)
+    cos = torch.cat([torch.nn.functional.cosine_similarity(a, b, dim=-1).flatten() for a, b in pairs])
+    bi = float(1 - cos.double().mean())
+    assert block_influence(h_in, h_out, LayerMetric.bi) == pytest.approx(bi, rel=1e-6)
+    angular = float((torch.arccos(cos.double().clamp(-1, 1)) / math.pi).mean())
+    assert block_influence(h_in, h_out, LayerMetric.angular) == pytest.approx(angular, rel=1e-6)
+    assert block_influence(h_in, h_in, LayerMetric.bi) == pytest.approx(0.0, abs=1e-12)
+
+
+def _identity_block(index: int):
+    """`load_model` whose block `index` adds nothing to the residual stream (o_proj and down_proj
+    are zero): its output is its input, so its Block Influence is 0."""
+    real = shrink.models.load_model
+
+    def load(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        adapter = loaded.adapter
+        block = adapter.blocks()[index]
+        with torch.no_grad():
+            adapter.attention(block).linear("o").weight.zero_()
+            block.get_submodule(adapter.site_paths["mlp_out"][0]).weight.zero_()
+        return loaded
+
+    return load
+
+
+@pytest.mark.parametrize("identity", [0, 1])
+def test_a_block_that_is_the_identity_goes_first(monkeypatch, identity):
+    monkeypatch.setattr(shrink.models, "load_model", _identity_block(identity))
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=shortgpt", "budget=0.6")
+    assert [r["removed"] for r in done.rows] == [b == identity for b in range(2)]
+    assert done.rows[identity]["score"] == pytest.approx(0.0, abs=1e-9)
+    assert len(build_adapter(done.model).blocks()) == 1 and done.model.config.num_hidden_layers == 1
+    assert done.achieved == pytest.approx(0.5)
+    kept = build_adapter(done.model).blocks()[0]
+    assert float(kept.get_submodule("mlp.down_proj").weight.abs().sum()) > 0, "the identity block stayed"
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-bert"])
+def test_keeping_every_block_reproduces_the_logits_and_removal_meets_the_budget(model):
+    whole = compress_in_memory(*tiny_overrides(model), "method=shortgpt", "budget=1.0")
+    dense = shrink.models.load_model(make_cfg(f"model={model}").model, torch.float32, seed=0).model
+    ids = torch.randint(0, 255, (2, 16))
+    assert torch.equal(logits(whole.model, ids), logits(dense, ids))
+    pruned = compress_in_memory(*tiny_overrides(model), "method=shortgpt", "budget=0.7")
+    assert pruned.achieved <= 0.7 and len(build_adapter(pruned.model).blocks()) == 1
+    assert logits(pruned.model, ids).isfinite().all()
+
+
+def test_the_checkpoint_is_stock_with_fewer_layers_and_generates(tmp_path):
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=shortgpt", "budget=0.5")
+    folder = done.save(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    assert "auto_map" not in config and config["num_hidden_layers"] == 1
+    stock = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.randint(0, 255, (2, 16))
+    assert torch.equal(logits(stock, ids), logits(shrink.load(folder), ids))
+    assert torch.equal(logits(stock, ids), logits(done.model, ids))
+    out = stock.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)  # the KV cache's layer indices
+    assert out.shape == (1, 7)
+
+
+def test_a_run_interrupted_after_a_removed_block_resumes_without_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(shrink.models, "load_model", _identity_block(0))
+    overrides = ["model=tiny-llama", *FAST, *FAST_PPL, "method=shortgpt", "budget=0.6"]
+    metrics = interrupt_then_resume(monkeypatch, overrides, tmp_path / "run")
+    assert metrics["budget_achieved"] == pytest.approx(0.5)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "layers.jsonl").read_text().splitlines()]
+    assert [r["removed"] for r in rows] == [True, False]
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 1 and "auto_map" not in saved
+
+
+def test_bad_inputs_fail_before_loading(tmp_path):
+    tiny = tiny_overrides("tiny-llama")
+    uniform = "removes whole blocks.*schedule=threshold"
+    fails(tmp_path, *tiny, "method=shortgpt", "schedule=uniform", match=uniform)
+    fails(tmp_path, *tiny, "method=shortgpt", "stream=true", match="stream=true and model.device_map")
+    with pytest.raises(Exception, match="metric"):
+        make_cfg("method=shortgpt", "method.metric=cosine")
