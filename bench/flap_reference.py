@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
     import lib.prune as prune
 
     torch.set_grad_enabled(False)
-    found = torch.load(args.windows)
+    found = torch.load(args.windows, weights_only=True)  # token ids only
     # the folder's config keeps rope_theta under rope_parameters (transformers 5), unread by 4.44
     model = AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32, rope_theta=100000.0).eval()
     model.seqlen = found["calib"].shape[1]
