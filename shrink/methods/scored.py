@@ -34,7 +34,7 @@ from ..models.edits import keep_outputs, set_inputs
 from ..planning.budget import Curve, Option, Sizes
 from ..planning.cost import HeadCosts, NeuronCosts, module_cost
 from .base import Method
-from .units import ffn_costs, site_fraction, unit_record
+from .units import ffn_costs, neuron_sizes, site_fraction, unit_record
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,6 @@ class ScoredPruner(Method):
         width = costs.group * costs.head_dim
         return [m for m in range(1, costs.n_kv + 1) if (m * width) % self.width_multiple == 0]
 
-    def _neuron_sizes(self, neurons: int) -> list[int]:
-        return [k for k in range(1, neurons + 1) if k % self.width_multiple == 0 or k == neurons]
-
     def sizes(self, ctx: BlockContext) -> list[Sizes]:
         heads = self._head_costs(ctx)
         ffn = ffn_costs(ctx, self.adds_bias)
@@ -122,7 +119,7 @@ class ScoredPruner(Method):
             ),
             Sizes(
                 ctx.index, "mlp", ("mlp_in", "mlp_out"), ctx.price("mlp_in", "mlp_out"),
-                tuple(ffn.of(k) for k in self._neuron_sizes(ffn.neurons)),
+                tuple(ffn.of(k) for k in neuron_sizes(ffn.neurons, self.width_multiple)),
             ),
         ]  # fmt: skip
 
@@ -131,7 +128,7 @@ class ScoredPruner(Method):
         heads = self._head_costs(ctx)
         ffn = ffn_costs(ctx, self.adds_bias)
         attn = scores.groups.options(self._group_sizes(ctx, heads), lambda m: heads.of(m, heads.group))
-        mlp = scores.neurons.options(self._neuron_sizes(ffn.neurons), ffn.of)
+        mlp = scores.neurons.options(neuron_sizes(ffn.neurons, self.width_multiple), ffn.of)
         return [
             Curve(ctx.index, "attn", ("attn_in", "attn_out"), ctx.price("attn_in", "attn_out"),
                   [_as(o, kv_groups=o.choice["units"], heads_per_group=heads.group) for o in attn]),

@@ -22,6 +22,11 @@ def ffn_costs(ctx: BlockContext, adds_bias: bool) -> NeuronCosts:
     return ctx.costs.neurons(ins, ctx.block.get_submodule(ctx.site("mlp_out").linears[0]), adds_bias)
 
 
+def neuron_sizes(neurons: int, multiple: int) -> list[int]:
+    """The neuron counts an FFN may keep: multiples of the width multiple, and all of them."""
+    return [k for k in range(1, neurons + 1) if k % multiple == 0 or k == neurons]
+
+
 def unit_record(ctx, unit_name, kept, total, before, paths, fraction, error, start, **extra) -> dict:
     """The `layers.jsonl` row of one pruned unit: kept of total, params and MACs before and after,
     its target, its relative output error and the seconds it took."""

@@ -43,7 +43,7 @@ from ...planning.budget import Curve, Option, Sizes
 from ...planning.cost import HeadCosts, module_cost
 from .. import register
 from ..base import Method
-from ..units import ffn_costs, site_fraction, unit_record
+from ..units import ffn_costs, neuron_sizes, site_fraction, unit_record
 from .attention import Shape, attention_options, candidates, group_constraint, sketch_heads, value_dims
 from .config import AttentionUnits, IDConf, IDSelection
 from .qk import qk_errors, qk_positions, qk_widths, thinned_moments
@@ -362,10 +362,6 @@ class InterpolativeDecomposition(Method):
         )
 
     # ---- error profiles for the greedy schedule ---------------------------------------------------
-    def _ffn_sizes(self, neurons: int) -> list[int]:
-        """The neuron counts an FFN may keep: multiples of the width multiple, and all of them."""
-        return [k for k in range(1, neurons + 1) if k % self.width_multiple == 0 or k == neurons]
-
     def sizes(self, ctx: BlockContext) -> list[Sizes]:
         """The attention shapes and FFN widths on offer (as `profile` offers them), priced."""
         units = []
@@ -377,7 +373,7 @@ class InterpolativeDecomposition(Method):
             )
         if self.cfg.ffn:
             costs = ffn_costs(ctx, self.cfg.bias)
-            prices = tuple(costs.of(k) for k in self._ffn_sizes(costs.neurons))
+            prices = tuple(costs.of(k) for k in neuron_sizes(costs.neurons, self.width_multiple))
             units.append(
                 Sizes(ctx.index, "mlp", ("mlp_in", "mlp_out"), ctx.price("mlp_in", "mlp_out"), prices)
             )
@@ -413,9 +409,8 @@ class InterpolativeDecomposition(Method):
             total = self._output_energy(stats, down) or float(left[0])
             total = total if total > 0 else 1.0
             errors = (left[1:].clamp_min(0) / total).sqrt().tolist()
-            options = [
-                Option(costs.of(k), errors[k - 1], {"neurons": k}) for k in self._ffn_sizes(costs.neurons)
-            ]
+            sizes = neuron_sizes(costs.neurons, self.width_multiple)
+            options = [Option(costs.of(k), errors[k - 1], {"neurons": k}) for k in sizes]
             dense = ctx.price("mlp_in", "mlp_out")
             energy = total / max(stats.count, 1)
             curves.append(Curve(ctx.index, "mlp", ("mlp_in", "mlp_out"), dense, options, energy, residual))
