@@ -67,6 +67,8 @@ VARIANTS: dict[str, list[str]] = {
     "wanda-sp": ["method=wanda-sp"],  # uniform, as FLAP's code runs it
     "shortgpt": ["method=shortgpt"],  # whole blocks by Block Influence (schedule=threshold)
     "shortgpt-angular": ["method=shortgpt", "method.metric=angular"],
+    "llm-pruner": ["method=llm-pruner"],  # Taylor importance; blocks 4–27 of 30 at one share (span)
+    "llm-pruner-global": ["method=llm-pruner", "schedule=threshold"],  # its global pruning
 }
 
 

@@ -172,6 +172,7 @@ def first_attention(name: str):
 
 def compress_in_memory(*overrides: str) -> Compressed:
     """Compose the overrides, then plan and compress exactly as `pipeline._compress` does."""
+    from shrink.blocks.gradients import taylor_saliences
     from shrink.blocks.placement import OnDevice
     from shrink.blocks.runner import Runner
     from shrink.blocks.steps import BlockSteps, width_multiple
@@ -192,8 +193,11 @@ def compress_in_memory(*overrides: str) -> Compressed:
         cfg.calib.corpus, loaded.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
     )
     cpu = torch.device("cpu")
+    saliences = None
+    if method.needs_gradients:
+        saliences = taylor_saliences(loaded.adapter, windows, cfg.calib.batch_size, cpu)
     runner = Runner(
-        loaded.adapter, windows, cfg.calib.batch_size, cpu, OnDevice(cpu), costs, method.new_stats
+        loaded.adapter, windows, cfg.calib.batch_size, cpu, OnDevice(cpu), costs, method.new_stats, saliences
     )
     if needs_profiles(cfg.schedule.name):
         inputs.curves = [

@@ -14,6 +14,7 @@ from torch import nn
 from ..linalg.moments import CrossMoment, SecondMoment
 from ..models import Attention, Site
 from ..planning.cost import CostModel
+from .gradients import BlockSaliences
 
 Streams = list[torch.Tensor]  # one tensor per calibration batch
 # runs one block on (hidden, extra positional arguments, keyword arguments): the family's call
@@ -41,6 +42,9 @@ class BlockContext:
     teacher_hidden: Streams | None = None
     teacher_outputs: Streams | None = None
     outputs: Streams | None = None  # the block's outputs on `hidden` before any edit
+    # methods with `needs_gradients`: the block linears' Taylor saliences from the gradient pass
+    # over the whole dense model (blocks/gradients.py)
+    saliences: BlockSaliences | None = None
     # set by a method that removes the whole block: its output is its input from here on, and the
     # run deletes it from the model once every block is done
     removed: bool = False

@@ -33,6 +33,7 @@ from ..planning.budget import Plan
 from ..planning.cost import CostModel
 from .capture import catch_block_inputs
 from .context import BlockContext, Streams
+from .gradients import BlockSaliences
 from .placement import Placement
 
 # site, dim, device, where, seed -> the accumulator, or None for a site whose statistics go unread
@@ -65,8 +66,10 @@ class Runner:
         placement: Placement,
         costs: CostModel | None = None,
         new_stats: NewStats = plain_stats,
+        saliences: list[BlockSaliences] | None = None,
     ) -> None:
         self.adapter, self.windows, self.batch_size = adapter, windows, batch_size
+        self.saliences = saliences
         self.device, self.placement = device, placement
         self.costs = costs or CostModel(adapter)
         self.new_stats = new_stats
@@ -115,6 +118,7 @@ class Runner:
                 args=send_to_device(calls.args[i], here),
                 kwargs=send_to_device(calls.kwargs[i], here),
                 teacher_hidden=send_to_device(dense, here),
+                saliences=self.saliences[i] if self.saliences is not None else None,
             )
             ctx.stats, outputs = self._statistics(ctx, here)
             ctx.outputs = outputs

@@ -26,6 +26,9 @@ class Method(ABC):
     # it may remove whole blocks (BlockContext.removed), chosen across the model by a planning pass
     removes_blocks: bool = False
     needs_teacher: bool = False  # the runner must give it the dense model's block inputs and outputs
+    # it reads the calibration loss's gradient (BlockContext.saliences), from a backward pass over
+    # the whole dense model before compression: a resident model, not stream=true
+    needs_gradients: bool = False
     factorises: bool = False  # it leaves rank-r factor pairs (LowRankLinear)
     # the input widths it leaves (neurons, ranks, value widths) are multiples of this: an N:M
     # sparsity step needs whole spans of M (set by the run from `sparsity.pattern`)

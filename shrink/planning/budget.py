@@ -103,6 +103,7 @@ class PlanInputs:
     curves: list[Curve] | None = None  # error profiles, for schedules that need them
     min_keep: float = 0.0  # greedy: the least share of its dense cost any unit keeps
     k: int = 0  # last_k / first_k: how many blocks are compressed
+    dense_ends: tuple[int, int] = (0, 0)  # span: blocks left dense at the bottom and at the top
     error: ErrorCurrency = ErrorCurrency.unit  # greedy: what errors are compared in
     schedule: str = ""  # the schedule's name, as the user chose it (for messages)
 

@@ -21,6 +21,7 @@ def plan_inputs(cfg: DictConfig, costs: CostModel, prunes_heads: bool) -> PlanIn
         None,
         float(cfg.schedule.get("min_keep", 0.0)),
         int(cfg.schedule.get("k", 0)),
+        (int(cfg.schedule.get("dense_first", 0)), int(cfg.schedule.get("dense_last", 0))),
         error_currency(cfg),
         str(cfg.schedule.name),
     )

@@ -34,6 +34,13 @@ class FirstKConf(ScheduleConf):
 
 
 @dataclass
+class SpanConf(ScheduleConf):
+    name: str = "span"
+    dense_first: int = 0  # the first blocks that stay dense
+    dense_last: int = 0  # the last blocks that stay dense
+
+
+@dataclass
 class EnergyConf(ScheduleConf):
     name: str = "energy"
 

@@ -1,7 +1,7 @@
 """Schedules: turn the global budget into per-block, per-site targets (a Plan) before compression.
 
 Schedules read dense costs from a `CostTable` (plain numbers, in the budget unit); `uniform`,
-`last_k`, `first_k` need nothing else; `energy` and `greedy` also need the
+`last_k`, `first_k`, `span` need nothing else; `energy` and `greedy` also need the
 method's error profiles (Curves) from a planning pass.
 """
 
@@ -17,7 +17,15 @@ from ..config import ErrorCurrency, ScheduleConf
 from ..errors import ShrinkError
 from ..registry import Registry
 from .budget import Curve, Option, Plan, PlanInputs, Sizes
-from .schedule_config import EnergyConf, FirstKConf, GreedyConf, LastKConf, ThresholdConf, UniformConf
+from .schedule_config import (
+    EnergyConf,
+    FirstKConf,
+    GreedyConf,
+    LastKConf,
+    SpanConf,
+    ThresholdConf,
+    UniformConf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +76,33 @@ def uniform(inputs: PlanInputs) -> Plan:
     return plan
 
 
-def _only_k(inputs: PlanInputs, last: bool) -> Plan:
+def _only(inputs: PlanInputs, chosen: set[int], which: str) -> Plan:
+    """The blocks in `chosen` at the one fraction that meets the budget; the others dense."""
     site_costs, scores = _dense_costs(inputs)
-    n, k = len(site_costs), inputs.k
-    which = "last_k" if last else "first_k"
-    if not 1 <= k <= n:
-        raise ShrinkError(f"schedule {which}: k={k} must be between 1 and the model's {n} blocks")
-    chosen = set(range(n - k, n)) if last else set(range(k))
+    n = len(site_costs)
     totals = [sum(c.values()) for c in site_costs]
     rest = sum(t for i, t in enumerate(totals) if i not in chosen)
     fraction = (inputs.budget * sum(totals) - rest) / sum(totals[i] for i in chosen)
     if fraction <= 0:
         raise ShrinkError(
-            f"budget {inputs.budget} cannot be met by compressing only the {which.split('_')[0]} {k} of "
-            f"{n} blocks: the other blocks alone keep {rest / sum(totals):.3f}; raise k or the budget"
+            f"budget {inputs.budget} cannot be met by compressing only {which} ({len(chosen)} of {n} "
+            f"blocks): the other blocks alone keep {rest / sum(totals):.3f}; compress more blocks or raise "
+            "the budget"
         )
     plan = Plan(inputs.budget, inputs.unit)
     for i, (costs, score) in enumerate(zip(site_costs, scores, strict=True)):
         f = _block_fraction(inputs, i, costs, score, _snapped(fraction)) if i in chosen else 1.0
         plan.targets[i] = dict.fromkeys(costs, f)
     return plan
+
+
+def _only_k(inputs: PlanInputs, last: bool) -> Plan:
+    n, k = len(inputs.costs.sites), inputs.k
+    which = "last_k" if last else "first_k"
+    if not 1 <= k <= n:
+        raise ShrinkError(f"schedule {which}: k={k} must be between 1 and the model's {n} blocks")
+    chosen = set(range(n - k, n)) if last else set(range(k))
+    return _only(inputs, chosen, f"the {which.split('_')[0]} {k}")
 
 
 def last_k(inputs: PlanInputs) -> Plan:
@@ -99,6 +114,19 @@ def last_k(inputs: PlanInputs) -> Plan:
 def first_k(inputs: PlanInputs) -> Plan:
     """Lillama's bottom-first counterpart: only the first k blocks are compressed."""
     return _only_k(inputs, last=False)
+
+
+def span(inputs: PlanInputs) -> Plan:
+    """LLM-Pruner's block-wise allocation: the first `dense_first` and the last `dense_last` blocks
+    stay dense (the ones it found most sensitive), every block between them keeps one fraction."""
+    n = len(inputs.costs.sites)
+    first, last = inputs.dense_ends
+    if first < 0 or last < 0 or first + last >= n:
+        raise ShrinkError(
+            f"schedule span: dense_first={first} and dense_last={last} must be ≥ 0 and leave at least one "
+            f"of the model's {n} blocks to compress"
+        )
+    return _only(inputs, set(range(first, n - last)), f"blocks {first}–{n - last - 1}")
 
 
 @dataclass
@@ -371,6 +399,7 @@ def register(
 register("uniform", UniformConf, uniform)
 register("last_k", LastKConf, last_k)
 register("first_k", FirstKConf, first_k)
+register("span", SpanConf, span)
 register("energy", EnergyConf, _reserves_last(energy), needs_profiles=True)
 register("greedy", GreedyConf, _reserves_last(greedy), needs_profiles=True)
 # greedy with schedule.error=residual (conf/schedule/greedy-residual.yaml)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..blocks import steps
+from ..blocks.gradients import taylor_saliences
 from ..blocks.runner import Runner
 from ..checkpoints import save_load as checkpoint
 from ..config import Propagate
@@ -236,10 +237,14 @@ def _compress(
     windows = data.calibration_windows(
         cfg.calib.corpus, store.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
     )
+    saliences = None
+    if method.needs_gradients:  # a backward pass through the whole dense model, before any edit
+        store.ready_for_evaluation()
+        saliences = taylor_saliences(adapter, windows, cfg.calib.batch_size, device)
     store.begin_compression()
     runner = Runner(
         adapter, windows, cfg.calib.batch_size, device, store.placement, costs,
-        method.new_stats,
+        method.new_stats, saliences,
     )  # fmt: skip
     if needs_profiles(cfg.schedule.name):  # the planning pass: the dense model's statistics
         inputs.curves = [

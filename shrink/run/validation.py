@@ -113,6 +113,12 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
                 f"method {cfg.method.name!r} removes whole blocks, which stream=true and model.device_map "
                 "(blocks kept in files or spread over devices) do not support yet; run it on a resident model"
             )
+    if method_class.needs_gradients and (cfg.stream or cfg.model.get("device_map") is not None):
+        raise ShrinkError(
+            f"method {cfg.method.name!r} runs the calibration loss backward through the whole model (its "
+            "gradients take 4 bytes per block weight beside one batch's activations), which stream=true and "
+            "model.device_map do not support; run it on a resident model"
+        )
     error = error_currency(cfg)
     if error != ErrorCurrency.unit and not METHODS[cfg.method.name].residual_units:
         with_energies = sorted(n for n, m in METHODS.items() if m.residual_units)
