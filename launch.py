@@ -82,7 +82,7 @@ if __name__ == "__main__":
     except OmegaConfBaseException as err:  # an interpolation that cannot resolve, e.g. in hydra.run.dir
         print(f"error: the config does not resolve: {first_line(err)}", file=sys.stderr)
         sys.exit(2)
-    except AssertionError as err:
+    except (AssertionError, AttributeError) as err:
         message = override_under_null(err)
         if message is None:
             raise

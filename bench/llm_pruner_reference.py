@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flap_reference import MODEL, _perplexity  # noqa: E402
+from flap_reference import MODEL, _perplexity, compare  # noqa: E402
 
 HEAD_DIM, GROUP = 64, 3  # SmolLM2-135M: 9 query heads of 64 over 3 KV heads
 
@@ -113,29 +113,6 @@ def run(args: argparse.Namespace) -> None:
               "kept": kept}  # fmt: skip
     args.out.write_text(json.dumps(result))
     print(json.dumps({k: v for k, v in result.items() if k != "kept"}))
-
-
-def compare(reference: Path, checkpoint: Path) -> None:
-    """Per layer: the KV groups and neurons a shrink checkpoint kept against the reference's."""
-    from transformers import AutoModelForCausalLM
-
-    import shrink
-
-    ref = json.loads(reference.read_text())
-    ours, dense = shrink.load(checkpoint), AutoModelForCausalLM.from_pretrained(MODEL)
-    same_groups = same_neurons = differ = 0
-    for i, (a, b) in enumerate(zip(ours.model.layers, dense.model.layers, strict=True)):
-        k_dense = b.self_attn.k_proj.weight.view(-1, HEAD_DIM * b.self_attn.k_proj.in_features)
-        k_ours = a.self_attn.k_proj.weight.view(-1, HEAD_DIM * a.self_attn.k_proj.in_features)
-        groups = sorted(int(((k_dense - g) ** 2).sum(1).argmin()) for g in k_ours)
-        rows = {tuple(r.tolist()): j for j, r in enumerate(b.mlp.up_proj.weight[:, :8])}
-        neurons = sorted(rows[tuple(r.tolist())] for r in a.mlp.up_proj.weight[:, :8])
-        theirs = ref["kept"][i]
-        same_groups += groups == theirs["groups"]
-        same_neurons += neurons == theirs["neurons"]
-        differ += len(set(neurons) ^ set(theirs["neurons"]))
-    n = len(ref["kept"])
-    print(f"same KV groups in {same_groups}/{n} layers, same neurons in {same_neurons}/{n}; {differ} differ")
 
 
 def main() -> None:

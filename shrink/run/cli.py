@@ -47,18 +47,21 @@ def _group_and_option(missing: str) -> tuple[str, str]:
     return group, name
 
 
-def override_under_null(err: AssertionError) -> str | None:
+def override_under_null(err: BaseException) -> str | None:
     """OmegaConf asserts (rather than raising its own error) when a command-line override sets a
-    key under a node that is null, e.g. `eval=none eval.ppl.seq_len=2048`: name the override."""
+    key under a node that is null, e.g. `eval=none eval.ppl.seq_len=2048`, and fails with an
+    AttributeError when it merges a mapping into a null node, e.g. `eval=quick eval.speed={…}`:
+    name the override."""
     tb = err.__traceback__
     while tb is not None:
         frame = tb.tb_frame
         override = frame.f_locals.get("override")
         if frame.f_code.co_name == "_apply_overrides_to_config" and override is not None:
             key = str(override.key_or_group)
-            parent = key.rpartition(".")[0] or key
+            merged = isinstance(override.value(), dict)
+            null = key if merged else key.rpartition(".")[0] or key
             return (
-                f"cannot set {key}: {parent} is null in this config (nothing there to set; e.g. "
+                f"cannot set {key}: {null} is null in this config (nothing there to set; e.g. "
                 "eval=none runs no perplexity): choose a config group option that has it"
             )
         tb = tb.tb_next

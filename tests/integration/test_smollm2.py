@@ -76,7 +76,7 @@ def test_quick_suite_on_a_mapped_smollm2(tmp_path):
         "eval=quick", "eval.zeroshot.tasks=[piqa,arc_easy]", "eval.zeroshot.limit=20",
         "eval.ppl=null",  # a mapped model's perplexity: tests/integration/test_device_map.py
         "logger=none", "calib.nsamples=4", "calib.seq_len=256", "budget=0.9", "save_model=false",
-        "schedule=uniform", "model.device_map=auto", "model.max_memory={cpu:520MB}",  # a few blocks on disk
+        "method=wanda-sp", "model.device_map=auto", "model.max_memory={cpu:520MB}",  # a few blocks on disk
     ]  # fmt: skip
     run(make_cfg(*overrides), run_dir=tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -120,10 +120,11 @@ def test_streamed_run_on_smollm2(tmp_path):
 
 
 def test_a_uniform_quantized_smollm2_loads_in_stock_transformers(tmp_path):
-    """id 0.8 with whole heads, thinned alike in every block, then 4-bit weights: the run's folder is
-    a plain transformers checkpoint (smaller config, packed weights) with the run's perplexity.
-    Round-to-nearest stores the same packed layout as GPTQ (whose solver the unit tests check on
-    every family) in a fraction of the time."""
+    """0.8 thinned alike in every block, then 4-bit weights: the run's folder is a plain
+    transformers checkpoint (smaller config, packed weights) with the run's perplexity. Structured
+    Wanda makes the uniform widths in a fraction of `id`'s time (id's uniform stock checkpoints are
+    tested on every family in tests/unit/test_hf_folder.py); round-to-nearest stores the same
+    packed layout as GPTQ (whose solver the unit tests check on every family)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shrink.run.pipeline import run
@@ -131,7 +132,7 @@ def test_a_uniform_quantized_smollm2_loads_in_stock_transformers(tmp_path):
     from ..conftest import make_cfg
 
     overrides = [
-        "method=id", "schedule=uniform", "budget=0.8", "method.attention=heads", "quant=rtn",
+        "method=wanda-sp", "budget=0.8", "quant=rtn",
         "eval=ppl", "eval.ppl.max_tokens=2048", "logger=none", "calib.nsamples=4", "calib.seq_len=256",
     ]  # fmt: skip
     run(make_cfg(*overrides), run_dir=tmp_path / "run")

@@ -130,7 +130,11 @@ def _with_dead_units(real):
 def test_a_neuron_and_a_kv_group_that_never_fire_go_first(monkeypatch, method):
     monkeypatch.setattr(shrink.models, "load_model", _with_dead_units(shrink.models.load_model))
     overrides = [f"method={method}", "schedule=uniform", "budget=0.5"]  # ⌊0.5·2⌋ = 1 KV group goes
-    done = compress_in_memory(*tiny_overrides("tiny-llama"), *overrides)
+    assert_dead_units_went(compress_in_memory(*tiny_overrides("tiny-llama"), *overrides))
+
+
+def assert_dead_units_went(done) -> None:
+    """Every block of a `_with_dead_units` model lost its dead neuron and its dead KV group."""
     adapter = build_adapter(done.model)
     for block in adapter.blocks():
         attention = adapter.attention(block)
