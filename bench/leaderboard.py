@@ -9,6 +9,7 @@ and a run that fails is listed with its error line. Writes `leaderboard.md` (the
 
     .venv/bin/python bench/leaderboard.py                                  # every method, 0.8 and 0.5
     .venv/bin/python bench/leaderboard.py --methods id flap --budgets 0.9 0.7 --out /tmp/lb
+    .venv/bin/python bench/leaderboard.py --finished          # the table of what has finished
 
 Timings are taken while nothing else runs (two cores: a second job beside it spoils them);
 speedups beyond what the MAC counts allow are marked `*` (`eval.speed.*_reliable: false`).
@@ -40,10 +41,13 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def run(out: Path, model: str, method: str, budget: float) -> dict[str, Any]:
+def run(out: Path, model: str, method: str, budget: float, launch: bool = True) -> dict[str, Any] | None:
+    """The run's table row, launching it unless it finished before (or, without `launch`, None)."""
     folder = out / f"{method}-b{budget}"
     metrics = folder / "metrics.json"
     if not metrics.exists() or json.loads(metrics.read_text()).get("status") != "ok":
+        if not launch:
+            return None
         cmd = [
             sys.executable, str(ROOT / "launch.py"), f"model={model}", f"method={method}", f"budget={budget}",
             "eval=leaderboard", "logger=none", "save_model=false", f"hydra.run.dir={folder}", "resume=true",
@@ -101,11 +105,14 @@ def table(rows: list[dict[str, Any]], model: str) -> str:
         zeroshot = "—" if r["zeroshot"] is None else f"{r['zeroshot']:.3f}"
         lines.append(
             f"| {r['budget']} | {r['method']} ({r['schedule']}) | {r['achieved']:.4f} | "
-            f"{r['wiki']:.4g} ({r['wiki_x']:.2f}) | {r['c4']:.4g} ({r['c4_x']:.2f}) | {zeroshot} | "
+            f"{r['wiki']:.4g} ({r['wiki_x']:.3g}) | {r['c4']:.4g} ({r['c4_x']:.3g}) | {zeroshot} | "
             f"{r['compress_s']:.0f} | {_times(r['speedup'], r['speedup_reliable'])} | "
             f"{_times(r['decode_speedup'], r['decode_speedup_reliable'])} |"
         )
     return "\n".join(lines)
+
+
+CLIP = 1000.0  # perplexity multiples above this are drawn at it (plain SVD reaches 10⁶)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -120,8 +127,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     done = [r for r in rows if "error" not in r]
     for ax, (key, name) in zip(axes, [("wiki_x", "held-out Wikipedia"), ("c4_x", "C4 sample")], strict=True):
         for method in dict.fromkeys(r["method"] for r in done):
-            points = sorted((r["achieved"], r[key]) for r in done if r["method"] == method)
-            ax.plot(*zip(*points, strict=True), marker="o", label=method)
+            points = sorted((r["achieved"], min(r[key], CLIP)) for r in done if r["method"] == method)
+            (line,) = ax.plot(*zip(*points, strict=True), marker="o", label=method)
+            clipped = [p for p in points if p[1] >= CLIP]
+            if clipped:  # drawn at the top edge, as a triangle
+                ax.plot(*zip(*clipped, strict=True), marker="^", markersize=10, color=line.get_color())
         ax.set(title=name, xlabel="achieved budget (fraction of block weights kept)", yscale="log")
         ax.axhline(1.0, linestyle="--", color="grey", linewidth=1)
     axes[0].set_ylabel("perplexity / dense")
@@ -137,9 +147,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "leaderboard")
+    parser.add_argument("--finished", action="store_true", help="launch nothing: tabulate the finished runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run(args.out, args.model, m, b) for b in args.budgets for m in args.methods]
+    found = [run(args.out, args.model, m, b, not args.finished) for b in args.budgets for m in args.methods]
+    rows = [r for r in found if r is not None]
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
     text = table(rows, args.model)
     (args.out / "leaderboard.md").write_text(text + "\n")

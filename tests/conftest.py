@@ -182,12 +182,14 @@ def compress_in_memory(*overrides: str) -> Compressed:
     from shrink.models import load_model
     from shrink.planning.schedules import make_plan, needs_profiles
     from shrink.run.pipeline import cost_model, plan_inputs
+    from shrink.run.validation import apply_knob, shape_contexts
 
     cfg = make_cfg(*overrides)
     loaded = load_model(cfg.model, torch.float32, seed=cfg.seed)
     method = build_method(cfg.method)
     method.width_multiple = width_multiple(cfg)
     costs = cost_model(cfg, loaded.adapter)
+    apply_knob(cfg, method, shape_contexts(loaded.adapter, costs), costs)  # as validation does
     inputs = plan_inputs(cfg, costs, method.prunes_heads)
     windows = data.calibration_windows(
         cfg.calib.corpus, loaded.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos

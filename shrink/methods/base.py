@@ -11,7 +11,7 @@ from ..blocks.context import BlockContext, BlockResult
 from ..errors import ShrinkError
 from ..linalg.moments import SecondMoment
 from ..models import Adapter, Site
-from ..planning.budget import Curve, Sizes
+from ..planning.budget import Curve, PlanInputs, Sizes
 
 
 class Method(ABC):
@@ -61,6 +61,15 @@ class Method(ABC):
     def prunes_heads(self) -> bool:
         """Whether the method removes attention heads (and so their attention-score MACs)."""
         return False
+
+    # a method key that sets the amount of compression the method's own way (ShortGPT's block
+    # count, LLM-Pruner's per-block ratio); when set, the run's budget is what it keeps
+    knob: str | None = None
+
+    def native_budget(self, contexts: list[BlockContext], inputs: PlanInputs) -> float | None:
+        """The share of the dense cost table that `knob` keeps, priced from shapes alone (`contexts`
+        hold no statistics); None while the knob is unset."""
+        return None
 
     def sizes(self, ctx: BlockContext) -> list[Sizes] | None:
         """The sizes each unit of the block may take, priced from the block's shapes alone (`ctx`

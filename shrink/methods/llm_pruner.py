@@ -33,14 +33,17 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
+from omegaconf import DictConfig
 
-from ..blocks.context import BlockContext
+from ..blocks.context import BlockContext, BlockResult
 from ..blocks.gradients import Saliences
 from ..config import MethodConf
 from ..errors import ShrinkError
 from ..models import Adapter
+from ..planning.budget import PlanInputs
 from . import register
 from .scored import BlockScores, ScoredPruner, UnitScores
+from .units import ffn_costs
 
 
 class Taylor(str, Enum):
@@ -52,6 +55,9 @@ class Taylor(str, Enum):
 class LLMPrunerConf(MethodConf):
     name: str = "llm-pruner"
     taylor: Taylor = Taylor.param_first
+    # LLM-Pruner's own knob (`--pruning_ratio`): the share of key channels and of FFN neurons each
+    # block under schedule=span loses, counted as the reference counts them; the budget follows
+    ratio: float | None = None
 
 
 def _rows(s: Saliences, taylor: Taylor) -> torch.Tensor:
@@ -65,6 +71,51 @@ def _cols(s: Saliences, taylor: Taylor) -> torch.Tensor:
 @register("llm-pruner", LLMPrunerConf)
 class LLMPruner(ScoredPruner):
     needs_gradients = True
+
+    knob = "ratio"
+
+    @staticmethod
+    def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
+        if cfg.ratio is not None and not 0.0 < float(cfg.ratio) < 1.0:
+            raise ShrinkError(f"method.ratio={cfg.ratio} must lie in (0, 1): the share each span block loses")
+
+    def native_budget(self, contexts: list[BlockContext], inputs: PlanInputs) -> float | None:
+        """What the reference keeps at `ratio`: in each block of the span, its count of KV groups and
+        neurons (`ratio_units`); the blocks outside it dense."""
+        if inputs.schedule != "span":
+            raise ShrinkError(
+                f"method.ratio is LLM-Pruner's ratio for the blocks schedule=span prunes; under schedule "
+                f"{inputs.schedule!r} set budget instead"
+            )
+        first, last = inputs.dense_ends
+        kept = 0.0
+        for ctx, sites in zip(contexts, inputs.costs.sites, strict=True):
+            if not first <= ctx.index < len(contexts) - last:
+                kept += sum(sites.values())
+                continue
+            heads, ffn = self._head_costs(ctx), ffn_costs(ctx, self.adds_bias)
+            groups, neurons = self.ratio_units(ctx)
+            kept += heads.of(groups, heads.group) + ffn.of(neurons)
+        return kept / inputs.costs.total
+
+    def ratio_units(self, ctx: BlockContext) -> tuple[int, int]:
+        """(KV groups, neurons) a block keeps at `ratio`, as the reference counts them: of the
+        n·d key channels it removes n·d − ⌊n·d·(1 − ratio)⌋, in whole groups of d (rounded down),
+        and ⌊F·(1 − ratio)⌋ of the F neurons stay; at least one of each."""
+        ratio = float(self.cfg.ratio)
+        _, n_kv = ctx.attention.counts()
+        channels = n_kv * ctx.attention.head_dim
+        removed = (channels - int(channels * (1.0 - ratio))) // ctx.attention.head_dim
+        neurons = ffn_costs(ctx, self.adds_bias).neurons
+        kept = max(1, int(neurons * (1.0 - ratio)))
+        return max(1, n_kv - removed), max(self.width_multiple, kept - kept % self.width_multiple)
+
+    def compress_block(self, ctx: BlockContext) -> BlockResult:
+        """With `ratio`, a block the plan cuts keeps the reference's counts."""
+        if self.cfg.ratio is not None and any(f < 1.0 for f in ctx.targets.values()):
+            groups, neurons = self.ratio_units(ctx)
+            ctx.choices = {**ctx.choices, "attn": {"kv_groups": groups}, "mlp": {"neurons": neurons}}
+        return super().compress_block(ctx)
 
     def check_model(self, adapter: Adapter) -> None:
         if not adapter.causal:

@@ -27,7 +27,7 @@ from ..config import MethodConf
 from ..errors import ShrinkError
 from ..linalg.moments import SecondMoment
 from ..models import Site
-from ..planning.budget import Curve, Option, Sizes
+from ..planning.budget import Curve, Option, PlanInputs, Sizes
 from . import register
 from .base import Method
 
@@ -41,6 +41,8 @@ class LayerMetric(str, Enum):
 class ShortGPTConf(MethodConf):
     name: str = "shortgpt"
     metric: LayerMetric = LayerMetric.bi
+    # ShortGPT's own knob: remove this many blocks (the budget becomes the share of the rest)
+    blocks: int | None = None
 
 
 def block_influence(inputs: Streams, outputs: Streams, metric: LayerMetric) -> float:
@@ -76,6 +78,18 @@ class ShortGPT(Method):
     def _whole(self, ctx: BlockContext) -> tuple[tuple[str, ...], float]:
         sites = tuple(s.name for s in ctx.sites)
         return sites, ctx.price(*sites)
+
+    knob = "blocks"
+
+    def native_budget(self, contexts: list[BlockContext], inputs: PlanInputs) -> float | None:
+        """Removing `blocks` of the model's n equal blocks keeps (n − blocks) / n of them."""
+        n, removed = len(contexts), self.cfg.blocks
+        if not 1 <= removed < n:
+            raise ShrinkError(f"method.blocks={removed} must lie in [1, {n - 1}]: the model has {n} blocks")
+        totals = [sum(sites.values()) for sites in inputs.costs.sites]
+        if max(totals) - min(totals) > 1e-9 * max(totals):
+            raise ShrinkError("method.blocks needs blocks of equal cost and this model's differ; set budget")
+        return (n - removed) / n
 
     def sizes(self, ctx: BlockContext) -> list[Sizes]:
         sites, dense = self._whole(ctx)

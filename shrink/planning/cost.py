@@ -221,6 +221,21 @@ class CostModel:
         their dtype but priced as they will be stored (quantized), so the fraction grows by their
         ratio (capped at 1: keep everything). Low-rank corrections of the quantization step are
         reserved first, at the dense widths (an upper bound of what they cost on kept widths)."""
+        planned, stored, reserve = self._budget_terms()
+        if reserve >= budget * stored:
+            raise ShrinkError(
+                f"quant.lowrank={self.correction_rank}: the corrections alone cost {reserve / stored:.3f} "
+                f"of the blocks, above budget {budget:g}; lower the rank or raise the budget"
+            )
+        return min(1.0, (budget * stored - reserve) / planned)
+
+    def budget_of(self, fraction: float) -> float:
+        """The budget whose plan keeps `fraction` of the table (`plan_budget`'s inverse below 1)."""
+        planned, stored, reserve = self._budget_terms()
+        return (fraction * planned + reserve) / stored
+
+    def _budget_terms(self) -> tuple[float, float, float]:
+        """The blocks priced as planned and as stored, and the corrections' reserve."""
         blocks = self.adapter.blocks()
         planned = sum(self.price(block, site) for block in blocks for site in self.adapter.sites(block))
         stored = self.model().of(self.unit) if self.unit == BudgetUnit.bytes else planned
@@ -231,12 +246,7 @@ class CostModel:
             for site in self.adapter.sites(block)
             for linear in (block.get_submodule(path) for path in site.linears)
         )
-        if reserve >= budget * stored:
-            raise ShrinkError(
-                f"quant.lowrank={self.correction_rank}: the corrections alone cost {reserve / stored:.3f} "
-                f"of the blocks, above budget {budget:g}; lower the rank or raise the budget"
-            )
-        return min(1.0, (budget * stored - reserve) / planned)
+        return planned, stored, reserve
 
     def table(self) -> CostTable:
         sites, scores = [], []

@@ -76,18 +76,16 @@ def uniform(inputs: PlanInputs) -> Plan:
     return plan
 
 
-def _only(inputs: PlanInputs, chosen: set[int], which: str) -> Plan:
+def _only(inputs: PlanInputs, chosen: set[int], which: str, fix: str) -> Plan:
     """The blocks in `chosen` at the one fraction that meets the budget; the others dense."""
     site_costs, scores = _dense_costs(inputs)
-    n = len(site_costs)
     totals = [sum(c.values()) for c in site_costs]
     rest = sum(t for i, t in enumerate(totals) if i not in chosen)
     fraction = (inputs.budget * sum(totals) - rest) / sum(totals[i] for i in chosen)
     if fraction <= 0:
         raise ShrinkError(
-            f"budget {inputs.budget} cannot be met by compressing only {which} ({len(chosen)} of {n} "
-            f"blocks): the other blocks alone keep {rest / sum(totals):.3f}; compress more blocks or raise "
-            "the budget"
+            f"budget {inputs.budget} cannot be met by compressing only {which}: the other blocks alone "
+            f"keep {rest / sum(totals):.3f}; {fix}"
         )
     plan = Plan(inputs.budget, inputs.unit)
     for i, (costs, score) in enumerate(zip(site_costs, scores, strict=True)):
@@ -102,7 +100,7 @@ def _only_k(inputs: PlanInputs, last: bool) -> Plan:
     if not 1 <= k <= n:
         raise ShrinkError(f"schedule {which}: k={k} must be between 1 and the model's {n} blocks")
     chosen = set(range(n - k, n)) if last else set(range(k))
-    return _only(inputs, chosen, f"the {which.split('_')[0]} {k}")
+    return _only(inputs, chosen, f"the {which.split('_')[0]} {k} of {n} blocks", "raise k or the budget")
 
 
 def last_k(inputs: PlanInputs) -> Plan:
@@ -126,7 +124,13 @@ def span(inputs: PlanInputs) -> Plan:
             f"schedule span: dense_first={first} and dense_last={last} must be ≥ 0 and leave at least one "
             f"of the model's {n} blocks to compress"
         )
-    return _only(inputs, set(range(first, n - last)), f"blocks {first}–{n - last - 1}")
+    chosen = set(range(first, n - last))
+    return _only(
+        inputs,
+        chosen,
+        f"blocks {first}–{n - last - 1} of {n}",
+        "lower dense_first or dense_last, or raise the budget",
+    )
 
 
 @dataclass

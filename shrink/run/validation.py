@@ -19,11 +19,12 @@ from ..errors import ShrinkError, first_line
 from ..evaluation import glue_hub
 from ..evaluation.suite import check_suite
 from ..hardware.devices import resolve_device
-from ..methods import METHODS, build_method, check_method
+from ..methods import METHODS, Method, build_method, check_method
 from ..models import Adapter, load_config, skeleton
 from ..models.catalog import check_label
 from ..models.device_map import check_block_map, check_device_map
 from ..models.streaming import check_streamable
+from ..planning.cost import CostModel
 from ..planning.inputs import cost_model, error_currency, plan_inputs
 from ..planning.schedules import check_schedule, least_kept, make_plan, needs_profiles, needs_scores
 from .tracking import check_logger
@@ -85,6 +86,12 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
     if not 0.0 < float(cfg.budget) <= 1.0:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
     check_method(cfg.method.name)
+    knob = METHODS[cfg.method.name].knob
+    if knob is not None and cfg.method.get(knob) is not None and "budget" in _named(overrides):
+        raise ShrinkError(
+            f"method.{knob}={cfg.method[knob]} sets how much {cfg.method.name} keeps, and so the budget: "
+            f"drop budget={cfg.budget} or method.{knob}"
+        )
     steps.check(cfg, METHODS[cfg.method.name].factorises)
     METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size), Propagate(cfg.propagate).value)
     check_schedule(cfg.schedule.name)
@@ -168,6 +175,11 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
             )
 
 
+def _named(overrides: list[str]) -> list[str]:
+    """The keys a command line sets (`+key=`, `~key` and `key=` alike)."""
+    return [o.lstrip("+~").partition("=")[0] for o in overrides]
+
+
 def check_stream(cfg: DictConfig) -> None:
     """What `stream=true` cannot do: it needs shards to read, and evaluates perplexity only."""
     check_streamable(cfg.model)
@@ -220,25 +232,10 @@ def check_reachable(cfg: DictConfig, adapter: Adapter) -> None:
     method.width_multiple = steps.width_multiple(cfg)
     method.check_model(adapter)
     costs = cost_model(cfg, adapter)
+    contexts = shape_contexts(adapter, costs)
+    apply_knob(cfg, method, contexts, costs)
     planned = plan_inputs(cfg, costs, method.prunes_heads)
     plan = None if needs_profiles(cfg.schedule.name) else make_plan(cfg.schedule.name, planned)
-    contexts = (
-        BlockContext(
-            index=i,
-            block=block,
-            sites=adapter.sites(block),
-            stats={},
-            targets={},
-            choices={},
-            attention=adapter.attention(block),
-            costs=costs,
-            forward=adapter.run_block,
-            hidden=[],
-            args=[],
-            kwargs=[],
-        )
-        for i, block in enumerate(adapter.blocks())
-    )
     sizes = [size for ctx in contexts for size in (method.sizes(ctx) or [])]
     short = least_kept(planned, sizes, plan) if sizes else None
     if short is None:
@@ -263,6 +260,37 @@ def check_reachable(cfg: DictConfig, adapter: Adapter) -> None:
         f"{cfg.schedule.name!r} on model {cfg.model.name!r}: {where} at least {least:.4f} of the block "
         f"cost, {asked:.4f} asked{' (' + '; '.join(why) + ')' if why else ''}; {' or '.join(fixes)}"
     )
+
+
+def shape_contexts(adapter: Adapter, costs: CostModel) -> list[BlockContext]:
+    """A context per block without statistics: what methods price their sizes from."""
+    return [
+        BlockContext(
+            index=i,
+            block=block,
+            sites=adapter.sites(block),
+            stats={},
+            targets={},
+            choices={},
+            attention=adapter.attention(block),
+            costs=costs,
+            forward=adapter.run_block,
+            hidden=[],
+            args=[],
+            kwargs=[],
+        )
+        for i, block in enumerate(adapter.blocks())
+    ]
+
+
+def apply_knob(cfg: DictConfig, method: Method, contexts: list[BlockContext], costs: CostModel) -> None:
+    """A method's own knob, when set, decides how much it removes: the run's budget becomes the
+    share it keeps (so the plan, the reports and the check achieved ≤ requested all follow it)."""
+    if method.knob is None or cfg.method.get(method.knob) is None:
+        return
+    kept = method.native_budget(contexts, plan_inputs(cfg, costs, method.prunes_heads))
+    if kept is not None:
+        cfg.budget = costs.budget_of(kept) * (1 + 1e-12)  # rounding must not cost a unit
 
 
 def _width_cause(cfg: DictConfig) -> str:

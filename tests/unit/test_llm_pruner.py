@@ -131,6 +131,19 @@ def test_a_neuron_and_a_kv_group_that_never_fire_go_first(monkeypatch):
     assert_dead_units_went(compress_in_memory(*tiny_overrides("tiny-llama"), *WHOLE, "budget=0.5"))
 
 
+def test_the_ratio_knob_keeps_the_reference_counts_and_sets_the_budget():
+    """`method.ratio=0.5` on tiny-llama (2 KV groups of 64 key channels, 160 neurons): the
+    reference removes 128 − ⌊128·0.5⌋ = 64 channels, one group, and keeps ⌊160·0.5⌋ = 80
+    neurons; the run's budget is what that keeps."""
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), *WHOLE, "method.ratio=0.5")
+    assert [(r["site"], r["kept"]) for r in done.rows] == [("attn", 2), ("mlp", 80)] * 2
+    assert done.achieved == pytest.approx(done.plan.budget, rel=1e-9)
+    edge = compress_in_memory(*tiny_overrides("tiny-llama"), "method=llm-pruner", "schedule.dense_first=1",
+                              "schedule.dense_last=0", "method.ratio=0.5")  # fmt: skip
+    kept = [(r["site"], r["kept"]) for r in edge.rows]
+    assert kept == [("attn", 4), ("mlp", 160), ("attn", 2), ("mlp", 80)]
+
+
 def test_bad_inputs_fail_clearly(tmp_path):
     fails(tmp_path, *tiny_overrides("tiny-llama"), *WHOLE, "stream=true",
           match="runs the calibration loss backward through the whole model")  # fmt: skip
@@ -140,3 +153,7 @@ def test_bad_inputs_fail_clearly(tmp_path):
         compress_in_memory(*tiny_overrides("tiny-bert"), *WHOLE, "budget=0.8")
     with pytest.raises(Exception, match="taylor"):
         make_cfg("method=llm-pruner", "method.taylor=param_second")
+    tiny = tiny_overrides("tiny-llama")
+    fails(tmp_path, *tiny, *WHOLE, "method.ratio=1.5", match="method.ratio=1.5 must lie in")
+    span_only = "method.ratio is LLM-Pruner's ratio for the blocks schedule=span prunes"
+    fails(tmp_path, *tiny, "method=llm-pruner", "schedule=uniform", "method.ratio=0.5", match=span_only)

@@ -111,3 +111,23 @@ def test_bad_inputs_fail_before_loading(tmp_path):
     fails(tmp_path, *tiny, "method=shortgpt", "stream=true", match="stream=true and model.device_map")
     with pytest.raises(Exception, match="metric"):
         make_cfg("method=shortgpt", "method.metric=cosine")
+
+
+def test_the_block_count_knob_sets_the_budget_and_reports_it(tmp_path):
+    """`method.blocks=1` on a 2-block model removes one block; the run's budget becomes 0.5 and is
+    reported as requested beside the achieved one. With an explicit budget too, the launcher's
+    checks refuse the pair."""
+    from shrink.run.pipeline import run
+    from shrink.run.validation import validate
+
+    overrides = ["model=tiny-llama", *FAST, *FAST_PPL, "method=shortgpt", "method.blocks=1"]
+    run(make_cfg(*overrides), run_dir=tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["budget"] == pytest.approx(0.5) and metrics["budget_achieved"] == pytest.approx(0.5)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "layers.jsonl").read_text().splitlines()]
+    assert sum(r["removed"] for r in rows) == 1
+    with pytest.raises(shrink.ShrinkError, match="method.blocks=1 sets how much shortgpt keeps"):
+        validate(make_cfg(*overrides, "budget=0.7"), launch=([*overrides, "budget=0.7"], False))
+    (tmp_path / "second").mkdir()
+    too_many = r"method.blocks=2 must lie in \[1, 1\]"
+    fails(tmp_path / "second", *overrides[:-1], "method.blocks=2", match=too_many)
