@@ -93,6 +93,19 @@ def test_every_ready_sweep_composes():
         assert cfg.hydra.sweeper.params, name
 
 
+def test_the_methods_sweep_and_the_leaderboard_hold_every_method():
+    import importlib.util
+
+    from shrink.methods import METHODS
+
+    sweep = yaml.safe_load((ROOT / "sweeps" / "methods.yaml").read_text())
+    assert sorted(sweep["hydra"]["sweeper"]["params"]["method"].split(",")) == sorted(METHODS.names())
+    spec = importlib.util.spec_from_file_location("leaderboard", ROOT / "bench" / "leaderboard.py")
+    leaderboard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(leaderboard)
+    assert sorted(leaderboard.METHODS) == sorted(METHODS.names())
+
+
 def test_a_job_failing_mid_run_records_why(tmp_path):
     folder = tmp_path / "run"
     with pytest.raises(ShrinkError, match="fewer than seq_len"):

@@ -209,7 +209,7 @@ def test_greedy_needs_a_method_with_profiles(tmp_path, monkeypatch):
     monkeypatch.setattr(SVD, "has_profile", False)  # as a method without `profile` would be
     cfg = make_cfg(*tiny_overrides("tiny-llama"), "method=svd", "schedule=greedy")
     with pytest.raises(
-        ShrinkError, match="method 'svd' does not provide; methods that do: distill, flap, id, rom, "
+        ShrinkError, match="method 'svd' does not provide; methods that do: distill, flap, id, llm-pruner, "
     ):
         run(cfg, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
