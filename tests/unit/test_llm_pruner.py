@@ -19,7 +19,7 @@ from shrink.errors import ShrinkError
 from shrink.methods.llm_pruner import LLMPruner, Taylor
 from shrink.planning.budget import PlanInputs
 from shrink.planning.cost import CostTable
-from shrink.planning.schedules import span
+from shrink.planning.fixed import span
 
 from ..conftest import compress_in_memory, fails, logits, make_cfg, tiny_overrides
 from .test_scored import _with_dead_units, assert_dead_units_went
