@@ -37,6 +37,7 @@ METHODS: dict[str, list[str]] = {
     "flap": [],
     "wanda-sp": [],
     "llm-pruner": [],
+    "slicegpt": [],
     "shortgpt": [],
 }
 

@@ -69,6 +69,7 @@ VARIANTS: dict[str, list[str]] = {
     "shortgpt-angular": ["method=shortgpt", "method.metric=angular"],
     "llm-pruner": ["method=llm-pruner"],  # Taylor importance; blocks 4–27 of 30 at one share (span)
     "llm-pruner-global": ["method=llm-pruner", "schedule=threshold"],  # its global pruning
+    "slicegpt": ["method=slicegpt"],  # PCA rotation of the residual stream, one sliced width
 }
 
 

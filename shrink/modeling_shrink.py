@@ -161,6 +161,95 @@ class CorrectedLinear(nn.Module):
         return f"rank={self.rank}"
 
 
+class ScaledRMSNorm(nn.Module):
+    """x / sqrt(‖x‖²/mean_dim + eps), no weight: a norm that commutes with rotations of its input,
+    so a rotated and sliced residual stream (SliceGPT) is normalised as the full one was. Its
+    weight (and a LayerNorm's bias) live in the linears that read it. `mean_dim` stays the model's
+    hidden size when the stream is sliced, so ‖x‖² of the kept directions is measured against the
+    full width. `center` subtracts the mean first: a LayerNorm without its affine part, for a
+    stream that is not centred yet (the raw embeddings of a LayerNorm family)."""
+
+    def __init__(self, mean_dim: int, eps: float, center: bool = False) -> None:
+        super().__init__()
+        self.mean_dim, self.eps, self.center = mean_dim, eps, center
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
+        if self.center:
+            x = x - x.mean(-1, keepdim=True)
+        variance = x.pow(2).sum(-1, keepdim=True) / self.mean_dim
+        return (x * torch.rsqrt(variance + self.eps)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"mean_dim={self.mean_dim}, eps={self.eps}, center={self.center}"
+
+
+# a sliced block's residual maps and where it taps its own submodules (block-relative paths)
+SHORTCUTS = ("attn_shortcut", "mlp_shortcut")
+TAPS = "shrink_taps"
+
+
+def add_shortcuts(
+    block: nn.Module, taps: dict[str, str], d_in: int, d_mid: int, d_out: int, **factory: Any
+) -> None:
+    """Give a pre-norm block SliceGPT's shortcut matrices: its residual stream enters `d_in` wide,
+    is `d_mid` wide between attention and MLP and leaves `d_out` wide, each in a basis of its own,
+    so the skip connections carry the stream through `attn_shortcut` (d_in→d_mid) and
+    `mlp_shortcut` (d_mid→d_out) instead of adding it as it is:
+
+        h = x·Q_attn + attention(norm₁(x)),   y = h·Q_mlp + mlp(norm₂(h)).
+
+    The family's own block code runs unchanged; hooks route the stream (`taps`: the paths of
+    `attn_norm`, `attn` and `mlp_norm`). The block is handed zeros of its output width in place of
+    x, so each of its residual additions adds the exact sum the hooks computed to zeros (no
+    subtraction of x, no rounding beyond the shortcut's own). Built again on an existing block it
+    only resizes the maps."""
+    for name, (rows, cols) in zip(SHORTCUTS, ((d_mid, d_in), (d_out, d_mid)), strict=True):
+        setattr(block, name, nn.Linear(cols, rows, bias=False, **factory))
+    if getattr(block, TAPS, None) is None:
+        block.register_forward_pre_hook(_enter_sliced, with_kwargs=True)
+        block.register_forward_hook(_leave_sliced)
+        block.get_submodule(taps["attn_norm"]).register_forward_hook(_attn_norm_output)
+        block.get_submodule(taps["attn"]).register_forward_hook(_attention_output)
+        block.get_submodule(taps["mlp_norm"]).register_forward_hook(_mlp_norm_output)
+    setattr(block, TAPS, dict(taps))
+
+
+def _enter_sliced(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    x = args[0] if args else kwargs["hidden_states"]
+    stash = {"x": x, "block": block}
+    for path in getattr(block, TAPS).values():
+        block.get_submodule(path)._shrink_stash = stash
+    zeros = x.new_zeros(*x.shape[:-1], block.mlp_shortcut.out_features)
+    if args:
+        return (zeros, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": zeros}
+
+
+def _leave_sliced(block: nn.Module, args: tuple, output: Any) -> None:
+    for path in getattr(block, TAPS).values():
+        block.get_submodule(path)._shrink_stash = None
+
+
+def _attn_norm_output(norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return norm.forward(norm._shrink_stash["x"])  # the real stream, not the zeros the block got
+
+
+def _attention_output(attention: nn.Module, args: tuple, output: Any) -> Any:
+    stash = attention._shrink_stash
+    block = stash["block"]
+    found = output[0] if isinstance(output, tuple) else output
+    stash["h"] = block.attn_shortcut(stash["x"]) + found
+    carried = block.mlp_shortcut(stash["h"])  # the block adds it to zeros: y's skip term
+    return (carried, *output[1:]) if isinstance(output, tuple) else carried
+
+
+def _mlp_norm_output(norm: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    y = norm.forward(norm._shrink_stash["h"])
+    return y.reshape(*args[0].shape[:-1], y.shape[-1])  # OPT flattens the tokens before its MLP
+
+
 def head_places(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Flat indices of per-head `positions` (heads × width) in a heads·head_dim vector."""
     return (positions + head_dim * torch.arange(positions.shape[0])[:, None]).flatten()
@@ -239,6 +328,14 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], **factory: Any) -> None:
     if kind == "attr":
         setattr(model.get_submodule(edit["path"]), edit["name"], edit["value"])
         return
+    if kind == "shortcuts":
+        block = model.get_submodule(edit["path"])
+        add_shortcuts(block, edit["taps"], edit["in"], edit["mid"], edit["out"], **factory)
+        return
+    if kind == "scaled_rms":
+        new_norm = ScaledRMSNorm(edit["mean_dim"], edit["eps"], edit.get("center", False))
+        replace_submodule(model, edit["path"], new_norm)
+        return
     if kind == "corrected":
         base = model.get_submodule(edit["path"])
         replace_submodule(model, edit["path"], CorrectedLinear(base, edit["rank"], **factory))
@@ -259,7 +356,7 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], **factory: Any) -> None:
     else:
         raise ValueError(
             f"unknown edit kind {kind!r}; valid: low_rank, linear, head_padded, head_sliced, attr, "
-            "corrected, quantized"
+            "corrected, quantized, shortcuts, scaled_rms"
         )
     replace_submodule(model, edit["path"], new)
 

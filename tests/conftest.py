@@ -189,8 +189,10 @@ def compress_in_memory(*overrides: str) -> Compressed:
     method = build_method(cfg.method)
     method.width_multiple = width_multiple(cfg)
     costs = cost_model(cfg, loaded.adapter)
+    method.check_model(loaded.adapter)
     apply_knob(cfg, method, shape_contexts(loaded.adapter, costs), costs)  # as validation does
     inputs = plan_inputs(cfg, costs, method.prunes_heads)
+    method.prepare(shape_contexts(loaded.adapter, costs), inputs)
     windows = data.calibration_windows(
         cfg.calib.corpus, loaded.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
     )
@@ -199,8 +201,9 @@ def compress_in_memory(*overrides: str) -> Compressed:
     if method.needs_gradients:
         saliences = taylor_saliences(loaded.adapter, windows, cfg.calib.batch_size, cpu)
     runner = Runner(
-        loaded.adapter, windows, cfg.calib.batch_size, cpu, OnDevice(cpu), costs, method.new_stats, saliences
-    )
+        loaded.adapter, windows, cfg.calib.batch_size, cpu, OnDevice(cpu), costs, method.new_stats, saliences,
+        dense_pass=not method.rotates_stream,
+    )  # fmt: skip
     if needs_profiles(cfg.schedule.name):
         inputs.curves = [
             c for ctx in runner.blocks(Propagate.dense, desc="profile") for c in method.profile(ctx)

@@ -67,9 +67,14 @@ class Runner:
         costs: CostModel | None = None,
         new_stats: NewStats = plain_stats,
         saliences: list[BlockSaliences] | None = None,
+        dense_pass: bool = True,
     ) -> None:
+        """`dense_pass=False`: no statistics pass over a block before the method edits it (no
+        site statistics, `ctx.outputs` None), for a method whose blocks cannot run unedited on the
+        propagated stream (a sliced residual stream is narrower than the dense block reads)."""
         self.adapter, self.windows, self.batch_size = adapter, windows, batch_size
         self.saliences = saliences
+        self.dense_pass = dense_pass
         self.device, self.placement = device, placement
         self.costs = costs or CostModel(adapter)
         self.new_stats = new_stats
@@ -120,8 +125,10 @@ class Runner:
                 teacher_hidden=send_to_device(dense, here),
                 saliences=self.saliences[i] if self.saliences is not None else None,
             )
-            ctx.stats, outputs = self._statistics(ctx, here)
-            ctx.outputs = outputs
+            outputs: Streams = []
+            if self.dense_pass:
+                ctx.stats, outputs = self._statistics(ctx, here)
+                ctx.outputs = outputs
             if ctx.teacher_hidden is not None:
                 same = propagate == Propagate.dense and len(outputs) == len(ctx.teacher_hidden)
                 ctx.teacher_outputs = outputs if same else ctx.run_all(ctx.teacher_hidden)

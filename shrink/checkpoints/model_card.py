@@ -91,16 +91,21 @@ def _body(
         lines.append(f"| checkpoint | – | {m['checkpoint_mb']:.1f} MB |")
     blocks = manifest.get("info", {}).get("blocks")
     if blocks:
+        stream = any("stream" in b for b in blocks)  # a sliced residual stream (SliceGPT)
         lines += [
             "",
             "Per block:",
             "",
-            "| block | FFN width | heads | KV heads | factor-pair ranks |",
-            "|---|---|---|---|---|",
+            "| block | FFN width | heads | KV heads | factor-pair ranks |"
+            + (" stream width (in / mid / out) |" if stream else ""),
+            "|---|---|---|---|---|" + ("---|" if stream else ""),
         ]
         for i, b in enumerate(blocks):
             ranks = ", ".join(f"{p} {r}" for p, r in b["ranks"].items()) or "–"
-            lines.append(f"| {i} | {b['ffn']} | {b['heads']} | {b['kv_heads']} | {ranks} |")
+            row = f"| {i} | {b['ffn']} | {b['heads']} | {b['kv_heads']} | {ranks} |"
+            if stream:
+                row += " " + (" / ".join(str(w) for w in b["stream"]) if "stream" in b else "–") + " |"
+            lines.append(row)
     lines += ["", "## Method and config", ""]
     lines += [
         "```yaml",

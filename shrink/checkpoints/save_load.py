@@ -37,7 +37,13 @@ from ..errors import ShrinkError, first_line
 from ..hardware.devices import resolve_device
 from ..models import build_adapter
 from ..models.base import BlockState
-from ..models.edits import CorrectedLinear, HeadPaddedLinear, HeadSlicedLinear, LowRankLinear
+from ..models.edits import (
+    CorrectedLinear,
+    HeadPaddedLinear,
+    HeadSlicedLinear,
+    LowRankLinear,
+    ScaledRMSNorm,
+)
 from ..models.loading import AUTO_CLASSES
 from ..quantization.packing import ZERO, is_quantized, pack, quantized_bits, register_grid, unpack
 from .hf_folder import write_hf_files
@@ -72,9 +78,24 @@ def structural_edits(
     edits: list[dict[str, Any]] = []
     inside: list[str] = []  # the factors of a pair, a corrected linear's parts: rebuilt with it
     corrected: list[dict[str, Any]] = []
+    sliced: list[dict[str, Any]] = []  # after the norms they hook into are rebuilt
     for path, module in model.named_modules():
         if any(path.startswith(prefix) for prefix in inside):
             continue
+        taps = getattr(module, modeling_shrink.TAPS, None)
+        if taps is not None:  # a sliced block: its shortcut maps and the hooks that route them
+            attn, mlp = (module.get_submodule(name) for name in modeling_shrink.SHORTCUTS)
+            sliced.append(
+                {
+                    "kind": "shortcuts",
+                    "path": path,
+                    "taps": dict(taps),
+                    "in": attn.in_features,
+                    "mid": attn.out_features,
+                    "out": mlp.out_features,
+                }
+            )
+            inside.extend(f"{path}.{name}" for name in modeling_shrink.SHORTCUTS)
         if isinstance(module, CorrectedLinear):  # the base in its place, the correction after
             inside.append(path + ".")
             corrected.append({"kind": "corrected", "path": path, "rank": module.rank})
@@ -85,6 +106,7 @@ def structural_edits(
         if isinstance(module, LowRankLinear):
             inside.append(path + ".")
     edits.extend(corrected)
+    edits.extend(sliced)
     edits.extend(_attribute_edits(model, reference))
     edits.extend(
         {
@@ -102,6 +124,14 @@ def structural_edits(
 
 def _module_edit(path: str, module: nn.Module, reference: dict[str, nn.Module]) -> dict[str, Any] | None:
     """The edit that rebuilds `module` at `path` from the base architecture, None if it is the same."""
+    if isinstance(module, ScaledRMSNorm):
+        return {
+            "kind": "scaled_rms",
+            "path": path,
+            "mean_dim": module.mean_dim,
+            "eps": module.eps,
+            "center": module.center,
+        }
     if isinstance(module, LowRankLinear):
         return {
             "kind": "low_rank",

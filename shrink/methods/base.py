@@ -30,6 +30,10 @@ class Method(ABC):
     # the whole dense model before compression: a resident model, not stream=true
     needs_gradients: bool = False
     factorises: bool = False  # it leaves rank-r factor pairs (LowRankLinear)
+    # it rotates and slices the residual stream (SliceGPT): each block reads the stream in the basis
+    # the block before it chose, so blocks go in order on the compressed stream, and the method
+    # carries that basis from one block to the next
+    rotates_stream: bool = False
     # the input widths it leaves (neurons, ranks, value widths) are multiples of this: an N:M
     # sparsity step needs whole spans of M (set by the run from `sparsity.pattern`)
     width_multiple: int = 1
@@ -70,6 +74,19 @@ class Method(ABC):
         """The share of the dense cost table that `knob` keeps, priced from shapes alone (`contexts`
         hold no statistics); None while the knob is unset."""
         return None
+
+    def carried(self) -> dict[str, torch.Tensor]:
+        """What the method hands from the block just done to the next (SliceGPT's basis of the
+        stream): saved with the next block's inputs, so a resumed run continues as it was."""
+        return {}
+
+    def carry(self, state: dict[str, torch.Tensor]) -> None:  # noqa: B027  (optional, as `check`)
+        """Take back what `carried` gave, when a resumed run starts after a finished block."""
+
+    def prepare(self, contexts: list[BlockContext], inputs: PlanInputs) -> None:  # noqa: B027
+        """A choice for the whole model made from its shapes before the first block (`contexts`
+        hold no statistics), such as SliceGPT's one stream width; raises if the budget is out of
+        reach. Runs in the checks before loading, and again on the loaded model."""
 
     def sizes(self, ctx: BlockContext) -> list[Sizes] | None:
         """The sizes each unit of the block may take, priced from the block's shapes alone (`ctx`

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modeling_shrink import SHORTCUTS, TAPS
+
 BlockState = Callable[[int], dict[str, torch.Tensor]]  # block index -> its tensors, block-relative names
 
 
@@ -86,6 +88,10 @@ class Adapter(ABC):
     ffn_config_key: str = "intermediate_size"
     head_config_keys: dict[str, str] | None = None  # "heads" | "kv_heads" | "head_dim" -> config key
     layers_config_key: str = "num_hidden_layers"  # the config key of the block count
+    # pre-norm blocks: the norm each residual-stream site reads through and the attention module
+    # (block-relative), what a method that rotates the residual stream folds and taps; None where
+    # the norms sit on the stream itself (post-norm) or blocks carry more norms than these two
+    stream_paths: dict[str, str] | None = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -120,6 +126,19 @@ class Adapter(ABC):
         (q·k is a sum over dims, and a dropped dim's zero adds nothing)."""
         return tuple((i,) for i in range(self.heads().head_dim))
 
+    def stream_taps(self) -> dict[str, str] | None:
+        """`attn_norm`, `attn` and `mlp_norm` of a pre-norm block whose residual stream may be
+        rotated (SliceGPT): None where this model's blocks are not of that form."""
+        return dict(self.stream_paths) if self.stream_paths is not None else None
+
+    def stream_maps(self, block: nn.Module) -> list[str]:
+        """The block's residual-stream maps (shortcut matrices of a rotated stream), if any."""
+        return list(SHORTCUTS) if getattr(block, TAPS, None) is not None else []
+
+    def hidden_size(self) -> int:
+        """The residual stream's width."""
+        return int(self.config.hidden_size)
+
     def heads(self) -> HeadLayout:
         """Multi-head attention with as many KV heads as query heads (overridden for GQA)."""
         n_heads = self.config.num_attention_heads
@@ -149,7 +168,11 @@ class Adapter(ABC):
                 if hasattr(block.get_submodule(path), "first")  # a factor pair
             }
             ffn = int(block.get_submodule(self.mlp_paths["mlp_out"][0]).in_features)
-            rows.append({"ffn": ffn, "heads": n_heads, "kv_heads": n_kv, "ranks": ranks})
+            row = {"ffn": ffn, "heads": n_heads, "kv_heads": n_kv, "ranks": ranks}
+            if getattr(block, TAPS, None) is not None:  # the stream's widths in, between, out
+                attn, mlp = (block.get_submodule(name) for name in SHORTCUTS)
+                row["stream"] = [int(attn.in_features), int(attn.out_features), int(mlp.out_features)]
+            rows.append(row)
         return rows
 
     def stock_config(self) -> dict[str, int] | None:
@@ -158,6 +181,8 @@ class Adapter(ABC):
         changed head counts need a family whose head size is a config key of its own."""
         shapes = set()
         for block in self.blocks():
+            if getattr(block, TAPS, None) is not None:  # a rotated, sliced residual stream
+                return None
             linears = [block.get_submodule(path) for site in self.sites(block) for path in site.linears]
             if any(type(linear) is not nn.Linear for linear in linears):
                 return None

@@ -12,6 +12,7 @@ from ..modeling_shrink import (  # noqa: F401  (the layers live in the file a ch
     HeadPaddedLinear,
     HeadSlicedLinear,
     LowRankLinear,
+    ScaledRMSNorm,
     head_places,
     replace_submodule,
 )
@@ -92,3 +93,54 @@ def set_inputs(block: nn.Module, path: str, weight: torch.Tensor, bias: torch.Te
     (a fold that carries the mean of what it dropped) or else the bias it had."""
     linear = block.get_submodule(path)
     replace_submodule(block, path, new_linear(weight, bias if bias is not None else linear.bias, linear))
+
+
+def fold_norm(
+    block: nn.Module, norm_path: str, readers: tuple[str, ...], mean_dim: int, center: bool
+) -> None:
+    """Move a norm's weight (and a LayerNorm's bias) into the linears that read it, W·diag(γ) and
+    b + W·β, and put a weightless `ScaledRMSNorm` in its place: the block computes the same, and
+    the norm now commutes with a rotation of its input. `center`: the stream it reads is not
+    centred, so the new norm subtracts the mean as the LayerNorm did."""
+    norm = block.get_submodule(norm_path)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if eps is None or getattr(norm, "weight", None) is None:
+        raise ValueError(f"{norm_path}: {type(norm).__name__} is not an RMSNorm or LayerNorm with a weight")
+    gamma = norm.weight.detach().to(torch.float64)
+    beta = getattr(norm, "bias", None)
+    for path in readers:
+        linear = block.get_submodule(path)
+        weight = linear.weight.detach().to(torch.float64)
+        bias = linear.bias.detach().to(torch.float64) if linear.bias is not None else None
+        if beta is not None:
+            shift = weight @ beta.detach().to(torch.float64)
+            bias = shift if bias is None else bias + shift
+        replace_submodule(block, path, new_linear(weight * gamma, bias, linear))
+    replace_submodule(block, norm_path, ScaledRMSNorm(mean_dim, float(eps), center))
+
+
+def center_outputs(block: nn.Module, path: str) -> None:
+    """Make a linear's outputs zero-mean over their features (W − mean of its rows, b − mean(b)):
+    what a LayerNorm downstream subtracts anyway, done before it so the stream stays centred."""
+    linear = block.get_submodule(path)
+    weight = linear.weight.detach().to(torch.float64)
+    bias = linear.bias.detach().to(torch.float64) if linear.bias is not None else None
+    weight = weight - weight.mean(0, keepdim=True)
+    bias = bias - bias.mean() if bias is not None else None
+    replace_submodule(block, path, new_linear(weight, bias, linear))
+
+
+def rotate_inputs(block: nn.Module, path: str, basis: torch.Tensor) -> None:
+    """A linear reading x·basis (basis: d × k, orthonormal columns) in place of x: W·basis."""
+    linear = block.get_submodule(path)
+    weight = linear.weight.detach().to(torch.float64) @ basis.to(linear.weight.device, torch.float64)
+    replace_submodule(block, path, new_linear(weight, linear.bias, linear))
+
+
+def rotate_outputs(block: nn.Module, path: str, basis: torch.Tensor) -> None:
+    """A linear writing y·basis (basis: d × k) in place of y: basisᵀ·W and basisᵀ·b."""
+    linear = block.get_submodule(path)
+    basis = basis.to(linear.weight.device, torch.float64)
+    weight = basis.T @ linear.weight.detach().to(torch.float64)
+    bias = basis.T @ linear.bias.detach().to(torch.float64) if linear.bias is not None else None
+    replace_submodule(block, path, new_linear(weight, bias, linear))

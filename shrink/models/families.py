@@ -25,9 +25,19 @@ class LlamaAdapter(Adapter):
         "kv_heads": "num_key_value_heads",
         "head_dim": "head_dim",
     }
+    stream_paths = {
+        "attn_norm": "input_layernorm",
+        "attn": "self_attn",
+        "mlp_norm": "post_attention_layernorm",
+    }
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.layers
+
+    def stream_taps(self) -> dict[str, str] | None:
+        """Gemma's blocks norm the attention and MLP outputs too (and scale by 1 + weight): not the
+        plain pre-norm form."""
+        return None if self.config.model_type.startswith("gemma") else super().stream_taps()
 
     def heads(self) -> HeadLayout:
         c = self.config
@@ -62,9 +72,18 @@ class OPTAdapter(Adapter):
     }
     head_attributes = {"self_attn": {"num_heads": "heads"}}
     ffn_config_key = "ffn_dim"
+    stream_paths = {"attn_norm": "self_attn_layer_norm", "attn": "self_attn", "mlp_norm": "final_layer_norm"}
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.decoder.layers
+
+    def stream_taps(self) -> dict[str, str] | None:
+        """OPT-350m norms after attention and MLP (post-norm), and projects its embeddings in and
+        out of a narrower width: neither is the plain pre-norm form."""
+        c = self.config
+        if not c.do_layer_norm_before or c.word_embed_proj_dim != c.hidden_size:
+            return None
+        return super().stream_taps()
 
 
 class BertAdapter(Adapter):

@@ -188,9 +188,13 @@ class CostModel:
         return total
 
     def block(self, block: nn.Module) -> Cost:
+        """The block's sites and the residual-stream maps a method added to it (SliceGPT's
+        shortcut matrices), which it pays for like any other weight."""
         total = Cost()
         for site in self.adapter.sites(block):
             total = total + self.site(block, site)
+        for path in self.adapter.stream_maps(block):
+            total = total + module_cost(block.get_submodule(path))
         return total
 
     def model(self) -> Cost:
@@ -254,6 +258,12 @@ class CostModel:
             sites.append({s.name: self.price(block, s) for s in self.adapter.sites(block)})
             scores.append(self.scores(self.adapter.attention(block)).of(self.unit))
         return CostTable(self.unit, sites, scores)
+
+    def shaped(self, in_features: int, out_features: int, bias: bool, quantized: bool = True) -> float:
+        """A plain out×in linear of a shape a method will give it, in the budget unit; `quantized`:
+        stored as the run's quantization step will store it (a site's linear), else at the dtype."""
+        weight = self._weight if quantized else (self.bias_bytes if self.unit == BudgetUnit.bytes else 1)
+        return in_features * out_features * weight + (out_features * self._bias_entry if bias else 0)
 
     # ---- units a method keeps or drops ------------------------------------------------------------
     def _bias(self, linear: nn.Linear, bias: bool | None = None) -> int:

@@ -37,7 +37,7 @@ from .provenance import provenance
 from .store import BlockStore, open_store
 from .summary import closing_summary
 from .tracking import Tracker, make_tracker
-from .validation import validate
+from .validation import shape_contexts, validate
 
 log = logging.getLogger("shrink")
 
@@ -164,6 +164,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     method.check_model(store.adapter)
     costs = cost_model(cfg, store.adapter)
     inputs = plan_inputs(cfg, costs, method.prunes_heads)
+    method.prepare(shape_contexts(store.adapter, costs), inputs)
     params_dense, dense_cost = _params(store.model), costs.model()
     results: dict[str, Any] = {}
     evaluate_suite(cfg, store, False, results, job.folder.path)
@@ -244,7 +245,7 @@ def _compress(
     store.begin_compression()
     runner = Runner(
         adapter, windows, cfg.calib.batch_size, device, store.placement, costs,
-        method.new_stats, saliences,
+        method.new_stats, saliences, dense_pass=not method.rotates_stream,
     )  # fmt: skip
     if needs_profiles(cfg.schedule.name):  # the planning pass: the dense model's statistics
         inputs.curves = [
@@ -257,7 +258,8 @@ def _compress(
     start_inputs = None
     removed: list[int] = []
     if job.done >= 0:  # resume: rebuild the finished blocks, feed the next one its saved inputs
-        records, hidden, teacher = store.restore(job.progress, job.done)
+        records, hidden, teacher, carried = store.restore(job.progress, job.done)
+        method.carry(carried)
         for index, (rows, spectra) in enumerate(records):
             removed += [index] if any(row.get("removed") for row in rows) else []
             job.folder.add_block(index, rows, spectra)
@@ -281,8 +283,9 @@ def _compress(
             job.tracker.log_block(ctx.index, rows, result.spectra)
             if cfg.block_checkpoints:
                 job.progress.save_block(
-                    ctx.index, store.model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher
-                )
+                    ctx.index, store.model, adapter, cfg.model.head, rows, result.spectra, hidden, teacher,
+                    method.carried(),
+                )  # fmt: skip
     return removed
 
 

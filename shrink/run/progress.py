@@ -2,8 +2,9 @@
 
 After block i is compressed, `progress/` in the run folder gets the block's weights and structural
 edits (`block_<i>.safetensors`, `block_<i>.json`, which also keeps its layer rows and spectra) and
-the inputs of block i+1 (`inputs_<i>.safetensors`: the propagated hidden states, and the dense
-stream of a method that needs a teacher), then `state.json`, written last and atomically, names i
+the inputs of block i+1 (`inputs_<i>.safetensors`: the propagated hidden states, the dense
+stream of a method that needs a teacher, and what the method carries from block to block, such as
+SliceGPT's basis of the stream), then `state.json`, written last and atomically, names i
 (only then are block i-1's inputs deleted). A run killed at any moment therefore resumes from a
 consistent state. Resuming rebuilds the finished
 blocks from their files and feeds block i+1 the saved inputs: the masks and position arguments are
@@ -34,7 +35,8 @@ from .identity import differences
 FOLDER = "progress"
 Record = tuple[list[dict[str, Any]], dict[str, np.ndarray]]  # a finished block's layer rows, spectra
 Streams = list[torch.Tensor]  # one tensor per calibration batch
-Restored = tuple[list[Record], Streams, Streams]  # finished blocks' records; next inputs (hidden, teacher)
+# finished blocks' records; the next block's inputs (hidden, teacher); what the method carries to it
+Restored = tuple[list[Record], Streams, Streams, dict[str, torch.Tensor]]
 
 
 def _atomic_json(path: Path, value: Any) -> None:
@@ -80,12 +82,17 @@ class Progress:
         spectra: dict[str, np.ndarray],
         hidden: list[torch.Tensor],
         teacher: list[torch.Tensor] | None,
+        carried: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         prefix = adapter.block_path(index) + "."
         if self._reference is None:
             self._reference = reference_modules(model, head)
-        edits = [e for e in structural_edits(model, head, self._reference) if e["path"].startswith(prefix)]
+        edits = [
+            e
+            for e in structural_edits(model, head, self._reference)
+            if e["path"].startswith(prefix) or e["path"] == prefix[:-1]  # the block itself (shortcuts)
+        ]
         block = adapter.blocks()[index]
         _atomic_tensors(self.path / f"block_{index:03d}.safetensors", block.state_dict())
         record = {
@@ -96,6 +103,7 @@ class Progress:
         _atomic_json(self.path / f"block_{index:03d}.json", record)
         streams = {f"hidden.{b}": h for b, h in enumerate(hidden)}
         streams |= {f"teacher.{b}": t for b, t in enumerate(teacher or [])}
+        streams |= {f"carried.{name}": t for name, t in (carried or {}).items()}
         _atomic_tensors(self.path / f"inputs_{index:03d}.safetensors", streams)
         _atomic_json(self.path / "state.json", {"finished": index, "config": self.config})
         (self.path / f"inputs_{index - 1:03d}.safetensors").unlink(missing_ok=True)  # superseded
@@ -112,10 +120,11 @@ class Progress:
         weights: bool = True,
         placement: Placement | None = None,
     ) -> Restored:
-        """Rebuild blocks 0..upto in `model`; returns their (rows, spectra) and the saved inputs
-        of block upto+1 (hidden, teacher). Without `weights` (`stream=true`) only the blocks'
-        structure is rebuilt; their tensors stay in the block files. A `placement` (device-mapped
-        models) takes each block in and out around its rebuilding, as the runner does."""
+        """Rebuild blocks 0..upto in `model`; returns their (rows, spectra), the saved inputs of
+        block upto+1 (hidden, teacher) and what the method carried to it. Without `weights`
+        (`stream=true`) only the blocks' structure is rebuilt; their tensors stay in the block
+        files. A `placement` (device-mapped models) takes each block in and out around its
+        rebuilding, as the runner does."""
         dtype = next(model.parameters()).dtype
         records = []
         for index in range(upto + 1):
@@ -134,7 +143,8 @@ class Progress:
         streams = load_file(str(self.path / f"inputs_{upto:03d}.safetensors"))
         hidden = [streams[f"hidden.{b}"] for b in range(sum(k.startswith("hidden.") for k in streams))]
         teacher = [streams[f"teacher.{b}"] for b in range(sum(k.startswith("teacher.") for k in streams))]
-        return records, hidden, teacher
+        carried = {k.removeprefix("carried."): v for k, v in streams.items() if k.startswith("carried.")}
+        return records, hidden, teacher, carried
 
     def clear(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

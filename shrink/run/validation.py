@@ -95,6 +95,22 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
     steps.check(cfg, METHODS[cfg.method.name].factorises)
     METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size), Propagate(cfg.propagate).value)
     check_schedule(cfg.schedule.name)
+    if METHODS[cfg.method.name].rotates_stream:
+        if cfg.schedule.name != "uniform":
+            raise ShrinkError(
+                f"method {cfg.method.name!r} slices the residual stream to one width across the blocks, "
+                f"which it chooses from the budget itself; use schedule=uniform, not {cfg.schedule.name!r}"
+            )
+        if cfg.stream or cfg.model.get("device_map") is not None:
+            raise ShrinkError(
+                f"method {cfg.method.name!r} carries the stream's basis from block to block, which "
+                "stream=true and model.device_map do not support yet; run it on a resident model"
+            )
+        if cfg.quant.name != "none" and cfg.quant.get("target") == "dense":
+            raise ShrinkError(
+                f"quant.target=dense fits each block to the dense model's stream, which method "
+                f"{cfg.method.name!r} has rotated and sliced; use quant.target=compressed"
+            )
     if needs_profiles(cfg.schedule.name) and not METHODS[cfg.method.name].has_profile:
         with_profiles = sorted(n for n, m in METHODS.items() if m.has_profile)
         raise ShrinkError(
@@ -235,6 +251,7 @@ def check_reachable(cfg: DictConfig, adapter: Adapter) -> None:
     contexts = shape_contexts(adapter, costs)
     apply_knob(cfg, method, contexts, costs)
     planned = plan_inputs(cfg, costs, method.prunes_heads)
+    method.prepare(contexts, planned)
     plan = None if needs_profiles(cfg.schedule.name) else make_plan(cfg.schedule.name, planned)
     sizes = [size for ctx in contexts for size in (method.sizes(ctx) or [])]
     short = least_kept(planned, sizes, plan) if sizes else None
