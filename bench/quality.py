@@ -67,6 +67,13 @@ VARIANTS: dict[str, list[str]] = {
     "wanda-sp": ["method=wanda-sp"],  # uniform, as FLAP's code runs it
     "shortgpt": ["method=shortgpt"],  # whole blocks by Block Influence (schedule=threshold)
     "shortgpt-angular": ["method=shortgpt", "method.metric=angular"],
+    # Gromov et al.: one run of consecutive blocks, angular distance of the last tokens
+    "shortgpt-gromov": [
+        "method=shortgpt",
+        "method.selection=run",
+        "method.metric=angular",
+        "method.tokens=last",
+    ],
     "llm-pruner": ["method=llm-pruner"],  # Taylor importance; blocks 4–27 of 30 at one share (span)
     "llm-pruner-global": ["method=llm-pruner", "schedule=threshold"],  # its global pruning
     "slicegpt": ["method=slicegpt"],  # PCA rotation of the residual stream, one sliced width

@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from enum import Enum
 
 import torch
+from omegaconf import DictConfig
 
 from ..blocks.context import BlockContext
 from ..config import MethodConf
+from ..errors import ShrinkError
 from ..linalg.moments import SecondMoment
 from ..models import Site
+from ..planning.budget import PlanInputs
 from . import register
 from .scored import BlockScores, ScoredPruner, UnitScores, channel_moments, standardised
 
@@ -53,6 +56,9 @@ class FlapConf(MethodConf):
     metric: FlapMetric = FlapMetric.wifv
     bias: bool = True  # add the removed channels' mean output to the output projection's bias
     variance: FlapVariance = FlapVariance.sample  # how Var[x_j] is estimated (see the docstring)
+    # FLAP's own knob (`--pruning_ratio`): the share of the heads' and neurons' weights removed;
+    # the budget becomes 1 − ratio
+    ratio: float | None = None
 
 
 class RunningFluctuation(SecondMoment):
@@ -98,6 +104,22 @@ def channel_metric(metric: FlapMetric, weight: torch.Tensor, stats: SecondMoment
 
 @register("flap", FlapConf)
 class Flap(ScoredPruner):
+    knob = "ratio"
+
+    @staticmethod
+    def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
+        if cfg.ratio is not None and not 0.0 < float(cfg.ratio) < 1.0:
+            raise ShrinkError(
+                f"method.ratio={cfg.ratio} must lie in (0, 1): the share of the weights removed"
+            )
+
+    def native_budget(self, contexts: list[BlockContext], inputs: PlanInputs) -> float | None:
+        """The reference prunes until the kept heads' and neurons' weights are closest to 1 − ratio
+        of them (AL-AM), or removes that share in every layer (UL-UM); here the run keeps at most
+        1 − ratio of the block cost, its added biases included."""
+        ratio = self.cfg.get("ratio")
+        return None if ratio is None else 1.0 - float(ratio)
+
     @property
     def adds_bias(self) -> bool:  # type: ignore[override]
         return bool(self.cfg.bias)

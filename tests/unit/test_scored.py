@@ -149,6 +149,9 @@ def test_bad_inputs_fail_before_loading(tmp_path):
     fails(tmp_path, *tiny_overrides("tiny-llama"), "method=id", "schedule=threshold", match=message)
     with pytest.raises(Exception, match="metric"):
         make_cfg("method=flap", "method.metric=entropy")
+    fails(
+        tmp_path, *tiny_overrides("tiny-llama"), "method=flap", "method.ratio=1.2", match=r"lie in \(0, 1\)"
+    )
 
 
 def test_wanda_sp_under_uniform_is_a_stock_checkpoint(tmp_path):
@@ -183,3 +186,12 @@ def test_the_reference_variance_follows_the_reference_codes_running_update():
     torch.testing.assert_close(stats.mean(), sequences.reshape(-1, 3).mean(0))
     w = torch.ones(2, 3, dtype=torch.float64)
     torch.testing.assert_close(channel_metric(FlapMetric.ifv, w, stats), fluctuation)
+
+
+@pytest.mark.parametrize("schedule", ["threshold", "uniform"])
+def test_flaps_pruning_ratio_sets_the_budget_it_keeps(schedule):
+    """`method.ratio=0.3` (FLAP's --pruning_ratio, AL-AM or UL-UM) makes the run's budget 0.7."""
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"), "method=flap", "method.ratio=0.3", f"schedule={schedule}"
+    )
+    assert done.plan.budget == pytest.approx(0.7) and done.achieved <= done.plan.budget

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import shrink
 import shrink.models
+import shrink.run.pipeline  # noqa: F401  (bound to the real load_model before any test patches it)
 from shrink.methods.shortgpt import LayerMetric, block_influence
 from shrink.models import build_adapter
 
@@ -38,6 +39,47 @@ def test_block_influence_is_the_papers_equation_on_explicit_activations():
     angular = float((torch.arccos(cos.double().clamp(-1, 1)) / math.pi).mean())
     assert block_influence(h_in, h_out, LayerMetric.angular) == pytest.approx(angular, rel=1e-6)
     assert block_influence(h_in, h_in, LayerMetric.bi) == pytest.approx(0.0, abs=1e-12)
+
+
+def _identity_blocks(*indices: int):
+    """`load_model` whose blocks `indices` add nothing to the residual stream."""
+    real = shrink.models.load_model
+
+    def load(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        for index in indices:
+            block = loaded.adapter.blocks()[index]
+            with torch.no_grad():
+                loaded.adapter.attention(block).linear("o").weight.zero_()
+                block.get_submodule(loaded.adapter.site_paths["mlp_out"][0]).weight.zero_()
+        return loaded
+
+    return load
+
+
+def test_a_run_selection_removes_the_consecutive_blocks_whose_input_is_closest_to_their_output(
+    monkeypatch,
+):
+    """Gromov et al.: blocks 2 and 3 pass their input on, so the run 2–3 (distance 0) goes whole;
+    a block's score is the distance of the best run it belongs to, on the windows' last tokens."""
+    from shrink.data import corpora as data
+
+    monkeypatch.setattr(shrink.models, "load_model", _identity_blocks(2, 3))
+    six = ["model.tiny.num_hidden_layers=6", "method=shortgpt", "budget=0.67"]
+    gromov = ["method.selection=run", "method.metric=angular", "method.tokens=last"]
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), *six, *gromov)
+    assert [r["removed"] for r in done.rows] == [False, False, True, True, False, False]
+    assert done.rows[2]["score"] == done.rows[3]["score"] == pytest.approx(0.0, abs=1e-6)
+    cfg = make_cfg(*tiny_overrides("tiny-llama"), *six)
+    dense = _identity_blocks(2, 3)(cfg.model, torch.float32, seed=cfg.seed)
+    calib = cfg.calib
+    windows = data.calibration_windows(
+        calib.corpus, dense.tokenizer, calib.nsamples, calib.seq_len, cfg.seed, cfg.model.add_bos
+    )
+    with torch.no_grad():
+        states = dense.model(input_ids=windows, output_hidden_states=True).hidden_states
+    first = block_influence([states[0][:, -1:]], [states[2][:, -1:]], LayerMetric.angular)
+    assert done.rows[0]["score"] == pytest.approx(first, rel=1e-5)  # block 0 lies in the run 0–1 only
 
 
 def _identity_block(index: int):
@@ -109,6 +151,8 @@ def test_bad_inputs_fail_before_loading(tmp_path):
     uniform = "removes whole blocks.*schedule=threshold"
     fails(tmp_path, *tiny, "method=shortgpt", "schedule=uniform", match=uniform)
     fails(tmp_path, *tiny, "method=shortgpt", "stream=true", match="stream=true and model.device_map")
+    run = "selection=run removes one run of consecutive blocks.*schedule=threshold"
+    fails(tmp_path, *tiny, "method=shortgpt", "method.selection=run", "schedule=greedy", match=run)
     with pytest.raises(Exception, match="metric"):
         make_cfg("method=shortgpt", "method.metric=cosine")
 
