@@ -6,7 +6,11 @@ config.json: `AutoModel*.from_pretrained` loads it with no shrink code. Quantize
 compressed-tensors' quantization_config, so transformers unpacks them itself. The candidate
 config is checked by building the architecture from it (without weights) and comparing every
 parameter's name and shape with the compressed model's, so a structure the family cannot express
-(an added bias, a factor pair) never gets a config.json that would fail to load.
+(an added bias, a factor pair) never gets a config.json that would fail to load. One exception is
+made for added biases (FLAP's bias compensation on o_proj and down_proj): where the family's config
+can switch biases on (Llama's `attention_bias`, `mlp_bias`), `bias_padded_config` switches them on
+and the checkpoint stores zero biases for the linears of those groups that have none, so the
+family's own code computes the same model.
 
 Any other structure (per-block widths, thinned heads, factor pairs, corrected linears) gets the
 base config plus its edits (`shrink_edits`) and an `auto_map` naming `modeling_shrink.Shrink<Base>`,
@@ -24,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig
@@ -43,11 +48,58 @@ def stock_config(model: nn.Module, head: str) -> PretrainedConfig | None:
     config = copy.deepcopy(model.config)
     for key, value in values.items():
         setattr(config, key, value)
-    with init_empty_weights(include_buffers=False):
-        stock = AUTO_CLASSES[Head(head)].from_config(config)
-    ours = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    theirs = {name: tuple(p.shape) for name, p in stock.named_parameters(remove_duplicate=False)}
+    ours, theirs = _shapes(model), _shapes(_empty(config, head))
     return config if ours == theirs else None
+
+
+# config switches that give a family's block linears biases: key -> the sites whose linears get one
+BIAS_SWITCHES = {"attention_bias": ("attn_in", "attn_out"), "mlp_bias": ("mlp_in", "mlp_out")}
+
+
+def bias_padded_config(
+    model: nn.Module, head: str
+) -> tuple[PretrainedConfig, dict[str, torch.Tensor]] | None:
+    """For a model of stock shapes whose block linears carry biases its config has switched off:
+    the config with those switches on, and a zero bias for every linear they cover that has none
+    (the family's code then computes the same model); None when that is not a stock folder."""
+    adapter = build_adapter(model)
+    values = adapter.stock_config()
+    if values is None:
+        return None
+    config = copy.deepcopy(model.config)
+    for key, value in values.items():
+        setattr(config, key, value)
+    switched = False
+    for key, sites in BIAS_SWITCHES.items():
+        if getattr(config, key, True):  # no such switch, or already on
+            continue
+        linears = [
+            block.get_submodule(path)
+            for block in adapter.blocks()
+            for site in adapter.sites(block)
+            if site.name in sites
+            for path in site.linears
+        ]
+        if any(linear.bias is not None for linear in linears):
+            setattr(config, key, True)
+            switched = True
+    if not switched:
+        return None
+    ours, theirs = _shapes(model), _shapes(_empty(config, head))
+    missing = {name: shape for name, shape in theirs.items() if name not in ours}
+    if any(ours[name] != theirs.get(name) for name in ours) or not all(n.endswith(".bias") for n in missing):
+        return None
+    dtype = next(model.parameters()).dtype
+    return config, {name: torch.zeros(shape, dtype=dtype) for name, shape in missing.items()}
+
+
+def _empty(config: PretrainedConfig, head: str) -> nn.Module:
+    with init_empty_weights(include_buffers=False):
+        return AUTO_CLASSES[Head(head)].from_config(config)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def write_hf_config(
@@ -83,6 +135,8 @@ EDIT_NAMES = {
     "attr": "head counts that differ from block to block",
     "corrected": "low-rank corrections",
     "quantized": "packed weights",
+    "shortcuts": "shortcut matrices of a rotated residual stream",
+    "scaled_rms": "weightless norms of a rotated residual stream",
 }
 NOTE = "shrink_note"
 

@@ -46,7 +46,7 @@ from ..models.edits import (
 )
 from ..models.loading import AUTO_CLASSES
 from ..quantization.packing import ZERO, is_quantized, pack, quantized_bits, register_grid, unpack
-from .hf_folder import write_hf_files
+from .hf_folder import bias_padded_config, stock_config, write_hf_config, write_hf_files
 
 FORMAT = "shrink-checkpoint"
 VERSION = 1
@@ -199,21 +199,30 @@ def save(
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    edits = structural_edits(model, head)
+    quantized = any(e["kind"] == "quantized" for e in edits)
+    # biases a method added (FLAP's) that the family's config can switch on: a stock folder
+    padded = None
+    if not quantized and block_states is None and stock_config(model, head) is None:
+        padded = bias_padded_config(model, head)
+    if padded is not None:  # the family builds every module from that config: no edit to rebuild
+        edits = []
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "head": str(Head(head).value),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "config": model.config.to_dict(),
-        "edits": structural_edits(model, head),
+        "config": (padded[0] if padded is not None else model.config).to_dict(),
+        "edits": edits,
         "info": info or {},
     }
-    quantized = any(e["kind"] == "quantized" for e in manifest["edits"])
     if quantized:
         if quant is None or quant.get("name", "none") == "none":
             raise ShrinkError("save: the model has quantized linears but no quant config was given")
         manifest["quantization"] = dict(quant)
-    if block_states is None and not quantized:
+    if padded is not None:
+        save_file({**_unique_tensors(model, ()), **padded[1]}, str(tmp / WEIGHTS))
+    elif block_states is None and not quantized:
         save_model(model, str(tmp / WEIGHTS))
     elif block_states is None:
         save_file(pack(_unique_tensors(model, ()), quant), str(tmp / WEIGHTS))
@@ -221,7 +230,10 @@ def save(
         _save_sharded(model, tmp, block_states, quant if quantized else None)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    write_hf_files(model, head, manifest["edits"], tmp, quant if quantized else None)
+    if padded is not None:
+        write_hf_config(model, padded[0], tmp, None)
+    else:
+        write_hf_files(model, head, manifest["edits"], tmp, quant if quantized else None)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     _apply_umask(tmp)
     shutil.rmtree(folder, ignore_errors=True)

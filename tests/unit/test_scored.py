@@ -195,3 +195,20 @@ def test_flaps_pruning_ratio_sets_the_budget_it_keeps(schedule):
         *tiny_overrides("tiny-llama"), "method=flap", "method.ratio=0.3", f"schedule={schedule}"
     )
     assert done.plan.budget == pytest.approx(0.7) and done.achieved <= done.plan.budget
+
+
+def test_bias_compensated_flap_under_uniform_is_a_stock_llama_folder(tmp_path):
+    """The biases FLAP adds to o_proj and down_proj switch on Llama's attention_bias and mlp_bias;
+    zero biases fill q/k/v and gate/up, and stock transformers computes the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=flap", "schedule=uniform", "budget=0.5")
+    folder = done.save(tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    assert "auto_map" not in config and config["attention_bias"] and config["mlp_bias"]
+    stock = AutoModelForCausalLM.from_pretrained(folder)
+    q = stock.model.layers[0].self_attn.q_proj
+    assert q.bias is not None and not q.bias.any()
+    ids = torch.randint(0, 255, (2, 16))
+    assert torch.equal(logits(stock, ids), logits(done.model, ids))
+    assert torch.equal(logits(shrink.load(folder), ids), logits(done.model, ids))
