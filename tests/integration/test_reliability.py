@@ -156,7 +156,7 @@ def test_the_launcher_leaves_a_refused_finished_folder_as_it_was(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("method=nope", "unknown method 'nope'; valid: distill, flap, id, llm-pruner, rom, shortgpt, slicegpt,"),
+        ("method=nope", "unknown method 'nope'; valid: distill, flap, id, llm-pruner, rom, shortgpt,"),
         ("method=base_id", "unknown method 'base_id'; valid: distill, flap, id, llm-pruner, rom,"),
         ("schedule=zigzag", "unknown schedule 'zigzag'; valid: energy, first_k, greedy, greedy-residual,"),
         ("eval=everything", "unknown eval 'everything'; valid: glue, glue-hub, leaderboard, none, ppl,"),
