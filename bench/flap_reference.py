@@ -160,6 +160,24 @@ def compare(reference: Path, checkpoint: Path) -> None:
     print(f"same KV groups in {same_groups}/{n} layers, same neurons in {same_neurons}/{n}; {differ} differ")
 
 
+def reference_cli(doc: str, add_run_arguments, run, compare) -> None:
+    """The command line the reference benches share: `run` (in the side environment; its own
+    arguments, then `--out`) and `compare REFERENCE CHECKPOINT` (in shrink's)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    add_run_arguments(r)
+    r.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("reference", type=Path)
+    c.add_argument("checkpoint", type=Path)
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args)
+    else:
+        compare(args.reference, args.checkpoint)
+
+
 def main() -> None:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flap_reference import MODEL, _perplexity, compare  # noqa: E402
+from flap_reference import MODEL, _perplexity, compare, reference_cli  # noqa: E402
 
 HEAD_DIM, GROUP = 64, 3  # SmolLM2-135M: 9 query heads of 64 over 3 KV heads
 
@@ -115,24 +115,15 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "kept"}))
 
 
-def main() -> None:
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
+def _run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--repo", type=Path, required=True, help="a checkout of horseee/LLM-Pruner")
     r.add_argument("--windows", type=Path, required=True)
     r.add_argument("--ratio", type=float, required=True, help="LLM-Pruner's pruning ratio per pruned block")
     r.add_argument("--aligned", action="store_true", help="fold query heads into their own KV group")
-    r.add_argument("--out", type=Path, required=True)
-    c = sub.add_parser("compare")
-    c.add_argument("reference", type=Path)
-    c.add_argument("checkpoint", type=Path)
-    args = parser.parse_args()
-    if args.command == "run":
-        run(args)
-    else:
-        compare(args.reference, args.checkpoint)
+
+
+def main() -> None:
+    reference_cli(__doc__, _run_arguments, run, compare)
 
 
 if __name__ == "__main__":

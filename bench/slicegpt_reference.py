@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from flap_reference import MODEL, _perplexity  # noqa: E402
+from flap_reference import MODEL, _perplexity, reference_cli  # noqa: E402
 
 CENTERING = "W.weight.data = (W_ - W_.mean(dim=-1, keepdim=True)).to(W.weight.data.dtype)"
 
@@ -131,26 +131,17 @@ def compare(reference: Path, checkpoint: Path) -> None:
         )
 
 
-def main() -> None:
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
+def _run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--repo", type=Path, required=True, help="a git checkout of TransformerCompression")
     r.add_argument("--windows", type=Path, required=True)
     r.add_argument("--sparsity", type=float, required=True, help="SliceGPT's share of the width sliced")
     r.add_argument("--round-interval", type=int, default=8)
     r.add_argument("--slice-embeddings", action="store_true", help="the code's own constant scheduler")
     r.add_argument("--no-center", action="store_true", help="keep the embedding's mean")
-    r.add_argument("--out", type=Path, required=True)
-    c = sub.add_parser("compare")
-    c.add_argument("reference", type=Path)
-    c.add_argument("checkpoint", type=Path)
-    args = parser.parse_args()
-    if args.command == "run":
-        run(args)
-    else:
-        compare(args.reference, args.checkpoint)
+
+
+def main() -> None:
+    reference_cli(__doc__, _run_arguments, run, compare)
 
 
 if __name__ == "__main__":
