@@ -160,37 +160,15 @@ def compare(reference: Path, checkpoint: Path) -> None:
     print(f"same KV groups in {same_groups}/{n} layers, same neurons in {same_neurons}/{n}; {differ} differ")
 
 
-def reference_cli(doc: str, add_run_arguments, run, compare) -> None:
+def reference_cli(doc: str, add_run_arguments, run, compare, with_windows: bool = False) -> None:
     """The command line the reference benches share: `run` (in the side environment; its own
-    arguments, then `--out`) and `compare REFERENCE CHECKPOINT` (in shrink's)."""
+    arguments, then `--out`), `compare REFERENCE CHECKPOINT` (in shrink's) and, here, `windows`."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    if with_windows:
+        sub.add_parser("windows").add_argument("--out", type=Path, required=True)
     r = sub.add_parser("run")
     add_run_arguments(r)
-    r.add_argument("--out", type=Path, required=True)
-    c = sub.add_parser("compare")
-    c.add_argument("reference", type=Path)
-    c.add_argument("checkpoint", type=Path)
-    args = parser.parse_args()
-    if args.command == "run":
-        run(args)
-    else:
-        compare(args.reference, args.checkpoint)
-
-
-def main() -> None:
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
-    sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("windows")
-    w.add_argument("--out", type=Path, required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--flap", type=Path, required=True, help="a checkout of CASIA-IVA-Lab/FLAP")
-    r.add_argument("--windows", type=Path, required=True)
-    r.add_argument("--method", choices=["flap", "wanda_sp"], default="flap")
-    r.add_argument("--ratio", type=float, required=True, help="FLAP's pruning ratio (share removed)")
-    r.add_argument("--structure", default="AL-AM")
-    r.add_argument("--metrics", default="WIFV")
     r.add_argument("--out", type=Path, required=True)
     c = sub.add_parser("compare")
     c.add_argument("reference", type=Path)
@@ -202,6 +180,19 @@ def main() -> None:
         run(args)
     else:
         compare(args.reference, args.checkpoint)
+
+
+def _run_arguments(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--flap", type=Path, required=True, help="a checkout of CASIA-IVA-Lab/FLAP")
+    r.add_argument("--windows", type=Path, required=True)
+    r.add_argument("--method", choices=["flap", "wanda_sp"], default="flap")
+    r.add_argument("--ratio", type=float, required=True, help="FLAP's pruning ratio (share removed)")
+    r.add_argument("--structure", default="AL-AM")
+    r.add_argument("--metrics", default="WIFV")
+
+
+def main() -> None:
+    reference_cli(__doc__, _run_arguments, run, compare, with_windows=True)
 
 
 if __name__ == "__main__":
