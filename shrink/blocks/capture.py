@@ -10,6 +10,7 @@ model's outputs with its blocks brought in one at a time (`stream=true` evaluati
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,18 +67,23 @@ def catch_block_inputs(
 @contextlib.contextmanager
 def replaced_forwards(blocks: Sequence[nn.Module], forwards: Sequence[Callable]) -> Iterator[None]:
     """Swap each block's forward for a stub, then restore what was there: the class's forward,
-    or the wrapper that accelerate's hooks put on the instance (device-mapped models)."""
+    or the wrapper that accelerate's hooks put on the instance (device-mapped models). The block's
+    own forward hooks are silenced meanwhile (a sliced block's hooks route its residual stream and
+    would hand the stub another input than the model's)."""
     saved = [block.__dict__.get("forward") for block in blocks]
+    hooks = [(block._forward_pre_hooks, block._forward_hooks) for block in blocks]
     for block, forward in zip(blocks, forwards, strict=True):
         block.forward = forward
+        block._forward_pre_hooks, block._forward_hooks = OrderedDict(), OrderedDict()
     try:
         yield
     finally:
-        for block, forward in zip(blocks, saved, strict=True):
+        for block, forward, (pre, post) in zip(blocks, saved, hooks, strict=True):
             if forward is None:
                 del block.forward
             else:
                 block.forward = forward
+            block._forward_pre_hooks, block._forward_hooks = pre, post
 
 
 @torch.no_grad()
