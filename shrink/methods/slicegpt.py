@@ -185,15 +185,18 @@ class SliceGPT(Method):
         mlp_in, mlp_out = ctx.site("mlp_in").linears, ctx.site("mlp_out").linears[0]
         paths = {"attn": [*ins, outs], "mlp": [*mlp_in, mlp_out]}
         before = {unit: [module_cost(block.get_submodule(p)) for p in ps] for unit, ps in paths.items()}
+        first = ctx.index == 0
+        if not first and self.basis is None:
+            raise RuntimeError(f"block {ctx.index}: the basis the block before it left is missing")
         layer_norm = isinstance(block.get_submodule(taps["attn_norm"]), nn.LayerNorm)
         # the stream entering the first block is the raw embedding: not centred under a LayerNorm
-        fold_norm(block, taps["attn_norm"], ins, d, center=layer_norm and self.basis is None)
+        fold_norm(block, taps["attn_norm"], ins, d, center=layer_norm and first)
         fold_norm(block, taps["mlp_norm"], mlp_in, d, center=False)
         if layer_norm:
             center_outputs(block, outs)
             center_outputs(block, mlp_out)
         device = block.get_submodule(outs).weight.device
-        if self.basis is None:  # the full-width stream, in the model's own basis
+        if first:  # the full-width stream, in the model's own basis
             to_full = torch.eye(d, dtype=torch.float64, device=device)
             if layer_norm:  # its mean is what every LayerNorm downstream drops
                 to_full -= 1.0 / d
