@@ -42,14 +42,21 @@ from ..quantization.packing import is_quantized, quantization_config
 
 def stock_config(model: nn.Module, head: str) -> PretrainedConfig | None:
     """The config under which transformers builds `model` as it is, or None."""
+    config = _smaller_config(model)
+    if config is None:
+        return None
+    return config if _shapes(model) == _shapes(_empty(config, head)) else None
+
+
+def _smaller_config(model: nn.Module) -> PretrainedConfig | None:
+    """The model's config with the widths and head counts its blocks share, or None."""
     values = build_adapter(model).stock_config()
     if values is None:
         return None
     config = copy.deepcopy(model.config)
     for key, value in values.items():
         setattr(config, key, value)
-    ours, theirs = _shapes(model), _shapes(_empty(config, head))
-    return config if ours == theirs else None
+    return config
 
 
 # config switches that give a family's block linears biases: key -> the sites whose linears get one
@@ -62,13 +69,10 @@ def bias_padded_config(
     """For a model of stock shapes whose block linears carry biases its config has switched off:
     the config with those switches on, and a zero bias for every linear they cover that has none
     (the family's code then computes the same model); None when that is not a stock folder."""
-    adapter = build_adapter(model)
-    values = adapter.stock_config()
-    if values is None:
+    config = _smaller_config(model)
+    if config is None:
         return None
-    config = copy.deepcopy(model.config)
-    for key, value in values.items():
-        setattr(config, key, value)
+    adapter = build_adapter(model)
     switched = False
     for key, sites in BIAS_SWITCHES.items():
         if getattr(config, key, True):  # no such switch, or already on
