@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import shrink
+import shrink.models
+import shrink.run.pipeline  # noqa: F401  (bound to the real load_model before a test patches it)
 from shrink.methods.slicegpt import SliceGPT
 from shrink.modeling_shrink import add_shortcuts
 from shrink.models import build_adapter, load_model
@@ -158,3 +160,33 @@ def test_a_run_resumed_after_block_0_ends_with_the_same_model(tmp_path, monkeypa
     ids = torch.randint(0, 255, (2, 32))
     theirs, ours = (shrink.load(tmp_path / name / "model") for name in ("straight", "resumed"))
     assert torch.equal(logits(ours, ids), logits(theirs, ids))
+
+
+def test_a_residual_stream_of_rank_r_is_kept_exactly_at_width_r(monkeypatch):
+    """Embeddings, o_proj and down_proj that write only into an r-dimensional subspace give a
+    residual stream of rank r, whose PCA finds that subspace: slicing to width r loses nothing."""
+    rank = 32
+    basis = torch.linalg.qr(torch.randn(64, rank, generator=torch.Generator().manual_seed(0)))[0]
+    keep = basis @ basis.T  # the projector onto the subspace
+    real = shrink.models.load_model
+
+    def low_rank_stream(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        adapter = loaded.adapter
+        with torch.no_grad():
+            embedding = loaded.model.get_input_embeddings().weight
+            embedding.copy_(embedding @ keep)
+            for block in adapter.blocks():
+                for path in (adapter.attention_paths.o, adapter.site_paths["mlp_out"][0]):
+                    linear = block.get_submodule(path)
+                    linear.weight.copy_(keep @ linear.weight)
+        return loaded
+
+    monkeypatch.setattr(shrink.models, "load_model", low_rank_stream)
+    cfg = make_cfg(*tiny_overrides("tiny-llama"), THREE)
+    dense = low_rank_stream(cfg.model, torch.float32, seed=cfg.seed).model
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), THREE, "method=slicegpt", "method.slicing=0.5")
+    assert [row["stream"] for row in build_adapter(done.model).block_widths()][1] == [rank] * 3
+    ids = torch.randint(0, 255, (2, 40))
+    theirs, ours = logits(dense, ids), logits(done.model, ids)
+    assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
