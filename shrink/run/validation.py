@@ -101,11 +101,6 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
                 f"method {cfg.method.name!r} slices the residual stream to one width across the blocks, "
                 f"which it chooses from the budget itself; use schedule=uniform, not {cfg.schedule.name!r}"
             )
-        if cfg.model.get("device_map") is not None:
-            raise ShrinkError(
-                f"method {cfg.method.name!r} adds shortcut matrices to each block, which model.device_map "
-                "(accelerate's placement of the blocks' tensors) does not place yet; run it without one"
-            )
         if cfg.quant.name != "none" and cfg.quant.get("target") == "dense":
             raise ShrinkError(
                 f"quant.target=dense fits each block to the dense model's stream, which method "
