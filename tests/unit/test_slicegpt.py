@@ -190,3 +190,14 @@ def test_a_residual_stream_of_rank_r_is_kept_exactly_at_width_r(monkeypatch):
     ids = torch.randint(0, 255, (2, 40))
     theirs, ours = logits(dense, ids), logits(done.model, ids)
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
+
+
+@pytest.mark.parametrize(
+    "unit", [["budget_unit=macs"], ["budget_unit=macs", "budget_seq_len=0"], ["budget_unit=bytes"]]
+)
+def test_the_budget_holds_in_macs_and_bytes(unit):
+    """Shortcut matrices cost MACs and bytes too; the attention scores (every head is kept) do not
+    shrink, so in MACs at a context the stream is sliced further than the weights alone need."""
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), THREE, "method=slicegpt", "budget=0.9", *unit)
+    assert done.achieved <= 0.9
+    assert build_adapter(done.model).block_widths()[1]["stream"][1] < 64
