@@ -332,6 +332,11 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], **factory: Any) -> None:
         block = model.get_submodule(edit["path"])
         add_shortcuts(block, edit["taps"], edit["in"], edit["mid"], edit["out"], **factory)
         return
+    if kind == "embedding_dim":  # a narrower residual stream from the start (SliceGPT)
+        module = model.get_submodule(edit["path"])
+        module.weight = nn.Parameter(torch.empty(module.num_embeddings, edit["dim"], **factory))
+        module.embedding_dim = edit["dim"]
+        return
     if kind == "scaled_rms":
         new_norm = ScaledRMSNorm(edit["mean_dim"], edit["eps"], edit.get("center", False))
         replace_submodule(model, edit["path"], new_norm)
@@ -356,7 +361,7 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], **factory: Any) -> None:
     else:
         raise ValueError(
             f"unknown edit kind {kind!r}; valid: low_rank, linear, head_padded, head_sliced, attr, "
-            "corrected, quantized, shortcuts, scaled_rms"
+            "corrected, quantized, shortcuts, scaled_rms, embedding_dim"
         )
     replace_submodule(model, edit["path"], new)
 

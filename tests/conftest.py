@@ -220,6 +220,8 @@ def compress_in_memory(*overrides: str) -> Compressed:
         runner.advance(ctx)
     if removed:
         loaded.adapter.remove_blocks(removed)
+    if method.embedding_basis() is not None:
+        loaded.adapter.rotate_embeddings(method.embedding_basis())
     quant = OmegaConf.to_container(cfg.quant) if cfg.quant.name != "none" else None
     return Compressed(
         loaded, plan, rows, dense, costs.model(), costs.unit.value, cfg.model.head, steps, quant

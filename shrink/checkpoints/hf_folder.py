@@ -141,6 +141,7 @@ EDIT_NAMES = {
     "quantized": "packed weights",
     "shortcuts": "shortcut matrices of a rotated residual stream",
     "scaled_rms": "weightless norms of a rotated residual stream",
+    "embedding_dim": "a sliced residual stream from the embedding on",
 }
 NOTE = "shrink_note"
 

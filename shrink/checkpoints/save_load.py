@@ -124,6 +124,11 @@ def structural_edits(
 
 def _module_edit(path: str, module: nn.Module, reference: dict[str, nn.Module]) -> dict[str, Any] | None:
     """The edit that rebuilds `module` at `path` from the base architecture, None if it is the same."""
+    if isinstance(module, nn.Embedding):
+        ref = reference.get(path)
+        if isinstance(ref, nn.Embedding) and ref.embedding_dim != module.embedding_dim:
+            return {"kind": "embedding_dim", "path": path, "dim": module.embedding_dim}
+        return None
     if isinstance(module, ScaledRMSNorm):
         return {
             "kind": "scaled_rms",

@@ -83,6 +83,11 @@ class Method(ABC):
     def carry(self, state: dict[str, torch.Tensor]) -> None:  # noqa: B027  (optional, as `check`)
         """Take back what `carried` gave, when a resumed run starts after a finished block."""
 
+    def embedding_basis(self) -> torch.Tensor | None:
+        """The basis (d × k) the residual stream starts in once every block is done, which the run
+        gives the embeddings (`Adapter.rotate_embeddings`); None: they stay as they are."""
+        return None
+
     def prepare(self, contexts: list[BlockContext], inputs: PlanInputs) -> None:  # noqa: B027
         """A choice for the whole model made from its shapes before the first block (`contexts`
         hold no statistics), such as SliceGPT's one stream width; raises if the budget is out of

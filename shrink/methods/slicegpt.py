@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from omegaconf import DictConfig
@@ -52,6 +53,12 @@ from .base import Method
 from .units import unit_record
 
 
+class Embeddings(str, Enum):
+    keep = "keep"  # the embedding keeps its width; the first block reads it whole
+    # the embedding is rotated and sliced too, as the reference does (a tied LM head is untied)
+    slice = "slice"
+
+
 @dataclass
 class SliceGPTConf(MethodConf):
     name: str = "slicegpt"
@@ -60,6 +67,7 @@ class SliceGPTConf(MethodConf):
     slicing: float | None = None
     # the stream's width is a multiple of this (the reference's `--round-interval`)
     round_interval: int = 8
+    embeddings: Embeddings = Embeddings.keep
 
 
 @register("slicegpt", SliceGPTConf)
@@ -71,6 +79,8 @@ class SliceGPT(Method):
         super().__init__(cfg)
         self.width: int | None = None  # the sliced stream's width; None: nothing is sliced
         self.basis: torch.Tensor | None = None  # the stream entering the next block: d × width
+        # embeddings=slice: the map from the embedding's rows to the sliced stream (d × width)
+        self.entry: torch.Tensor | None = None
         self.taps: dict[str, str] = {}
         self.hidden = 0
         self.n_blocks = 0
@@ -106,7 +116,12 @@ class SliceGPT(Method):
     def _widths(self, index: int, width: int) -> tuple[int, int, int]:
         """The stream's width entering block `index`, between its attention and MLP, leaving it."""
         d = self.hidden
-        return (d if index == 0 else width, width, d if index == self.n_blocks - 1 else width)
+        sliced_entry = Embeddings(self.cfg.embeddings) == Embeddings.slice
+        return (
+            d if index == 0 and not sliced_entry else width,
+            width,
+            d if index == self.n_blocks - 1 else width,
+        )
 
     def _priced(self, ctx: BlockContext, width: int) -> float:
         """Block `ctx` sliced to `width` (its dense shapes otherwise), in the budget unit."""
@@ -169,10 +184,28 @@ class SliceGPT(Method):
         )
 
     def carried(self) -> dict[str, torch.Tensor]:
-        return {"basis": self.basis} if self.basis is not None else {}
+        found = {"basis": self.basis, "entry": self.entry}
+        return {name: t for name, t in found.items() if t is not None}
 
     def carry(self, state: dict[str, torch.Tensor]) -> None:
-        self.basis = state.get("basis")
+        self.basis, self.entry = state.get("basis"), state.get("entry")
+
+    def embedding_basis(self) -> torch.Tensor | None:
+        return self.entry
+
+    def _slice_entry(self, ctx: BlockContext, layer_norm: bool) -> None:
+        """embeddings=slice: the PCA of the stream entering the first block (the embeddings' sum;
+        centred under a LayerNorm, whose mean nothing downstream reads) gives its basis; the first
+        block's inputs move into it, and the run rotates the embeddings the same way at the end."""
+        d = self.hidden
+        center = torch.eye(d, dtype=torch.float64) - (1.0 / d if layer_norm else 0.0)
+        acc = SecondMoment(d, ctx.hidden[0].device, f"block {ctx.index} input stream")
+        for h in ctx.hidden:
+            acc.update(h.to(torch.float64) @ center.to(h.device))
+        _, vectors = self._pca(ctx, acc)
+        self.basis = vectors[:, : self.width]
+        self.entry = center.to(self.basis.device) @ self.basis
+        ctx.hidden[:] = [(h.to(torch.float64) @ self.entry.to(h.device)).to(h.dtype) for h in ctx.hidden]
 
     # ---- one block ---------------------------------------------------------------------------------
     def compress_block(self, ctx: BlockContext) -> BlockResult:
@@ -185,10 +218,12 @@ class SliceGPT(Method):
         mlp_in, mlp_out = ctx.site("mlp_in").linears, ctx.site("mlp_out").linears[0]
         paths = {"attn": [*ins, outs], "mlp": [*mlp_in, mlp_out]}
         before = {unit: [module_cost(block.get_submodule(p)) for p in ps] for unit, ps in paths.items()}
-        first = ctx.index == 0
-        if not first and self.basis is None:
-            raise RuntimeError(f"block {ctx.index}: the basis the block before it left is missing")
         layer_norm = isinstance(block.get_submodule(taps["attn_norm"]), nn.LayerNorm)
+        if ctx.index == 0 and Embeddings(self.cfg.embeddings) == Embeddings.slice:
+            self._slice_entry(ctx, layer_norm)
+        first = self.basis is None  # the full-width stream of the embeddings, as they are
+        if ctx.index > 0 and first:
+            raise RuntimeError(f"block {ctx.index}: the basis the block before it left is missing")
         # the stream entering the first block is the raw embedding: not centred under a LayerNorm
         fold_norm(block, taps["attn_norm"], ins, d, center=layer_norm and first)
         fold_norm(block, taps["mlp_norm"], mlp_in, d, center=False)

@@ -92,6 +92,9 @@ class Adapter(ABC):
     # (block-relative), what a method that rotates the residual stream folds and taps; None where
     # the norms sit on the stream itself (post-norm) or blocks carry more norms than these two
     stream_paths: dict[str, str] | None = None
+    # embeddings added into the residual stream besides the token embedding (OPT's learned
+    # positions), relative to `model.base_model`
+    extra_embeddings: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -134,6 +137,26 @@ class Adapter(ABC):
     def stream_maps(self, block: nn.Module) -> list[str]:
         """The block's residual-stream maps (shortcut matrices of a rotated stream), if any."""
         return list(SHORTCUTS) if getattr(block, TAPS, None) is not None else []
+
+    def embeddings(self) -> list[nn.Embedding]:
+        """Every embedding whose rows enter the residual stream at its start."""
+        base = self.model.base_model
+        return [self.model.get_input_embeddings(), *(base.get_submodule(p) for p in self.extra_embeddings)]
+
+    def rotate_embeddings(self, basis: torch.Tensor) -> None:
+        """Make the residual stream start in `basis` (d × k): every embedding row e becomes e·basis,
+        k wide. A head tied to the token embedding keeps its own copy first (the config says it is
+        no longer tied), so the logits stay what they were."""
+        head = self.model.get_output_embeddings()
+        tokens = self.model.get_input_embeddings()
+        if head is not None and head.weight is tokens.weight:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            self.config.tie_word_embeddings = False
+        for embedding in self.embeddings():
+            weight = embedding.weight.detach()
+            rotated = weight.to(torch.float64) @ basis.to(weight.device, torch.float64)
+            embedding.weight = nn.Parameter(rotated.to(weight.dtype), requires_grad=False)
+            embedding.embedding_dim = basis.shape[1]
 
     def hidden_size(self) -> int:
         """The residual stream's width."""

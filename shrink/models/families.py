@@ -73,6 +73,7 @@ class OPTAdapter(Adapter):
     head_attributes = {"self_attn": {"num_heads": "heads"}}
     ffn_config_key = "ffn_dim"
     stream_paths = {"attn_norm": "self_attn_layer_norm", "attn": "self_attn", "mlp_norm": "final_layer_norm"}
+    extra_embeddings = ("decoder.embed_positions",)
 
     def _blocks_of(self, backbone: nn.Module) -> nn.ModuleList:
         return backbone.decoder.layers

@@ -170,6 +170,9 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     evaluate_suite(cfg, store, False, results, job.folder.path)
     job.clock["dense_eval"] = time.perf_counter()
     removed = _compress(cfg, store, method, costs, inputs, job)
+    entry = method.embedding_basis()
+    if entry is not None:  # the stream starts sliced: the embeddings take its basis
+        store.adapter.rotate_embeddings(entry)
     job.clock["compressed"] = time.perf_counter()
     stored = store.end_compression()  # where the compressed blocks are read from for saving
     if removed:  # whole blocks a method removed (validation keeps such methods to resident models)

@@ -101,6 +101,11 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
                 f"method {cfg.method.name!r} slices the residual stream to one width across the blocks, "
                 f"which it chooses from the budget itself; use schedule=uniform, not {cfg.schedule.name!r}"
             )
+        if cfg.method.get("embeddings") == "slice" and cfg.model.get("device_map") is not None:
+            raise ShrinkError(
+                "method.embeddings=slice rewrites the embeddings and unties the LM head, which "
+                "model.device_map may have offloaded; use method.embeddings=keep or no device map"
+            )
         if cfg.quant.name != "none" and cfg.quant.get("target") == "dense":
             raise ShrinkError(
                 f"quant.target=dense fits each block to the dense model's stream, which method "

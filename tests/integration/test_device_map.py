@@ -24,7 +24,12 @@ LLAMA_MAP = (
 )
 CASES = {
     "llama-id-dict": ("tiny-llama", ["method=id", "schedule=uniform"], [LLAMA_MAP], {"cpu": 1, "disk": 1}),
-    "llama-slicegpt-dict": ("tiny-llama", ["method=slicegpt", "budget=0.7"], [LLAMA_MAP], {"cpu": 1, "disk": 1}),
+    "llama-slicegpt-dict": (
+        "tiny-llama",
+        ["method=slicegpt", "budget=0.7"],
+        [LLAMA_MAP],
+        {"cpu": 1, "disk": 1},
+    ),
     "opt-svdllm-greedy-auto": (
         "tiny-opt",
         ["method=svdllm", "schedule=greedy"],

@@ -22,8 +22,9 @@ CASES = {
     "llama-id-dense": ("tiny-llama", ["method=id", "propagate=dense"], FAST_PPL),
     "opt-svdllm-greedy": ("tiny-opt", ["method=svdllm", "schedule=greedy"], FAST_PPL),
     "bert-distill": ("tiny-bert", ["method=distill", "method.steps=4"], ["eval=none"]),
-    # a rotated, sliced residual stream: new modules in every block, a basis carried across blocks
-    "llama-slicegpt": ("tiny-llama", ["method=slicegpt", "budget=0.7"], FAST_PPL),
+    # a rotated, sliced residual stream: new modules in every block, a basis carried across blocks,
+    # the embeddings rotated and the head untied at the end
+    "llama-slicegpt": ("tiny-llama", ["method=slicegpt", "budget=0.7", "method.embeddings=slice"], FAST_PPL),
     "llama-id-gptq": (
         "tiny-llama",
         ["method=id", "budget=0.7", "quant=gptq", "quant.group_size=32", "quant.lowrank=4"],

@@ -35,16 +35,25 @@ def _dense(model: str):
     return load_model(cfg.model, torch.float32, seed=cfg.seed).model
 
 
+@pytest.mark.parametrize("embeddings", ["keep", "slice"])
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-qwen2"])
-def test_rotating_the_stream_at_full_width_keeps_the_logits(monkeypatch, model):
-    """RMSNorm(x·Q) = RMSNorm(x)·Q: folded norms, PCA bases, shortcut matrices and (OPT) the
-    LayerNorm turned into a centred RMSNorm change nothing while no direction is sliced away."""
+def test_rotating_the_stream_at_full_width_keeps_the_logits(monkeypatch, model, embeddings):
+    """RMSNorm(x·Q) = RMSNorm(x)·Q: folded norms, PCA bases, shortcut matrices, (OPT) the
+    LayerNorm turned into a centred RMSNorm and (`slice`) rotated embeddings beside an untied head
+    change nothing while no direction is sliced away."""
 
     def full_width(self, contexts, inputs):
         self.width = self.hidden
 
     monkeypatch.setattr(SliceGPT, "prepare", full_width)
-    done = compress_in_memory(*tiny_overrides(model), THREE, "method=slicegpt", "budget=0.9")
+    overrides = [
+        *tiny_overrides(model),
+        THREE,
+        "method=slicegpt",
+        "budget=0.9",
+        f"method.embeddings={embeddings}",
+    ]
+    done = compress_in_memory(*overrides)
     ids = torch.randint(0, 255, (2, 40))
     theirs, ours = logits(_dense(model), ids), logits(done.model, ids)
     assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
@@ -111,6 +120,30 @@ def test_the_budget_slices_one_width_and_counts_the_shortcuts(tmp_path, model):
     assert torch.equal(logits(shrink.load(done.save(tmp_path / "model")), ids), logits(done.model, ids))
 
 
+def test_sliced_embeddings_start_the_stream_sliced_and_untie_the_head(tmp_path):
+    """`embeddings: slice` (the reference's own scheduler): the embedding is width wide, the first
+    block reads it so, the LM head keeps its own full matrix, and the checkpoint reloads in shrink
+    and in transformers with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    overrides = [*tiny_overrides("tiny-llama"), THREE, "method=slicegpt", "budget=0.8"]
+    done = compress_in_memory(*overrides, "method.embeddings=slice")
+    widths = [row["stream"] for row in build_adapter(done.model).block_widths()]
+    width = widths[0][0]
+    assert width < 64 and widths[0] == [width] * 3 and widths[2] == [width, width, 64]
+    assert done.model.get_input_embeddings().weight.shape == (260, width)
+    assert done.model.get_output_embeddings().weight.shape == (260, 64)
+    assert not done.model.config.tie_word_embeddings
+    assert done.achieved <= 0.8
+    folder = done.save(tmp_path / "model")
+    ids = torch.randint(0, 255, (2, 32))
+    ours = logits(done.model, ids)
+    assert torch.equal(logits(shrink.load(folder), ids), ours)
+    assert torch.equal(
+        logits(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True), ids), ours
+    )
+
+
 def test_the_slicing_knob_sets_the_width_and_the_budget_follows():
     done = compress_in_memory(*tiny_overrides("tiny-llama"), THREE, "method=slicegpt", "method.slicing=0.25")
     rows = build_adapter(done.model).block_widths()
@@ -145,15 +178,27 @@ def test_an_end_to_end_run_saves_a_checkpoint_with_the_logits_it_had(run_job, sa
         (["model=tiny-llama", "method.slicing=0.02"], "more than it saves"),
         (["model=tiny-llama", "budget=0.1"], "cannot be met by method 'slicegpt'"),
         (["model=tiny-llama", "budget=0.8", "quant=gptq", "quant.target=dense"], "quant.target=compressed"),
+        (
+            ["model=tiny-llama", "budget=0.8", "method.embeddings=slice", "model.device_map=auto"],
+            "embeddings=keep",
+        ),
     ],
 )
 def test_bad_inputs_fail_before_loading(tmp_path, overrides, match):
     fails(tmp_path, *FAST, "eval=none", "method=slicegpt", *overrides, match=match)
 
 
-def test_a_run_resumed_after_block_0_ends_with_the_same_model(tmp_path, monkeypatch, run_job):
-    """The basis of the stream leaving block 0 is saved with block 1's inputs and taken back."""
-    overrides = [*tiny_overrides("tiny-llama"), THREE, "method=slicegpt", "budget=0.7"]
+@pytest.mark.parametrize("embeddings", ["keep", "slice"])
+def test_a_run_resumed_after_block_0_ends_with_the_same_model(tmp_path, monkeypatch, run_job, embeddings):
+    """The basis of the stream leaving block 0 (and, sliced, the embeddings') is saved with block
+    1's inputs and taken back."""
+    overrides = [
+        *tiny_overrides("tiny-llama"),
+        THREE,
+        "method=slicegpt",
+        "budget=0.7",
+        f"method.embeddings={embeddings}",
+    ]
     resumed = interrupt_then_resume(monkeypatch, overrides, tmp_path / "resumed")
     straight, _ = run_job(*overrides, name="straight")
     assert resumed["eval"]["ppl"] == straight["eval"]["ppl"]
