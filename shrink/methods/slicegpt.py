@@ -287,8 +287,9 @@ class SliceGPT(Method):
 
     def _mid_moment(self, ctx: BlockContext) -> SecondMoment:
         """Σhhᵀ of the stream between attention and MLP (the shortcut hook's sum, full width)."""
-        acc = SecondMoment(self.hidden, ctx.block.get_submodule(ctx.attention.paths.o).weight.device)
-        acc.where = f"block {ctx.index} stream between attention and MLP"
+        acc = SecondMoment(
+            self.hidden, self._device(ctx), f"block {ctx.index} stream between attention and MLP"
+        )
         attention = ctx.block.get_submodule(self.taps["attn"])
         handle = attention.register_forward_hook(lambda m, args, out: acc.update(m._shrink_stash["h"]))
         try:
@@ -300,11 +301,14 @@ class SliceGPT(Method):
         return acc
 
     def _output_moment(self, ctx: BlockContext) -> SecondMoment:
-        acc = SecondMoment(self.hidden, ctx.block.get_submodule(ctx.attention.paths.o).weight.device)
-        acc.where = f"block {ctx.index} output stream"
+        acc = SecondMoment(self.hidden, self._device(ctx), f"block {ctx.index} output stream")
         for y in ctx.run_all(ctx.hidden):
             acc.update(y)
         return acc
+
+    @staticmethod
+    def _device(ctx: BlockContext) -> torch.device:
+        return ctx.attention.linear("o").weight.device
 
     @staticmethod
     def _pca(ctx: BlockContext, acc: SecondMoment) -> tuple[torch.Tensor, torch.Tensor]:

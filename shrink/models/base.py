@@ -192,7 +192,7 @@ class Adapter(ABC):
             }
             ffn = int(block.get_submodule(self.mlp_paths["mlp_out"][0]).in_features)
             row = {"ffn": ffn, "heads": n_heads, "kv_heads": n_kv, "ranks": ranks}
-            if getattr(block, TAPS, None) is not None:  # the stream's widths in, between, out
+            if self.stream_maps(block):  # the stream's widths in, between, out
                 attn, mlp = (block.get_submodule(name) for name in SHORTCUTS)
                 row["stream"] = [int(attn.in_features), int(attn.out_features), int(mlp.out_features)]
             rows.append(row)
@@ -204,7 +204,7 @@ class Adapter(ABC):
         changed head counts need a family whose head size is a config key of its own."""
         shapes = set()
         for block in self.blocks():
-            if getattr(block, TAPS, None) is not None:  # a rotated, sliced residual stream
+            if self.stream_maps(block):  # a rotated, sliced residual stream
                 return None
             linears = [block.get_submodule(path) for site in self.sites(block) for path in site.linears]
             if any(type(linear) is not nn.Linear for linear in linears):
