@@ -217,6 +217,7 @@ class Config:
     logger: LoggerConf = MISSING
     quant: StepConf = MISSING
     sparsity: StepConf = MISSING
+    heal: StepConf = MISSING  # recovery training after the method, before sparsity and quantization
     budget: float = 0.5  # fraction of the compressible block weights kept
     budget_unit: BudgetUnit = BudgetUnit.params
     # context length at which attention-score MACs (QKᵀ, AV) are counted; 0 counts linears only

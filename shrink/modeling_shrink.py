@@ -97,7 +97,11 @@ class HeadPaddedLinear(nn.Linear):
         self._places: dict[torch.device, torch.Tensor] = {}  # the flat places, per device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
+        return self.pad(super().forward(x))
+
+    def pad(self, y: torch.Tensor) -> torch.Tensor:
+        """Its heads·width outputs placed in the zero-padded heads (what an adapter's update of
+        its stored rows goes through too)."""
         if self.positions is None:
             return F.pad(y.unflatten(-1, (self.heads, self.width)), (0, self.head_dim - self.width)).flatten(
                 -2

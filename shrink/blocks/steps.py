@@ -32,7 +32,7 @@ from ..errors import ShrinkError
 from ..linalg.moments import CrossMoment, Moments, SecondMoment
 from ..models import Site
 from ..models.base import BlockState
-from ..models.edits import CorrectedLinear, HeadSlicedLinear, LowRankLinear, replace_submodule
+from ..models.edits import CorrectedLinear, HeadSlicedLinear, LowRankLinear, plain_linears, replace_submodule
 from ..planning.cost import weight_bytes
 from ..quantization import QUANTIZERS, LinearJob, QuantConf
 from ..quantization import checks as quant_checks
@@ -305,11 +305,7 @@ def _parts(module: nn.Module, moments: Moments | None) -> list[tuple[str, nn.Lin
     """The plain linears of a block linear, each with the moments of its own input (None without
     them: only the linears are wanted)."""
     if moments is None:
-        if isinstance(module, LowRankLinear):
-            inner = [(".first", module.first), (".second", module.second)]
-        else:  # a corrected linear: its quantized base (the correction stays in full precision)
-            inner = [(".base", module.base)] if isinstance(module, CorrectedLinear) else [("", module)]
-        return [(name, linear, None) for name, linear in inner]
+        return [(name, linear, None) for name, linear in plain_linears(module)]
     moments = moments.map(lambda m: m.to(torch.float64))
     if isinstance(module, LowRankLinear):
         right = module.first.weight.detach().to(torch.float64)

@@ -242,7 +242,7 @@ def _encode(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> torch.
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _with_bos(windows: torch.Tensor, tokenizer: PreTrainedTokenizerBase, add_bos: bool) -> torch.Tensor:
+def with_bos(windows: torch.Tensor, tokenizer: PreTrainedTokenizerBase, add_bos: bool) -> torch.Tensor:
     if not add_bos:
         return windows
     if tokenizer.bos_token_id is None:
@@ -268,7 +268,7 @@ def calibration_windows(
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq_len, (nsamples,), generator=gen)
     windows = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
-    return _with_bos(windows, tokenizer, add_bos)
+    return with_bos(windows, tokenizer, add_bos)
 
 
 def test_windows(
@@ -283,4 +283,4 @@ def test_windows(
         raise ShrinkError(
             f"corpus {name!r}: test part has {stream.numel()} tokens, fewer than seq_len={seq_len}"
         )
-    return _with_bos(stream[: count * seq_len].view(count, seq_len), tokenizer, add_bos)
+    return with_bos(stream[: count * seq_len].view(count, seq_len), tokenizer, add_bos)

@@ -114,32 +114,13 @@ def evaluate_suite(cfg: DictConfig, store: BlockStore, compressed: bool, results
     if all(x is None for x in (ppl, zs, speed, glue, hub)):
         return
     which = "compressed" if compressed else "dense"
-    blocks = store.evaluation_blocks(compressed)
     store.ready_for_evaluation()
     model, tokenizer, device = store.model, store.tokenizer, store.device
     if speed is not None:  # timed first, before the other evaluators warm caches differently
         results.setdefault("speed", {})[which] = measure_speed(model, speed, device, f"speed ({which})")
         if which == "compressed" and "dense" in results["speed"]:
             results["speed"].update(speed_ratios(results["speed"]))
-    for corpus in ppl.corpora if ppl is not None else []:
-        windows = data.test_windows(corpus, tokenizer, ppl.seq_len, ppl.max_tokens, cfg.model.add_bos)
-        score = _cached(
-            cfg,
-            device,
-            which,
-            "ppl",
-            {"name": corpus, "windows": cache.fingerprint(windows)},
-            lambda windows=windows, desc=f"ppl {corpus} ({which})": (
-                perplexity(model, windows, ppl.batch_size, device, desc)
-                if blocks is None
-                else perplexity_by_blocks(model, windows, ppl.batch_size, device, blocks, desc)
-            ),
-            results,
-        )
-        entry = results.setdefault("ppl", {}).setdefault(
-            corpus, {"seq_len": ppl.seq_len, "tokens": score["tokens"]}
-        )
-        entry[which] = score["ppl"]
+    _perplexities(cfg, store, which, results)
     if glue is not None:
         _glue(cfg, glue, model, tokenizer, device, which, results)
     if hub is not None:
@@ -176,6 +157,38 @@ def evaluate_suite(cfg: DictConfig, store: BlockStore, compressed: bool, results
             results,
         )
         merge_zeroshot(results.setdefault("zeroshot", {}), scores, which)
+
+
+def score_perplexity(cfg: DictConfig, store: BlockStore, label: str, results: dict) -> None:
+    """The suite's perplexities of the store's model as it is now, under `label` beside `dense`
+    and `compressed` (e.g. `before_heal`)."""
+    store.ready_for_evaluation()
+    _perplexities(cfg, store, label, results)
+
+
+def _perplexities(cfg: DictConfig, store: BlockStore, which: str, results: dict) -> None:
+    ppl = cfg.eval.get("ppl")
+    blocks = store.evaluation_blocks(which != "dense")
+    model, tokenizer, device = store.model, store.tokenizer, store.device
+    for corpus in ppl.corpora if ppl is not None else []:
+        windows = data.test_windows(corpus, tokenizer, ppl.seq_len, ppl.max_tokens, cfg.model.add_bos)
+        score = _cached(
+            cfg,
+            device,
+            which,
+            "ppl",
+            {"name": corpus, "windows": cache.fingerprint(windows)},
+            lambda windows=windows, desc=f"ppl {corpus} ({which})": (
+                perplexity(model, windows, ppl.batch_size, device, desc)
+                if blocks is None
+                else perplexity_by_blocks(model, windows, ppl.batch_size, device, blocks, desc)
+            ),
+            results,
+        )
+        entry = results.setdefault("ppl", {}).setdefault(
+            corpus, {"seq_len": ppl.seq_len, "tokens": score["tokens"]}
+        )
+        entry[which] = score["ppl"]
 
 
 def _glue(cfg: DictConfig, glue: DictConfig, model, tokenizer, device, which: str, results: dict) -> None:

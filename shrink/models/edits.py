@@ -18,6 +18,16 @@ from ..modeling_shrink import (  # noqa: F401  (the layers live in the file a ch
 )
 
 
+def plain_linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The plain linears a block linear is made of, each with its path suffix: a factor pair's two
+    factors, a corrected linear's quantized base (its correction stays apart), or the linear itself."""
+    if isinstance(module, LowRankLinear):
+        return [(".first", module.first), (".second", module.second)]
+    if isinstance(module, CorrectedLinear):
+        return [(".base", module.base)]
+    return [("", module)]
+
+
 def thin_heads(
     block: nn.Module,
     v_path: str,

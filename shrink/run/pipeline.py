@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import time
@@ -21,10 +22,13 @@ from ..config import Propagate
 from ..data import corpora as data
 from ..data import hub
 from ..errors import ShrinkError
-from ..evaluation.suite import evaluate_suite
+from ..evaluation.suite import evaluate_suite, score_perplexity
 from ..hardware import memory as rss
 from ..hardware.devices import resolve_device
+from ..heal import HEALERS
+from ..heal.recover import heal
 from ..methods import Method, build_method
+from ..models import load_model
 from ..planning.budget import PlanInputs
 from ..planning.cost import CostModel
 from ..planning.inputs import cost_model, plan_inputs
@@ -73,6 +77,10 @@ def _folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+def _dtype(cfg: DictConfig) -> torch.dtype:
+    return getattr(torch, str(getattr(cfg.dtype, "value", cfg.dtype)))
+
+
 def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -119,7 +127,7 @@ def _run(cfg: DictConfig, folder: RunFolder) -> Finished:
     rss.reset_peak()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    dtype = getattr(torch, str(getattr(cfg.dtype, "value", cfg.dtype)))
+    dtype = _dtype(cfg)
     folder.start(cfg)
     tracker = make_tracker(cfg.logger)
     try:
@@ -169,7 +177,15 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     results: dict[str, Any] = {}
     evaluate_suite(cfg, store, False, results, job.folder.path)
     job.clock["dense_eval"] = time.perf_counter()
-    removed = _compress(cfg, store, method, costs, inputs, job)
+    healing = cfg.heal.name != "none"
+    # a model handed over in memory cannot be loaded again: the distillation teacher is a copy
+    teacher = (
+        copy.deepcopy(store.model)
+        if healing and HEALERS[cfg.heal.name].needs_teacher and cfg.model.source == "memory"
+        else None
+    )
+    post = steps.BlockSteps(cfg.quant, cfg.sparsity)
+    removed = _compress(cfg, store, method, costs, inputs, job, post if not healing else None)
     entry = method.embedding_basis()
     if entry is not None:  # the stream starts sliced: the embeddings take its basis
         store.adapter.rotate_embeddings(entry)
@@ -182,6 +198,13 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     achieved = kept_cost.of(unit) / dense_cost.of(unit)
     if achieved > float(cfg.budget) + 1e-9:
         raise RuntimeError(f"achieved budget {achieved:.6f} exceeds the requested {cfg.budget} (a bug)")
+    healed = None
+    if healing:  # then the steps, on the healed weights
+        healed = _heal(cfg, store, job, results, teacher)
+        teacher = None
+        job.clock["healed"] = time.perf_counter()
+        if post.active:
+            _apply_steps(cfg, store, post, costs, job)
     if cfg.save_model:
         info = {
             "model": cfg.model.name,
@@ -213,6 +236,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
         "block_macs_dense": dense_cost.macs,
         "block_macs_compressed": kept_cost.macs,
         "compress_seconds": clock["compressed"] - clock["dense_eval"],
+        **({"heal": healed} if healed is not None else {}),
         "resumed_after_block": job.done if job.done >= 0 else None,
         "load_seconds": clock["loaded"] - clock["start"],
         "eval_seconds": (clock["dense_eval"] - clock["loaded"]) + (clock["end"] - clock["saved"]),
@@ -231,16 +255,27 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
     }
 
 
-def _compress(
-    cfg: DictConfig, store: BlockStore, method: Method, costs: CostModel, inputs: PlanInputs, job: Job
-) -> list[int]:
-    """Plan (profiling first when the schedule needs it), then compress block by block, each
-    finished block recorded (and checkpointed) as it comes; a resumed run starts after job.done.
-    Returns the blocks the method removed whole (their rows say `removed`)."""
-    adapter, device = store.adapter, store.device
-    windows = data.calibration_windows(
+def _calibration_windows(cfg: DictConfig, store: BlockStore) -> torch.Tensor:
+    return data.calibration_windows(
         cfg.calib.corpus, store.tokenizer, cfg.calib.nsamples, cfg.calib.seq_len, cfg.seed, cfg.model.add_bos
     )
+
+
+def _compress(
+    cfg: DictConfig,
+    store: BlockStore,
+    method: Method,
+    costs: CostModel,
+    inputs: PlanInputs,
+    job: Job,
+    post: steps.BlockSteps | None,
+) -> list[int]:
+    """Plan (profiling first when the schedule needs it), then compress block by block, each
+    finished block recorded (and checkpointed) as it comes, with the sparsity and quantization
+    steps `post` after the method in each block; a resumed run starts after job.done. Returns the
+    blocks the method removed whole (their rows say `removed`)."""
+    adapter, device = store.adapter, store.device
+    windows = _calibration_windows(cfg, store)
     saliences = None
     if method.needs_gradients:  # a backward pass through the whole dense model, before any edit
         store.ready_for_evaluation()
@@ -269,8 +304,8 @@ def _compress(
             job.tracker.log_block(index, rows, spectra)
         start_inputs = (hidden, teacher)
         log.info("resuming after block %d of %d", job.done, len(adapter.blocks()))
-    post = steps.BlockSteps(cfg.quant, cfg.sparsity)
-    teacher = method.needs_teacher or post.needs_teacher
+    post = post if post is not None and post.active else None
+    teacher = method.needs_teacher or (post is not None and post.needs_teacher)
     blocks = runner.blocks(
         Propagate(cfg.propagate), plan, teacher, start=job.done + 1, start_inputs=start_inputs
     )
@@ -278,7 +313,7 @@ def _compress(
         for ctx in blocks:
             result = method.compress_block(ctx)
             removed += [ctx.index] if ctx.removed else []
-            step_rows = post.apply(ctx) if post.active and not ctx.removed else []
+            step_rows = post.apply(ctx) if post is not None and not ctx.removed else []
             hidden, teacher, seconds = runner.advance(ctx)
             rows = [{"block": ctx.index, **row, "block_seconds": seconds} for row in result.records]
             job.folder.add_block(ctx.index, rows, result.spectra)
@@ -290,6 +325,41 @@ def _compress(
                     method.carried(),
                 )  # fmt: skip
     return removed
+
+
+def _heal(
+    cfg: DictConfig, store: BlockStore, job: Job, results: dict[str, Any], teacher: torch.nn.Module | None
+) -> dict[str, Any]:
+    """Score the compressed model's perplexities (`before_heal`), then heal it in place; returns
+    the heal's summary. Trainer's checkpoints live in progress/, so `resume=true` goes on mid-heal."""
+    store.ready_for_evaluation()
+    score_perplexity(cfg, store, "before_heal", results)
+    if teacher is None and HEALERS[cfg.heal.name].needs_teacher:
+        teacher = load_model(cfg.model, _dtype(cfg), seed=cfg.seed).model
+    return heal(
+        store.adapter, store.tokenizer, teacher, cfg.heal, bool(cfg.model.add_bos), store.device,
+        job.progress.path / "heal", job.folder.path / "heal.jsonl", job.tracker.log_heal,
+    )  # fmt: skip
+
+
+def _apply_steps(
+    cfg: DictConfig, store: BlockStore, post: steps.BlockSteps, costs: CostModel, job: Job
+) -> None:
+    """The sparsity and quantization steps on the healed model: one more pass over the
+    calibration windows, block by block, each block's sites sparsified and quantized on the
+    stream of the blocks below as they were left."""
+    store.begin_compression()
+    runner = Runner(
+        store.adapter, _calibration_windows(cfg, store), cfg.calib.batch_size, store.device, store.placement,
+        costs, dense_pass=False,
+    )  # fmt: skip
+    blocks = runner.blocks(Propagate.compressed, desc="steps")
+    with contextlib.closing(blocks):
+        for ctx in blocks:
+            rows = post.apply(ctx)
+            runner.advance(ctx)
+            job.folder.add_steps([{"block": ctx.index, **row} for row in rows])
+    store.end_compression()
 
 
 def _objective(metrics: dict[str, Any]) -> float | None:

@@ -29,6 +29,8 @@ class Tracker:
 
     def log_plan(self, rows: list[dict[str, Any]]) -> None: ...
 
+    def log_heal(self, row: dict[str, Any]) -> None: ...
+
     def log_metrics(self, metrics: dict[str, Any]) -> None: ...
 
     def log_image(self, name: str, path: Path) -> None: ...
@@ -56,6 +58,9 @@ class JsonlTracker(Tracker):
 
     def log_plan(self, rows: list[dict[str, Any]]) -> None:
         self._write({"event": "plan", "rows": rows})
+
+    def log_heal(self, row: dict[str, Any]) -> None:
+        self._write({"event": "heal", **row})
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         self._write({"event": "metrics", "metrics": metrics})
@@ -118,6 +123,10 @@ class WandbTracker(Tracker):
             self.run.log(
                 {"plan": self.wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])}
             )
+
+    def log_heal(self, row: dict[str, Any]) -> None:
+        """One heal step: the loss curve, against the tokens trained on."""
+        self.run.log({f"heal/{k}": v for k, v in row.items()})
 
     def log_image(self, name: str, path: Path) -> None:
         if path.exists():

@@ -19,6 +19,7 @@ from ..errors import ShrinkError, first_line
 from ..evaluation import glue_hub
 from ..evaluation.suite import check_suite
 from ..hardware.devices import resolve_device
+from ..heal import checks as heal_checks
 from ..methods import METHODS, Method, build_method, check_method
 from ..models import Adapter, load_config, skeleton
 from ..models.catalog import check_label
@@ -93,6 +94,7 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
             f"drop budget={cfg.budget} or method.{knob}"
         )
     steps.check(cfg, METHODS[cfg.method.name].factorises)
+    heal_checks.check(cfg, overrides, multirun)
     METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size), Propagate(cfg.propagate).value)
     check_schedule(cfg.schedule.name)
     if METHODS[cfg.method.name].rotates_stream:
@@ -176,6 +178,7 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
     check_block_map(cfg.model, blocks)
     steps.check_widths(cfg, list(blocks.blocks()), [blocks.sites(b) for b in blocks.blocks()])
     check_reachable(cfg, blocks)
+    heal_checks.check_model(cfg.heal, blocks)
     if cfg.eval.get("glue_hub") is not None:
         glue_hub.check_model(str(cfg.eval.glue_hub.task), int(config.num_labels))
     limit = getattr(config, "max_position_embeddings", None)

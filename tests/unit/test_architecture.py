@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"quantization", "sparsity"},
     {"planning"},
     {"blocks"},
-    {"methods"},
+    {"methods", "heal"},
     {"checkpoints"},
     {"evaluation"},
     {"run"},

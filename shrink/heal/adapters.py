@@ -1,0 +1,143 @@
+"""What heal trains, and how it goes back into the compressed model.
+
+The targets are the plain linears of the block linears (a factor pair's two factors, each on its
+own). LoRA comes from peft, with one layer class of shrink's for every linear: it adds the update
+where the layer's own layout puts its outputs (a padded head projection pads it like its stored
+rows, a sliced output projection reads the same part of its input) and keeps every weight that is
+exactly zero at zero (a sparse model stays sparse). Merging writes the update into the stored
+weight, so the healed model has the compressed structure, parameter count and checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from ..errors import ShrinkError
+from ..models import Adapter
+from ..models.edits import HeadPaddedLinear, HeadSlicedLinear, plain_linears
+
+ALL = "all"
+
+
+def target_linears(adapter: Adapter, targets: list[str]) -> dict[str, nn.Linear]:
+    """Full module name → plain linear, for the block linears whose leaf name is in `targets`
+    (every one for [all])."""
+    found: dict[str, nn.Linear] = {}
+    for index, block in enumerate(adapter.blocks()):
+        prefix = adapter.block_path(index)
+        for site in adapter.sites(block):
+            for path in site.linears:
+                if ALL not in targets and path.rsplit(".", 1)[-1] not in targets:
+                    continue
+                for suffix, linear in plain_linears(block.get_submodule(path)):
+                    found[f"{prefix}.{path}{suffix}"] = linear
+    if not found:
+        raise ShrinkError(f"heal.targets={targets} names no block linear of this model")
+    return found
+
+
+def target_names(adapter: Adapter) -> list[str]:
+    """The leaf names heal.targets may use."""
+    return sorted({path.rsplit(".", 1)[-1] for block in adapter.blocks()[:1] for site in adapter.sites(block)
+                   for path in site.linears})  # fmt: skip
+
+
+class ShrinkLoraLinear(LoraLinear):
+    """peft's LoRA linear, through the layout of shrink's head projections and keeping zeros."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        if self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)
+        result = base(x, *args, **kwargs)
+        read = base.select(x) if isinstance(base, HeadSlicedLinear) else x
+        update = None
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            read = read.to(self.lora_A[name].weight.dtype)
+            mask = getattr(base, "heal_mask", None)
+            if mask is None:
+                part = (
+                    self.lora_B[name](self.lora_A[name](self.lora_dropout[name](read))) * self.scaling[name]
+                )
+            else:  # a sparse linear: the update reaches only the weights that are not zero
+                delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name] * mask
+                part = nn.functional.linear(self.lora_dropout[name](read), delta)
+            update = part if update is None else update + part
+        if update is None:
+            return result
+        if isinstance(base, HeadPaddedLinear):
+            update = base.pad(update)
+        return result + update.to(result.dtype)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        delta = super().get_delta_weight(adapter)
+        mask = getattr(self.get_base_layer(), "heal_mask", None)
+        return delta if mask is None else delta * mask.to(delta.dtype)
+
+
+def _mark_zeros(linears: dict[str, nn.Linear]) -> list[nn.Linear]:
+    """Give every target that has weights exactly zero a mask of the others (a buffer-free
+    attribute, so it never reaches a checkpoint); returns the masked ones."""
+    masked = []
+    for linear in linears.values():
+        zeros = linear.weight.detach() == 0
+        if bool(zeros.any()):
+            linear.heal_mask = (~zeros).to(linear.weight.dtype)
+            masked.append(linear)
+    return masked
+
+
+def _unmark(linears: dict[str, nn.Linear]) -> None:
+    for linear in linears.values():
+        if hasattr(linear, "heal_mask"):
+            del linear.heal_mask
+
+
+def with_lora(
+    model: nn.Module, linears: dict[str, nn.Linear], rank: int, alpha: float, dropout: float
+) -> PeftModel:
+    """The model wrapped by peft with a LoRA adapter on each target (B starts at zero, so the
+    wrapped model computes what the compressed one does)."""
+    _mark_zeros(linears)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(linears), bias="none"
+    )
+    config._register_custom_module({nn.Linear: ShrinkLoraLinear})
+    return get_peft_model(model, config)
+
+
+def merge_lora(wrapped: PeftModel, linears: dict[str, nn.Linear]) -> nn.Module:
+    """Each adapter merged into its linear's stored weight; the plain compressed model back."""
+    model = wrapped.merge_and_unload()
+    _unmark(linears)
+    return model
+
+
+def train_full(model: nn.Module, linears: dict[str, nn.Linear]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Train the targets' own weights and biases, nothing else; a weight exactly zero gets no
+    gradient, so it stays zero under AdamW (its moments stay zero, and decay of zero is zero).
+    Returns the hooks to remove when done."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    handles = []
+    for linear in _mark_zeros(linears):
+        mask = linear.heal_mask
+        handles.append(linear.weight.register_hook(lambda grad, mask=mask: grad * mask))
+    for linear in linears.values():
+        for parameter in (linear.weight, linear.bias):
+            if parameter is not None:
+                parameter.requires_grad_(True)
+    return handles
+
+
+def end_full(model: nn.Module, linears: dict[str, nn.Linear], handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    _unmark(linears)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)

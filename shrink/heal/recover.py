@@ -1,0 +1,74 @@
+"""One heal: the compressed model trained on the heal corpus and given back with exactly its
+compressed structure (LoRA merged into each stored weight)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import NumericalError
+from ..models import Adapter
+from . import HEALERS
+from .adapters import end_full, merge_lora, target_linears, train_full, with_lora
+from .config import HealParams
+from .trainer import heal_steps, train
+from .windows import heal_windows
+
+
+def heal(
+    adapter: Adapter,
+    tokenizer: PreTrainedTokenizerBase,
+    teacher: nn.Module | None,
+    cfg: DictConfig,
+    add_bos: bool,
+    device: torch.device,
+    checkpoints: Path,
+    log_path: Path,
+    log: Callable[[dict[str, Any]], None] = lambda row: None,
+) -> dict[str, Any]:
+    """Heal `adapter.model` in place on `device`; returns what heal.json and metrics.json report.
+    `checkpoints` holds Trainer's resumable checkpoints (a resumed heal goes on from the last)."""
+    model = adapter.model
+    healer = HEALERS[cfg.name](cfg)
+    linears = target_linears(adapter, list(cfg.targets))
+    steps, _ = heal_steps(cfg)
+    summary: dict[str, Any] = {
+        "name": cfg.name,
+        "params": HealParams(cfg.params).value,
+        "corpus": str(cfg.corpus),
+        "targets": len(linears),
+    }
+    if steps == 0:  # nothing to train: the model is left as it is
+        return summary | {"steps": 0, "tokens": 0}
+    windows = heal_windows(
+        str(cfg.corpus), tokenizer, int(cfg.tokens), int(cfg.seq_len), int(cfg.seed), add_bos
+    )
+    count = sum(p.numel() for p in model.parameters())
+    training = model.training
+    torch.manual_seed(int(cfg.seed))  # LoRA's A starts random
+    if HealParams(cfg.params) == HealParams.lora:
+        wrapped = with_lora(model, linears, int(cfg.rank), float(cfg.alpha), float(cfg.dropout))
+        summary["trainable"] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+        summary |= train(wrapped, healer, teacher, windows, cfg, device, checkpoints, log_path, log)
+        merged = merge_lora(wrapped, linears)
+        if merged is not model:
+            raise RuntimeError("peft gave back another model than it wrapped (a bug)")
+    else:
+        handles = train_full(model, linears)
+        summary["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        try:
+            summary |= train(model, healer, teacher, windows, cfg, device, checkpoints, log_path, log)
+        finally:
+            end_full(model, linears, handles)
+    model.train(training)
+    if sum(p.numel() for p in model.parameters()) != count:
+        raise RuntimeError("heal changed the model's parameter count (a bug)")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise NumericalError(f"heal={cfg.name} left non-finite weights: lower heal.lr (now {cfg.lr})")
+    return summary

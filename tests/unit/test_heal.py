@@ -1,0 +1,244 @@
+"""Recovery after compression (`heal=lora|kd`): LoRA through the layouts of shrink's layers and
+merged exactly, zero weights kept, the loss, the windows kept off test text, the order with the
+steps, resume mid-heal, and bad settings failing before anything loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import shrink
+from shrink.heal.adapters import merge_lora, target_linears, with_lora
+from shrink.heal.distill import kl_loss
+from shrink.heal.recover import heal
+from shrink.heal.windows import heal_windows
+from shrink.models import build_adapter
+from shrink.models.edits import HeadPaddedLinear, HeadSlicedLinear, LowRankLinear
+
+from ..conftest import FAST, FAST_PPL, compress_in_memory, fails, logits, make_cfg, tiny_overrides
+
+THIN = ["method=id", "budget=0.6", "method.attention=dims", "method.qk_dims=true"]
+HEAL = ["heal.tokens=512", "heal.seq_len=32", "heal.batch=2", "heal.rank=4"]
+
+
+def _heal_cfg(*overrides: str):
+    return make_cfg(*overrides).heal
+
+
+def _thin(*extra: str):
+    """A tiny Llama with thinned values (padded v, sliced o) and thinned queries and keys."""
+    return compress_in_memory(*tiny_overrides("tiny-llama"), *THIN, *extra)
+
+
+def _kinds(model) -> set[type]:
+    return {type(m) for m in model.modules()}
+
+
+def _randomise_lora(wrapped, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in wrapped.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=gen) * 0.05)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [THIN, ["method=svd", "budget=0.6"], ["method=slicegpt", "budget=0.8"]],
+    ids=["id-thin", "svd", "slicegpt"],
+)
+def test_merged_lora_computes_what_the_adapters_did(method):
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), *method)
+    model, adapter = done.model, build_adapter(done.model)
+    kinds = _kinds(model)
+    if method[0] == "method=id":
+        assert {HeadPaddedLinear, HeadSlicedLinear} <= kinds
+    if method[0] == "method=svd":
+        assert LowRankLinear in kinds
+    ids = torch.randint(0, 255, (2, 24))
+    before = logits(model, ids)
+    linears = target_linears(adapter, ["all"])
+    wrapped = with_lora(model, linears, rank=4, alpha=8.0, dropout=0.0)
+    assert torch.allclose(logits(wrapped, ids), before, atol=1e-6)  # B starts at zero
+    _randomise_lora(wrapped)
+    adapted = logits(wrapped, ids)
+    assert not torch.allclose(adapted, before, atol=1e-3)
+    count = sum(p.numel() for p in model.parameters())
+    merged = merge_lora(wrapped, linears)
+    assert merged is model and _kinds(merged) == kinds
+    assert sum(p.numel() for p in merged.parameters()) == count
+    assert (logits(merged, ids) - adapted).abs().max() < 1e-5 * adapted.abs().max().clamp_min(1)
+
+
+def test_a_factor_pair_gets_an_adapter_on_each_factor():
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=svd", "budget=0.6")
+    names = target_linears(build_adapter(done.model), ["down_proj"])
+    assert names and all(n.endswith(("down_proj.first", "down_proj.second")) for n in names)
+
+
+@pytest.mark.parametrize("params", ["lora", "full"])
+def test_weights_that_are_zero_stay_zero(tmp_path, params):
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "budget=0.8", "sparsity=wanda")
+    adapter = build_adapter(done.model)
+    zeros = {n: (lin.weight == 0).clone() for n, lin in target_linears(adapter, ["all"]).items()}
+    assert all(z.float().mean() >= 0.45 for z in zeros.values())
+    cfg = _heal_cfg("heal=kd", *HEAL, f"heal.params={params}", "heal.lr=0.01")
+    before = {n: lin.weight.detach().clone() for n, lin in target_linears(adapter, ["all"]).items()}
+    summary = heal(
+        adapter, done.loaded.tokenizer, _teacher(), cfg, False, torch.device("cpu"), tmp_path / "ckpt",
+        tmp_path / "heal.jsonl",
+    )  # fmt: skip
+    assert summary["steps"] == 8
+    after = target_linears(adapter, ["all"])
+    assert any(not torch.equal(after[n].weight, before[n]) for n in before)  # it trained
+    for name, zero in zeros.items():
+        assert (after[name].weight[zero] == 0).all(), name
+
+
+def _teacher():
+    from shrink.models import load_model
+
+    return load_model(make_cfg(*tiny_overrides("tiny-llama")).model, torch.float32, seed=0).model
+
+
+def test_zero_tokens_leave_the_model_as_it_is(tmp_path):
+    done = _thin()
+    ids = torch.randint(0, 255, (2, 24))
+    before = logits(done.model, ids)
+    cfg = _heal_cfg("heal=lora", "heal.tokens=0")
+    adapter = build_adapter(done.model)
+    summary = heal(
+        adapter, done.loaded.tokenizer, None, cfg, False, torch.device("cpu"), tmp_path, tmp_path / "h"
+    )
+    assert summary["steps"] == 0
+    assert torch.equal(logits(done.model, ids), before)
+
+
+def test_the_distillation_loss_is_the_tempered_kl():
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+    for temperature in (1.0, 2.0):
+        p, q = torch.softmax(t / temperature, -1), torch.softmax(s / temperature, -1)
+        explicit = (p * (p.log() - q.log())).sum(-1).mean() * temperature**2
+        assert kl_loss(s, t, temperature).item() == pytest.approx(explicit.item(), rel=1e-5)
+    assert kl_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_heal_windows_are_cut_from_the_calibration_part_only(monkeypatch):
+    from shrink.data import corpora
+
+    done = compress_in_memory(*tiny_overrides("tiny-llama"), "method=id", "budget=0.9")
+    tokenizer = done.loaded.tokenizer
+    asked = []
+    real = corpora.token_stream
+
+    def recorded(name, which, tok):
+        asked.append((name, which))
+        return real(name, which, tok)
+
+    monkeypatch.setattr(corpora, "token_stream", recorded)
+    windows = heal_windows("wiki+c4-sample", tokenizer, 4096, 64, seed=0)
+    assert {which for _, which in asked} == {"calib"}
+    stream = real("wiki+c4-sample", "calib", tokenizer)
+    starts = set(range(0, stream.numel() - 63, 64))
+    for window in windows:  # every window is one of the calibration part's aligned windows
+        first = int(torch.nonzero((stream.unfold(0, 64, 64) == window).all(-1))[0]) * 64
+        assert first in starts
+    assert windows.shape == (64, 64) and len({tuple(w.tolist()) for w in windows}) == 64
+
+
+def test_a_healed_run_keeps_its_structure_reports_both_scores_and_reloads(run_job, saved_logits):
+    plain, plain_folder = run_job("model=tiny-llama", *FAST, *FAST_PPL, "budget=0.6", name="plain")
+    metrics, folder = run_job(
+        "model=tiny-llama", *FAST, *FAST_PPL, "budget=0.6", "heal=kd", *HEAL, "heal.lr=0.01"
+    )
+    for key in ("params_compressed", "block_params_compressed", "block_macs_compressed", "budget_achieved"):
+        assert metrics[key] == plain[key], key
+    ppl = metrics["eval"]["ppl"]["wiki"]
+    assert ppl["before_heal"] == pytest.approx(plain["eval"]["ppl"]["wiki"]["compressed"], rel=1e-6)
+    assert ppl["compressed"] != ppl["before_heal"]
+    assert metrics["heal"]["steps"] == 8 and metrics["heal"]["tokens"] == 512
+    rows = [json.loads(line) for line in (folder / "heal.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["tokens"] == 512
+    assert not (folder / "progress").exists()  # the heal's checkpoints went with the finished run
+    manifest = json.loads((folder / "model" / "shrink.json").read_text())
+    assert manifest == json.loads((plain_folder / "model" / "shrink.json").read_text())
+    ours, theirs = (
+        load_file(folder / "model" / "model.safetensors"),
+        load_file(plain_folder / "model" / "model.safetensors"),
+    )
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    reloaded = shrink.load(folder / "model")
+    assert torch.allclose(logits(reloaded, saved_logits["ids"]), saved_logits["logits"], atol=1e-5)
+
+
+def test_steps_run_after_heal_on_the_healed_weights(run_job):
+    metrics, folder = run_job(
+        "model=tiny-llama", *FAST, *FAST_PPL, "budget=0.8", "heal=lora", *HEAL, "sparsity=wanda",
+        "sparsity.pattern=2:4",
+    )  # fmt: skip
+    assert metrics["block_zero_fraction"] == pytest.approx(0.5)
+    assert (folder / "steps.jsonl").read_text().count("\n") == 14  # 7 linears × 2 blocks
+    assert "before_heal" in metrics["eval"]["ppl"]["wiki"]
+
+
+def test_resume_mid_heal_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    from shrink.heal import trainer
+    from shrink.run.pipeline import run
+
+    overrides = ["model=tiny-llama", *FAST, "eval=none", "budget=0.6", "heal=kd", *HEAL, "heal.save_every=3",
+                 "heal.lr=0.01", "heal.dropout=0.1"]  # fmt: skip
+    run(make_cfg(*overrides), run_dir=tmp_path / "whole")
+    real = trainer.StepLog.on_log
+
+    def die_after_five(self, args, state, control, logs=None, **kwargs):
+        real(self, args, state, control, logs=logs, **kwargs)
+        if state.global_step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.StepLog, "on_log", die_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run(make_cfg(*overrides), run_dir=tmp_path / "cut")
+    assert (tmp_path / "cut" / "progress" / "heal" / "checkpoint-3").is_dir()
+    monkeypatch.setattr(trainer.StepLog, "on_log", real)
+    run(make_cfg(*overrides, "resume=true"), run_dir=tmp_path / "cut")
+    metrics = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["heal"]["resumed_at_step"] == 3
+    whole = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    cut = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "heal.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["heal=lora", "heal.lr=0"], r"heal.lr=0.0 must be > 0"),
+        (["heal=lora", "heal.rank=64"], r"heal.rank=64 is wider than k_proj \(32 on its smaller side"),
+        (["heal=lora", "heal.targets=[q_proj,attn]"], r"attn is no block linear of this model; valid: all, "),
+        (["heal=kd", "stream=true"], r"heal trains the whole compressed model in memory, which stream=true"),
+        (["heal.tokens=100"], r"heal.tokens=100: heal=none trains nothing"),
+        (
+            ["heal=lora", "heal.schedule=wavy"],
+            r"heal.schedule=wavy is no learning-rate schedule; valid: linear",
+        ),
+        (["heal=kd", "heal.temperature=0"], r"heal.temperature=0.0 must be > 0"),
+        (["heal=lora", "heal.corpus=novels"], r"unknown corpus 'novels'"),
+        (["heal=lora", "heal.params=full", "heal.rank=4"], r"heal.params=full trains the weights themselves"),
+        (["heal=lora", "quant=gptq", "quant.target=dense"], r"quant.target=dense \(GPTAQ\) fits each block"),
+    ],
+)
+def test_bad_heal_settings_fail_before_loading(tmp_path, overrides, match):
+    fails(tmp_path, *tiny_overrides("tiny-llama"), *overrides, match=match)
+
+
+def test_every_heal_config_composes():
+    for name in ("none", "lora", "kd"):
+        cfg = make_cfg(f"heal={name}")
+        assert cfg.heal.name == name
+        OmegaConf.to_container(cfg, resolve=True)
