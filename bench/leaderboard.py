@@ -10,6 +10,7 @@ and a run that fails is listed with its error line. Writes `leaderboard.md` (the
     .venv/bin/python bench/leaderboard.py                                  # every method, 0.8 and 0.5
     .venv/bin/python bench/leaderboard.py --methods id flap --budgets 0.9 0.7 --out /tmp/lb
     .venv/bin/python bench/leaderboard.py --finished          # the table of what has finished
+    .venv/bin/python bench/leaderboard.py --methods id --budgets 0.5 --heal heal=kd   # a "+heal" column
 
 Timings are taken while nothing else runs (two cores: a second job beside it spoils them);
 speedups beyond what the MAC counts allow are marked `*` (`eval.speed.*_reliable: false`).
@@ -42,9 +43,12 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def run(out: Path, model: str, method: str, budget: float, launch: bool = True) -> dict[str, Any] | None:
-    """The run's table row, launching it unless it finished before (or, without `launch`, None)."""
-    folder = out / f"{method}-b{budget}"
+def run(
+    out: Path, model: str, method: str, budget: float, launch: bool = True, heal: list[str] | None = None
+) -> dict[str, Any] | None:
+    """The run's table row, launching it unless it finished before (or, without `launch`, None).
+    `heal`: the heal overrides of the "+heal" run (`heal=kd`, …), in a folder of its own."""
+    folder = out / "-".join([f"{method}-b{budget}", *(heal or [])])
     metrics = folder / "metrics.json"
     if not metrics.exists() or json.loads(metrics.read_text()).get("status") != "ok":
         if not launch:
@@ -52,7 +56,7 @@ def run(out: Path, model: str, method: str, budget: float, launch: bool = True) 
         cmd = [
             sys.executable, str(ROOT / "launch.py"), f"model={model}", f"method={method}", f"budget={budget}",
             "eval=leaderboard", "logger=none", "save_model=false", f"hydra.run.dir={folder}", "resume=true",
-            *METHODS[method],
+            *METHODS[method], *(heal or []),
         ]  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
@@ -89,15 +93,28 @@ def _times(value: float | None, reliable: bool) -> str:
     return "—" if value is None else f"{value:.2f}×" + ("" if reliable else "*")
 
 
-def table(rows: list[dict[str, Any]], model: str) -> str:
+def _healed(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "—"
+    if "error" in r:
+        return f"error: {r['error']}"
+    zeroshot = "—" if r["zeroshot"] is None else f"{r['zeroshot']:.3f}"
+    return f"{r['wiki']:.4g} / {r['c4']:.4g} / {zeroshot}"
+
+
+def table(rows: list[dict[str, Any]], model: str, healed: dict[tuple[str, float], Any] | None = None) -> str:
+    """One line per run; with `healed` ((method, budget) → the "+heal" run's row, or None), a last
+    column with that run's wiki / C4 / zero-shot mean."""
     dense = next((r["dense"] for r in rows if "error" not in r), {})
+    extra = healed is not None and any(v is not None for v in healed.values())
     lines = [
         f"{model}; dense: wiki {dense.get('wiki', 0):.2f}, C4 {dense.get('c4-sample', 0):.2f}, "
         f"zero-shot mean {dense.get('zeroshot') or 0:.3f}",
         "",
         "| budget | method (schedule) | achieved | wiki ppl (×dense) | C4 ppl (×dense) | zero-shot mean | "
-        "compress s | forward speedup | decode speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "compress s | forward speedup | decode speedup |"
+        + (" +heal: wiki / C4 / zero-shot |" if extra else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""),
     ]
     for r in rows:
         if "error" in r:
@@ -109,6 +126,7 @@ def table(rows: list[dict[str, Any]], model: str) -> str:
             f"{r['wiki']:.4g} ({r['wiki_x']:.3g}) | {r['c4']:.4g} ({r['c4_x']:.3g}) | {zeroshot} | "
             f"{r['compress_s']:.0f} | {_times(r['speedup'], r['speedup_reliable'])} | "
             f"{_times(r['decode_speedup'], r['decode_speedup_reliable'])} |"
+            + (f" {_healed(healed.get((r['method'], r['budget'])))} |" if extra else "")
         )
     return "\n".join(lines)
 
@@ -149,12 +167,29 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "leaderboard")
     parser.add_argument("--finished", action="store_true", help="launch nothing: tabulate the finished runs")
+    parser.add_argument(
+        "--heal",
+        nargs="*",
+        default=None,
+        help="also a +heal run of each, with these overrides (e.g. heal=kd)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     found = [run(args.out, args.model, m, b, not args.finished) for b in args.budgets for m in args.methods]
     rows = [r for r in found if r is not None]
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    text = table(rows, args.model)
+    healed = None
+    if args.heal:
+        healed = {
+            (m, b): run(args.out, args.model, m, b, not args.finished, args.heal)
+            for b in args.budgets
+            for m in args.methods
+        }
+    (args.out / "results.json").write_text(
+        json.dumps(
+            rows + [r | {"heal": args.heal} for r in (healed or {}).values() if r is not None], indent=1
+        )
+    )
+    text = table(rows, args.model, healed)
     (args.out / "leaderboard.md").write_text(text + "\n")
     if any("error" not in r for r in rows):
         plot(rows, args.out / "leaderboard.png")

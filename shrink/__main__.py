@@ -1,6 +1,7 @@
-"""`python -m shrink export …` and `python -m shrink report …`: the commands beside `launch.py`.
+"""`python -m shrink export|heal|report …`: the commands beside `launch.py`.
 
 python -m shrink export <run or model folder> [--out DIR]   # bring a checkpoint up to date
+python -m shrink heal <run folder> heal=kd [heal.… …]        # heal a saved checkpoint (accelerate launch too)
 python -m shrink report <folders…> [--out DIR]              # one table and plot across runs
 """
 
@@ -9,7 +10,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"export": "shrink.checkpoints.export", "report": "shrink.run.report"}
+COMMANDS = {
+    "export": "shrink.checkpoints.export",
+    "heal": "shrink.run.heal_command",
+    "report": "shrink.run.report",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch import nn
 
@@ -32,10 +31,8 @@ from .errors import ShrinkError
 from .models.catalog import shipped
 from .models.loading import handed_over, load_model
 from .run.pipeline import run_job
-from .run.plugins import load_plugins
+from .run.plugins import compose_config
 from .run.validation import validate
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass
@@ -57,13 +54,6 @@ class Compressed:
             raise ShrinkError(f"{target} exists already; save into a new folder")
         shutil.copytree(self.folder, target)
         return target
-
-
-def compose_config(*overrides: str) -> DictConfig:
-    """The run config `python launch.py <overrides>` would compose (plug-ins loaded first)."""
-    load_plugins()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def compress(

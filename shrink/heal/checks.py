@@ -76,9 +76,8 @@ def check(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
         raise ShrinkError(f"heal.temperature={heal.temperature} must be > 0")
     if "hidden" in heal and float(heal.hidden) < 0:
         raise ShrinkError(f"heal.hidden={heal.hidden} must be ≥ 0")
-    if HealParams(heal.params) == HealParams.full and any(
-        k in named for k in ("heal.rank", "heal.alpha", "heal.dropout")
-    ):
+    lora_keys = {f"heal.{k}" for k in ("rank", "alpha", "dropout")}
+    if HealParams(heal.params) == HealParams.full and (lora_keys & (set(named) | _changed(heal))):
         raise ShrinkError(
             "heal.params=full trains the weights themselves: heal.rank, alpha and dropout are LoRA's"
         )

@@ -29,9 +29,9 @@ class HealConf(StepConf):
     name: str = MISSING
     tokens: int = 65536  # training tokens; steps = tokens / (batch · grad_accum · seq_len), rounded up
     seq_len: int = 512
-    batch: int = 4  # windows per micro-batch
+    batch: int = 1  # windows per micro-batch (more optimizer steps per token measured better)
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float = 2e-3  # the LoRA adapters' (conf/heal/kd.yaml sets 3e-4 for the weights themselves)
     schedule: str = "cosine"  # transformers' lr_scheduler_type: constant, linear, cosine, …
     warmup: float = 0.05  # share of the steps warming the learning rate up
     weight_decay: float = 0.0

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from ..errors import NumericalError
 from ..models import Adapter
@@ -31,9 +31,11 @@ def heal(
     checkpoints: Path,
     log_path: Path,
     log: Callable[[dict[str, Any]], None] = lambda row: None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, Any]:
-    """Heal `adapter.model` in place on `device`; returns what heal.json and metrics.json report.
-    `checkpoints` holds Trainer's resumable checkpoints (a resumed heal goes on from the last)."""
+    """Heal `adapter.model` in place on `device`; returns what metrics.json reports. `checkpoints`
+    holds Trainer's resumable checkpoints (a resumed heal goes on from the last); `callbacks` are
+    more TrainerCallbacks (e.g. scoring held-out text as the tokens grow)."""
     model = adapter.model
     healer = HEALERS[cfg.name](cfg)
     linears = target_linears(adapter, list(cfg.targets))
@@ -50,12 +52,13 @@ def heal(
         str(cfg.corpus), tokenizer, int(cfg.tokens), int(cfg.seq_len), int(cfg.seed), add_bos
     )
     count = sum(p.numel() for p in model.parameters())
-    training = model.training
+    training, config = model.training, model.config.to_dict()
     torch.manual_seed(int(cfg.seed))  # LoRA's A starts random
+    where = (cfg, device, checkpoints, log_path, log, callbacks)
     if HealParams(cfg.params) == HealParams.lora:
         wrapped = with_lora(model, linears, int(cfg.rank), float(cfg.alpha), float(cfg.dropout))
         summary["trainable"] = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-        summary |= train(wrapped, healer, teacher, windows, cfg, device, checkpoints, log_path, log)
+        summary |= train(wrapped, healer, teacher, windows, *where)
         merged = merge_lora(wrapped, linears)
         if merged is not model:
             raise RuntimeError("peft gave back another model than it wrapped (a bug)")
@@ -63,10 +66,13 @@ def heal(
         handles = train_full(model, linears)
         summary["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         try:
-            summary |= train(model, healer, teacher, windows, cfg, device, checkpoints, log_path, log)
+            summary |= train(model, healer, teacher, windows, *where)
         finally:
             end_full(model, linears, handles)
     model.train(training)
+    for key, value in config.items():  # Trainer switches the cache off and names architectures
+        if getattr(model.config, key, None) != value:
+            setattr(model.config, key, value)
     if sum(p.numel() for p in model.parameters()) != count:
         raise RuntimeError("heal changed the model's parameter count (a bug)")
     if not all(torch.isfinite(p).all() for p in model.parameters()):

@@ -111,6 +111,7 @@ def train(
     checkpoints: Path,
     log_path: Path,
     log: Callable[[dict[str, Any]], None],
+    callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, Any]:
     """Train `model` (its trainable parameters) on `windows`; goes on from the last checkpoint in
     `checkpoints` when there is one (bit-exact: Trainer restores weights, optimizer, schedule,
@@ -144,7 +145,7 @@ def train(
     )
     trainer = HealTrainer(
         model=model, args=args, train_dataset=Windows(windows), healer=healer, teacher=teacher,
-        callbacks=[StepLog(log_path, per_step, log)],
+        callbacks=[StepLog(log_path, per_step, log), *(callbacks or [])],
     )  # fmt: skip
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(TokenProgress(per_step))

@@ -27,9 +27,18 @@ def closing_summary(m: dict[str, Any], path: Path) -> str:
             f"{m['block_zero_fraction']:.1%} zeros"
             + (f"; checkpoint {m['checkpoint_mb']:.2f} MB" if m.get("checkpoint_mb") is not None else "")
         )
+    heal = m.get("heal")
+    if heal is not None and heal.get("steps"):
+        lines.append(
+            f"  heal       {heal['name']} ({heal['params']}): {heal['tokens']} tokens of {heal['corpus']} "
+            f"in {heal['seconds']:.0f}s ({heal['tokens_per_second']:.0f} tokens/s), "
+            f"loss {heal['loss_first']:.4f} -> {heal['loss_last']:.4f}"
+        )
     for corpus, r in m["eval"].get("ppl", {}).items():
         lines.append(
-            f"  ppl {corpus:<6} dense {r['dense']:.2f} -> compressed {r['compressed']:.2f} "
+            f"  ppl {corpus:<6} dense {r['dense']:.2f} -> "
+            + (f"before heal {r['before_heal']:.2f} -> " if "before_heal" in r else "")
+            + f"compressed {r['compressed']:.2f} "
             f"({r['tokens']} tokens, {r['seq_len']}-token windows)"
         )
         if not r["compressed"] < BROKEN_PPL_RATIO * r["dense"]:  # NaN included

@@ -5,6 +5,7 @@ steps, resume mid-heal, and bad settings failing before anything loads."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -21,8 +22,9 @@ from shrink.models.edits import HeadPaddedLinear, HeadSlicedLinear, LowRankLinea
 
 from ..conftest import FAST, FAST_PPL, compress_in_memory, fails, logits, make_cfg, tiny_overrides
 
-THIN = ["method=id", "budget=0.6", "method.attention=dims", "method.qk_dims=true"]
-HEAL = ["heal.tokens=512", "heal.seq_len=32", "heal.batch=2", "heal.rank=4"]
+THIN = ["method=id", "budget=0.5", "method.attention=dims"]
+HEAL = ["heal.tokens=512", "heal.seq_len=32", "heal.batch=2"]
+LORA = ["heal.params=lora", "heal.rank=4"]
 
 
 def _heal_cfg(*overrides: str):
@@ -48,26 +50,33 @@ def _randomise_lora(wrapped, seed: int = 0) -> None:
 
 @pytest.mark.parametrize(
     "method",
-    [THIN, ["method=svd", "budget=0.6"], ["method=slicegpt", "budget=0.8"]],
-    ids=["id-thin", "svd", "slicegpt"],
+    [
+        THIN,
+        ["method=id", "budget=0.6", "method.qk_dims=true"],
+        ["method=svd", "budget=0.6"],
+        ["method=slicegpt", "budget=0.8"],
+    ],
+    ids=["id-values", "id-qk", "svd", "slicegpt"],
 )
 def test_merged_lora_computes_what_the_adapters_did(method):
     done = compress_in_memory(*tiny_overrides("tiny-llama"), *method)
     model, adapter = done.model, build_adapter(done.model)
     kinds = _kinds(model)
-    if method[0] == "method=id":
+    if method[1:] == ["budget=0.5", "method.attention=dims"]:  # thin values: padded v, sliced o
         assert {HeadPaddedLinear, HeadSlicedLinear} <= kinds
+    if "method.qk_dims=true" in method:  # thin queries and keys at their kept places
+        assert any(isinstance(m, HeadPaddedLinear) and m.positions is not None for m in model.modules())
     if method[0] == "method=svd":
         assert LowRankLinear in kinds
     ids = torch.randint(0, 255, (2, 24))
     before = logits(model, ids)
+    count = sum(p.numel() for p in model.parameters())
     linears = target_linears(adapter, ["all"])
     wrapped = with_lora(model, linears, rank=4, alpha=8.0, dropout=0.0)
     assert torch.allclose(logits(wrapped, ids), before, atol=1e-6)  # B starts at zero
     _randomise_lora(wrapped)
     adapted = logits(wrapped, ids)
     assert not torch.allclose(adapted, before, atol=1e-3)
-    count = sum(p.numel() for p in model.parameters())
     merged = merge_lora(wrapped, linears)
     assert merged is model and _kinds(merged) == kinds
     assert sum(p.numel() for p in merged.parameters()) == count
@@ -86,7 +95,7 @@ def test_weights_that_are_zero_stay_zero(tmp_path, params):
     adapter = build_adapter(done.model)
     zeros = {n: (lin.weight == 0).clone() for n, lin in target_linears(adapter, ["all"]).items()}
     assert all(z.float().mean() >= 0.45 for z in zeros.values())
-    cfg = _heal_cfg("heal=kd", *HEAL, f"heal.params={params}", "heal.lr=0.01")
+    cfg = _heal_cfg("heal=kd", *HEAL, *(LORA if params == "lora" else ["heal.params=full"]), "heal.lr=0.01")
     before = {n: lin.weight.detach().clone() for n, lin in target_linears(adapter, ["all"]).items()}
     summary = heal(
         adapter, done.loaded.tokenizer, _teacher(), cfg, False, torch.device("cpu"), tmp_path / "ckpt",
@@ -165,8 +174,8 @@ def test_a_healed_run_keeps_its_structure_reports_both_scores_and_reloads(run_jo
     rows = [json.loads(line) for line in (folder / "heal.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9)) and rows[-1]["tokens"] == 512
     assert not (folder / "progress").exists()  # the heal's checkpoints went with the finished run
-    manifest = json.loads((folder / "model" / "shrink.json").read_text())
-    assert manifest == json.loads((plain_folder / "model" / "shrink.json").read_text())
+    manifest = json.loads((folder / "model" / "manifest.json").read_text())
+    assert manifest == json.loads((plain_folder / "model" / "manifest.json").read_text())
     ours, theirs = (
         load_file(folder / "model" / "model.safetensors"),
         load_file(plain_folder / "model" / "model.safetensors"),
@@ -178,7 +187,7 @@ def test_a_healed_run_keeps_its_structure_reports_both_scores_and_reloads(run_jo
 
 def test_steps_run_after_heal_on_the_healed_weights(run_job):
     metrics, folder = run_job(
-        "model=tiny-llama", *FAST, *FAST_PPL, "budget=0.8", "heal=lora", *HEAL, "sparsity=wanda",
+        "model=tiny-llama", *FAST, *FAST_PPL, "budget=0.8", "heal=lora", *HEAL, *LORA, "sparsity=wanda",
         "sparsity.pattern=2:4",
     )  # fmt: skip
     assert metrics["block_zero_fraction"] == pytest.approx(0.5)
@@ -186,12 +195,13 @@ def test_steps_run_after_heal_on_the_healed_weights(run_job):
     assert "before_heal" in metrics["eval"]["ppl"]["wiki"]
 
 
-def test_resume_mid_heal_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("params", [[*LORA, "heal.dropout=0.1"], ["heal.params=full"]], ids=["lora", "full"])
+def test_resume_mid_heal_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, params):
     from shrink.heal import trainer
     from shrink.run.pipeline import run
 
     overrides = ["model=tiny-llama", *FAST, "eval=none", "budget=0.6", "heal=kd", *HEAL, "heal.save_every=3",
-                 "heal.lr=0.01", "heal.dropout=0.1"]  # fmt: skip
+                 "heal.lr=0.01", *params]  # fmt: skip
     run(make_cfg(*overrides), run_dir=tmp_path / "whole")
     real = trainer.StepLog.on_log
 
@@ -242,3 +252,25 @@ def test_every_heal_config_composes():
         cfg = make_cfg(f"heal={name}")
         assert cfg.heal.name == name
         OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_a_saved_run_is_healed_by_the_heal_command(run_job, capsys):
+    from shrink.__main__ import main
+
+    _, folder = run_job("model=tiny-llama", *FAST, "eval=none", "budget=0.6")
+    before = shrink.load(folder / "model")
+    assert main(["heal", str(folder), "heal=kd", *HEAL, "heal.lr=0.01"]) == 0
+    assert "healed: heal=kd 512 tokens" in capsys.readouterr().out
+    healed = shrink.load(folder / "healed" / "model")
+    ids = torch.randint(0, 255, (2, 24))
+    assert not torch.allclose(logits(healed, ids), logits(before, ids))
+    assert sum(p.numel() for p in healed.parameters()) == sum(p.numel() for p in before.parameters())
+    assert json.loads((folder / "healed" / "heal.json").read_text())["steps"] == 8
+    assert not (folder / "healed" / "progress").exists()
+    assert main(["heal", str(folder), "heal=none"]) == 2
+    alone = shutil.copytree(folder / "model", folder.parent / "alone")  # no run folder: no teacher
+    assert main(["heal", str(alone), "heal=kd", *HEAL]) == 2
+    assert main(["heal", str(folder), "heal=lora", "budget=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "heal=none trains nothing" in err and "only a run folder names" in err
+    assert "budget=0.3: only heal, heal.*, device and seed apply" in err
