@@ -48,7 +48,7 @@ def run(
 ) -> dict[str, Any] | None:
     """The run's table row, launching it unless it finished before (or, without `launch`, None).
     `heal`: the heal overrides of the "+heal" run (`heal=kd`, …), in a folder of its own."""
-    folder = out / "-".join([f"{method}-b{budget}", *(heal or [])])
+    folder = out / "-".join([f"{method}-b{budget}", *(h.replace("=", "-") for h in heal or [])])
     metrics = folder / "metrics.json"
     if not metrics.exists() or json.loads(metrics.read_text()).get("status") != "ok":
         if not launch:

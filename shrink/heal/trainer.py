@@ -84,7 +84,10 @@ class TokenProgress(ProgressCallback):
             rate = (
                 (state.global_step - self.first) * self.tokens_per_step / (time.perf_counter() - self.started)
             )
-            self.training_bar.set_postfix(tokens_s=f"{rate:.0f}", loss=f"{self.loss:.4f}")
+            known = self.loss == self.loss  # NaN until the first logged step
+            self.training_bar.set_postfix(
+                {"tokens_s": f"{rate:.0f}"} | ({"loss": f"{self.loss:.4f}"} if known else {})
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
         self.loss = (logs or {}).get("loss", self.loss)

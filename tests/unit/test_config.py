@@ -12,7 +12,7 @@ from shrink.run.validation import check_known_keys
 
 from ..conftest import CONF, make_cfg
 
-GROUPS = ["model", "method", "schedule", "calib", "eval", "logger", "sparsity", "quant"]
+GROUPS = ["model", "method", "schedule", "calib", "eval", "logger", "heal", "sparsity", "quant"]
 # options that read another group's settings (the GLUE task of eval=glue-hub)
 COMPANIONS = {
     ("model", "bert-glue"): ["eval=glue-hub"],
@@ -51,11 +51,23 @@ def test_defaults():
     assert make_cfg("method=svdllm").schedule.name == "uniform"
     assert make_cfg("schedule=uniform").schedule.name == "uniform"  # the command line wins
     assert cfg.logger.mode.value == "offline"
-    assert (cfg.quant.name, cfg.sparsity.name) == ("none", "none")  # no step unless asked
+    assert (cfg.quant.name, cfg.sparsity.name, cfg.heal.name) == (
+        "none",
+        "none",
+        "none",
+    )  # no step unless asked
 
 
 @pytest.mark.parametrize(
-    "override", ["method.rank=3", "calib.samples=3", "model.weights=x", "unknown_key=1", "quant.scheme=x"]
+    "override",
+    [
+        "method.rank=3",
+        "calib.samples=3",
+        "model.weights=x",
+        "unknown_key=1",
+        "quant.scheme=x",
+        "heal.epochs=2",
+    ],
 )
 def test_unknown_keys_fail_at_composition(override):
     with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)):
