@@ -8,7 +8,7 @@ from ..registry import Registry
 from .base import Healer
 from .config import HealConf
 
-HEALERS: Registry[type[Healer]] = Registry("heal", __name__, builtin=("none",))
+HEALERS: Registry[type[Healer]] = Registry("heal", f"{__name__}.losses", builtin=("none",))
 HEALERS.store("heal", HealConf)
 
 __all__ = ["HEALERS", "HealConf", "Healer"]

@@ -13,8 +13,8 @@ from ..data import corpora
 from ..errors import ShrinkError
 from ..models import Adapter
 from . import HEALERS
-from .adapters import ALL, target_names
 from .config import HealConf, HealParams
+from .targets import ALL, target_names
 
 
 def check(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:

@@ -15,8 +15,9 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from ..errors import NumericalError
 from ..models import Adapter
 from . import HEALERS
-from .adapters import end_full, merge_lora, target_linears, train_full, with_lora
+from .adapters import end_full, merge_lora, train_full, with_lora
 from .config import HealParams
+from .targets import target_linears
 from .trainer import heal_steps, train
 from .windows import heal_windows
 

@@ -26,7 +26,6 @@ from ..evaluation.suite import evaluate_suite, score_perplexity
 from ..hardware import memory as rss
 from ..hardware.devices import resolve_device
 from ..heal import HEALERS
-from ..heal.recover import heal
 from ..methods import Method, build_method
 from ..models import load_model
 from ..planning.budget import PlanInputs
@@ -332,6 +331,8 @@ def _heal(
 ) -> dict[str, Any]:
     """Score the compressed model's perplexities (`before_heal`), then heal it in place; returns
     the heal's summary. Trainer's checkpoints live in progress/, so `resume=true` goes on mid-heal."""
+    from ..heal.recover import heal  # peft and transformers' Trainer load only when a run heals
+
     store.ready_for_evaluation()
     score_perplexity(cfg, store, "before_heal", results)
     if teacher is None and HEALERS[cfg.heal.name].needs_teacher:

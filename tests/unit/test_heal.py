@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 import shrink
-from shrink.heal.adapters import merge_lora, target_linears, with_lora
-from shrink.heal.distill import kl_loss
+from shrink.heal.adapters import merge_lora, with_lora
+from shrink.heal.losses.distill import kl_loss
 from shrink.heal.recover import heal
+from shrink.heal.targets import target_linears
 from shrink.heal.windows import heal_windows
 from shrink.models import build_adapter
 from shrink.models.edits import HeadPaddedLinear, HeadSlicedLinear, LowRankLinear
@@ -266,3 +267,17 @@ def test_a_saved_run_is_healed_by_the_heal_command(run_job, capsys):
     err = capsys.readouterr().err
     assert "heal=none trains nothing" in err and "only a run folder names" in err
     assert "budget=0.3: only heal, heal.*, device and seed apply" in err
+
+
+def test_a_model_handed_over_in_memory_distils_from_a_copy_of_itself():
+    from shrink.models import load_model
+
+    tiny = load_model(make_cfg(*tiny_overrides("tiny-llama")).model, torch.float32, seed=0)
+    dense = logits(tiny.model, torch.arange(32).view(1, 32))
+    result = shrink.compress(
+        tiny.model, tokenizer=tiny.tokenizer, budget=0.6,
+        overrides=[*FAST, "eval=none", "heal=kd", *HEAL, "heal.lr=0.01"],
+    )  # fmt: skip
+    assert result.model is tiny.model and result.metrics["heal"]["steps"] == 8
+    assert result.metrics["heal"]["loss_first"] > 0  # the teacher is the dense model, not the student
+    assert not torch.allclose(logits(result.model, torch.arange(32).view(1, 32)), dense)

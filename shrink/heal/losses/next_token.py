@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import HEALERS
-from .base import Healer, next_token_loss
-from .config import HealConf
+from .. import HEALERS
+from ..base import Healer, next_token_loss
+from ..config import HealConf
 
 
 @HEALERS.register("lora", HealConf)

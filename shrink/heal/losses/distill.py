@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import HEALERS
-from .base import Healer
-from .config import KdConf
+from .. import HEALERS
+from ..base import Healer
+from ..config import KdConf
 
 
 @HEALERS.register("kd", KdConf)
