@@ -37,7 +37,7 @@ CORPORA = ("wiki", "c4-sample")
 def compressed(out: Path, model: str, method: str, budget: float) -> Path:
     """The checkpoint of (method, budget), compressed by the launcher unless it exists."""
     folder = out / "compressed" / f"{method}-b{budget}"
-    if not (folder / "model" / "shrink.json").exists() and not (folder / "model" / "config.json").exists():
+    if not (folder / "model" / "manifest.json").exists():
         cmd = [
             sys.executable, str(ROOT / "launch.py"), f"model={model}", f"method={method}", f"budget={budget}",
             "eval=none", "logger=none", f"hydra.run.dir={folder}", "overwrite=true",

@@ -242,6 +242,11 @@ class Config:
     overwrite: bool = False
 
 
+def named_keys(overrides: list[str]) -> list[str]:
+    """The keys a command line sets (`+key=`, `~key` and `key=` alike)."""
+    return [o.lstrip("+~").partition("=")[0] for o in overrides]
+
+
 def folder_name(path: str) -> str:
     """The name a model read from `path` goes by: its folder's name (a .gguf file's stem). The
     `${folder_name:…}` resolver of `conf/model/local.yaml` and `gguf.yaml`."""

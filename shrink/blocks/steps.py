@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..config import FoldTarget
+from ..config import FoldTarget, named_keys
 from ..errors import ShrinkError
 from ..linalg.moments import CrossMoment, Moments, SecondMoment
 from ..models import Site
@@ -64,7 +64,7 @@ def check_unused_keys(cfg: DictConfig, overrides: list[str], multirun: bool) -> 
     user would believe the model quantized: refuse it (keys named on the command line, or values
     other than the schema's). A sweep that crosses `quant=none,gptq` with `quant.bits=…` is the
     exception: its none job names the group on purpose."""
-    named = [o.lstrip("+~").partition("=")[0] for o in overrides]
+    named = named_keys(overrides)
     for group, (schema, step, registry) in STEP_GROUPS.items():
         options = [name for name, _ in registry.items()]
         node = cfg[group]

@@ -8,7 +8,7 @@ import dataclasses
 from omegaconf import DictConfig, OmegaConf
 from transformers import SchedulerType
 
-from ..config import Head
+from ..config import Head, named_keys
 from ..data import corpora
 from ..errors import ShrinkError
 from ..models import Adapter
@@ -21,7 +21,7 @@ def check(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
     """The heal group against the run: its name, its values, and what it cannot run beside."""
     heal = cfg.heal
     HEALERS.check(heal.name)
-    named = [o.lstrip("+~").partition("=")[0] for o in overrides]
+    named = named_keys(overrides)
     if heal.name == "none":
         keys = sorted({k for k in named if k.startswith("heal.")} | _changed(heal))
         if keys and not (multirun and "heal" in named):

@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..blocks import steps
 from ..blocks.context import BlockContext
-from ..config import ErrorCurrency, Propagate, Source
+from ..config import ErrorCurrency, Propagate, Source, named_keys
 from ..data import corpora as data
 from ..data import hub
 from ..errors import ShrinkError, first_line
@@ -88,7 +88,7 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
         raise ShrinkError(f"budget {cfg.budget} is outside (0, 1]: it is the fraction of block weights kept")
     check_method(cfg.method.name)
     knob = METHODS[cfg.method.name].knob
-    if knob is not None and cfg.method.get(knob) is not None and "budget" in _named(overrides):
+    if knob is not None and cfg.method.get(knob) is not None and "budget" in named_keys(overrides):
         raise ShrinkError(
             f"method.{knob}={cfg.method[knob]} sets how much {cfg.method.name} keeps, and so the budget: "
             f"drop budget={cfg.budget} or method.{knob}"
@@ -192,11 +192,6 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
             raise ShrinkError(
                 f"{key}={length} is longer than the context of model {cfg.model.name!r} ({limit} tokens)"
             )
-
-
-def _named(overrides: list[str]) -> list[str]:
-    """The keys a command line sets (`+key=`, `~key` and `key=` alike)."""
-    return [o.lstrip("+~").partition("=")[0] for o in overrides]
 
 
 def check_stream(cfg: DictConfig) -> None:
