@@ -145,7 +145,7 @@ class SpeedConf:
     warmup: int = 2
     seed: int = 0  # of the random token ids
     decode_tokens: int = 32  # greedy tokens generated with the KV cache (causal LMs); 0: no decode timing
-    prompt_len: int = 32  # tokens of the decode prompt
+    prompt_len: int | None = None  # tokens of the decode prompt; None: seq_len − decode_tokens
     kernels: bool = True  # also time quantized linears on torch's weight-only integer kernels (CPU)
 
 

@@ -1,19 +1,19 @@
 """The layers and structure edits of shrink's compressed models, self-contained (torch and
-transformers only): shrink builds its models from these classes, and copies this file into a
-checkpoint whose structure transformers cannot build from a config, so that
-`AutoModel*.from_pretrained(folder, trust_remote_code=True)` loads it without shrink.
+transformers only, with `modeling_shrink_attention.py` beside it): shrink builds its models from
+these classes, and copies both files into a checkpoint whose structure transformers cannot build
+from a config, so that `AutoModel*.from_pretrained(folder, trust_remote_code=True)` loads it
+without shrink.
 
 The checkpoint's config.json names a class `Shrink<Base>` (e.g. `ShrinkLlamaForCausalLM`) in its
 `auto_map`; this module makes it on request: the base transformers class, whose `__init__` then
 applies the edits listed in `config.shrink_edits` (factor pairs, resized linears, thinned heads,
-corrected linears, head counts, packed linears), so the per-layer shapes live in the config, not
-in code. Its config is `Shrink<BaseConfig>`, of model type `shrink_<base type>`: a model type
-transformers does not know, so that loading the folder without `trust_remote_code=True` fails
-with transformers' own message asking for it, instead of building the base class, whose weights
-do not fit (a silently re-initialised model, or a long size-mismatch report). A packed linear
-keeps compressed-tensors' tensors as they are stored and unpacks its weight before its first
-forward (torch only: the layout is read back here, not imported).
-"""
+corrected linears, head counts, packed linears, attention at thinned widths), so the per-layer
+shapes live in the config, not in code. Its config is `Shrink<BaseConfig>`, of model type
+`shrink_<base type>`: a model type transformers does not know, so that loading the folder without
+`trust_remote_code=True` fails with transformers' own message asking for it, instead of building
+the base class, whose weights do not fit (a silently re-initialised model, or a long size-mismatch
+report). A packed linear keeps compressed-tensors' tensors as they are stored and unpacks its
+weight before its first forward (torch only: the layout is read back here, not imported)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ import transformers
 from torch import nn
 from torch.nn import functional as F
 
+from .modeling_shrink_attention import make_padded, make_thin
+
 MODELING_VERSION = 2  # 2: the config has a model type of its own (shrink_<base>)
 MODEL_TYPE_PREFIX = "shrink_"
+# what a checkpoint carries beside its weights (this file imports the second)
+MODELING_FILES = ("modeling_shrink.py", "modeling_shrink_attention.py")
 
 
 class LowRankLinear(nn.Module):
@@ -74,7 +78,12 @@ class HeadPaddedLinear(nn.Linear):
     Values keep the first `width` places of each head (the zeros reach only the output projection's
     dropped inputs, a `HeadSlicedLinear`). Queries and keys keep `positions` (heads × width), the
     places of the dims they kept: a rotary pair turns at the frequency of its place, and zeros add
-    nothing to q·k (a zero pair stays zero under rotation)."""
+    nothing to q·k (a zero pair stays zero under rotation).
+
+    In a thin attention (`thin`, set by `thin_attention`) it pads nothing: the attention computes
+    at `width`."""
+
+    thin = False
 
     def __init__(
         self,
@@ -101,7 +110,9 @@ class HeadPaddedLinear(nn.Linear):
 
     def pad(self, y: torch.Tensor) -> torch.Tensor:
         """Its heads·width outputs placed in the zero-padded heads (what an adapter's update of
-        its stored rows goes through too)."""
+        its stored rows goes through too); unchanged in a thin attention."""
+        if self.thin:
+            return y
         if self.positions is None:
             return F.pad(y.unflatten(-1, (self.heads, self.width)), (0, self.head_dim - self.width)).flatten(
                 -2
@@ -123,7 +134,10 @@ class HeadPaddedLinear(nn.Linear):
 
 class HeadSlicedLinear(nn.Linear):
     """An output projection that reads only the first `width` of each of `heads` head slices of
-    size `head_dim` (the dimensions a `HeadPaddedLinear` value projection keeps)."""
+    size `head_dim` (the dimensions a `HeadPaddedLinear` value projection keeps); in a thin
+    attention (`thin`) its input is only those."""
+
+    thin = False
 
     def __init__(
         self, heads: int, width: int, head_dim: int, out_features: int, bias: bool = True, **factory
@@ -136,10 +150,15 @@ class HeadSlicedLinear(nn.Linear):
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """The part of its input it reads: the first `width` of each head slice."""
+        if self.thin:
+            return x
         return x.unflatten(-1, (self.heads, self.head_dim))[..., : self.width].flatten(-2)
 
     def input_places(self) -> torch.Tensor:
-        """Where in its (head_dim-wide per head) input the columns it reads lie."""
+        """Where in its input (head_dim wide per head, or only its columns when thin) the columns it
+        reads lie."""
+        if self.thin:
+            return torch.arange(self.in_features)
         return head_places(torch.arange(self.width).repeat(self.heads, 1), self.head_dim)
 
     def extra_repr(self) -> str:
@@ -159,10 +178,46 @@ class CorrectedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         read = self.base.select(x) if isinstance(self.base, HeadSlicedLinear) else x
-        return self.base(x) + self.correction(read)
+        correction = self.correction(read)
+        if isinstance(self.base, HeadPaddedLinear):  # placed where the base puts its outputs
+            correction = self.base.pad(correction)
+        return self.base(x) + correction
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
+
+
+def thin_attention(attention: nn.Module, style: str, names: dict[str, str]) -> None:
+    """Make `attention` (whose projections are named by `names`: q, k, v, o) compute QKᵀ and A·V
+    at the widths its thinned projections keep (`modeling_shrink_attention`, of `style`): its
+    head-padded projections stop padding and its head-sliced output projection reads the thin
+    heads as they come. Called again after a projection changes, it reads the widths anew."""
+    head_dim = int(attention.head_dim)
+    widths, places = {}, None
+    for role in "qkvo":
+        module = attention.get_submodule(names[role])
+        module = getattr(module, "base", module)  # a corrected linear's own layout is its base's
+        if isinstance(module, (HeadPaddedLinear, HeadSlicedLinear)):
+            module.thin = True
+        if role == "o":
+            continue
+        widths[role] = module.width if isinstance(module, HeadPaddedLinear) else head_dim
+        if role == "k" and isinstance(module, HeadPaddedLinear) and module.positions is not None:
+            places = module.positions
+    make_thin(attention, style, widths, places)
+    attention.shrink_projections = dict(names)
+
+
+def padded_attention(attention: nn.Module) -> None:
+    """Undo `thin_attention`: the family's attention at head_dim, its thinned projections padding
+    back to it (what a format that needs equal q/k/v head sizes is written from)."""
+    for name in getattr(attention, "shrink_projections", {}).values():
+        module = attention.get_submodule(name)
+        module = getattr(module, "base", module)
+        if isinstance(module, (HeadPaddedLinear, HeadSlicedLinear)):
+            module.thin = False
+    attention.__dict__.pop("shrink_projections", None)
+    make_padded(attention)
 
 
 class ScaledRMSNorm(nn.Module):
@@ -345,6 +400,9 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], **factory: Any) -> None:
         new_norm = ScaledRMSNorm(edit["mean_dim"], edit["eps"], edit.get("center", False))
         replace_submodule(model, edit["path"], new_norm)
         return
+    if kind == "thin_attention":
+        thin_attention(model.get_submodule(edit["path"]), edit["style"], edit["names"])
+        return
     if kind == "corrected":
         base = model.get_submodule(edit["path"])
         replace_submodule(model, edit["path"], CorrectedLinear(base, edit["rank"], **factory))
@@ -365,7 +423,7 @@ def apply_edit(model: nn.Module, edit: dict[str, Any], **factory: Any) -> None:
     else:
         raise ValueError(
             f"unknown edit kind {kind!r}; valid: low_rank, linear, head_padded, head_sliced, attr, "
-            "corrected, quantized, shortcuts, scaled_rms, embedding_dim"
+            "corrected, quantized, shortcuts, scaled_rms, embedding_dim, thin_attention"
         )
     replace_submodule(model, edit["path"], new)
 

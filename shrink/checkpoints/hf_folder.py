@@ -175,7 +175,8 @@ def write_remote_code(model: nn.Module, head: str, edits: list[dict[str, Any]], 
     }
     values = {NOTE: remote_code_reason(model, edits), **values}
     (folder / "config.json").write_text(json.dumps(values, indent=2) + "\n")
-    shutil.copyfile(modeling_shrink.__file__, folder / "modeling_shrink.py")
+    for name in modeling_shrink.MODELING_FILES:
+        shutil.copyfile(Path(modeling_shrink.__file__).with_name(name), folder / name)
     _save_generation_config(model, folder)
 
 

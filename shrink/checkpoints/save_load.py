@@ -35,6 +35,7 @@ from .. import modeling_shrink
 from ..config import Head
 from ..errors import ShrinkError, first_line
 from ..hardware.devices import resolve_device
+from ..modeling_shrink_attention import THIN_MARK, is_thin
 from ..models import build_adapter
 from ..models.base import BlockState
 from ..models.edits import (
@@ -108,6 +109,16 @@ def structural_edits(
     edits.extend(corrected)
     edits.extend(sliced)
     edits.extend(_attribute_edits(model, reference))
+    edits.extend(  # after the projections they read the widths of
+        {
+            "kind": "thin_attention",
+            "path": path,
+            "style": getattr(type(module), THIN_MARK),
+            "names": dict(module.shrink_projections),
+        }
+        for path, module in model.named_modules()
+        if is_thin(module)
+    )
     edits.extend(
         {
             "kind": "quantized",
@@ -336,6 +347,10 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     model = _empty_model(config, manifest["head"])
     for edit in manifest["edits"]:
         apply_edit(model, edit, dtype)
+    if not any(edit["kind"] == "thin_attention" for edit in manifest["edits"]):
+        adapter = build_adapter(model)  # a checkpoint written before attention ran thin
+        for block in adapter.blocks():
+            adapter.thin_widths(block)
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
         try:

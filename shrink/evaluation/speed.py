@@ -1,8 +1,9 @@
 """Speed and size: forward latency and tokens/s at a fixed batch and length (median and spread
 of repeats after warm-up, timed by `torch.utils.benchmark`), the per-token latency of greedy
-decoding with the KV cache (causal LMs), MACs per token, and bytes of weights. The latency of a
-compressed model means little without its MAC and byte ratios beside it, so all are reported
-together: a long forward is bound by multiply-adds, one decoded token by the bytes it reads."""
+decoding with the KV cache (causal LMs), MACs per token, and bytes of weights and of the KV
+cache. The latency of a compressed model means little without its MAC and byte ratios beside it,
+so all are reported together: a long forward is bound by multiply-adds, one decoded token by the
+bytes it reads."""
 
 from __future__ import annotations
 
@@ -87,6 +88,20 @@ def decode_seconds_per_token(
     return float(median), float(high - low)
 
 
+@torch.no_grad()
+def kv_cache_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the KV cache after a prefill of `ids` (one row): what every decoded token then
+    reads besides the weights, and what a thin attention keeps at its kept widths."""
+    model.eval()
+    cache = model(input_ids=ids[:1], use_cache=True).past_key_values
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        tensors = [t for layer in layers for t in (layer.keys, layer.values) if t is not None]
+    else:  # a legacy tuple of (keys, values) per layer
+        tensors = [t for pair in cache for t in pair]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def macs_per_token(model: nn.Module, seq_len: int) -> tuple[int, int]:
     """(block MACs, whole-model MACs incl. the LM head) per token at context `seq_len`."""
     blocks = CostModel(build_adapter(model), "macs", seq_len).model().macs
@@ -120,9 +135,9 @@ def measure(
     desc: str = "speed",
 ) -> dict[str, float]:
     """Latency, throughput, MACs (unless not `count_macs`: the same model on other kernels) and
-    weight bytes of `model` on random token ids (seeded); with `decode_tokens` (≥ 2, causal LMs)
-    also the per-token decode latency after a `prompt_len` prompt. A progress bar (`desc`)
-    counts the passes."""
+    weight bytes of `model` on random token ids (seeded); for causal LMs the bytes of the KV cache
+    at `seq_len` tokens, and with `decode_tokens` (≥ 2) the per-token decode latency after a
+    `prompt_len` prompt. A progress bar (`desc`) counts the passes."""
     vocab = model.get_input_embeddings().num_embeddings
     ids = random_ids(vocab, batch_size, seq_len, seed).to(device)
     decodes = decode_tokens > 1 and build_adapter(model).causal
@@ -137,6 +152,8 @@ def measure(
         }
         if count_macs:
             out["block_macs_per_token"], out["model_macs_per_token"] = macs_per_token(model, seq_len)
+        if build_adapter(model).causal:
+            out["kv_cache_bytes"] = kv_cache_bytes(model, ids)  # at `seq_len` tokens of context
         if decodes:
             prompt = random_ids(vocab, 1, prompt_len, seed).to(device)
             median, iqr = decode_seconds_per_token(model, prompt, decode_tokens, repeats, warmup, bar)

@@ -51,8 +51,8 @@ def check_suite(cfg: DictConfig) -> None:
             raise ShrinkError(f"eval.speed.warmup must be ≥ 0, got {speed.warmup}")
         if speed.decode_tokens == 1 or speed.decode_tokens < 0:
             raise ShrinkError(f"eval.speed.decode_tokens must be 0 (off) or ≥ 2, got {speed.decode_tokens}")
-        if speed.prompt_len < 1:
-            raise ShrinkError(f"eval.speed.prompt_len must be ≥ 1, got {speed.prompt_len}")
+        if speed.prompt_len is not None and speed.prompt_len < 1:
+            raise ShrinkError(f"eval.speed.prompt_len must be ≥ 1 or null, got {speed.prompt_len}")
     if ppl is not None:
         for corpus in ppl.corpora:
             data.check_corpus(corpus)
@@ -244,7 +244,7 @@ def measure_speed(model, speed: DictConfig, device: torch.device, desc: str = "s
     weight-only kernel runs swapped in (`kernels`), with the largest logit difference that makes."""
     timing = (int(speed.batch_size), int(speed.seq_len), int(speed.repeats), int(speed.warmup), device)
     extra = {"seed": int(speed.seed), "decode_tokens": int(speed.decode_tokens)}
-    extra["prompt_len"] = int(speed.prompt_len)
+    extra["prompt_len"] = decode_prompt_len(speed)
     values = measure(model, *timing, **extra, desc=desc)
     if bool(speed.kernels) and any(is_quantized(m) for m in model.modules()):
         ids = random_ids(model.get_input_embeddings().num_embeddings, 1, int(speed.seq_len), int(speed.seed))
@@ -263,8 +263,17 @@ def measure_speed(model, speed: DictConfig, device: torch.device, desc: str = "s
     return values | {
         "batch_size": int(speed.batch_size),
         "seq_len": int(speed.seq_len),
+        "prompt_len": extra["prompt_len"],
         "device": device.type,
     }
+
+
+def decode_prompt_len(speed: DictConfig) -> int:
+    """The decode prompt's length: `prompt_len`, or (null) what fills `seq_len` tokens of context
+    by the last decoded token."""
+    if speed.prompt_len is not None:
+        return int(speed.prompt_len)
+    return max(1, int(speed.seq_len) - int(speed.decode_tokens))
 
 
 def speed_ratios(table: dict[str, Any]) -> dict[str, Any]:
@@ -281,6 +290,8 @@ def speed_ratios(table: dict[str, Any]) -> dict[str, Any]:
         "block_mac_ratio": comp["block_macs_per_token"] / dense["block_macs_per_token"],
         "weight_bytes_ratio": bytes_ratio,
     }
+    if dense.get("kv_cache_bytes"):
+        ratios["kv_cache_ratio"] = comp["kv_cache_bytes"] / dense["kv_cache_bytes"]
     ratios |= _speedups(dense, comp, 1 / mac_ratio, 1 / min(mac_ratio, bytes_ratio), "")
     kernels = comp.get("kernels", {})
     if "latency_ms" in kernels:

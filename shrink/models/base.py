@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling_shrink import SHORTCUTS, TAPS
+from ..modeling_shrink import SHORTCUTS, TAPS, HeadPaddedLinear, HeadSlicedLinear, thin_attention
+from ..modeling_shrink_attention import is_thin
 
 BlockState = Callable[[int], dict[str, torch.Tensor]]  # block index -> its tensors, block-relative names
 
@@ -57,6 +58,9 @@ class Attention:
     # query/key dims of one head that are kept or dropped together (rotary pairs rotate as one);
     # None where q/k cannot be thinned by zero-padding (a norm over each head's q/k, as in Qwen3)
     qk_units: tuple[tuple[int, ...], ...] | None = None
+    # the attention module (block-relative) where it computes at its projections' widths once they
+    # are thinned; None where thinned heads stay zero-padded to head_dim
+    module: str | None = None
 
     def linear(self, name: str) -> nn.Linear:
         """The projection `q`, `k`, `v` or `o`."""
@@ -64,7 +68,20 @@ class Attention:
 
     def counts(self) -> tuple[int, int]:
         """(query heads, KV heads) the projections hold now, read from their shapes."""
-        return self.linear("q").out_features // self.head_dim, self.linear("k").out_features // self.head_dim
+        return self._heads("q"), self._heads("k")
+
+    def _heads(self, name: str) -> int:
+        linear = self.linear(name)
+        linear = getattr(linear, "base", linear)  # a corrected linear's layout is its base's
+        return linear.heads if isinstance(linear, HeadPaddedLinear) else linear.out_features // self.head_dim
+
+    def score_width(self) -> int:
+        """The head size QKᵀ and A·V run at: in a thin attention the wider of the kept q/k and v
+        widths (the fused kernels take one head size), head_dim where heads are padded back."""
+        if self.module is None or not is_thin(self.block.get_submodule(self.module)):
+            return self.head_dim
+        widths = self.block.get_submodule(self.module).shrink_widths
+        return max(widths["k"], widths["v"])
 
     def set_counts(self, n_heads: int, n_kv_heads: int) -> None:
         """Tell the attention module how many heads its (pruned) projections now hold."""
@@ -88,6 +105,9 @@ class Adapter(ABC):
     ffn_config_key: str = "intermediate_size"
     head_config_keys: dict[str, str] | None = None  # "heads" | "kv_heads" | "head_dim" -> config key
     layers_config_key: str = "num_hidden_layers"  # the config key of the block count
+    # the forward of `modeling_shrink_attention` that computes this family's attention at thinned
+    # widths ("rotary", "opt"); None: thinned heads are zero-padded back to head_dim
+    thin_style: str | None = None
     # pre-norm blocks: the norm each residual-stream site reads through and the attention module
     # (block-relative), what a method that rotates the residual stream folds and taps; None where
     # the norms sit on the stream itself (post-norm) or blocks carry more norms than these two
@@ -95,6 +115,8 @@ class Adapter(ABC):
     # embeddings added into the residual stream besides the token embedding (OPT's learned
     # positions), relative to `model.base_model`
     extra_embeddings: tuple[str, ...] = ()
+    # the norm between the last block and the LM head, relative to `model.base_model` (None: none)
+    final_norm_path: str | None = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -122,7 +144,12 @@ class Adapter(ABC):
             self.causal,
             self._set_head_counts,
             self.qk_units(block),
+            self._attention_module() if self.thin_style is not None else None,
         )
+
+    def _attention_module(self) -> str:
+        """The attention module that holds the four projections (block-relative)."""
+        return self.attention_paths.q.rpartition(".")[0]
 
     def qk_units(self, block: nn.Module) -> tuple[tuple[int, ...], ...] | None:
         """Query/key dims of a head that go together: each dim alone without rotary embeddings
@@ -158,6 +185,12 @@ class Adapter(ABC):
             embedding.weight = nn.Parameter(rotated.to(weight.dtype), requires_grad=False)
             embedding.embedding_dim = basis.shape[1]
 
+    def final_norm(self) -> nn.Module | None:
+        """The norm the last block's output goes through before the LM head."""
+        if self.final_norm_path is None:
+            return None
+        return self.model.base_model.get_submodule(self.final_norm_path)
+
     def hidden_size(self) -> int:
         """The residual stream's width."""
         return int(self.config.hidden_size)
@@ -168,12 +201,31 @@ class Adapter(ABC):
         return HeadLayout(n_heads, n_heads, self.config.hidden_size // n_heads)
 
     def _set_head_counts(self, block: nn.Module, n_heads: int, n_kv_heads: int) -> None:
+        """The attention module's head counts, and its widths: once a projection is thinned it
+        computes at the kept widths (where the family has a thin forward)."""
         head_dim = self.heads().head_dim
         values = {"heads": n_heads, "kv_groups": n_heads // n_kv_heads, "head_width": n_heads * head_dim}
         for path, attributes in self.head_attributes.items():
             module = block.get_submodule(path)
             for attribute, kind in attributes.items():
                 setattr(module, attribute, values[kind])
+        self.thin_widths(block)
+
+    def thin_widths(self, block: nn.Module) -> bool:
+        """Make the block's attention compute at its projections' widths if any is thinned and
+        the family has a thin forward (`thin_style`); whether it does now."""
+        if self.thin_style is None:
+            return False
+        a = self.attention_paths
+        module = self._attention_module()
+        projections = [block.get_submodule(path) for path in (a.q, a.k, a.v, a.o)]
+        if not any(
+            isinstance(getattr(m, "base", m), (HeadPaddedLinear, HeadSlicedLinear)) for m in projections
+        ):
+            return False
+        names = {role: getattr(a, role).removeprefix(module + ".") for role in "qkvo"}
+        thin_attention(block.get_submodule(module), self.thin_style, names)
+        return True
 
     def blocks(self) -> nn.ModuleList:
         return self._blocks_of(self.model.base_model)

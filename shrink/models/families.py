@@ -20,6 +20,8 @@ class LlamaAdapter(Adapter):
         "mlp_out": ("mlp.down_proj",),
     }
     head_attributes = {"self_attn": {"num_key_value_groups": "kv_groups"}}
+    thin_style = "rotary"
+    final_norm_path = "norm"
     head_config_keys = {
         "heads": "num_attention_heads",
         "kv_heads": "num_key_value_heads",
@@ -71,6 +73,8 @@ class OPTAdapter(Adapter):
         "mlp_out": ("fc2",),
     }
     head_attributes = {"self_attn": {"num_heads": "heads"}}
+    thin_style = "opt"
+    final_norm_path = "decoder.final_layer_norm"
     ffn_config_key = "ffn_dim"
     stream_paths = {"attn_norm": "self_attn_layer_norm", "attn": "self_attn", "mlp_norm": "final_layer_norm"}
     extra_embeddings = ("decoder.embed_positions",)

@@ -76,19 +76,21 @@ class NeuronCosts:
 class HeadCosts:
     """Cost of keeping m KV groups of q query heads whose values keep `width` and whose queries and
     keys keep `qk` of the `head_dim` dimensions: a query head costs its q rows (qk of them), its o
-    columns (width) and its attention-score MACs in `macs` (QKᵀ and A·V still run at head_dim:
-    thinned heads are zero-padded); a KV head its k rows (qk) and v rows (width). Under MHA every
-    group is one head."""
+    columns (width) and its attention-score MACs in `macs` (QKᵀ and A·V at the wider of qk and
+    width where the attention computes at thinned widths, `thin`; at head_dim where thinned heads
+    are zero-padded); a KV head its k rows (qk) and v rows (width). Under MHA every group is one
+    head."""
 
     n_heads: int
     n_kv: int
     head_dim: int
     q_row: float  # one row of q (with its bias entry)
     o_col: float  # one column of o
-    score: float  # one query head's attention-score MACs (0 in params)
+    score: float  # one query head's attention-score MACs at full widths (0 in params)
     kv_row: float  # one row of k or v
     fixed: float  # the output projection's bias
     added: float = 0  # a bias the fold adds to the output projection once anything is dropped
+    thin: bool = False  # scores run at the kept widths
 
     @property
     def group(self) -> int:
@@ -98,7 +100,8 @@ class HeadCosts:
         w = self.head_dim if width is None else width
         d = self.head_dim if qk is None else qk
         dropped = (m, q, w, d) != (self.n_kv, self.group, self.head_dim, self.head_dim)
-        heads = m * q * (d * self.q_row + w * self.o_col + self.score)
+        score = self.score * max(d, w) / self.head_dim if self.thin else self.score
+        heads = m * q * (d * self.q_row + w * self.o_col + score)
         return heads + m * (d + w) * self.kv_row + self.fixed + (self.added if dropped else 0)
 
     def options(self) -> list[tuple[int, int]]:
@@ -171,12 +174,13 @@ class CostModel:
 
     # ---- whole modules, sites, blocks (both units: records report params and MACs) --------------
     def scores(self, attention: Attention) -> Cost:
-        """QKᵀ and A·V per token: 2·heads·head_dim·(keys a query sees on average). A causal query
-        at position t sees t keys, (L+1)/2 on average over L tokens; an encoder query sees all L."""
+        """QKᵀ and A·V per token: 2·heads·width·(keys a query sees on average), at the head size
+        the attention computes at (`Attention.score_width`). A causal query at position t sees t
+        keys, (L+1)/2 on average over L tokens; an encoder query sees all L."""
         if self.seq_len <= 0:
             return Cost()
         n_heads, _ = attention.counts()
-        width = n_heads * attention.head_dim
+        width = n_heads * attention.score_width()
         return Cost(0, width * (self.seq_len + 1) if attention.causal else 2 * width * self.seq_len)
 
     def site(self, block: nn.Module, site: Site) -> Cost:
@@ -306,7 +310,8 @@ class CostModel:
     def heads(self, attention: Attention, adds_bias: bool = False) -> HeadCosts:
         q, k, o = (attention.linear(n) for n in "qko")
         n_heads, n_kv = attention.counts()
-        score = self.scores(attention).of(self.unit) // n_heads
+        full_width = attention.head_dim / attention.score_width()  # one head's score at head_dim
+        score = self.scores(attention).of(self.unit) * full_width / n_heads
         return HeadCosts(
             n_heads,
             n_kv,
@@ -317,4 +322,5 @@ class CostModel:
             self._row(k),
             self._bias(o),
             self._added(o, adds_bias),
+            thin=attention.module is not None,
         )

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling_shrink import replace_submodule
+from ..modeling_shrink import HeadPaddedLinear, HeadSlicedLinear, replace_submodule
 from .packing import SCALE, ZERO, is_quantized, quantized_bits
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -95,9 +95,13 @@ class Int8WeightOnlyLinear(nn.Module):
 
 
 def kernel_for(linear: nn.Module, device: torch.device) -> type[nn.Module] | None:
-    """The kernel class that runs this quantized linear on `device`, or None. Subclasses of Linear
-    (head-padded, head-sliced) move their inputs or outputs themselves and keep their float path."""
-    if device.type != "cpu" or type(linear) is not nn.Linear or not is_quantized(linear):
+    """The kernel class that runs this quantized linear on `device`, or None. Head-padded and
+    head-sliced linears are plain linears in a thin attention; where they pad or slice (an
+    attention that computes at head_dim) they keep their float path."""
+    plain = type(linear) is nn.Linear or (
+        isinstance(linear, (HeadPaddedLinear, HeadSlicedLinear)) and linear.thin
+    )
+    if device.type != "cpu" or not plain or not is_quantized(linear):
         return None
     bits, groups = quantized_bits(linear), linear._buffers[SCALE].shape[1]
     group = linear.in_features // groups

@@ -98,6 +98,12 @@ def _decode_lines(sp: dict) -> list[str]:
             f"  decode     {dense['decode_ms_per_token']:.1f} -> {comp['decode_ms_per_token']:.1f} ms/token "
             f"({sp['decode_speedup']:.2f}x; weight bytes ratio {sp['weight_bytes_ratio']:.3f})"
         )
+    if "kv_cache_ratio" in sp:
+        mb = 2**20
+        lines.append(
+            f"  KV cache   {dense['kv_cache_bytes'] / mb:.1f} -> {comp['kv_cache_bytes'] / mb:.1f} MB "
+            f"at {comp['seq_len']} tokens (ratio {sp['kv_cache_ratio']:.3f})"
+        )
     kernels = comp.get("kernels", {})
     if "kernel_speedup" in sp:
         decode = (

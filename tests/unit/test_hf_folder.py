@@ -202,15 +202,18 @@ def test_any_structure_loads_with_trust_remote_code(tmp_path, model_name, method
     assert torch.equal(_outputs(remote, ids), _outputs(shrink.load(folder), ids))
 
 
-def test_the_modeling_file_imports_nothing_from_shrink():
+@pytest.mark.parametrize("name", ["modeling_shrink.py", "modeling_shrink_attention.py"])
+def test_the_modeling_files_import_nothing_from_shrink(name):
     import ast
 
     from shrink import modeling_shrink
 
-    tree = ast.parse(Path(modeling_shrink.__file__).read_text())
+    assert name in modeling_shrink.MODELING_FILES
+    tree = ast.parse(Path(modeling_shrink.__file__).with_name(name).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {
         n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0
     }
-    assert imported <= {"__future__", "typing", "torch", "transformers"}, imported
-    assert not any(isinstance(n, ast.ImportFrom) and n.level > 0 for n in ast.walk(tree))
+    assert imported <= {"__future__", "typing", "sys", "torch", "transformers"}, imported
+    relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0}
+    assert {f"{module}.py" for module in relative} <= set(modeling_shrink.MODELING_FILES)  # carried beside
