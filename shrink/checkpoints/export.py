@@ -1,6 +1,7 @@
 """`python -m shrink export <run or model folder> [--out DIR]`: give a shrink checkpoint the
 Hugging Face files of the current release (config.json, and the modeling file where its structure
-needs it) and its model card.
+needs it) and its model card; with `--gguf [--type q8_0] [--vocab FILE]`, write it as a GGUF file
+that llama.cpp runs instead (`gguf_file`).
 
 The checkpoint is loaded (and so checked) with `shrink.load` first; then, in `--out` (a copy) or in
 place, it gains config.json: the smaller config when transformers builds its structure from one
@@ -71,13 +72,64 @@ def export(path: Path, out: Path | None = None) -> list[str]:
     return done
 
 
+def export_gguf(path: Path, kind: str, out: Path | None = None, vocab: Path | None = None) -> list[str]:
+    """Write the checkpoint at `path` as a GGUF file of `kind` for llama.cpp (`gguf_file`), by
+    default `<run>/model-<kind>.gguf`; the tokenizer comes from `vocab` or the base model's GGUF."""
+    from . import gguf_file
+
+    gguf_file.check_type(kind)  # before the checkpoint loads
+    source = checkpoint_folder(path)
+    run = source.parent if source.name == "model" else source
+    model = load(source)
+    gguf_file.check_model(model)
+    keys = gguf_file.vocab_from_gguf(vocab) if vocab is not None else _base_vocab(run, source, model)
+    target = out if out is not None else gguf_file.default_name(run, kind)
+    gguf_file.write(model, target, kind, keys, name=run.name)
+    return [f"{target}: {kind} GGUF for llama.cpp ({target.stat().st_size / 2**20:.1f} MB)"]
+
+
+def _base_vocab(run: Path, source: Path, model) -> dict:
+    """The tokenizer of the run's base model: its GGUF (packaged, or `model=gguf`), or the byte
+    vocabulary of a tiny test model."""
+    from omegaconf import OmegaConf
+
+    from ..models.packaged import packaged_gguf
+    from . import gguf_file
+    from .save_load import load_tokenizer
+
+    config = run / "config.yaml"
+    model_cfg = OmegaConf.load(config).model if config.is_file() else None
+    source_kind = str(model_cfg.source) if model_cfg is not None else ""
+    if source_kind == "packaged":
+        found = packaged_gguf(str(model_cfg.path))
+        if found is not None:
+            return gguf_file.vocab_from_gguf(found)
+    if source_kind == "gguf":
+        return gguf_file.vocab_from_gguf(Path(str(model_cfg.path)).expanduser())
+    if source_kind == "tiny":
+        rows = model.get_input_embeddings().num_embeddings
+        return gguf_file.byte_vocab(load_tokenizer(source), rows)
+    raise ShrinkError(
+        f"{run}: no GGUF of the base model to take the tokenizer from (packaged and model=gguf models "
+        "have one); pass --vocab FILE.gguf, a GGUF of the base model"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shrink export", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="a run folder or its model/ folder")
-    parser.add_argument("--out", type=Path, help="write the exported folder here (default: in place)")
+    parser.add_argument("--out", type=Path, help="write the exported folder (or GGUF file) here")
+    parser.add_argument("--gguf", action="store_true", help="write a GGUF file for llama.cpp instead")
+    parser.add_argument("--type", default="f16", help="GGUF type: f32 f16 bf16 q8_0 q4_k_m q5_k_m q6_k …")
+    parser.add_argument("--vocab", type=Path, help="a GGUF of the base model to take the tokenizer from")
     args = parser.parse_args(argv)
     try:
-        for line in export(args.folder, args.out):
+        lines = (
+            export_gguf(args.folder, args.type, args.out, args.vocab)
+            if args.gguf
+            else export(args.folder, args.out)
+        )
+        for line in lines:
             print(line)
     except ShrinkError as err:
         print(f"error: {err}", file=sys.stderr)

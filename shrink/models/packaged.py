@@ -134,3 +134,12 @@ def gguf_model_dir(path: str) -> Path:
     return publish_dir(
         lambda tmp: save_gguf_as_safetensors(gguf, tmp), cache_root() / "models" / f"gguf-{gguf.stem}-{key}"
     )
+
+
+def packaged_gguf(name: str) -> Path | None:
+    """The GGUF file a packaged model ships as one file (its tokenizer is what a GGUF export of the
+    compressed model copies), or None."""
+    asset = check_installed(name)
+    if asset.parts or not asset.file.endswith(".gguf"):
+        return None
+    return package_file(asset.module, asset.pip_spec, asset.file, asset.pip_spec)
