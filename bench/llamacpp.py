@@ -58,6 +58,7 @@ def speed(path: Path, prompt: int, decode: int, rounds: int, threads: int) -> di
 
     llm = llama_cpp.Llama(str(path), n_ctx=prompt + decode + 8, n_threads=threads, n_batch=512, verbose=False)
     ids = np.random.default_rng(0).integers(100, 40000, prompt).tolist()
+    vocab = llm.n_vocab()
     best_prompt, best_decode = 0.0, 0.0
     for _ in range(rounds):
         llm.reset()
@@ -65,9 +66,9 @@ def speed(path: Path, prompt: int, decode: int, rounds: int, threads: int) -> di
         llm.eval(ids)
         best_prompt = max(best_prompt, prompt / (time.perf_counter() - start))
         start = time.perf_counter()
-        for _ in range(decode):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([token])
+        for _ in range(decode):  # greedy, from the last position's logits (all a decode step makes)
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+            llm.eval([int(np.argmax(logits))])
         best_decode = max(best_decode, decode / (time.perf_counter() - start))
     return {"prompt_tokens_per_s": best_prompt, "decode_tokens_per_s": best_decode}
 

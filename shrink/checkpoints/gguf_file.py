@@ -11,7 +11,9 @@ are permuted from Hugging Face's rotary layout (dims i and i + d/2 turn together
 Types: `f32`, `f16` and `bf16` are written directly, `q8_0` with gguf-py's implementation of
 llama.cpp's Q8_0 (a tensor whose rows are not whole blocks of 32 stays f16). Every other type
 (`q4_k_m`, `q5_k_m`, `q6_k`, `q4_0`, …) is llama.cpp's own quantizer run on an f16 file, through
-the llama-cpp-python bindings (`pip install -e .[gguf]`), which also picks its fallbacks. The
+the llama-cpp-python bindings (`pip install -e .[gguf]`), which also picks its fallbacks. For the
+quantized types each FFN is padded with zero neurons to a multiple of 32, so that its down
+projection's rows are whole blocks (a width such as 461 would stay f16). The
 tokenizer and chat template are copied from a GGUF of the base model (the packaged one, a
 `model=gguf` file, or `--vocab FILE`); tiny test models get their byte vocabulary.
 """
@@ -39,6 +41,8 @@ from ..models import build_adapter
 
 ARCH = "deci"
 DIRECT = ("f32", "f16", "bf16", "q8_0")
+FLOATS = ("f32", "f16", "bf16")
+QUANT_BLOCK = 32  # values per block of Q8_0, Q4_0, Q5_0 (k-quants: 256)
 # llama.cpp's quantizer (llama_ftype), by the names its `llama-quantize` tool takes
 LLAMA_CPP = {
     "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
@@ -135,8 +139,12 @@ def rotary_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def block_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """Every tensor of the GGUF by its llama.cpp name, and the per-layer widths."""
+def block_tensors(
+    model: nn.Module, ffn_multiple: int = 1
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Every tensor of the GGUF by its llama.cpp name, and the per-layer widths; each FFN padded
+    with zero neurons to a multiple of `ffn_multiple` (a zero gate and up row give silu(0)·0 = 0,
+    which a zero column of down reads: the same outputs)."""
     adapter = build_adapter(model)
     head_dim = adapter.heads().head_dim
     a = adapter.attention_paths
@@ -160,15 +168,22 @@ def block_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             "attn_v.bias": vb,
             "attn_output.bias": ob,
         }
+        ffn = int(block.get_submodule(adapter.mlp_paths["mlp_out"][0]).in_features)
+        extra = -ffn % ffn_multiple
         mlp = (*adapter.mlp_paths["mlp_in"], *adapter.mlp_paths["mlp_out"])  # gate, up, down
         for role, path in zip(("gate", "up", "down"), mlp, strict=True):
             linear = block.get_submodule(path)
-            named[f"ffn_{role}.weight"] = linear.weight
-            named[f"ffn_{role}.bias"] = linear.bias
+            weight, bias = linear.weight.detach(), linear.bias
+            if role == "down":
+                weight = nn.functional.pad(weight, (0, extra))
+            else:
+                weight = nn.functional.pad(weight, (0, 0, 0, extra))
+                bias = None if bias is None else nn.functional.pad(bias.detach(), (0, extra))
+            named[f"ffn_{role}.weight"], named[f"ffn_{role}.bias"] = weight, bias
         for name, tensor in named.items():
             if tensor is not None:
                 tensors[f"blk.{i}.{name}"] = tensor.detach().to(torch.float32)
-        widths["ffn"].append(int(block.get_submodule(adapter.mlp_paths["mlp_out"][0]).in_features))
+        widths["ffn"].append(ffn + extra)
         widths["heads"].append(heads)
         widths["kv_heads"].append(kv_heads)
     tensors["token_embd.weight"] = model.get_input_embeddings().weight.detach().to(torch.float32)
@@ -236,7 +251,9 @@ def write(model: nn.Module, out: Path, kind: str, vocab: Vocab, name: str) -> Pa
 
     check_type(kind)
     check_model(model)
-    tensors, widths = block_tensors(model)
+    # a quantized row is whole blocks of 32 (llama.cpp's quantizer falls back from k-quants' 256 on
+    # its own): FFN widths are padded to that; float types keep them as they are
+    tensors, widths = block_tensors(model, 1 if kind in FLOATS else QUANT_BLOCK)
     config = model.config
     head_dim = build_adapter(model).heads().head_dim
     direct = kind if kind in DIRECT else "f16"

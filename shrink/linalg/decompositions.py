@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from scipy.linalg import lapack
 
@@ -26,7 +25,8 @@ def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def output_error(delta: torch.Tensor, weight: torch.Tensor, moment: torch.Tensor) -> float:
-    """Relative output error ‖ΔX‖/‖WX‖ over calibration inputs with second moment E[xxᵀ].
+    """Relative output error ‖ΔX‖/‖WX‖ over calibration inputs with second moment E[xxᵀ] (or any
+    multiple of it: the ratio does not change).
 
     ‖ΔX‖²_F = tr(Δ C Δᵀ), so no activation matrix is needed.
     """
@@ -46,15 +46,16 @@ def affine_output_error(
     weight: torch.Tensor,
     moment: torch.Tensor,
     mean: torch.Tensor,
+    scale: float = 1.0,
 ) -> float:
     """Relative output error ‖ΔX + δ1ᵀ‖/‖WX‖ when the bias moves by δ too (centred factorisations):
-    E‖Δx + δ‖² = tr(Δ C Δᵀ) + 2 δᵀΔμ + ‖δ‖² with C = E[xxᵀ], μ = E[x]."""
+    E‖Δx + δ‖² = tr(Δ C Δᵀ) + 2 δᵀΔμ + ‖δ‖² with C = scale·`moment` = E[xxᵀ], μ = E[x]."""
     if shift is None:
         return output_error(delta, weight, moment)
     d, c, mu, sh = (t.to(torch.float64) for t in (delta, moment, mean, shift))
     w = weight.to(torch.float64)
-    num = (torch.einsum("ij,jk,ik->", d, c, d) + 2 * sh @ (d @ mu) + sh @ sh).clamp_min(0)
-    den = torch.einsum("ij,jk,ik->", w, c, w)
+    num = (scale * torch.einsum("ij,jk,ik->", d, c, d) + 2 * sh @ (d @ mu) + sh @ sh).clamp_min(0)
+    den = scale * torch.einsum("ij,jk,ik->", w, c, w)
     return float((num / den).sqrt()) if den > 0 else float("nan")
 
 
@@ -91,7 +92,7 @@ class Pivots(NamedTuple):
     remaining: torch.Tensor  # ‖Z − P_J Z‖²_F before any pick and after each one (length picks+1)
 
 
-def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> Pivots:
+def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12, consume: bool = False) -> Pivots:
     """Greedy column selection of the ID from the Gram matrix G = ZᵀZ.
 
     Picking, at each step, the column with the largest residual after projection onto the chosen
@@ -102,7 +103,9 @@ def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> Pivots:
     the Schur complement before any pick and after each one, which is exactly the squared
     Frobenius error of the ID that keeps the first picks (the greedy schedule uses it). Columns
     already in the span of the chosen ones (residual ≤ rtol·max diag) follow in order of their
-    residual, with |R_jj| = 0.
+    residual, with |R_jj| = 0. `consume`: LAPACK may factor `gram` in place when it is a float64
+    CPU matrix in column-major order (`column_major`), the caller's temporary, whose copy would be
+    the largest allocation of a wide FFN (1 GB at 11008).
     """
     g = gram.detach().to("cpu", torch.float64)
     n = g.shape[0]
@@ -111,23 +114,24 @@ def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> Pivots:
     floor = rtol * float(diag.max()) if n else 0.0
     if not torch.isfinite(g).all():
         raise NumericalError("non-finite Gram matrix given to the pivoted Cholesky")
-    factor, piv, rank, info = lapack.dpstrf(g.numpy(), lower=1, tol=floor)
+    factor, piv, rank, info = lapack.dpstrf(g.numpy(), lower=1, tol=floor, overwrite_a=consume)
     if info < 0:
         raise NumericalError(f"LAPACK dpstrf rejected argument {-info}")
     rank = min(int(rank), k)
     permutation = torch.from_numpy(piv.astype("int64") - 1)
     order = permutation[:rank]
-    columns = torch.from_numpy(np.tril(factor)[:, :rank])[permutation.argsort()]  # rows: original order
+    lower = torch.from_numpy(factor).tril_()  # in place: the upper part still holds G's entries
+    rows = permutation.argsort()  # the factor's rows in the original column order
     picked_at = torch.full((n,), n, dtype=torch.long)  # the step at which each column was picked
     picked_at[order] = torch.arange(rank)
     r_diag = torch.zeros(k, dtype=torch.float64)
-    r_diag[:rank] = columns[order, torch.arange(rank)]
+    r_diag[:rank] = torch.diagonal(lower)[:rank]
     remaining = torch.empty(k + 1, dtype=torch.float64)
     remaining[0] = diag.sum()
     residual = diag.clone()
     for start in range(0, rank, 256):  # the traces after each pick, 256 picks at a time
         steps = torch.arange(start, min(start + 256, rank))
-        squares = columns[:, steps] ** 2
+        squares = lower[:, start : start + len(steps)][rows] ** 2  # 256 columns gathered at a time
         left = residual[:, None] - torch.cumsum(squares, 1)
         left[picked_at[:, None] <= steps[None, :]] = 0  # chosen columns leave no residual
         remaining[steps + 1] = left.clamp_min(0).sum(0)
@@ -137,6 +141,11 @@ def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12) -> Pivots:
     rest = torch.sort(residual, descending=True, stable=True).indices[: k - rank]
     remaining[rank + 1 :] = remaining[rank] - torch.cumsum(residual[rest], 0)
     return Pivots(torch.cat([order, rest]), r_diag, remaining)
+
+
+def column_major(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """An empty float64 matrix stored column by column (what LAPACK factors without a copy)."""
+    return torch.empty_strided(shape, (1, shape[0]), dtype=torch.float64, device=like.device)
 
 
 def pivoted_qr(matrix: torch.Tensor, k: int) -> torch.Tensor:
@@ -350,11 +359,15 @@ def fold_error(
     """Relative output error E‖W' xⱼ + W b − W y‖² / E‖W y‖² of the folded layer W' = W Tᵀ (with
     its added bias W b) against the layer on its target y (x itself, or the dense activations)."""
     w = weight.to(torch.float64)
-    a = torch.zeros_like(w)
-    a[:, keep] = folded.to(torch.float64)
     c = w @ shift if shift is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     if cross is None:  # the target is the layer's own input: the error of the edited layer
-        return affine_output_error(w - a, -c if shift is not None else None, w, stats.moment(), stats.mean())
+        delta = w.clone()
+        delta[:, keep] -= folded.to(torch.float64)
+        # E[xxᵀ] as Σxxᵀ scaled inside: no copy of the d×d moment (1 GB at 11008 wide)
+        moved = -c if shift is not None else None
+        return affine_output_error(delta, moved, w, stats.xtx, stats.mean(), 1.0 / stats.count)
+    a = torch.zeros_like(w)
+    a[:, keep] = folded.to(torch.float64)
     n = stats.count
     gxx, mx = stats.xtx / n, stats.mean()
     gxy, gyy, my = cross.xty / n, cross.yty / n, cross.sum_y / n

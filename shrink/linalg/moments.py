@@ -15,8 +15,9 @@ class SecondMoment:
     With `sketch_rows` > 0 it also accumulates a Gaussian row sketch ΩX (sketch_rows × dim), drawn
     batch by batch from a seeded generator, for methods that check against an explicit matrix.
     With `batch_dtype=torch.float32` each batch's XᵀX is computed in single precision (about twice
-    as fast on a CPU; relative error about 1e-6 per batch) and summed in float64: for methods whose
-    solves are ridge-regularised far above that (id's λ = 1e-2·mean diag), not for whitening.
+    as fast on a CPU; relative error about 1e-6 per batch) and summed in float64 (slab by slab, so
+    no float64 copy of a 11008-wide product is made): for methods whose solves are
+    ridge-regularised far above that (id's λ = 1e-2·mean diag), not for whitening.
     """
 
     def __init__(
@@ -47,7 +48,9 @@ class SecondMoment:
             self.xtx.addmm_(x.T, x)
         else:
             x = x.to(self.batch_dtype)
-            self.xtx += (x.T @ x).to(torch.float64)
+            product = x.T @ x
+            for start in range(0, product.shape[0], 1024):  # widened to float64 a slab at a time
+                self.xtx[start : start + 1024].add_(product[start : start + 1024])
         if self.sketch is not None:
             omega = torch.randn(
                 self.sketch.shape[0], x.shape[0], generator=self._gen, dtype=x.dtype, device=x.device

@@ -71,21 +71,27 @@ def test_the_gguf_holds_per_layer_widths_and_padded_heads(thin_run, capsys):
     assert "output.weight" not in tensors  # tied: llama.cpp reuses the token embedding
 
 
-def test_q8_0_blocks_whole_rows_and_keeps_the_rest_f16(thin_run):
+def test_q8_0_pads_each_ffn_to_whole_blocks(thin_run):
+    model = load(thin_run / "model")
     out = gguf_file.write(
-        load(thin_run / "model"), thin_run / "q8.gguf", "q8_0",
+        model, thin_run / "q8.gguf", "q8_0",
         gguf_file.byte_vocab(__import__("shrink").load_tokenizer(thin_run / "model"), 260), "tiny",
     )  # fmt: skip
-    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    reader = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
-    model = load(thin_run / "model")
-    width = model.model.layers[0].mlp.down_proj.in_features
-    assert types["blk.0.ffn_down.weight"] == ("Q8_0" if width % 32 == 0 else "F16")
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"
+    widths = [b.mlp.down_proj.in_features for b in model.model.layers]
+    assert any(w % 32 for w in widths)  # the padding is exercised
+    assert _fields(reader)["deci.feed_forward_length"] == [w + (-w % 32) for w in widths]
 
 
-def test_llama_cpp_computes_shrinks_logits(thin_run):
+@pytest.mark.parametrize("padded", [False, True], ids=["widths-as-kept", "ffn-padded-to-32"])
+def test_llama_cpp_computes_shrinks_logits(thin_run, monkeypatch, padded):
     llama_cpp = pytest.importorskip("llama_cpp", reason='the GGUF extra: pip install -e ".[gguf]"')
-    out = thin_run / "tiny-f32.gguf"
+    if padded:  # f32 values with the zero neurons a quantized type gets
+        monkeypatch.setattr(gguf_file, "FLOATS", ())
+    out = thin_run / f"tiny-f32-{padded}.gguf"
     assert main([str(thin_run), "--gguf", "--type", "f32", "--out", str(out)]) == 0
     ids = torch.randint(3, 250, (1, 24), generator=torch.Generator().manual_seed(0))
     model = load(thin_run / "model").eval()

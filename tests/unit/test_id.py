@@ -8,6 +8,7 @@ import torch
 import shrink
 from shrink.linalg.decompositions import (
     block_pivoted_cholesky,
+    column_major,
     interpolation_matrix,
     pivoted_cholesky,
     pivoted_qr,
@@ -65,6 +66,21 @@ def structured_problem(n=48, tokens=3000, latent=10, seed=0):
     basis = torch.randn(tokens, latent, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, latent)
     z = basis @ torch.randn(latent, n, generator=gen, dtype=torch.float64)
     return z + 1e-3 * torch.randn(tokens, n, generator=gen, dtype=torch.float64)
+
+
+def test_a_consumed_column_major_gram_is_factored_in_place_with_the_same_pivots():
+    z = torch.randn(300, 120, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gram = z.T @ z
+    owned = column_major(gram.shape, gram)
+    owned.copy_(gram)
+    kept = pivoted_cholesky(gram.clone(), 80)
+    consumed = pivoted_cholesky(owned, 80, consume=True)
+    for a, b in zip(kept, consumed, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(owned, gram)  # LAPACK wrote its factor there: no 1 GB copy at 11008 wide
+    untouched = gram.clone()
+    pivoted_cholesky(untouched, 80)
+    assert torch.equal(untouched, gram)  # without consume the caller's matrix is left as it was
 
 
 def test_cholesky_and_sketched_qr_select_the_same_columns():
