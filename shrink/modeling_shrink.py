@@ -24,7 +24,7 @@ import transformers
 from torch import nn
 from torch.nn import functional as F
 
-from .modeling_shrink_attention import make_padded, make_thin
+from .modeling_shrink_attention import padded_attention, thin_attention  # noqa: F401  (apply_edit, callers)
 
 MODELING_VERSION = 2  # 2: the config has a model type of its own (shrink_<base>)
 MODEL_TYPE_PREFIX = "shrink_"
@@ -185,39 +185,6 @@ class CorrectedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
-
-
-def thin_attention(attention: nn.Module, style: str, names: dict[str, str]) -> None:
-    """Make `attention` (whose projections are named by `names`: q, k, v, o) compute QKᵀ and A·V
-    at the widths its thinned projections keep (`modeling_shrink_attention`, of `style`): its
-    head-padded projections stop padding and its head-sliced output projection reads the thin
-    heads as they come. Called again after a projection changes, it reads the widths anew."""
-    head_dim = int(attention.head_dim)
-    widths, places = {}, None
-    for role in "qkvo":
-        module = attention.get_submodule(names[role])
-        module = getattr(module, "base", module)  # a corrected linear's own layout is its base's
-        if isinstance(module, (HeadPaddedLinear, HeadSlicedLinear)):
-            module.thin = True
-        if role == "o":
-            continue
-        widths[role] = module.width if isinstance(module, HeadPaddedLinear) else head_dim
-        if role == "k" and isinstance(module, HeadPaddedLinear) and module.positions is not None:
-            places = module.positions
-    make_thin(attention, style, widths, places)
-    attention.shrink_projections = dict(names)
-
-
-def padded_attention(attention: nn.Module) -> None:
-    """Undo `thin_attention`: the family's attention at head_dim, its thinned projections padding
-    back to it (what a format that needs equal q/k/v head sizes is written from)."""
-    for name in getattr(attention, "shrink_projections", {}).values():
-        module = attention.get_submodule(name)
-        module = getattr(module, "base", module)
-        if isinstance(module, (HeadPaddedLinear, HeadSlicedLinear)):
-            module.thin = False
-    attention.__dict__.pop("shrink_projections", None)
-    make_padded(attention)
 
 
 class ScaledRMSNorm(nn.Module):

@@ -31,6 +31,45 @@ STYLES = ("rotary", "opt")
 THIN_MARK = "_shrink_thin_style"  # a class attribute of the thin subclasses
 
 
+def thin_attention(attention: nn.Module, style: str, names: dict[str, str]) -> None:
+    """Make `attention` (whose projections are named by `names`: q, k, v, o) compute QKᵀ and A·V
+    at the widths its thinned projections keep (of `style`): its head-padded projections stop
+    padding and its head-sliced output projection reads the thin heads as they come. Called again
+    after a projection changes, it reads the widths anew. (Projections are told apart by what they
+    carry: a head-shaped one has a `thin` switch, a padded one also its `positions`.)"""
+    head_dim = int(attention.head_dim)
+    widths, places = {}, None
+    for role in "qkvo":
+        module = _layout(attention, names[role])
+        if hasattr(type(module), "thin"):
+            module.thin = True
+        if role == "o":
+            continue
+        padded = hasattr(module, "positions")
+        widths[role] = module.width if padded else head_dim
+        if role == "k" and padded and module.positions is not None:
+            places = module.positions
+    make_thin(attention, style, widths, places)
+    attention.shrink_projections = dict(names)
+
+
+def padded_attention(attention: nn.Module) -> None:
+    """Undo `thin_attention`: the family's attention at head_dim, its thinned projections padding
+    back to it (what a format that needs equal q/k/v head sizes is written from)."""
+    for name in getattr(attention, "shrink_projections", {}).values():
+        module = _layout(attention, name)
+        if hasattr(type(module), "thin"):
+            module.thin = False
+    attention.__dict__.pop("shrink_projections", None)
+    make_padded(attention)
+
+
+def _layout(attention: nn.Module, name: str) -> nn.Module:
+    """The projection whose layout counts: a corrected linear's is its base's."""
+    module = attention.get_submodule(name)
+    return getattr(module, "base", module)
+
+
 def make_thin(attention: nn.Module, style: str, widths: dict[str, int], qk_places: Any = None) -> None:
     """Make `attention` compute at its projections' widths (`widths`: q, k, v per head; q and k
     alike) with the family's code around it. `qk_places` (KV heads × width, sorted, rotary pairs

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import ShrinkError
-from ..modeling_shrink import (
+from ..models import build_adapter
+from ..models.edits import (
     CorrectedLinear,
     HeadPaddedLinear,
     HeadSlicedLinear,
@@ -37,7 +38,6 @@ from ..modeling_shrink import (
     ScaledRMSNorm,
     head_places,
 )
-from ..models import build_adapter
 
 ARCH = "deci"
 DIRECT = ("f32", "f16", "bf16", "q8_0")
