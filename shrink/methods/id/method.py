@@ -44,6 +44,7 @@ from ...linalg.decompositions import (
     pivoted_qr,
 )
 from ...linalg.moments import CrossMoment, SecondMoment
+from ...linalg.ridge import cross_validated_ridge
 from ...models import Adapter, Site
 from ...models.edits import keep_outputs, set_inputs, thin_heads, thin_query_key
 from ...planning.budget import Curve, Option, Sizes
@@ -82,6 +83,16 @@ class InterpolativeDecomposition(Method):
             raise ShrinkError(
                 f"method.qk_probe_windows={cfg.qk_probe_windows} must be a positive number of windows"
             )
+        if int(cfg.ridge_cv) == 1 or int(cfg.ridge_cv) < 0:
+            raise ShrinkError(
+                f"method.ridge_cv={cfg.ridge_cv} must be 0 (the fixed method.ridge) or at least 2 groups "
+                "of calibration windows"
+            )
+        if int(cfg.ridge_cv) and (cfg.bias or cfg.target == FoldTarget.dense or cfg.qk_dims):
+            raise ShrinkError(
+                "method.ridge_cv cross-validates the plain fold; it does not cover method.bias=true, "
+                "method.target=dense or method.qk_dims=true (set method.ridge_cv=0)"
+            )
         if int(cfg.dims_step) < 1:
             raise ShrinkError(f"method.dims_step={cfg.dims_step} must be a positive number of value dims")
         if cfg.target == FoldTarget.dense and propagate == "dense":
@@ -118,7 +129,10 @@ class InterpolativeDecomposition(Method):
         if self.cfg.selection == IDSelection.sketch_qr and not qk:
             rows = max(1, int(self.cfg.sketch_oversample * dim))
         dtype = torch.float32 if self.cfg.batch_gram_fp32 else torch.float64
-        return SecondMoment(dim, device=device, where=where, sketch_rows=rows, seed=seed, batch_dtype=dtype)
+        parts = 0 if qk else int(self.cfg.ridge_cv)
+        return SecondMoment(
+            dim, device=device, where=where, sketch_rows=rows, seed=seed, batch_dtype=dtype, parts=parts
+        )
 
     def compress_block(self, ctx: BlockContext) -> BlockResult:
         """Heads first, then neurons: the block as a whole keeps at most its target.
@@ -183,19 +197,23 @@ class InterpolativeDecomposition(Method):
     def _fold(
         self, stats: SecondMoment, keep: torch.Tensor, linear, cross: CrossMoment | None, refit: bool = False
     ):
-        """(new weight of the next layer, its new bias or None, relative output error). STAT's
-        fold when neither switch is on (`linalg.fold`); nothing to fold when every column is kept,
-        unless `refit` (the columns themselves changed: thinner queries and keys)."""
+        """(new weight of the next layer, its new bias or None, relative output error, the relative
+        ridge used). STAT's fold when neither switch is on (`linalg.fold`), its ridge
+        cross-validated over groups of calibration windows with `ridge_cv`; nothing to fold when
+        every column is kept, unless `refit` (the columns themselves changed: thinner q/k)."""
         w = linear.weight.detach().to(torch.float64)
         if len(keep) == w.shape[1] and not refit:
-            return w, None, 0.0
-        folded = fold(stats, keep, self.cfg.ridge, self.cfg.bias, cross)
+            return w, None, 0.0, None
+        ridge = float(self.cfg.ridge)
+        if stats.parts and cross is None and not refit:
+            ridge = cross_validated_ridge(stats.parts, keep, w).ridge
+        folded = fold(stats, keep, ridge, self.cfg.bias, cross)
         new = w @ folded.t.T
         bias = None
         if folded.shift is not None:
             old = linear.bias.detach().to(torch.float64) if linear.bias is not None else 0.0
             bias = old + w @ folded.shift
-        return new, bias, fold_error(w, new, keep, folded.shift, stats, cross)
+        return new, bias, fold_error(w, new, keep, folded.shift, stats, cross), ridge
 
     def _weights(self, next_linear) -> torch.Tensor:
         if not self.cfg.weight_by_outgoing:
@@ -234,11 +252,11 @@ class InterpolativeDecomposition(Method):
         if self.cfg.selection == IDSelection.sketch_qr:
             order = pivoted_qr(stats.sketch * self._weights(down)[None, :], k)
         keep = order[:k].sort().values.to(stats.xtx.device)
-        new_down, new_bias, error = self._fold(stats, keep, down, cross)
+        new_down, new_bias, error, ridge = self._fold(stats, keep, down, cross)
         for path in site_in.linears:
             keep_outputs(ctx.block, path, keep)
         set_inputs(ctx.block, site_out.linears[0], new_down, new_bias)
-        return unit_record(ctx, "mlp", k, n, before, paths, fraction, error, start)
+        return unit_record(ctx, "mlp", k, n, before, paths, fraction, error, start, ridge=ridge)
 
     # ---- attention heads ---------------------------------------------------------------------
     def _candidates(self, costs: HeadCosts, ctx: BlockContext) -> list[Shape]:
@@ -328,7 +346,7 @@ class InterpolativeDecomposition(Method):
         kv_kept = sorted({h // group for h in heads})
         kept_dims = value_dims(gram, heads, group, dh, width)  # value dims kept per KV head
         columns = torch.cat([h * dh + kept_dims[h // group] for h in heads]).to(device)
-        new_o, new_bias, error = self._fold(stats, columns, o_lin, cross, refit=positions is not None)
+        new_o, new_bias, error, ridge = self._fold(stats, columns, o_lin, cross, refit=positions is not None)
 
         full = torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in heads]).to(device)
         kv_full = torch.cat([torch.arange(g * dh, (g + 1) * dh) for g in kv_kept]).to(device)
@@ -368,6 +386,7 @@ class InterpolativeDecomposition(Method):
             kept_kv=len(kv_kept),
             v_width=width,
             qk_width=qk,
+            ridge=ridge,
         )
 
     # ---- error profiles for the greedy schedule ---------------------------------------------------
