@@ -180,7 +180,7 @@ def compress_in_memory(*overrides: str) -> Compressed:
     from shrink.data import corpora as data
     from shrink.methods import build_method
     from shrink.models import load_model
-    from shrink.planning.schedules import make_plan, needs_profiles
+    from shrink.planning.schedules import make_plan, needs_profiles, searches
     from shrink.run.pipeline import cost_model, plan_inputs
     from shrink.run.validation import apply_knob, shape_contexts
 
@@ -209,6 +209,16 @@ def compress_in_memory(*overrides: str) -> Compressed:
             c for ctx in runner.blocks(Propagate.dense, desc="profile") for c in method.profile(ctx)
         ]
     plan = make_plan(cfg.schedule.name, inputs)
+    if searches(cfg.schedule.name):
+        from shrink.run.search import searched_plan
+        from shrink.run.store import ResidentStore
+
+        held = data.held_aside_windows(
+            cfg.calib.corpus, loaded.tokenizer, int(cfg.schedule.windows), cfg.calib.seq_len,
+            cfg.calib.nsamples, cfg.seed, cfg.model.add_bos,
+        )  # fmt: skip
+        store = ResidentStore(loaded, cpu)
+        plan, _ = searched_plan(cfg, store, runner, method, inputs, held, method.needs_teacher)
     dense, rows, steps = costs.model(), [], []
     post = BlockSteps(cfg.quant, cfg.sparsity)
     removed = []

@@ -284,6 +284,42 @@ def calibration_windows(
     return with_bos(windows, tokenizer, add_bos)
 
 
+def held_aside_windows(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    seq_len: int,
+    nsamples: int,
+    seed: int,
+    add_bos: bool = False,
+) -> torch.Tensor:
+    """`count` windows of the calibration part that overlap none of the `nsamples` calibration
+    windows drawn with `seed` (what a run calibrates on), for choices scored on text the
+    statistics did not see."""
+    stream = token_stream(name, "calib", tokenizer)
+    span = stream.numel() - seq_len
+    if span <= 0:
+        raise ShrinkError(
+            f"corpus {name!r} has only {stream.numel()} calibration tokens; seq_len is {seq_len}"
+        )
+    taken = torch.randint(0, span, (nsamples,), generator=torch.Generator().manual_seed(seed)).tolist()
+    gen = torch.Generator().manual_seed(seed + 1)
+    starts: list[int] = []
+    for _ in range(1000 * count):
+        if len(starts) == count:
+            break
+        s = int(torch.randint(0, span, (1,), generator=gen))
+        if all(abs(s - t) >= seq_len for t in taken + starts):
+            starts.append(s)
+    if len(starts) < count:
+        raise ShrinkError(
+            f"corpus {name!r}: no room for {count} windows of {seq_len} tokens beside the {nsamples} "
+            "calibration windows; lower the number of held-aside windows"
+        )
+    windows = torch.stack([stream[s : s + seq_len] for s in starts])
+    return with_bos(windows, tokenizer, add_bos)
+
+
 def test_windows(
     name: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, max_tokens: int = 0, add_bos: bool = False
 ) -> torch.Tensor:

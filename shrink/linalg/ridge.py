@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 # λ / mean(diag G_JJ) tried, as `method.ridge` is given (1e-2 is the fixed default)
-RIDGE_GRID: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+RIDGE_GRID: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
 
 
 class RidgeChoice(NamedTuple):
@@ -45,24 +45,24 @@ def cross_validated_ridge(
     if len(drop) == 0 or len(parts) < 2:
         raise ValueError("cross-validating a fold needs dropped columns and at least two parts")
     w_d = weight.to(torch.float64)[:, drop]
-    total = torch.stack(parts).sum(0)
+    rows = [part[keep] for part in parts]  # each part's kept rows, read once
+    part_jj = [r[:, keep] for r in rows]
+    part_jd = [r[:, drop] @ w_d.T for r in rows]
+    total_jj, total_jd = sum(part_jj), sum(part_jd)
     errors = torch.zeros(len(grid), dtype=torch.float64)
     energy = 0.0
-    for part in parts:
-        a_jj = total[keep][:, keep] - part[keep][:, keep]
-        a_jd = (total[keep][:, drop] - part[keep][:, drop]) @ w_d.T
+    for part, h_jj, h_jd in zip(parts, part_jj, part_jd, strict=True):
+        a_jj = total_jj - h_jj
         scale = float(torch.diagonal(a_jj).mean().clamp_min(1e-300))
         s, u = torch.linalg.eigh(a_jj)
-        b = u.T @ a_jd
-        c = u.T @ (part[keep][:, drop] @ w_d.T)
-        p = u.T @ part[keep][:, keep] @ u
-        quadratic = p * (b @ b.T)
-        linear = (c * b).sum(1)
+        b = u.T @ (total_jd - h_jd)
+        quadratic = (u.T @ h_jj @ u) * (b @ b.T)
+        linear = ((u.T @ h_jd) * b).sum(1)
         const = float(((w_d @ part[drop][:, drop]) * w_d).sum())
         energy += const
-        s = s.clamp_min(0).cpu()
+        s = s.clamp_min(0)
         for i, r in enumerate(grid):
-            inv = (1.0 / (s + r * scale)).to(b.device, torch.float64)
+            inv = 1.0 / (s + r * scale)
             errors[i] += const - 2 * float(inv @ linear) + float(inv @ quadratic @ inv)
     rel = (errors / max(energy, 1e-300)).tolist()
     best = min(range(len(grid)), key=lambda i: rel[i])

@@ -22,6 +22,20 @@ class GreedyConf(ScheduleConf):
 
 
 @dataclass
+class SearchConf(GreedyConf):
+    """`greedy`'s plan (its `min_keep`, its `error`), then a search scored on the model."""
+
+    name: str = "search"
+    error: ErrorCurrency = ErrorCurrency.residual  # the seed is greedy-residual's plan
+    evaluations: int = 48  # plans scored on the model (the seed's included)
+    offspring: int = 4  # children per generation
+    moves: int = 2  # at most this many pair moves per child
+    step: float = 0.05  # one rung of a unit's ladder: this share of its dense cost
+    reach: int = 3  # rungs each way from the seed's option
+    windows: int = 2  # held-aside calibration windows (of calib.seq_len tokens) the fitness reads
+
+
+@dataclass
 class LastKConf(ScheduleConf):
     name: str = "last_k"
     k: int = 10  # compress only the last k blocks

@@ -24,6 +24,7 @@ from .schedule_config import (
     FirstKConf,
     GreedyConf,
     LastKConf,
+    SearchConf,
     SpanConf,
     ThresholdConf,
     UniformConf,
@@ -106,6 +107,11 @@ def _whole(inputs: PlanInputs, p: _Profiles) -> Plan | None:
     """Every unit kept whole, when that fits the budget: at budget 1 (or any budget the dense
     blocks meet) nothing is cut, whatever options of zero calibration error a rank-deficient
     profile offers and however the sums of prices round. None when it does not fit."""
+    whole = _whole_choice(p)
+    return None if whole is None else _plan_from(inputs, p.site_costs, p.curves, whole)
+
+
+def _whole_choice(p: _Profiles) -> list[int] | None:
     whole = []
     for curve in p.curves:
         dense = [
@@ -118,7 +124,7 @@ def _whole(inputs: PlanInputs, p: _Profiles) -> Plan | None:
         whole.append(min(dense, key=lambda j: curve.options[j].error))
     if p.spent(whole) > p.allowance + SLACK * p.total:
         return None
-    return _plan_from(inputs, p.site_costs, p.curves, whole)
+    return whole
 
 
 def _smallest_fitting(fits: Callable[[float], bool], lo: float, hi: float, steps: int = 100) -> float:
@@ -203,10 +209,16 @@ def greedy(inputs: PlanInputs) -> Plan:
     because they add up across units; the plain relative error is a square root, steep near 0,
     which would make finishing any unit look worth its cost.
     """
+    p, choice = greedy_choice(inputs)
+    return _plan_from(inputs, p.site_costs, p.curves, choice)
+
+
+def greedy_choice(inputs: PlanInputs) -> tuple[_Profiles, list[int]]:
+    """`greedy`'s allocation as an option index per curve of the profiles it planned on."""
     p = _profiles(inputs, "greedy", inputs.min_keep)
-    whole = _whole(inputs, p)
+    whole = _whole_choice(p)
     if whole is not None:
-        return whole
+        return p, whole
     costs, errors, allowance = p.costs, p.errors, p.allowance
 
     def pick(mu: float) -> list[int]:
@@ -241,8 +253,7 @@ def greedy(inputs: PlanInputs) -> Plan:
         _, u, j = best
         slack -= costs[u][j] - costs[u][choice[u]]
         choice[u] = j
-
-    return _plan_from(inputs, p.site_costs, p.curves, choice)
+    return p, choice
 
 
 def _plan_from(inputs: PlanInputs, site_costs, curves: list[Curve], choice: list[int]) -> Plan:
@@ -281,11 +292,31 @@ def _reserves_last(schedule: Callable[[PlanInputs], Plan]) -> Callable[[PlanInpu
     return plan
 
 
+def search_seed(inputs: PlanInputs) -> tuple[_Profiles, list[int]]:
+    """What `schedule=search` starts from and moves within: `greedy`'s profiles and choice, on
+    the options that are not reserves unless the budget needs them (as `_reserves_last`)."""
+    curves = inputs.curves or []
+    if any(o.reserve for c in curves for o in c.options):
+        preferred = [replace(c, options=[o for o in c.options if not o.reserve] or c.options) for c in curves]
+        try:
+            return greedy_choice(replace(inputs, curves=preferred))
+        except Unreachable:
+            log.info("budget %s is out of reach without the reserve options; using them", inputs.budget)
+    return greedy_choice(inputs)
+
+
+def plan_from_choice(inputs: PlanInputs, profiles: _Profiles, choice: list[int]) -> Plan:
+    """The plan of one option index per curve of `profiles`."""
+    return _plan_from(inputs, profiles.site_costs, profiles.curves, choice)
+
+
 @dataclass(frozen=True)
 class Schedule:
     plan: Callable[[PlanInputs], Plan]
     needs_profiles: bool  # plans on the method's error profiles (a planning pass before compression)
     needs_scores: bool = False  # compares the units' scores (Option.score), which few methods give
+    # the plan is the seed of a search that scores plans on the model itself (`run/search.py`)
+    searches: bool = False
 
 
 SCHEDULES: Registry[Schedule] = Registry("schedule", __name__)
@@ -297,10 +328,11 @@ def register(
     plan: Callable[[PlanInputs], Plan],
     needs_profiles: bool = False,
     needs_scores: bool = False,
+    searches: bool = False,
 ) -> None:
     """A schedule registers once: its config name, its keys (`schema`, stored as
     `schema/schedule/<name>`; None: it shares another's) and its planning function."""
-    SCHEDULES.register(name, schema)(Schedule(plan, needs_profiles, needs_scores))
+    SCHEDULES.register(name, schema)(Schedule(plan, needs_profiles, needs_scores, searches))
 
 
 register("uniform", UniformConf, uniform)
@@ -312,6 +344,10 @@ register("greedy", GreedyConf, _reserves_last(greedy), needs_profiles=True)
 # greedy with schedule.error=residual (conf/schedule/greedy-residual.yaml)
 register("greedy-residual", None, _reserves_last(greedy), needs_profiles=True)
 register("threshold", ThresholdConf, threshold, needs_profiles=True, needs_scores=True)
+# greedy's plan (schedule.error=residual by default), then an evolutionary search on the model
+register(
+    "search", SearchConf, lambda inputs: plan_from_choice(inputs, *search_seed(inputs)), True, searches=True
+)
 
 
 def needs_profiles(name: str) -> bool:
@@ -320,6 +356,10 @@ def needs_profiles(name: str) -> bool:
 
 def needs_scores(name: str) -> bool:
     return SCHEDULES.get(name).needs_scores
+
+
+def searches(name: str) -> bool:
+    return SCHEDULES.get(name).searches
 
 
 def check_schedule(name: str) -> None:

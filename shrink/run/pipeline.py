@@ -31,12 +31,13 @@ from ..models import load_model
 from ..planning.budget import PlanInputs
 from ..planning.cost import CostModel
 from ..planning.inputs import cost_model, plan_inputs
-from ..planning.schedules import make_plan, needs_profiles
+from ..planning.schedules import make_plan, needs_profiles, searches
 from .identity import differences, identity, plain
 from .lock import locked
 from .outputs import RunFolder, check_reuse, read_metrics, remove_if_empty, write_failed
 from .progress import Progress
 from .provenance import provenance
+from .search import searched_plan
 from .store import BlockStore, open_store
 from .summary import closing_summary
 from .tracking import Tracker, make_tracker
@@ -161,6 +162,7 @@ class Job:
     progress: Progress
     done: int  # last block finished by an earlier attempt (resume), -1 for none
     clock: dict[str, float]  # perf_counter at each stage boundary
+    search: dict[str, Any] | None = None  # what schedule=search did
 
 
 def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict[str, Any]:
@@ -236,6 +238,7 @@ def _compress_and_evaluate(cfg: DictConfig, store: BlockStore, job: Job) -> dict
         "block_macs_compressed": kept_cost.macs,
         "compress_seconds": clock["compressed"] - clock["dense_eval"],
         **({"heal": healed} if healed is not None else {}),
+        **({"search": job.search} if job.search is not None else {}),
         "resumed_after_block": job.done if job.done >= 0 else None,
         "load_seconds": clock["loaded"] - clock["start"],
         "eval_seconds": (clock["dense_eval"] - clock["loaded"]) + (clock["end"] - clock["saved"]),
@@ -289,6 +292,12 @@ def _compress(
             curve for ctx in runner.blocks(Propagate.dense, desc="profile") for curve in method.profile(ctx)
         ]
     plan = make_plan(cfg.schedule.name, inputs)
+    if searches(cfg.schedule.name):  # the seed plan, refined on the model
+        held = data.held_aside_windows(
+            cfg.calib.corpus, store.tokenizer, int(cfg.schedule.windows), cfg.calib.seq_len,
+            cfg.calib.nsamples, cfg.seed, cfg.model.add_bos,
+        )  # fmt: skip
+        plan, job.search = searched_plan(cfg, store, runner, method, inputs, held, method.needs_teacher)
     job.folder.add_plan(plan.rows())
     job.tracker.log_plan(plan.rows())
 

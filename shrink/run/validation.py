@@ -27,7 +27,14 @@ from ..models.device_map import check_block_map, check_device_map
 from ..models.streaming import check_streamable
 from ..planning.cost import CostModel
 from ..planning.inputs import cost_model, error_currency, plan_inputs
-from ..planning.schedules import check_schedule, least_kept, make_plan, needs_profiles, needs_scores
+from ..planning.schedules import (
+    check_schedule,
+    least_kept,
+    make_plan,
+    needs_profiles,
+    needs_scores,
+    searches,
+)
 from .tracking import check_logger
 
 
@@ -144,6 +151,8 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
             "gradients take 4 bytes per block weight beside one batch's activations), which stream=true and "
             "model.device_map do not support; run it on a resident model"
         )
+    if searches(cfg.schedule.name):
+        _check_search(cfg)
     error = error_currency(cfg)
     if error != ErrorCurrency.unit and not METHODS[cfg.method.name].residual_units:
         with_energies = sorted(n for n, m in METHODS.items() if m.residual_units)
@@ -318,3 +327,25 @@ def _width_cause(cfg: DictConfig) -> str:
     if cfg.sparsity.name != "none" and str(cfg.sparsity.pattern) != "unstructured":
         causes.append(f"as sparsity.pattern={cfg.sparsity.pattern} needs whole spans")
     return " and ".join(causes)
+
+
+def _check_search(cfg: DictConfig) -> None:
+    """`schedule=search` swaps candidate blocks into the whole model to score each plan."""
+    if cfg.stream or cfg.model.get("device_map") is not None:
+        raise ShrinkError(
+            "schedule=search scores each plan on the whole model in memory, which stream=true and "
+            "model.device_map (blocks kept in files or spread over devices) do not hold; use "
+            "schedule=greedy-residual"
+        )
+    if METHODS[cfg.method.name].removes_blocks:
+        raise ShrinkError(
+            f"schedule=search moves cost between units of blocks; method {cfg.method.name!r} removes "
+            "whole blocks"
+        )
+    for key in ("evaluations", "offspring", "moves", "reach", "windows"):
+        if int(cfg.schedule[key]) < 1:
+            raise ShrinkError(f"schedule.{key}={cfg.schedule[key]} must be a positive number")
+    if not 0.0 < float(cfg.schedule.step) <= 1.0:
+        raise ShrinkError(
+            f"schedule.step={cfg.schedule.step} must lie in (0, 1]: a share of a unit's dense cost"
+        )
