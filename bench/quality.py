@@ -60,6 +60,12 @@ VARIANTS: dict[str, list[str]] = {
     "default+cv": ["method.ridge_cv=4"],
     "default+cv8": ["method.ridge_cv=8"],
     "default-ridge0.1": ["method.ridge=0.1"],
+    "default+cv2": ["method.ridge_cv=2"],
+    "default-uniform": ["schedule=uniform"],  # id's defaults without the allocation
+    # allocation by search, seeded with greedy-residual's plan
+    "search": ["schedule=search"],
+    "search+cv": ["schedule=search", "method.ridge_cv=4"],
+    "search-w8": ["schedule=search", "schedule.windows=8"],
     # the low-rank methods' dense-target refit (SVD-LLM's update of the left factor)
     "svdllm": ["method=svdllm"],
     "svdllm+dense": ["method=svdllm", "method.target=dense"],

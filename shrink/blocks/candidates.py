@@ -33,8 +33,10 @@ def whole_option(curve: Curve) -> int:
 
 
 def unit_paths(ctx: BlockContext, curve: Curve) -> list[str]:
-    """The linears a unit's edit may change: those of its sites."""
-    return [path for name in curve.sites for path in ctx.site(name).linears]
+    """The linears a unit's edit may change: the one it is named after (a low-rank method's
+    unit is one matrix of a site that others share), else every linear of its sites."""
+    paths = [path for name in curve.sites for path in ctx.site(name).linears]
+    return [curve.name] if curve.name in paths else paths
 
 
 def prepare(

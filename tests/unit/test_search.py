@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import shrink
 from shrink.blocks.candidates import assemble, prepare, whole_option
 from shrink.blocks.placement import OnDevice
 from shrink.blocks.runner import Runner
@@ -149,3 +150,26 @@ def test_held_aside_windows_miss_the_calibration_windows():
 )
 def test_bad_search_settings_fail_before_loading(tmp_path, overrides, message):
     fails(tmp_path, *tiny_overrides("tiny-llama"), "method=id", "schedule=search", *overrides, match=message)
+
+
+def test_a_searched_run_records_its_search_and_reloads(run_job):
+    metrics, folder = run_job(*tiny_overrides("tiny-llama"), "method=id", "schedule=search", "budget=0.6")
+    search = metrics["search"]
+    assert search["kl"] <= search["seed_kl"] and 1 <= search["evaluations"] <= 48
+    assert metrics["budget_achieved"] <= 0.6 and metrics["schedule"] == "search"
+    reloaded = shrink.load(folder / "model")
+    assert reloaded is not None
+
+
+@pytest.mark.parametrize("method", ["svdllm", "flap"])
+def test_other_methods_with_profiles_search_within_the_budget(method):
+    """A low-rank method's units are single matrices sharing a site; a scored pruner's are heads
+    and neurons: each unit's candidates replace only what it edits."""
+    done = compress_in_memory(
+        *tiny_overrides("tiny-llama"),
+        f"method={method}",
+        "schedule=search",
+        "schedule.error=unit",
+        "budget=0.6",
+    )
+    assert done.achieved <= 0.6 + 1e-9
