@@ -61,6 +61,8 @@ VARIANTS: dict[str, list[str]] = {
     "default+cv8": ["method.ridge_cv=8"],
     "default-ridge0.1": ["method.ridge=0.1"],
     "default+cv2": ["method.ridge_cv=2"],
+    "default-bf16": ["calib.autocast=bfloat16"],  # the calibration forwards in bf16
+    "default+cv-bf16": ["method.ridge_cv=4", "calib.autocast=bfloat16"],
     "default-uniform": ["schedule=uniform"],  # id's defaults without the allocation
     # allocation by search, seeded with greedy-residual's plan
     "search": ["schedule=search"],

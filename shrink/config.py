@@ -50,6 +50,14 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Autocast(str, Enum):
+    """The precision of the calibration passes' block forwards (the statistics stay float32/64)."""
+
+    none = "none"  # the model's own dtype
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 class ErrorCurrency(str, Enum):
     """What greedy compares units in: each unit's own relative error; its output error relative to
     the residual stream its block adds to; or summed over the blocks downstream, relative to each
@@ -113,6 +121,7 @@ class CalibConf:
     nsamples: int = 16
     seq_len: int = 512
     batch_size: int = 4
+    autocast: Autocast = Autocast.none  # block forwards of the calibration passes under autocast
 
 
 @dataclass

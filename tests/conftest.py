@@ -174,7 +174,7 @@ def compress_in_memory(*overrides: str) -> Compressed:
     """Compose the overrides, then plan and compress exactly as `pipeline._compress` does."""
     from shrink.blocks.gradients import taylor_saliences
     from shrink.blocks.placement import OnDevice
-    from shrink.blocks.runner import Runner
+    from shrink.blocks.runner import Runner, autocast_dtype
     from shrink.blocks.steps import BlockSteps, width_multiple
     from shrink.config import Propagate
     from shrink.data import corpora as data
@@ -202,7 +202,7 @@ def compress_in_memory(*overrides: str) -> Compressed:
         saliences = taylor_saliences(loaded.adapter, windows, cfg.calib.batch_size, cpu)
     runner = Runner(
         loaded.adapter, windows, cfg.calib.batch_size, cpu, OnDevice(cpu), costs, method.new_stats, saliences,
-        dense_pass=not method.rotates_stream,
+        dense_pass=not method.rotates_stream, autocast=autocast_dtype(cfg.calib.autocast),
     )  # fmt: skip
     if needs_profiles(cfg.schedule.name):
         inputs.curves = [

@@ -48,6 +48,8 @@ class BlockContext:
     # set by a method that removes the whole block: its output is its input from here on, and the
     # run deletes it from the model once every block is done
     removed: bool = False
+    # the block's forwards on calibration windows run under autocast to this dtype (None: as stored)
+    autocast: torch.dtype | None = None
 
     def site(self, name: str) -> Site:
         return next(s for s in self.sites if s.name == name)
@@ -75,7 +77,17 @@ class BlockContext:
         if rows is not None:
             size = self.hidden[batch].shape[0]
             args, kwargs = take_rows(args, rows, size), take_rows(kwargs, rows, size)
-        return self.forward(self.block if block is None else block, hidden, args, kwargs)
+        with self.precision():
+            return self.forward(self.block if block is None else block, hidden, args, kwargs)
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        """Autocast for the block's forwards (`calib.autocast`), or nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.block_device().type, dtype=self.autocast)
+
+    def block_device(self) -> torch.device:
+        return next(self.block.parameters()).device
 
     def linear_input(
         self,
@@ -132,7 +144,7 @@ class BlockContext:
 
     def run_all(self, inputs: Streams) -> Streams:
         """The block on every calibration batch of `inputs`."""
-        with torch.no_grad():
+        with torch.no_grad(), self.precision():
             return [self.forward(self.block, h, self.args[b], self.kwargs[b]) for b, h in enumerate(inputs)]
 
 

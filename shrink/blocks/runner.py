@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from ..config import Propagate
+from ..config import Autocast, Propagate
 from ..errors import NumericalError
 from ..linalg.moments import SecondMoment
 from ..models import Adapter, Site
@@ -43,6 +43,12 @@ NewStats = Callable[[Site, int, torch.device, str, int], SecondMoment | None]
 def plain_stats(site: Site, dim: int, device: torch.device, where: str, seed: int) -> SecondMoment:
     """The default accumulator: the input second moment and mean, nothing else."""
     return SecondMoment(dim, device=device, where=where, seed=seed)
+
+
+def autocast_dtype(name: str | Autocast) -> torch.dtype | None:
+    """`calib.autocast` as a dtype (None: the calibration forwards run in the model's dtype)."""
+    value = Autocast(name).value
+    return None if value == Autocast.none.value else getattr(torch, value)
 
 
 @dataclass
@@ -68,11 +74,14 @@ class Runner:
         new_stats: NewStats = plain_stats,
         saliences: list[BlockSaliences] | None = None,
         dense_pass: bool = True,
+        autocast: torch.dtype | None = None,
     ) -> None:
         """`dense_pass=False`: no statistics pass over a block before the method edits it (no
         site statistics, `ctx.outputs` None), for a method whose blocks cannot run unedited on the
-        propagated stream (a sliced residual stream is narrower than the dense block reads)."""
+        propagated stream (a sliced residual stream is narrower than the dense block reads).
+        `autocast`: the blocks' forwards run under autocast to that dtype (`calib.autocast`)."""
         self.adapter, self.windows, self.batch_size = adapter, windows, batch_size
+        self.autocast = autocast
         self.saliences = saliences
         self.dense_pass = dense_pass
         self.device, self.placement = device, placement
@@ -124,6 +133,7 @@ class Runner:
                 kwargs=send_to_device(calls.kwargs[i], here),
                 teacher_hidden=send_to_device(dense, here),
                 saliences=self.saliences[i] if self.saliences is not None else None,
+                autocast=self.autocast,
             )
             outputs: Streams = []
             if self.dense_pass:

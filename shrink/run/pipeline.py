@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..blocks import steps
 from ..blocks.gradients import taylor_saliences
-from ..blocks.runner import Runner
+from ..blocks.runner import Runner, autocast_dtype
 from ..checkpoints import save_load as checkpoint
 from ..config import Propagate
 from ..data import corpora as data
@@ -286,6 +286,7 @@ def _compress(
     runner = Runner(
         adapter, windows, cfg.calib.batch_size, device, store.placement, costs,
         method.new_stats, saliences, dense_pass=not method.rotates_stream,
+        autocast=autocast_dtype(cfg.calib.autocast),
     )  # fmt: skip
     if needs_profiles(cfg.schedule.name):  # the planning pass: the dense model's statistics
         inputs.curves = [

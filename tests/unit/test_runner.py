@@ -101,3 +101,29 @@ def test_adapters_describe_every_family():
             for site in sites:
                 ins = {block.get_submodule(p).in_features for p in site.linears}
                 assert len(ins) == 1, f"{name} {site.name}: linears of one site must share an input"
+
+
+def test_autocast_forwards_keep_the_statistics_close_and_the_stream_in_float32():
+    """`calib.autocast=bfloat16`: the blocks run in bf16 on the calibration windows; the sites'
+    moments stay within bf16's rounding of the float32 ones, and the stream between blocks stays
+    float32."""
+    from shrink.blocks.placement import OnDevice
+    from shrink.blocks.runner import Runner
+    from shrink.config import Propagate
+    from shrink.models import load_model
+
+    from ..conftest import make_cfg, tiny_overrides
+
+    loaded = load_model(make_cfg(*tiny_overrides("tiny-llama")).model, torch.float32, seed=0)
+    windows = torch.randint(0, 255, (4, 32), generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    seen = {}
+    for autocast in (None, torch.bfloat16):
+        runner = Runner(loaded.adapter, windows, 2, cpu, OnDevice(cpu), autocast=autocast)
+        ctx = next(iter(runner.blocks(Propagate.dense, desc="test")))
+        seen[autocast] = (ctx.stats["mlp_out"].xtx.clone(), runner.advance(ctx)[0])
+    (full, out_full), (half, out_half) = seen[None], seen[torch.bfloat16]
+    gap = float((half - full).norm() / full.norm())
+    assert 0 < gap < 3e-2
+    assert out_half[0].dtype == torch.float32
+    assert float((out_half[0] - out_full[0]).norm() / out_full[0].norm()) < 3e-2
