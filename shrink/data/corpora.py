@@ -284,6 +284,22 @@ def calibration_windows(
     return with_bos(windows, tokenizer, add_bos)
 
 
+def held_aside_starts(stream_len: int, count: int, seq_len: int, nsamples: int, seed: int) -> list[int]:
+    """Offsets of `count` windows that overlap none of the `nsamples` calibration windows drawn
+    with `seed` (`calibration_windows`) nor each other; [] when there is no room for them."""
+    span = stream_len - seq_len
+    taken = torch.randint(0, span, (nsamples,), generator=torch.Generator().manual_seed(seed)).tolist()
+    gen = torch.Generator().manual_seed(seed + 1)
+    starts: list[int] = []
+    for _ in range(1000 * count):
+        if len(starts) == count:
+            break
+        s = int(torch.randint(0, span, (1,), generator=gen))
+        if all(abs(s - t) >= seq_len for t in taken + starts):
+            starts.append(s)
+    return starts if len(starts) == count else []
+
+
 def held_aside_windows(
     name: str,
     tokenizer: PreTrainedTokenizerBase,
@@ -297,21 +313,12 @@ def held_aside_windows(
     windows drawn with `seed` (what a run calibrates on), for choices scored on text the
     statistics did not see."""
     stream = token_stream(name, "calib", tokenizer)
-    span = stream.numel() - seq_len
-    if span <= 0:
+    if stream.numel() <= seq_len:
         raise ShrinkError(
             f"corpus {name!r} has only {stream.numel()} calibration tokens; seq_len is {seq_len}"
         )
-    taken = torch.randint(0, span, (nsamples,), generator=torch.Generator().manual_seed(seed)).tolist()
-    gen = torch.Generator().manual_seed(seed + 1)
-    starts: list[int] = []
-    for _ in range(1000 * count):
-        if len(starts) == count:
-            break
-        s = int(torch.randint(0, span, (1,), generator=gen))
-        if all(abs(s - t) >= seq_len for t in taken + starts):
-            starts.append(s)
-    if len(starts) < count:
+    starts = held_aside_starts(stream.numel(), count, seq_len, nsamples, seed)
+    if not starts:
         raise ShrinkError(
             f"corpus {name!r}: no room for {count} windows of {seq_len} tokens beside the {nsamples} "
             "calibration windows; lower the number of held-aside windows"

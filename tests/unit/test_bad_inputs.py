@@ -65,7 +65,7 @@ def test_unregistered_method_and_schedule(tmp_path):
         *FAST,
         "schedule.name=zigzag",
         match="unknown schedule 'zigzag'; valid: energy, first_k, greedy, greedy-residual, last_k, "
-        "span, threshold, uniform",
+        "search, span, threshold, uniform",
     )
 
 

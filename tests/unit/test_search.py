@@ -130,14 +130,17 @@ def test_searched_plans_meet_the_budget_and_budget_one_is_the_dense_model(model)
 
 def test_held_aside_windows_miss_the_calibration_windows():
     tok = load_model(make_cfg(*tiny_overrides("tiny-llama")).model, torch.float32, seed=0).tokenizer
-    calib = data.calibration_windows("wiki", tok, 16, 64, seed=3)
-    held = data.held_aside_windows("wiki", tok, 4, 64, 16, seed=3)
     stream = data.token_stream("wiki", "calib", tok)
-    starts = torch.randint(0, stream.numel() - 64, (16,), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(calib, torch.stack([stream[s : s + 64] for s in starts.tolist()]))
-    for window in held:  # found in the stream, at no calibration window's place
-        place = next(i for i in range(stream.numel() - 63) if torch.equal(stream[i : i + 64], window))
-        assert all(abs(place - s) >= 64 for s in starts.tolist())
+    calib = data.calibration_windows("wiki", tok, 16, 64, seed=3)
+    starts = torch.randint(0, stream.numel() - 64, (16,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert torch.equal(calib, torch.stack([stream[s : s + 64] for s in starts]))
+    held = data.held_aside_starts(stream.numel(), 4, 64, 16, seed=3)
+    assert len(held) == 4
+    assert all(abs(h - s) >= 64 for h in held for s in starts)
+    assert all(abs(a - b) >= 64 for i, a in enumerate(held) for b in held[i + 1 :])
+    windows = data.held_aside_windows("wiki", tok, 4, 64, 16, seed=3)
+    assert torch.equal(windows, torch.stack([stream[h : h + 64] for h in held]))
+    assert data.held_aside_starts(200, 4, 64, 2, seed=0) == []  # no room
 
 
 @pytest.mark.parametrize(
