@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from .schedule_config import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Unreachable(ShrinkError):
@@ -274,10 +276,10 @@ def _plan_from(inputs: PlanInputs, site_costs, curves: list[Curve], choice: list
     return plan
 
 
-def _reserves_last(schedule: Callable[[PlanInputs], Plan]) -> Callable[[PlanInputs], Plan]:
+def _reserves_last(schedule: Callable[[PlanInputs], T]) -> Callable[[PlanInputs], T]:
     """Plan on the options that are not reserves; only when those cannot meet the budget, on all."""
 
-    def plan(inputs: PlanInputs) -> Plan:
+    def plan(inputs: PlanInputs) -> T:
         curves = inputs.curves or []
         if not any(o.reserve for c in curves for o in c.options):
             return schedule(inputs)
@@ -292,17 +294,9 @@ def _reserves_last(schedule: Callable[[PlanInputs], Plan]) -> Callable[[PlanInpu
     return plan
 
 
-def search_seed(inputs: PlanInputs) -> tuple[_Profiles, list[int]]:
-    """What `schedule=search` starts from and moves within: `greedy`'s profiles and choice, on
-    the options that are not reserves unless the budget needs them (as `_reserves_last`)."""
-    curves = inputs.curves or []
-    if any(o.reserve for c in curves for o in c.options):
-        preferred = [replace(c, options=[o for o in c.options if not o.reserve] or c.options) for c in curves]
-        try:
-            return greedy_choice(replace(inputs, curves=preferred))
-        except Unreachable:
-            log.info("budget %s is out of reach without the reserve options; using them", inputs.budget)
-    return greedy_choice(inputs)
+# What `schedule=search` starts from and moves within: `greedy`'s profiles and choice, on the
+# options that are not reserves unless the budget needs them
+search_seed = _reserves_last(greedy_choice)
 
 
 def plan_from_choice(inputs: PlanInputs, profiles: _Profiles, choice: list[int]) -> Plan:
