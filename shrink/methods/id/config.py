@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from omegaconf import DictConfig
+
 from ...config import FoldTarget, MethodConf
+from ...errors import ShrinkError
 
 
 class IDSelection(str, Enum):
@@ -37,3 +40,43 @@ class IDConf(MethodConf):
     bias: bool = False  # affine fold: the next layer gets a bias carrying the dropped units' mean
     target: FoldTarget = FoldTarget.compressed  # what the fold fits (dense: error-correcting)
     batch_gram_fp32: bool = True  # each batch's XᵀX in float32, summed in float64 (stats.SecondMoment)
+
+
+def check_keys(cfg: DictConfig, propagate: str = "compressed") -> None:
+    """Combinations of `id`'s keys that cannot work, refused with one line before loading."""
+    if cfg.attention != AttentionUnits.heads and cfg.selection == IDSelection.sketch_qr:
+        raise ShrinkError(
+            f"method.attention={AttentionUnits(cfg.attention).value} selects value dims from the Gram "
+            "matrix; use method.selection=cholesky or method.attention=heads"
+        )
+    if cfg.attention in (AttentionUnits.dims, AttentionUnits.both) and not cfg.heads:
+        raise ShrinkError(
+            f"method.attention={AttentionUnits(cfg.attention).value} edits attention, which "
+            "method.heads=false leaves alone; set method.heads=true or method.attention=heads"
+        )
+    if cfg.qk_dims and (cfg.attention == AttentionUnits.heads or not cfg.heads):
+        raise ShrinkError(
+            "method.qk_dims=true thins every head's queries and keys, which method.attention=heads "
+            "or method.heads=false leaves whole; use method.attention=auto|dims|both, method.heads=true"
+        )
+    if int(cfg.qk_probe_windows) < 1:
+        raise ShrinkError(
+            f"method.qk_probe_windows={cfg.qk_probe_windows} must be a positive number of windows"
+        )
+    if int(cfg.ridge_cv) == 1 or int(cfg.ridge_cv) < 0:
+        raise ShrinkError(
+            f"method.ridge_cv={cfg.ridge_cv} must be 0 (the fixed method.ridge) or at least 2 groups "
+            "of calibration windows"
+        )
+    if int(cfg.ridge_cv) and (cfg.bias or cfg.target == FoldTarget.dense or cfg.qk_dims):
+        raise ShrinkError(
+            "method.ridge_cv cross-validates the plain fold; it does not cover method.bias=true, "
+            "method.target=dense or method.qk_dims=true (set method.ridge_cv=0)"
+        )
+    if int(cfg.dims_step) < 1:
+        raise ShrinkError(f"method.dims_step={cfg.dims_step} must be a positive number of value dims")
+    if cfg.target == FoldTarget.dense and propagate == "dense":
+        raise ShrinkError(
+            "method.target=dense fits the dense model's activations, which with propagate=dense are "
+            "the ones the block already sees; use propagate=compressed or method.target=compressed"
+        )

@@ -53,7 +53,7 @@ from .. import register
 from ..base import Method
 from ..units import ffn_costs, neuron_sizes, site_fraction, unit_record
 from .attention import Shape, attention_options, candidates, group_constraint, sketch_heads, value_dims
-from .config import AttentionUnits, IDConf, IDSelection
+from .config import AttentionUnits, IDConf, IDSelection, check_keys
 from .qk import qk_errors, qk_positions, qk_widths, thinned_moments
 
 
@@ -64,42 +64,7 @@ class InterpolativeDecomposition(Method):
 
     @staticmethod
     def check(cfg: DictConfig, calib_batch: int | None = None, propagate: str = "compressed") -> None:
-        if cfg.attention != AttentionUnits.heads and cfg.selection == IDSelection.sketch_qr:
-            raise ShrinkError(
-                f"method.attention={AttentionUnits(cfg.attention).value} selects value dims from the Gram "
-                "matrix; use method.selection=cholesky or method.attention=heads"
-            )
-        if cfg.attention in (AttentionUnits.dims, AttentionUnits.both) and not cfg.heads:
-            raise ShrinkError(
-                f"method.attention={AttentionUnits(cfg.attention).value} edits attention, which "
-                "method.heads=false leaves alone; set method.heads=true or method.attention=heads"
-            )
-        if cfg.qk_dims and (cfg.attention == AttentionUnits.heads or not cfg.heads):
-            raise ShrinkError(
-                "method.qk_dims=true thins every head's queries and keys, which method.attention=heads "
-                "or method.heads=false leaves whole; use method.attention=auto|dims|both, method.heads=true"
-            )
-        if int(cfg.qk_probe_windows) < 1:
-            raise ShrinkError(
-                f"method.qk_probe_windows={cfg.qk_probe_windows} must be a positive number of windows"
-            )
-        if int(cfg.ridge_cv) == 1 or int(cfg.ridge_cv) < 0:
-            raise ShrinkError(
-                f"method.ridge_cv={cfg.ridge_cv} must be 0 (the fixed method.ridge) or at least 2 groups "
-                "of calibration windows"
-            )
-        if int(cfg.ridge_cv) and (cfg.bias or cfg.target == FoldTarget.dense or cfg.qk_dims):
-            raise ShrinkError(
-                "method.ridge_cv cross-validates the plain fold; it does not cover method.bias=true, "
-                "method.target=dense or method.qk_dims=true (set method.ridge_cv=0)"
-            )
-        if int(cfg.dims_step) < 1:
-            raise ShrinkError(f"method.dims_step={cfg.dims_step} must be a positive number of value dims")
-        if cfg.target == FoldTarget.dense and propagate == "dense":
-            raise ShrinkError(
-                "method.target=dense fits the dense model's activations, which with propagate=dense are "
-                "the ones the block already sees; use propagate=compressed or method.target=compressed"
-            )
+        check_keys(cfg, propagate)
 
     def check_model(self, adapter: Adapter) -> None:
         """Thinner queries and keys need a family whose q/k dims can be zero-padded."""
