@@ -32,7 +32,7 @@ class SearchConf(GreedyConf):
     moves: int = 2  # at most this many pair moves per child
     step: float = 0.05  # one rung of a unit's ladder: this share of its dense cost
     reach: int = 3  # rungs each way from the seed's option
-    windows: int = 2  # held-aside calibration windows (of calib.seq_len tokens) the fitness reads
+    windows: int = 8  # held-aside calibration windows (of calib.seq_len tokens) the fitness reads
 
 
 @dataclass

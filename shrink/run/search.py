@@ -74,9 +74,10 @@ def searched_plan(
     built: dict[int, tuple[int, ...]] = {}
     windows = windows.to(store.device)
 
-    def forward() -> torch.Tensor:
+    def forward(window: torch.Tensor) -> torch.Tensor:
+        """One window at a time: a batch's logits are tokens × vocabulary floats."""
         with torch.no_grad():
-            return adapter.forward(windows).logits
+            return adapter.forward(window[None]).logits[0]
 
     def fitness(choice: list[int]) -> float:
         for b, units in by_block.items():
@@ -86,10 +87,10 @@ def searched_plan(
             parts = [edits[u][choice[u]] for u in units]
             blocks[b] = assemble(dense_blocks[b], adapter, parts) if any(parts) else dense_blocks[b]
             built[b] = key
-        return kl_to(reference, forward())
+        return sum(kl_to(ref, forward(w)) for ref, w in zip(reference, windows, strict=True)) / len(windows)
 
     try:
-        reference = torch.log_softmax(forward().float(), dim=-1)
+        reference = [torch.log_softmax(forward(w).float(), dim=-1) for w in windows]
         built = {b: tuple(-1 for _ in units) for b, units in by_block.items()}  # dense so far
         result = evolve(
             profiles.costs,
