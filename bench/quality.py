@@ -63,6 +63,7 @@ VARIANTS: dict[str, list[str]] = {
     "default+cv2": ["method.ridge_cv=2"],
     "default-bf16": ["calib.autocast=bfloat16"],  # the calibration forwards in bf16
     "default+cv-bf16": ["method.ridge_cv=4", "calib.autocast=bfloat16"],
+    "default-bf16-mix-16k": ["calib.autocast=bfloat16", "calib=mix", "calib.nsamples=32"],
     "default-uniform": ["schedule=uniform"],  # id's defaults without the allocation
     # allocation by search, seeded with greedy-residual's plan
     "search": ["schedule=search"],

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..blocks.candidates import assemble, prepare
 from ..blocks.runner import Runner
 from ..config import Propagate
 from ..errors import NumericalError
+from ..heal.losses.distill import kl_loss
 from ..planning.budget import Plan, PlanInputs
 from ..planning.schedules import plan_from_choice, search_seed
 from ..planning.search import evolve, local_options
@@ -32,10 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def kl_to(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over tokens of KL(p_ref ‖ p), from the reference's log-probabilities."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    value = float((reference.exp() * (reference - logp)).sum(-1).mean())
-    if value != value or value in (float("inf"), float("-inf")):
+    """Mean over tokens of KL(p_dense ‖ p) (heal's `kl` at temperature 1), checked finite."""
+    value = float(kl_loss(logits, reference))
+    if not math.isfinite(value):
         raise NumericalError("schedule=search: a candidate plan gave non-finite logits")
     return value
 
@@ -90,7 +91,7 @@ def searched_plan(
         return sum(kl_to(ref, forward(w)) for ref, w in zip(reference, windows, strict=True)) / len(windows)
 
     try:
-        reference = [torch.log_softmax(forward(w).float(), dim=-1) for w in windows]
+        reference = [forward(w) for w in windows]
         built = {b: tuple(-1 for _ in units) for b, units in by_block.items()}  # dense so far
         result = evolve(
             profiles.costs,
