@@ -213,12 +213,7 @@ def compress_in_memory(*overrides: str) -> Compressed:
         from shrink.run.search import searched_plan
         from shrink.run.store import ResidentStore
 
-        held = data.held_aside_windows(
-            cfg.calib.corpus, loaded.tokenizer, int(cfg.schedule.windows), cfg.calib.seq_len,
-            cfg.calib.nsamples, cfg.seed, cfg.model.add_bos,
-        )  # fmt: skip
-        store = ResidentStore(loaded, cpu)
-        plan, _ = searched_plan(cfg, store, runner, method, inputs, held, method.needs_teacher)
+        plan, _ = searched_plan(cfg, ResidentStore(loaded, cpu), runner, method, inputs, method.needs_teacher)
     dense, rows, steps = costs.model(), [], []
     post = BlockSteps(cfg.quant, cfg.sparsity)
     removed = []

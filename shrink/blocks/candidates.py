@@ -43,13 +43,14 @@ def prepare(
     ctx: BlockContext, adapter: Adapter, method, units: list[tuple[Curve, list[int]]]
 ) -> list[dict[int, UnitEdit]]:
     """Per unit of this block (its curve and the options to prepare), option -> its edit."""
-    whole = {curve.name: curve.options[whole_option(curve)] for curve, _ in units}
+    keeps = {curve.name: whole_option(curve) for curve, _ in units}
+    whole = {curve.name: curve.options[keeps[curve.name]] for curve, _ in units}
     edits = []
     for curve, options in units:
         prepared: dict[int, UnitEdit] = {}
         for j in options:
             option = curve.options[j]
-            if j == whole_option(curve):
+            if j == keeps[curve.name]:
                 prepared[j] = {}
                 continue
             block = copy.deepcopy(ctx.block)

@@ -294,11 +294,7 @@ def _compress(
         ]
     plan = make_plan(cfg.schedule.name, inputs)
     if searches(cfg.schedule.name):  # the seed plan, refined on the model
-        held = data.held_aside_windows(
-            cfg.calib.corpus, store.tokenizer, int(cfg.schedule.windows), cfg.calib.seq_len,
-            cfg.calib.nsamples, cfg.seed, cfg.model.add_bos,
-        )  # fmt: skip
-        plan, job.search = searched_plan(cfg, store, runner, method, inputs, held, method.needs_teacher)
+        plan, job.search = searched_plan(cfg, store, runner, method, inputs, method.needs_teacher)
     job.folder.add_plan(plan.rows())
     job.tracker.log_plan(plan.rows())
 

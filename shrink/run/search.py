@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from ..blocks.candidates import assemble, prepare
 from ..blocks.runner import Runner
 from ..config import Propagate
+from ..data import corpora as data
 from ..errors import NumericalError
 from ..heal.losses.distill import kl_loss
 from ..planning.budget import Plan, PlanInputs
@@ -47,13 +48,16 @@ def searched_plan(
     runner: Runner,
     method: Any,
     inputs: PlanInputs,
-    windows: torch.Tensor,
     teacher: bool = False,
 ) -> tuple[Plan, dict[str, Any]]:
     """The searched plan and what the search did (for metrics.json). The store is ready for
     compression again when it returns."""
     started = time.perf_counter()
     adapter = store.adapter
+    windows = data.held_aside_windows(
+        cfg.calib.corpus, store.tokenizer, int(cfg.schedule.windows), cfg.calib.seq_len,
+        cfg.calib.nsamples, cfg.seed, cfg.model.add_bos,
+    )  # fmt: skip
     conf = cfg.schedule
     profiles, seed = search_seed(inputs)
     dense_costs = [c.dense_cost for c in profiles.curves]
@@ -72,7 +76,7 @@ def searched_plan(
     store.ready_for_evaluation()
     blocks = adapter.blocks()
     dense_blocks = list(blocks)
-    built: dict[int, tuple[int, ...]] = {}
+    built = {b: tuple(-1 for _ in units) for b, units in by_block.items()}  # every block dense so far
     windows = windows.to(store.device)
 
     def forward(window: torch.Tensor) -> torch.Tensor:
@@ -83,7 +87,7 @@ def searched_plan(
     def fitness(choice: list[int]) -> float:
         for b, units in by_block.items():
             key = tuple(choice[u] for u in units)
-            if built.get(b, ()) == key:
+            if built[b] == key:
                 continue
             parts = [edits[u][choice[u]] for u in units]
             blocks[b] = assemble(dense_blocks[b], adapter, parts) if any(parts) else dense_blocks[b]
@@ -92,7 +96,6 @@ def searched_plan(
 
     try:
         reference = [forward(w) for w in windows]
-        built = {b: tuple(-1 for _ in units) for b, units in by_block.items()}  # dense so far
         result = evolve(
             profiles.costs,
             profiles.allowance,
