@@ -24,9 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 H = ["method.attention=heads"]  # whole heads (STAT's), as id did before thinner heads
 U = ["schedule=uniform", *H]
 G = ["schedule=greedy", "schedule.error=residual"]  # = greedy-residual, id's default allocation
+# the default calibration and fold before the current ones: 16×512 Wikipedia tokens, fixed ridge
+# (the rows of the results page measured before them ran with these; see docs/results.md)
+W = ["calib=wiki", "method.ridge_cv=0"]
+M = ["calib=mix", "calib.nsamples=32"]  # 16k tokens of Wikipedia and C4 text
 VARIANTS: dict[str, list[str]] = {
-    # id's defaults: greedy-residual, attention=auto (thin value dims; whole heads only when needed)
+    # id's defaults: greedy-residual, attention=auto (thin value dims; whole heads only when needed),
+    # 16k mix calibration (planning pass on its first half), the fold's ridge cross-validated
     "default": [],
+    "previous-default": W,
+    "default-uniform": ["schedule=uniform"],  # id's defaults without the allocation
+    "previous-uniform": ["schedule=uniform"],  # the same on the previous calibration and ridge
     # folds, under the uniform allocation
     "stat": U,  # STAT's fold and allocation, as published
     "bias": [*U, "method.bias=true"],  # affine fold (bias compensation)
@@ -64,7 +72,19 @@ VARIANTS: dict[str, list[str]] = {
     "default-bf16": ["calib.autocast=bfloat16"],  # the calibration forwards in bf16
     "default+cv-bf16": ["method.ridge_cv=4", "calib.autocast=bfloat16"],
     "default-bf16-mix-16k": ["calib.autocast=bfloat16", "calib=mix", "calib.nsamples=32"],
-    "default-uniform": ["schedule=uniform"],  # id's defaults without the allocation
+    "default-bf16-mix-16k+cv": [*M, "calib.autocast=bfloat16", "method.ridge_cv=4"],
+    # 16k mixed calibration in float32 passes; the current default is default-mix-16k+cv2-p16
+    "default-mix-16k": M,
+    "default-mix-16k+cv": [*M, "method.ridge_cv=4"],
+    "default-mix-16k+cv2-p16": [*M, "method.ridge_cv=2", "calib.profile_share=0.5"],
+    "default-mix-16k+cv2": [*M, "method.ridge_cv=2", "calib.profile_share=1.0"],
+    "default-mix-16k+cv4-p16": [*M, "method.ridge_cv=4", "calib.profile_share=0.5"],
+    "default-mix-16k+cv2-p16bf": [
+        *M,
+        "method.ridge_cv=2",
+        "calib.profile_share=0.5",
+        "calib.profile_autocast=bfloat16",
+    ],  # the planning pass in bf16
     # allocation by search, seeded with greedy-residual's plan
     "search": ["schedule=search"],
     "search+cv": ["schedule=search", "method.ridge_cv=4"],
@@ -94,9 +114,29 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+# variants measured on today's defaults; every other one is pinned to the previous calibration and
+# fixed ridge (`W`), so that the tables measured before reproduce
+CURRENT = {"default", "default-uniform"}
+
+
 def _method(variant: str) -> list[str]:
     """`method=id` unless the variant names its own method."""
     return [] if any(a.startswith("method=") for a in VARIANTS[variant]) else ["method=id"]
+
+
+def _overrides(variant: str) -> list[str]:
+    """The variant's overrides, with the previous calibration and ridge unless it is `CURRENT` or
+    sets them itself."""
+    own = VARIANTS[variant]
+    if variant in CURRENT:
+        return own
+    pinned = [] if any(a.startswith("calib=") for a in own) else ["calib=wiki"]
+    if "calib=mix" in own and not any(a.startswith("calib.profile_share=") for a in own):
+        pinned.append("calib.profile_share=1.0")  # the planning pass read every window
+    is_id = all(not a.startswith("method=") or a == "method=id" for a in own)
+    if is_id and not any(a.startswith("method.ridge_cv=") for a in own):
+        pinned.append("method.ridge_cv=0")
+    return [*pinned, *own]
 
 
 def run(out: Path, model: str, variant: str, budget: float, tokens: int) -> dict:
@@ -107,7 +147,7 @@ def run(out: Path, model: str, variant: str, budget: float, tokens: int) -> dict
             sys.executable, str(ROOT / "launch.py"), f"model={model}", *_method(variant), f"budget={budget}",
             "logger=none", "eval=ppl", "eval.ppl.corpora=[wiki,c4-sample,fiction]",
             f"eval.ppl.max_tokens={tokens}",
-            "save_model=false", f"hydra.run.dir={folder}", "resume=true", *VARIANTS[variant],
+            "save_model=false", f"hydra.run.dir={folder}", "resume=true", *_overrides(variant),
         ]  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:

@@ -122,6 +122,10 @@ class CalibConf:
     seq_len: int = 512
     batch_size: int = 4
     autocast: Autocast = Autocast.none  # block forwards of the calibration passes under autocast
+    # the planning pass (a schedule's error profiles) reads this share of the windows (the first
+    # ones), under its own autocast: it only ranks units, so it can be cheaper than the fold's pass
+    profile_share: float = 1.0
+    profile_autocast: Autocast = Autocast.none
 
 
 @dataclass

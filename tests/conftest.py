@@ -205,8 +205,9 @@ def compress_in_memory(*overrides: str) -> Compressed:
         dense_pass=not method.rotates_stream, autocast=autocast_dtype(cfg.calib.autocast),
     )  # fmt: skip
     if needs_profiles(cfg.schedule.name):
+        planner = runner.for_planning(cfg.calib.profile_share, autocast_dtype(cfg.calib.profile_autocast))
         inputs.curves = [
-            c for ctx in runner.blocks(Propagate.dense, desc="profile") for c in method.profile(ctx)
+            c for ctx in planner.blocks(Propagate.dense, desc="profile") for c in method.profile(ctx)
         ]
     plan = make_plan(cfg.schedule.name, inputs)
     if searches(cfg.schedule.name):

@@ -89,6 +89,16 @@ class Runner:
         self.new_stats = new_stats
         self._step: _Step | None = None
 
+    def for_planning(self, share: float, autocast: torch.dtype | None) -> Runner:
+        """A runner over the first `share` of the windows (at least one) whose forwards run under
+        `autocast`, for the planning pass (`calib.profile_share`, `calib.profile_autocast`)."""
+        count = max(1, round(share * len(self.windows)))
+        windows = self.windows[:count] if count < len(self.windows) else self.windows
+        return Runner(
+            self.adapter, windows, self.batch_size, self.device, self.placement, self.costs,
+            self.new_stats, self.saliences, self.dense_pass, autocast,
+        )  # fmt: skip
+
     def blocks(
         self,
         propagate: Propagate,

@@ -289,8 +289,9 @@ def _compress(
         autocast=autocast_dtype(cfg.calib.autocast),
     )  # fmt: skip
     if needs_profiles(cfg.schedule.name):  # the planning pass: the dense model's statistics
+        planner = runner.for_planning(cfg.calib.profile_share, autocast_dtype(cfg.calib.profile_autocast))
         inputs.curves = [
-            curve for ctx in runner.blocks(Propagate.dense, desc="profile") for curve in method.profile(ctx)
+            curve for ctx in planner.blocks(Propagate.dense, desc="profile") for curve in method.profile(ctx)
         ]
     plan = make_plan(cfg.schedule.name, inputs)
     if searches(cfg.schedule.name):  # the seed plan, refined on the model

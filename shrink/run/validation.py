@@ -173,6 +173,18 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
     for key in ("nsamples", "seq_len", "batch_size"):
         if cfg.calib[key] <= 0:
             raise ShrinkError(f"calib.{key} must be positive, got {cfg.calib[key]}")
+    folds = int(cfg.method.get("ridge_cv", 0))
+    if folds > cfg.calib.nsamples:
+        raise ShrinkError(
+            f"method.ridge_cv={folds} deals the calibration windows into {folds} groups, but "
+            f"calib.nsamples={cfg.calib.nsamples}; raise calib.nsamples or lower method.ridge_cv "
+            "(0: the fixed ridge)"
+        )
+    if not 0 < cfg.calib.profile_share <= 1:
+        raise ShrinkError(
+            f"calib.profile_share={cfg.calib.profile_share} must lie in (0, 1]: the share of the "
+            "calibration windows the planning pass reads (1: all of them)"
+        )
     data.check_corpus(cfg.calib.corpus)
     check_logger(cfg.logger)
     check_suite(cfg)

@@ -28,6 +28,14 @@ def test_calibration_window_longer_than_context(tmp_path):
     )
 
 
+@pytest.mark.parametrize("share", ["0.0", "-0.5", "1.5"])
+def test_planning_share_outside_the_unit_interval(tmp_path, share):
+    fails(
+        tmp_path, "model=tiny-llama", *FAST, f"calib.profile_share={share}",
+        match=rf"profile_share={share} must lie in \(0, 1\]",
+    )  # fmt: skip
+
+
 def test_eval_window_longer_than_context(tmp_path):
     fails(tmp_path, "model=tiny-opt", *FAST, "eval.ppl.seq_len=2048", match="eval.ppl.seq_len=2048")
 

@@ -127,3 +127,28 @@ def test_autocast_forwards_keep_the_statistics_close_and_the_stream_in_float32()
     assert 0 < gap < 3e-2
     assert out_half[0].dtype == torch.float32
     assert float((out_half[0] - out_full[0]).norm() / out_full[0].norm()) < 3e-2
+
+
+def test_planning_runner_reads_its_first_windows_under_its_own_autocast():
+    """`calib.profile_share` / `profile_autocast`: the planning pass sees only the first windows
+    (its moments are exactly those of a runner given just them) and runs them under its autocast,
+    while the runner it came from keeps every window in the model's dtype."""
+    from shrink.blocks.placement import OnDevice
+    from shrink.blocks.runner import Runner
+    from shrink.config import Propagate
+    from shrink.models import load_model
+
+    from ..conftest import make_cfg, tiny_overrides
+
+    loaded = load_model(make_cfg(*tiny_overrides("tiny-llama")).model, torch.float32, seed=0)
+    windows = torch.randint(0, 255, (6, 32), generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    runner = Runner(loaded.adapter, windows, 2, cpu, OnDevice(cpu))
+    first = next(iter(runner.for_planning(4 / 6, None).blocks(Propagate.dense, desc="test")))
+    alone = next(iter(Runner(loaded.adapter, windows[:4], 2, cpu, OnDevice(cpu)).blocks(Propagate.dense)))
+    assert first.stats["mlp_out"].count == 4 * 32
+    assert torch.equal(first.stats["mlp_out"].xtx, alone.stats["mlp_out"].xtx)
+    planner = runner.for_planning(1.0, torch.bfloat16)
+    assert planner.windows is windows and planner.autocast == torch.bfloat16
+    whole = next(iter(runner.blocks(Propagate.dense, desc="test")))
+    assert whole.stats["mlp_out"].count == 6 * 32 and whole.autocast is None

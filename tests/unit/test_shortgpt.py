@@ -65,7 +65,8 @@ def test_a_run_selection_removes_the_consecutive_blocks_whose_input_is_closest_t
     from shrink.data import corpora as data
 
     monkeypatch.setattr(shrink.models, "load_model", _identity_blocks(2, 3))
-    six = ["model.tiny.num_hidden_layers=6", "method=shortgpt", "budget=0.67"]
+    # its scores from every calibration window (the planning pass's share is the whole set)
+    six = ["model.tiny.num_hidden_layers=6", "method=shortgpt", "budget=0.67", "calib.profile_share=1.0"]
     gromov = ["method.selection=run", "method.metric=angular", "method.tokens=last"]
     done = compress_in_memory(*tiny_overrides("tiny-llama"), *six, *gromov)
     assert [r["removed"] for r in done.rows] == [False, False, True, True, False, False]

@@ -30,7 +30,7 @@ class IDConf(MethodConf):
     sketch_oversample: float = 2.0  # sketch_qr: rows of ΩZ per column of Z
     weight_by_outgoing: bool = True  # scale column j of Z by ‖W_next[:, j]‖ before selecting
     ridge: float = 1e-2  # λ/mean(diag G[J,J]) of the ridge fit of T (always on; see linalg)
-    ridge_cv: int = 0  # ≥ 2: each fold's ridge cross-validated over this many groups of windows
+    ridge_cv: int = 2  # ≥ 2: each fold's ridge cross-validated over this many groups of windows
     ffn: bool = True  # prune FFN neurons
     heads: bool = True  # prune attention (whole heads and/or value dims, see `attention`)
     attention: AttentionUnits = AttentionUnits.auto  # the attention units `id` removes (heads: STAT)
@@ -67,11 +67,6 @@ def check_keys(cfg: DictConfig, propagate: str = "compressed") -> None:
         raise ShrinkError(
             f"method.ridge_cv={cfg.ridge_cv} must be 0 (the fixed method.ridge) or at least 2 groups "
             "of calibration windows"
-        )
-    if int(cfg.ridge_cv) and (cfg.bias or cfg.target == FoldTarget.dense or cfg.qk_dims):
-        raise ShrinkError(
-            "method.ridge_cv cross-validates the plain fold; it does not cover method.bias=true, "
-            "method.target=dense or method.qk_dims=true (set method.ridge_cv=0)"
         )
     if int(cfg.dims_step) < 1:
         raise ShrinkError(f"method.dims_step={cfg.dims_step} must be a positive number of value dims")

@@ -164,13 +164,15 @@ class InterpolativeDecomposition(Method):
     ):
         """(new weight of the next layer, its new bias or None, relative output error, the relative
         ridge used). STAT's fold when neither switch is on (`linalg.fold`), its ridge
-        cross-validated over groups of calibration windows with `ridge_cv`; nothing to fold when
+        cross-validated over groups of calibration windows with `ridge_cv` (the plain fold's held-out
+        error chooses it; the affine and dense-target folds use that choice too, the refit of o_proj
+        under thinner q/k keeps `ridge`); nothing to fold when
         every column is kept, unless `refit` (the columns themselves changed: thinner q/k)."""
         w = linear.weight.detach().to(torch.float64)
         if len(keep) == w.shape[1] and not refit:
             return w, None, 0.0, None
         ridge = float(self.cfg.ridge)
-        if stats.parts and cross is None and not refit:
+        if stats.parts and not refit:  # chosen on the plain fold's problem, used by whichever fold runs
             ridge = cross_validated_ridge(stats.parts, keep, w).ridge
         folded = fold(stats, keep, ridge, self.cfg.bias, cross)
         new = w @ folded.t.T
