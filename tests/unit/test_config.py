@@ -56,6 +56,17 @@ def test_defaults():
         "none",
         "none",
     )  # no step unless asked
+    # 16k tokens of two domains, the planning pass on the first half, id's ridge cross-validated
+    calib = cfg.calib
+    assert (calib.corpus, calib.nsamples, calib.seq_len, calib.profile_share) == (
+        "wiki+c4-sample",
+        32,
+        512,
+        0.5,
+    )
+    assert cfg.method.ridge_cv == 2 and calib.autocast.value == "none"
+    previous = make_cfg("calib=wiki", "method.ridge_cv=0").calib  # the previous defaults
+    assert (previous.corpus, previous.nsamples, previous.profile_share) == ("wiki", 16, 1.0)
 
 
 @pytest.mark.parametrize(
