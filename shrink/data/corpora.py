@@ -13,15 +13,19 @@ import gzip
 import hashlib
 import itertools
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import ShrinkError
 from . import hub
-from .assets import package_file
+from .assets import cache_root, package_file
 
 TEST_EVERY = 10  # document i is test text when i % TEST_EVERY == TEST_EVERY - 1
 
@@ -232,20 +236,52 @@ def _text(name: str, which: str) -> str:
 
 def token_stream(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The whole part as one 1-D tensor of token ids (no special tokens). A run tokenizes the
-    same part for calibration, the dense and the compressed evaluation, so fast tokenizers'
-    streams are kept, keyed by the tokenizer's full serialisation (not its name)."""
+    same part for calibration, the dense and the compressed evaluation, and every run of a sweep
+    the same parts again, so fast tokenizers' streams are kept in memory and on disk
+    (`<cache>/tokens/`), keyed by the text and the tokenizer's full serialisation (not names)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return _encode(name, which, tokenizer)
-    key = (name, which, hashlib.sha256(backend.to_str().encode()).hexdigest())
+    digest = hashlib.sha256(backend.to_str().encode())
+    digest.update(_text(name, which).encode())
+    key = (name, which, digest.hexdigest())
     if key not in _STREAMS:
         if len(_STREAMS) >= 8:
             _STREAMS.pop(next(iter(_STREAMS)))
-        _STREAMS[key] = _encode(name, which, tokenizer)
+        _STREAMS[key] = _stored_stream(key, lambda: _encode(name, which, tokenizer))
     return _STREAMS[key].clone()
 
 
 _STREAMS: dict[tuple[str, str, str], torch.Tensor] = {}
+
+
+def token_cache_dir() -> Path:
+    return cache_root() / "tokens"
+
+
+def _stored_stream(key: tuple[str, str, str], encode) -> torch.Tensor:
+    """The stream from its file under `token_cache_dir()`, else encoded and written there
+    (atomically, so parallel runs never read half a file); an unreadable or unwritable cache only
+    costs the tokenisation."""
+    name, which, digest = key
+    path = token_cache_dir() / f"{name.replace('/', '_')}-{which}-{digest[:24]}.npy"
+    try:
+        return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+    except (OSError, ValueError):
+        pass
+    stream = encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp.npy", dir=path.parent)
+    except OSError:
+        return stream
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, stream.numpy().astype(np.int32))
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+    return stream
 
 
 def _encode(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

@@ -28,6 +28,29 @@ def test_windows_are_seeded_and_nonoverlapping():
     assert test.shape == (10, 100) and torch.equal(test.flatten(), stream)
 
 
+def test_token_streams_are_cached_on_disk_by_text_and_tokenizer(monkeypatch, tmp_path):
+    """A second process reads the stream a first one wrote (identical ids, no tokenising); another
+    tokenizer or a damaged file only costs the tokenisation."""
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_STREAMS", {})
+    tok = byte_tokenizer()
+    first = data.token_stream("c4-sample", "test", tok)
+    (written,) = data.token_cache_dir().glob("c4-sample-test-*.npy")
+    monkeypatch.setattr(data, "_STREAMS", {})  # a new process: only the file is left
+    monkeypatch.setattr(data, "_encode", lambda *a: (_ for _ in ()).throw(AssertionError("re-tokenised")))
+    assert torch.equal(data.token_stream("c4-sample", "test", tok), first)
+    monkeypatch.undo()
+    monkeypatch.setenv("SHRINK_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_STREAMS", {})
+    other = byte_tokenizer()
+    other.backend_tokenizer.normalizer = __import__("tokenizers").normalizers.Lowercase()
+    assert not torch.equal(data.token_stream("c4-sample", "test", other), first)  # its own entry
+    assert len(list(data.token_cache_dir().glob("c4-sample-test-*.npy"))) == 2
+    written.write_bytes(b"damaged")
+    monkeypatch.setattr(data, "_STREAMS", {})
+    assert torch.equal(data.token_stream("c4-sample", "test", tok), first)
+
+
 def test_the_mix_interleaves_both_corpora_and_keeps_their_test_text_out():
     """calib=mix: documents of wiki and of the C4 sample in turn; no test document of either in
     its calibration part, and its test part is the two test parts interleaved."""
