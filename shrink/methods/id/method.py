@@ -163,11 +163,9 @@ class InterpolativeDecomposition(Method):
         self, stats: SecondMoment, keep: torch.Tensor, linear, cross: CrossMoment | None, refit: bool = False
     ):
         """(new weight of the next layer, its new bias or None, relative output error, the relative
-        ridge used). STAT's fold when neither switch is on (`linalg.fold`), its ridge
-        cross-validated over groups of calibration windows with `ridge_cv` (the plain fold's held-out
-        error chooses it; the affine and dense-target folds use that choice too, the refit of o_proj
-        under thinner q/k keeps `ridge`); nothing to fold when
-        every column is kept, unless `refit` (the columns themselves changed: thinner q/k)."""
+        ridge used). STAT's fold when neither switch is on (`linalg.fold`); with `ridge_cv` the
+        plain fold's held-out error over groups of windows picks the ridge of any fold but a
+        `refit`; nothing to fold when every column is kept, unless `refit` (thinner q/k)."""
         w = linear.weight.detach().to(torch.float64)
         if len(keep) == w.shape[1] and not refit:
             return w, None, 0.0, None
