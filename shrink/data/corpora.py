@@ -242,10 +242,8 @@ def token_stream(name: str, which: str, tokenizer: PreTrainedTokenizerBase) -> t
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return _encode(name, which, tokenizer)
-    digest = hashlib.sha256(backend.to_str().encode())
-    digest.update(_text(name, which).encode())
-    key = (name, which, digest.hexdigest())
-    if key not in _STREAMS:
+    key = (name, which, hashlib.sha256(backend.to_str().encode()).hexdigest())
+    if key not in _STREAMS:  # the text is fixed within a process; only the file's name needs it
         if len(_STREAMS) >= 8:
             _STREAMS.pop(next(iter(_STREAMS)))
         _STREAMS[key] = _stored_stream(key, lambda: _encode(name, which, tokenizer))
@@ -260,11 +258,13 @@ def token_cache_dir() -> Path:
 
 
 def _stored_stream(key: tuple[str, str, str], encode) -> torch.Tensor:
-    """The stream from its file under `token_cache_dir()`, else encoded and written there
-    (atomically, so parallel runs never read half a file); an unreadable or unwritable cache only
-    costs the tokenisation."""
-    name, which, digest = key
-    path = token_cache_dir() / f"{name.replace('/', '_')}-{which}-{digest[:24]}.npy"
+    """The stream from its file under `token_cache_dir()` (named by the tokenizer's and the text's
+    digest), else encoded and written there (atomically, so parallel runs never read half a file);
+    an unreadable or unwritable cache only costs the tokenisation."""
+    name, which, tokenizer_digest = key
+    digest = hashlib.sha256(tokenizer_digest.encode())
+    digest.update(_text(name, which).encode())
+    path = token_cache_dir() / f"{name.replace('/', '_')}-{which}-{digest.hexdigest()[:24]}.npy"
     try:
         return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
     except (OSError, ValueError):
