@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +51,9 @@ class BlockContext:
     removed: bool = False
     # the block's forwards on calibration windows run under autocast to this dtype (None: as stored)
     autocast: torch.dtype | None = None
+    # where a method may set aside a wide site's statistics while it needs the memory for something
+    # else (SecondMoment.set_aside); None keeps them in memory (set with `stream=true`)
+    scratch: Path | None = None
 
     def site(self, name: str) -> Site:
         return next(s for s in self.sites if s.name == name)

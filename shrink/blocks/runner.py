@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate.utils import send_to_device
@@ -75,12 +76,15 @@ class Runner:
         saliences: list[BlockSaliences] | None = None,
         dense_pass: bool = True,
         autocast: torch.dtype | None = None,
+        scratch: Path | None = None,
     ) -> None:
         """`dense_pass=False`: no statistics pass over a block before the method edits it (no
         site statistics, `ctx.outputs` None), for a method whose blocks cannot run unedited on the
         propagated stream (a sliced residual stream is narrower than the dense block reads).
-        `autocast`: the blocks' forwards run under autocast to that dtype (`calib.autocast`)."""
+        `autocast`: the blocks' forwards run under autocast to that dtype (`calib.autocast`).
+        `scratch`: a folder where methods may set aside wide statistics (`BlockContext.scratch`)."""
         self.adapter, self.windows, self.batch_size = adapter, windows, batch_size
+        self.scratch = scratch
         self.autocast = autocast
         self.saliences = saliences
         self.dense_pass = dense_pass
@@ -96,7 +100,7 @@ class Runner:
         windows = self.windows[:count] if count < len(self.windows) else self.windows
         return Runner(
             self.adapter, windows, self.batch_size, self.device, self.placement, self.costs,
-            self.new_stats, self.saliences, self.dense_pass, autocast,
+            self.new_stats, self.saliences, self.dense_pass, autocast, self.scratch,
         )  # fmt: skip
 
     def blocks(
@@ -144,6 +148,7 @@ class Runner:
                 teacher_hidden=send_to_device(dense, here),
                 saliences=self.saliences[i] if self.saliences is not None else None,
                 autocast=self.autocast,
+                scratch=self.scratch,
             )
             outputs: Streams = []
             if self.dense_pass:
@@ -155,6 +160,7 @@ class Runner:
             self._step = _Step(ctx, propagate, outputs, started)
             yield ctx
             hidden, dense, _ = self.advance(ctx)
+            ctx.stats = {}  # freed before the next block's pass (the caller's loop still holds ctx)
             self.placement.leave(i, block)
         self._step = None
 

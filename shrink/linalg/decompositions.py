@@ -24,17 +24,23 @@ def truncated_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return u[:, :rank] * s[:rank], vh[:rank], s
 
 
-def output_error(delta: torch.Tensor, weight: torch.Tensor, moment: torch.Tensor) -> float:
+def _trace_form(left: torch.Tensor, moment: torch.Tensor | SecondMoment) -> torch.Tensor:
+    """tr(L C Lᵀ); from a SecondMoment's XᵀX by row slabs (also while it is set aside)."""
+    if isinstance(moment, SecondMoment):
+        return moment.quadratic_form(left)
+    return torch.einsum("ij,jk,ik->", left, moment.to(torch.float64), left)
+
+
+def output_error(delta: torch.Tensor, weight: torch.Tensor, moment: torch.Tensor | SecondMoment) -> float:
     """Relative output error ‖ΔX‖/‖WX‖ over calibration inputs with second moment E[xxᵀ] (or any
-    multiple of it: the ratio does not change).
+    multiple of it, such as a SecondMoment's XᵀX: the ratio does not change).
 
     ‖ΔX‖²_F = tr(Δ C Δᵀ), so no activation matrix is needed.
     """
     d = delta.to(torch.float64)
     w = weight.to(torch.float64)
-    c = moment.to(torch.float64)
-    num = torch.einsum("ij,jk,ik->", d, c, d).clamp_min(0)
-    den = torch.einsum("ij,jk,ik->", w, c, w)
+    num = _trace_form(d, moment).clamp_min(0)
+    den = _trace_form(w, moment)
     if den <= 0:
         return float("nan")
     return float((num / den).sqrt())
@@ -44,7 +50,7 @@ def affine_output_error(
     delta: torch.Tensor,
     shift: torch.Tensor | None,
     weight: torch.Tensor,
-    moment: torch.Tensor,
+    moment: torch.Tensor | SecondMoment,
     mean: torch.Tensor,
     scale: float = 1.0,
 ) -> float:
@@ -52,10 +58,10 @@ def affine_output_error(
     E‖Δx + δ‖² = tr(Δ C Δᵀ) + 2 δᵀΔμ + ‖δ‖² with C = scale·`moment` = E[xxᵀ], μ = E[x]."""
     if shift is None:
         return output_error(delta, weight, moment)
-    d, c, mu, sh = (t.to(torch.float64) for t in (delta, moment, mean, shift))
+    d, mu, sh = (t.to(torch.float64) for t in (delta, mean, shift))
     w = weight.to(torch.float64)
-    num = (scale * torch.einsum("ij,jk,ik->", d, c, d) + 2 * sh @ (d @ mu) + sh @ sh).clamp_min(0)
-    den = scale * torch.einsum("ij,jk,ik->", w, c, w)
+    num = (scale * _trace_form(d, moment) + 2 * sh @ (d @ mu) + sh @ sh).clamp_min(0)
+    den = scale * _trace_form(w, moment)
     return float((num / den).sqrt()) if den > 0 else float("nan")
 
 
@@ -66,10 +72,12 @@ def _ridged_cholesky(
     `start` when it is 0) while A + λI is not positive definite, up to `limit`·mean(diag).
     Returns the factor, the relative ridge used and mean(diag A)."""
     scale = float(torch.diagonal(matrix).mean().clamp_min(1e-300))
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     jitter = ridge
     while True:
-        chol, info = torch.linalg.cholesky_ex(matrix + jitter * scale * eye)
+        shifted = matrix.clone()
+        shifted.diagonal().add_(jitter * scale)  # A + λI without an identity matrix beside it
+        chol, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if int(info) == 0:
             return chol, jitter, scale
         jitter = max(jitter * 10, start)
@@ -175,8 +183,12 @@ def interpolation_matrix(gram: torch.Tensor, keep: torch.Tensor, ridge: float = 
     tokens and blow up on new text; 1e-2 costs < 0.5% of calibration error (README, id). When
     G[J,J] + λI is still not positive definite λ is raised tenfold, up to 10·mean(diag).
     """
-    g = gram.to(torch.float64)
-    t = _ridge_solve(g[keep][:, keep], g[keep], ridge)
+    return _interpolation_from_rows(gram.to(torch.float64)[keep], keep, ridge)
+
+
+def _interpolation_from_rows(rows: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """`interpolation_matrix` from the kept rows G[J, :] alone."""
+    t = _ridge_solve(rows[:, keep], rows, ridge)
     t[:, keep] = torch.eye(len(keep), dtype=t.dtype, device=t.device)
     return t
 
@@ -317,19 +329,18 @@ def fold(
     is x itself; against dense targets they are refitted too.
     """
     n = stats.count
-    gxx = stats.xtx
-    gxy = gxx if cross is None else cross.xty
+    rows = stats.rows(keep)  # only the kept rows of XᵀX are read (it may be set aside)
     mx = stats.mean()
     my = mx if cross is None else cross.sum_y / max(cross.count, 1)
     if affine:
-        gxx = gxx / n - torch.outer(mx, mx)
-        gxy = gxy / n - torch.outer(mx, my)
+        rows = rows / n - torch.outer(mx[keep], mx)
     if cross is None:
-        t = interpolation_matrix(gxx, keep, ridge)
+        t = _interpolation_from_rows(rows, keep, ridge)
     else:  # shrunk towards passing the kept columns through, so that it is STAT's fold when y = x
-        selection = torch.zeros(len(keep), gxx.shape[0], dtype=gxx.dtype, device=gxx.device)
+        gxy = cross.xty[keep] / n - torch.outer(mx[keep], my) if affine else cross.xty[keep]
+        selection = torch.zeros(len(keep), rows.shape[1], dtype=rows.dtype, device=rows.device)
         selection[torch.arange(len(keep)), keep] = 1.0
-        t = _ridge_solve(gxx[keep][:, keep], gxy[keep], ridge, prior=selection)
+        t = _ridge_solve(rows[:, keep], gxy, ridge, prior=selection)
     shift = my - t.T @ mx[keep] if affine else None
     return Fold(t, shift)
 
@@ -363,9 +374,9 @@ def fold_error(
     if cross is None:  # the target is the layer's own input: the error of the edited layer
         delta = w.clone()
         delta[:, keep] -= folded.to(torch.float64)
-        # E[xxᵀ] as Σxxᵀ scaled inside: no copy of the d×d moment (1 GB at 11008 wide)
+        # E[xxᵀ] as Σxxᵀ scaled inside, read by row slabs: no d×d copy (1 GB at 11008 wide)
         moved = -c if shift is not None else None
-        return affine_output_error(delta, moved, w, stats.xtx, stats.mean(), 1.0 / stats.count)
+        return affine_output_error(delta, moved, w, stats, stats.mean(), 1.0 / stats.count)
     a = torch.zeros_like(w)
     a[:, keep] = folded.to(torch.float64)
     n = stats.count

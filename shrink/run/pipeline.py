@@ -287,6 +287,7 @@ def _compress(
         adapter, windows, cfg.calib.batch_size, device, store.placement, costs,
         method.new_stats, saliences, dense_pass=not method.rotates_stream,
         autocast=autocast_dtype(cfg.calib.autocast),
+        scratch=job.progress.path / "scratch" if cfg.stream else None,  # wide statistics set aside
     )  # fmt: skip
     if needs_profiles(cfg.schedule.name):  # the planning pass: the dense model's statistics
         planner = runner.for_planning(cfg.calib.profile_share, autocast_dtype(cfg.calib.profile_autocast))

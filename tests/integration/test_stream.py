@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import shrink
+import shrink.linalg.moments as moments
 from shrink.blocks.placement import Streamed
 from shrink.errors import ShrinkError
 from shrink.run.pipeline import run
@@ -73,8 +74,15 @@ def test_stream_equals_a_loaded_run_and_holds_one_block(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(Streamed, "enter", enter_alone)
     monkeypatch.setattr("shrink.run.store.load_streamed", load_and_remember)
+    # every site's statistics are set aside on disk while the method needs the memory, as a wide
+    # model's are; the run must not change by it
+    set_aside: list = []
+    real_written = moments._written
+    monkeypatch.setattr(moments, "_SET_ASIDE_ENTRIES", 0)
+    monkeypatch.setattr(moments, "_written", lambda at, m: set_aside.append(at) or real_written(at, m))
     run(make_cfg(*overrides, "stream=true"), run_dir=tmp_path / "streamed")
     assert entered and set(entered) == {0, 1}
+    assert bool(set_aside) == ("method=id" in method)
 
     loaded, streamed = (
         json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("loaded", "streamed")

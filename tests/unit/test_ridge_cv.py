@@ -68,10 +68,51 @@ def test_second_moment_parts_sum_to_the_whole_and_follow_windows():
     for batch in (x[:3], x[3:]):
         parted.update(batch)
         plain.update(batch)
-    assert torch.allclose(torch.stack(parted.parts).sum(0), plain.xtx, rtol=1e-12)
+    everything = torch.arange(6)
+    groups = [parted.part_rows(g, everything) for g in range(2)]
+    assert len(parted.parts) == 1  # the last group's Gram is derived, not stored
+    assert torch.allclose(groups[0] + groups[1], plain.xtx, rtol=1e-12)
     assert torch.allclose(parted.xtx, plain.xtx, rtol=1e-12)
-    even = x[0::2].reshape(-1, 6).double()
-    assert torch.allclose(parted.parts[0], even.T @ even, rtol=1e-12)  # windows 0, 2, 4
+    even, odd = x[0::2].reshape(-1, 6).double(), x[1::2].reshape(-1, 6).double()
+    assert torch.allclose(groups[0], even.T @ even, rtol=1e-12)  # windows 0, 2, 4
+    assert torch.allclose(groups[1], odd.T @ odd, rtol=1e-12)  # windows 1, 3
+    assert torch.equal(parted.part_rows(1, torch.tensor([4, 1])), groups[1][[4, 1]])
+
+
+def test_set_aside_frees_the_gram_and_restores_it_bit_for_bit(tmp_path, monkeypatch):
+    """A wide site's XᵀX leaves memory while a step needs it and comes back unchanged; the
+    groups' Grams stay in the file and read back the same rows; nothing is left behind."""
+    import gc
+
+    import shrink.linalg.moments as moments
+
+    monkeypatch.setattr(moments, "_SET_ASIDE_ENTRIES", 0)  # every size is set aside here
+    stats = SecondMoment(6, parts=3, batch_dtype=torch.float64)
+    stats.update(torch.randn(6, 5, 6, generator=torch.Generator().manual_seed(4)))
+    xtx = stats.xtx.clone()
+    index = torch.tensor([5, 0, 3])
+    rows = [stats.part_rows(g, index) for g in range(3)]
+    left = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with stats.set_aside(tmp_path / "scratch"):
+        assert stats.xtx is None and stats.parts == []
+        assert len(list((tmp_path / "scratch").iterdir())) == 2  # XᵀX and the stored parts
+        with stats.set_aside(tmp_path / "scratch"):  # nested: already aside, nothing moves
+            assert len(list((tmp_path / "scratch").iterdir())) == 2
+        # what the id step reads meanwhile: rows, a copy in LAPACK's layout, a quadratic form
+        assert torch.equal(stats.rows(index), xtx[index])
+        assert all(torch.equal(stats.part_rows(g, index), r) for g, r in enumerate(rows))
+        column_major = torch.empty_strided((6, 6), (1, 6), dtype=torch.float64)
+        assert torch.equal(stats.xtx_into(column_major), xtx)
+        expected = torch.einsum("ij,jk,ik->", left, xtx, left)
+        assert torch.allclose(stats.quadratic_form(left), expected, rtol=1e-12)
+    assert torch.equal(stats.xtx, xtx)
+    assert all(torch.equal(stats.part_rows(g, index), r) for g, r in enumerate(rows))
+    with stats.set_aside(None):  # no folder: nothing moves
+        assert torch.equal(stats.xtx, xtx)
+    assert len(list((tmp_path / "scratch").iterdir())) == 1  # the parts' file, while stats live
+    del stats
+    gc.collect()
+    assert list((tmp_path / "scratch").iterdir()) == []
 
 
 def test_the_obs_update_of_what_is_kept_is_the_fold():

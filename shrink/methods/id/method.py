@@ -26,6 +26,7 @@ sketch ΩZ instead, as a check. T always comes from the exact Gram matrix.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -44,7 +45,7 @@ from ...linalg.decompositions import (
     pivoted_qr,
 )
 from ...linalg.moments import CrossMoment, SecondMoment
-from ...linalg.ridge import cross_validated_ridge
+from ...linalg.ridge import held_aside_pieces, ridge_from_pieces
 from ...models import Adapter, Site
 from ...models.edits import keep_outputs, set_inputs, thin_heads, thin_query_key
 from ...planning.budget import Curve, Option, Sizes
@@ -116,19 +117,25 @@ class InterpolativeDecomposition(Method):
         attn_cost = ctx.price("attn_in", "attn_out")
         ffn_cost = ctx.price("mlp_in", "mlp_out")
         dense = attn_cost + ffn_cost
-        if self.cfg.heads:
-            share = (
-                site_fraction(ctx, ("attn_in", "attn_out"))
-                if self.cfg.ffn
-                else (allowance - ffn_cost) / attn_cost
-            )
-            records.append(self._prune_heads(ctx, spectra, share, cross.get("attn_out")))
-            attn_cost = ctx.price("attn_in", "attn_out")
-        if self.cfg.ffn:
-            records.append(
-                self._prune_ffn(ctx, spectra, (allowance - attn_cost) / ffn_cost, cross.get("mlp_out"))
-            )
-        elif "mlp" in ctx.choices:
+        # with `ctx.scratch` a wide FFN's XᵀX waits on disk through the whole block: the heads'
+        # step, the FFN's selection Gram and its fold's systems need the memory, and the FFN step
+        # reads it by rows
+        ffn_stats = ctx.stats.get("mlp_out")
+        aside = ffn_stats.set_aside(ctx.scratch) if ffn_stats is not None else contextlib.nullcontext()
+        with aside:
+            if self.cfg.heads:
+                share = (
+                    site_fraction(ctx, ("attn_in", "attn_out"))
+                    if self.cfg.ffn
+                    else (allowance - ffn_cost) / attn_cost
+                )
+                records.append(self._prune_heads(ctx, spectra, share, cross.get("attn_out")))
+                attn_cost = ctx.price("attn_in", "attn_out")
+            if self.cfg.ffn:
+                records.append(
+                    self._prune_ffn(ctx, spectra, (allowance - attn_cost) / ffn_cost, cross.get("mlp_out"))
+                )
+        if not self.cfg.ffn and "mlp" in ctx.choices:
             raise ShrinkError("the plan chose FFN widths but method.ffn is false")
         kept = ctx.price(*(s.name for s in ctx.sites))
         if kept > allowance + 1e-6:
@@ -143,12 +150,12 @@ class InterpolativeDecomposition(Method):
         """What the greedy selection reads: Z_wᵀZ_w with columns weighted by their outgoing norms;
         centred when the fold is affine (its error is what the centred Schur complement leaves)."""
         w = self._weights(next_linear)
-        gram = column_major(stats.xtx.shape, stats.xtx)  # one new matrix (1 GB at 11008 wide)
+        # one new matrix (1 GB at 11008 wide), filled from XᵀX even while it is set aside
+        gram = stats.xtx_into(column_major(torch.Size([stats.dim, stats.dim]), w))
         if self.cfg.bias:
             mean = stats.mean()
-            torch.sub(stats.xtx, stats.count * torch.outer(mean, mean), out=gram)
-        else:
-            gram.copy_(stats.xtx)
+            for start in range(0, stats.dim, 1024):  # centred a slab at a time
+                gram[start : start + 1024].sub_(stats.count * torch.outer(mean[start : start + 1024], mean))
         return gram.mul_(w[:, None]).mul_(w[None, :])
 
     def _output_energy(self, stats: SecondMoment, next_linear) -> float | None:
@@ -160,25 +167,32 @@ class InterpolativeDecomposition(Method):
         return float((torch.diagonal(stats.xtx) * w * w).sum())
 
     def _fold(
-        self, stats: SecondMoment, keep: torch.Tensor, linear, cross: CrossMoment | None, refit: bool = False
+        self,
+        stats: SecondMoment,
+        keep: torch.Tensor,
+        linear,
+        cross: CrossMoment | None,
+        refit: bool = False,
     ):
         """(new weight of the next layer, its new bias or None, relative output error, the relative
         ridge used). STAT's fold when neither switch is on (`linalg.fold`); with `ridge_cv` the
         plain fold's held-out error over groups of windows picks the ridge of any fold but a
-        `refit`; nothing to fold when every column is kept, unless `refit` (thinner q/k)."""
+        `refit`; nothing to fold when every column is kept, unless `refit` (thinner q/k). Reads
+        XᵀX by rows only (`SecondMoment.rows`), so it may be set aside."""
         w = linear.weight.detach().to(torch.float64)
         if len(keep) == w.shape[1] and not refit:
             return w, None, 0.0, None
         ridge = float(self.cfg.ridge)
-        if stats.parts and not refit:  # chosen on the plain fold's problem, used by whichever fold runs
-            ridge = cross_validated_ridge(stats.parts, keep, w).ridge
+        if stats.groups and not refit:  # chosen on the plain fold's problem, used by whichever fold runs
+            ridge = ridge_from_pieces(held_aside_pieces(stats.part_rows, stats.groups, keep, w)).ridge
         folded = fold(stats, keep, ridge, self.cfg.bias, cross)
-        new = w @ folded.t.T
+        new, shift = w @ folded.t.T, folded.shift
+        del folded  # T is k × n: freed before the error's products
         bias = None
-        if folded.shift is not None:
+        if shift is not None:
             old = linear.bias.detach().to(torch.float64) if linear.bias is not None else 0.0
-            bias = old + w @ folded.shift
-        return new, bias, fold_error(w, new, keep, folded.shift, stats, cross), ridge
+            bias = old + w @ shift
+        return new, bias, fold_error(w, new, keep, shift, stats, cross), ridge
 
     def _weights(self, next_linear) -> torch.Tensor:
         if not self.cfg.weight_by_outgoing:
@@ -210,13 +224,13 @@ class InterpolativeDecomposition(Method):
                 "neuron; raise the budget"
             )
 
-        stats = ctx.stats[site_out.name]
+        stats = ctx.stats[site_out.name]  # read by rows: it may be set aside (compress_block)
         pivots = pivoted_cholesky(self._selection_gram(stats, down), n, consume=True)
         spectra["mlp_out.id_residuals"] = pivots.r_diag.cpu().numpy()
         order = pivots.order
         if self.cfg.selection == IDSelection.sketch_qr:
             order = pivoted_qr(stats.sketch * self._weights(down)[None, :], k)
-        keep = order[:k].sort().values.to(stats.xtx.device)
+        keep = order[:k].sort().values.to(stats.sum.device)
         new_down, new_bias, error, ridge = self._fold(stats, keep, down, cross)
         for path in site_in.linears:
             keep_outputs(ctx.block, path, keep)
@@ -398,8 +412,12 @@ class InterpolativeDecomposition(Method):
             down = ctx.block.get_submodule(ctx.site("mlp_out").linears[0])
             stats = ctx.stats["mlp_out"]
             costs = ffn_costs(ctx, self.cfg.bias)
-            left = pivoted_cholesky(self._selection_gram(stats, down), costs.neurons, consume=True).remaining
-            total = self._output_energy(stats, down) or float(left[0])
+            output_energy = self._output_energy(stats, down)
+            with stats.set_aside(ctx.scratch):  # the Gram alone in memory (a streamed wide FFN)
+                gram = self._selection_gram(stats, down)
+                left = pivoted_cholesky(gram, costs.neurons, consume=True).remaining
+                del gram
+            total = output_energy or float(left[0])
             total = total if total > 0 else 1.0
             errors = (left[1:].clamp_min(0) / total).sqrt().tolist()
             sizes = neuron_sizes(costs.neurons, self.width_multiple)
