@@ -380,10 +380,10 @@ def fold_error(
     a = torch.zeros_like(w)
     a[:, keep] = folded.to(torch.float64)
     n = stats.count
-    gxx, mx = stats.xtx / n, stats.mean()
+    mx = stats.mean()  # XᵀX itself is read by row slabs (it may be set aside)
     gxy, gyy, my = cross.xty / n, cross.yty / n, cross.sum_y / n
     num = (
-        torch.einsum("ij,jk,ik->", a, gxx, a)
+        stats.quadratic_form(a) / n
         - 2 * torch.einsum("ij,jk,ik->", a, gxy, w)
         + torch.einsum("ij,jk,ik->", w, gyy, w)
         + 2 * c @ (a @ mx - w @ my)

@@ -21,6 +21,8 @@ from ..conftest import FAST, FAST_PPL, interrupt_then_resume, local_model, logit
 # (tiny model, method, eval): Llama with dense propagation, OPT with a profiling pass, an encoder
 CASES = {
     "llama-id-dense": ("tiny-llama", ["method=id", "propagate=dense"], FAST_PPL),
+    # the affine fold against the dense model's activations, its moments set aside on disk
+    "llama-id-target": ("tiny-llama", ["method=id", "method.target=dense", "method.bias=true"], FAST_PPL),
     "opt-svdllm-greedy": ("tiny-opt", ["method=svdllm", "schedule=greedy"], FAST_PPL),
     "bert-distill": ("tiny-bert", ["method=distill", "method.steps=4"], ["eval=none"]),
     # a rotated, sliced residual stream: new modules in every block, a basis carried across blocks,
