@@ -167,12 +167,7 @@ class InterpolativeDecomposition(Method):
         return float((torch.diagonal(stats.xtx) * w * w).sum())
 
     def _fold(
-        self,
-        stats: SecondMoment,
-        keep: torch.Tensor,
-        linear,
-        cross: CrossMoment | None,
-        refit: bool = False,
+        self, stats: SecondMoment, keep: torch.Tensor, linear, cross: CrossMoment | None, refit: bool = False
     ):
         """(new weight of the next layer, its new bias or None, relative output error, the relative
         ridge used). STAT's fold when neither switch is on (`linalg.fold`); with `ridge_cv` the
