@@ -26,14 +26,23 @@ def reset_peak() -> bool:
         return False
 
 
+def current_mb() -> float:
+    """The resident memory now (VmRSS); 0 where the OS does not say."""
+    return _status_mb("VmRSS:")
+
+
 def peak_mb() -> float:
+    return _status_mb("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mb(key: str) -> float:
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return 0.0
 
 
 def release_freed_memory() -> None:

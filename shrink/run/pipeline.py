@@ -322,7 +322,8 @@ def _compress(
             removed += [ctx.index] if ctx.removed else []
             step_rows = post.apply(ctx) if post is not None and not ctx.removed else []
             hidden, teacher, seconds = runner.advance(ctx)
-            rows = [{"block": ctx.index, **row, "block_seconds": seconds} for row in result.records]
+            memory = {"rss_mb": round(rss.current_mb(), 1), "peak_rss_mb": round(rss.peak_mb(), 1)}
+            rows = [{"block": ctx.index, **row, "block_seconds": seconds, **memory} for row in result.records]
             job.folder.add_block(ctx.index, rows, result.spectra)
             job.folder.add_steps([{"block": ctx.index, **row} for row in step_rows])
             job.tracker.log_block(ctx.index, rows, result.spectra)

@@ -48,6 +48,9 @@ def test_layers_and_spectra_are_written(run_job):
     assert {r["block"] for r in rows} == {0, 1}
     assert {r["linear"] for r in rows} >= {"self_attn.q_proj", "mlp.down_proj"}
     assert all(0 <= r["rel_error"] < 1.5 and r["params_kept"] <= r["params_dense"] for r in rows)
+    # the run's resident memory at each block's end and its peak so far, never above the run's
+    memory = [(r["rss_mb"], r["peak_rss_mb"]) for r in rows]
+    assert all(0 < now <= peak <= metrics["peak_rss_mb"] + 0.05 for now, peak in memory), memory  # rounded
     spectra = dict(__import__("numpy").load(folder / "spectra.npz"))
     assert (folder / "spectra.png").stat().st_size > 1000 and (folder / "kept.png").is_file()
     assert len(spectra) == len(rows) and all((v[:-1] >= v[1:]).all() for v in spectra.values())
