@@ -66,19 +66,28 @@ def affine_output_error(
 
 
 def _ridged_cholesky(
-    matrix: torch.Tensor, ridge: float, start: float, limit: float, what: str
+    matrix: torch.Tensor, ridge: float, start: float, limit: float, what: str, owned: bool = False
 ) -> tuple[torch.Tensor, float, float]:
     """Cholesky factor of A + λI, λ = ridge·mean(diag A), with the ridge raised tenfold (from
     `start` when it is 0) while A + λI is not positive definite, up to `limit`·mean(diag).
-    Returns the factor, the relative ridge used and mean(diag A)."""
+    Returns the factor, the relative ridge used and mean(diag A). `owned`: the caller gives A up,
+    so λ is added to its own diagonal (and taken off again) instead of to a copy.
+    """
     scale = float(torch.diagonal(matrix).mean().clamp_min(1e-300))
+    diagonal = torch.diagonal(matrix).clone() if owned else None
     jitter = ridge
     while True:
-        shifted = matrix.clone()
-        shifted.diagonal().add_(jitter * scale)  # A + λI without an identity matrix beside it
+        if diagonal is None:
+            shifted = matrix.clone()
+            shifted.diagonal().add_(jitter * scale)  # A + λI without an identity matrix beside it
+        else:
+            shifted = matrix
+            shifted.diagonal().copy_(diagonal).add_(jitter * scale)
         chol, info = torch.linalg.cholesky_ex(shifted)
         del shifted
         if int(info) == 0:
+            if diagonal is not None:
+                matrix.diagonal().copy_(diagonal)
             return chol, jitter, scale
         jitter = max(jitter * 10, start)
         if jitter > limit:
@@ -90,6 +99,15 @@ def whitening(moment: torch.Tensor, ridge: float) -> tuple[torch.Tensor, float]:
     ridge is 0) until the Cholesky succeeds. Returns S and the λ/mean(diag) used."""
     chol, jitter, _ = _ridged_cholesky(moment.to(torch.float64), ridge, 1e-10, 1.0, "input second moment")
     return chol, jitter
+
+
+def _all_finite(matrix: torch.Tensor, width: int = 256) -> bool:
+    """Whether every entry is finite, checked `width` columns (or rows) at a time along the
+    matrix's storage order: `isfinite` of the whole matrix builds a temporary as large as it
+    (1 GB at 11008 wide in float64) besides its mask."""
+    by_columns = matrix.dim() == 2 and matrix.stride(0) == 1 and matrix.stride(1) != 1
+    slabs = matrix.T if by_columns else matrix
+    return all(bool(torch.isfinite(slabs[i : i + width]).all()) for i in range(0, slabs.shape[0], width))
 
 
 class Pivots(NamedTuple):
@@ -120,7 +138,7 @@ def pivoted_cholesky(gram: torch.Tensor, k: int, rtol: float = 1e-12, consume: b
     k = min(k, n)
     diag = torch.diagonal(g).clamp_min(0)
     floor = rtol * float(diag.max()) if n else 0.0
-    if not torch.isfinite(g).all():
+    if not _all_finite(g):
         raise NumericalError("non-finite Gram matrix given to the pivoted Cholesky")
     factor, piv, rank, info = lapack.dpstrf(g.numpy(), lower=1, tol=floor, overwrite_a=consume)
     if info < 0:
@@ -186,11 +204,19 @@ def interpolation_matrix(gram: torch.Tensor, keep: torch.Tensor, ridge: float = 
     return _interpolation_from_rows(gram.to(torch.float64)[keep], keep, ridge)
 
 
-def _interpolation_from_rows(rows: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
-    """`interpolation_matrix` from the kept rows G[J, :] alone."""
-    t = _ridge_solve(rows[:, keep], rows, ridge)
-    t[:, keep] = torch.eye(len(keep), dtype=t.dtype, device=t.device)
-    return t
+def _interpolation_from_rows(
+    rows: torch.Tensor, keep: torch.Tensor, ridge: float, chunk: int = 1024
+) -> torch.Tensor:
+    """`interpolation_matrix` from the kept rows G[J, :] alone, solved into `rows` itself (which
+    the caller gives up) `chunk` columns at a time: at half of an 11008-wide FFN the system, its
+    factor and a second |J| × d result would be 1 GB more."""
+    system = rows[:, keep]
+    chol = _ridged_cholesky(system, ridge, 1e-12, 10.0, "interpolation system", owned=True)[0]
+    del system
+    for start in range(0, rows.shape[1], chunk):
+        rows[:, start : start + chunk] = torch.cholesky_solve(rows[:, start : start + chunk], chol)
+    rows[:, keep] = torch.eye(len(keep), dtype=rows.dtype, device=rows.device)
+    return rows
 
 
 def _block_columns(

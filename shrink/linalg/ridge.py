@@ -70,28 +70,32 @@ def held_aside_pieces(
     return pieces
 
 
-def ridge_from_pieces(pieces: list[HeldAside], grid: tuple[float, ...] = RIDGE_GRID) -> RidgeChoice:
+def ridge_from_pieces(
+    pieces: list[HeldAside], grid: tuple[float, ...] = RIDGE_GRID, chunk: int = 1024
+) -> RidgeChoice:
     """The relative ridge of `grid` whose fold, fitted on all groups but one, reconstructs the
-    output of the dropped columns on the group left out best, summed over the groups."""
+    output of the dropped columns on the group left out best, summed over the groups. The
+    quadratic term P ∘ BBᵀ is formed `chunk` rows at a time, so beside the pieces only the
+    eigenvectors, B and one slab are alive (at half of an 11008-wide FFN, 0.7 GB less than whole)."""
     errors = torch.zeros(len(grid), dtype=torch.float64)
     energy = sum(p.const for p in pieces)
     for held in pieces:
         a_jj = sum(p.jj for p in pieces if p is not held)
-        a_jd = sum(p.jd for p in pieces if p is not held)
         scale = float(torch.diagonal(a_jj).mean().clamp_min(1e-300))
         s, u = _eigh_in_place(a_jj)
         del a_jj
-        b = u.T @ a_jd
-        del a_jd
-        quadratic = (u.T @ held.jj) @ u
-        quadratic.mul_(b @ b.T)
+        b = u.T @ sum(p.jd for p in pieces if p is not held)
         linear = ((u.T @ held.jd) * b).sum(1)
+        ridges = torch.tensor(grid, dtype=torch.float64, device=s.device) * scale
+        inv = 1.0 / (s.clamp_min(0)[:, None] + ridges)  # one column per λ of the grid
+        quadratic = torch.zeros(len(grid), dtype=torch.float64, device=s.device)
+        for start in range(0, len(s), chunk):  # Σ over row slabs of dᵀ (P ∘ BBᵀ)[slab] d
+            rows = slice(start, start + chunk)
+            slab = (u[:, rows].T @ held.jj) @ u
+            slab.mul_(b[rows] @ b.T)
+            quadratic += ((slab @ inv) * inv[rows]).sum(0)
         del u, b
-        s = s.clamp_min(0)
-        for i, r in enumerate(grid):
-            inv = 1.0 / (s + r * scale)
-            errors[i] += held.const - 2 * float(inv @ linear) + float(inv @ quadratic @ inv)
-        del quadratic
+        errors += (held.const - 2 * (linear @ inv) + quadratic).cpu()
     rel = (errors / max(energy, 1e-300)).tolist()
     best = min(range(len(grid)), key=lambda i: rel[i])
     return RidgeChoice(grid[best], rel)

@@ -156,6 +156,42 @@ def test_interpolation_is_least_squares_without_ridge_and_bounded_with_it():
     assert interpolation_matrix(z.T @ z, keep).abs().max() < 1.5  # the default ridge does not
 
 
+def test_the_fold_solved_into_its_rows_by_slabs_is_the_ridge_solution():
+    """The interpolation is solved into the kept rows a few columns at a time: it equals the
+    ridge solution (G_JJ + λI)⁻¹ G_J: with T_J = I, and the retried ridge of a singular system
+    leaves the system's diagonal as it found it."""
+    from shrink.linalg.decompositions import _interpolation_from_rows, _ridged_cholesky
+
+    z = structured_problem(n=30)
+    gram, keep = z.T @ z, torch.tensor([0, 3, 4, 9, 17, 21, 22, 29])
+    system = gram[keep][:, keep]
+    lam = 1e-2 * float(torch.diagonal(system).mean())
+    expected = torch.linalg.solve(system + lam * torch.eye(len(keep), dtype=gram.dtype), gram[keep])
+    expected[:, keep] = torch.eye(len(keep), dtype=gram.dtype)
+    by_slabs = _interpolation_from_rows(gram[keep], keep, 1e-2, chunk=4)
+    torch.testing.assert_close(by_slabs, expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(by_slabs, interpolation_matrix(gram, keep), rtol=1e-12, atol=1e-12)
+
+    singular = torch.ones(4, 4, dtype=torch.float64)
+    singular[0, 0] = -1.0  # not positive definite until the ridge is raised
+    copy = singular.clone()
+    plain = _ridged_cholesky(copy, 0.0, 1e-12, 10.0, "test")
+    owned = _ridged_cholesky(singular, 0.0, 1e-12, 10.0, "test", owned=True)
+    assert plain[1] == owned[1] > 0 and torch.equal(plain[0], owned[0])
+    assert torch.equal(singular, copy)
+
+
+def test_a_non_finite_gram_fails_the_selection_in_either_storage_order():
+    from shrink.errors import NumericalError
+
+    z = structured_problem(n=20)
+    for order in ("row", "column"):
+        gram = (z.T @ z).clone() if order == "row" else column_major(torch.Size([20, 20]), z).copy_(z.T @ z)
+        gram[13, 2] = float("nan")
+        with pytest.raises(NumericalError, match="non-finite Gram"):
+            pivoted_cholesky(gram, 5)
+
+
 @pytest.mark.parametrize("rank", [96, 40])
 def test_block_selection_adds_a_head_at_once_as_column_by_column(monkeypatch, rank):
     """Adding a chosen head's columns in one triangular solve gives the column-by-column pivoted

@@ -8,7 +8,7 @@ import torch
 import shrink
 from shrink.linalg.decompositions import fold
 from shrink.linalg.moments import SecondMoment
-from shrink.linalg.ridge import RIDGE_GRID, cross_validated_ridge
+from shrink.linalg.ridge import RIDGE_GRID, cross_validated_ridge, held_aside_pieces, ridge_from_pieces
 from shrink.models import load_model
 
 from ..conftest import compress_in_memory, fails, logits, make_cfg, tiny_overrides
@@ -44,6 +44,11 @@ def test_closed_form_equals_explicit_cross_validation():
     expected = _explicit_errors(z_parts, keep, drop, w, RIDGE_GRID)
     assert torch.allclose(torch.tensor(choice.errors), torch.tensor(expected), rtol=1e-8)
     assert choice.ridge == RIDGE_GRID[min(range(len(expected)), key=expected.__getitem__)]
+    # read and scored a few rows at a time (as a wide FFN is): the same errors
+    grams = [z.T @ z for z in z_parts]
+    pieces = held_aside_pieces(lambda g, index: grams[g][index], 3, keep, w, chunk=4)
+    by_slabs = ridge_from_pieces(pieces, chunk=4)
+    assert torch.allclose(torch.tensor(by_slabs.errors), torch.tensor(expected), rtol=1e-8)
 
 
 def test_noisy_columns_get_a_larger_ridge_than_clean_ones():
