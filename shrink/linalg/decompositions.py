@@ -74,19 +74,14 @@ def _ridged_cholesky(
     so λ is added to its own diagonal (and taken off again) instead of to a copy.
     """
     scale = float(torch.diagonal(matrix).mean().clamp_min(1e-300))
-    diagonal = torch.diagonal(matrix).clone() if owned else None
+    diagonal = torch.diagonal(matrix).clone()
+    shifted = matrix if owned else matrix.clone()
     jitter = ridge
     while True:
-        if diagonal is None:
-            shifted = matrix.clone()
-            shifted.diagonal().add_(jitter * scale)  # A + λI without an identity matrix beside it
-        else:
-            shifted = matrix
-            shifted.diagonal().copy_(diagonal).add_(jitter * scale)
+        shifted.diagonal().copy_(diagonal).add_(jitter * scale)  # A + λI without an identity beside it
         chol, info = torch.linalg.cholesky_ex(shifted)
-        del shifted
         if int(info) == 0:
-            if diagonal is not None:
+            if owned:  # A is left as it was given
                 matrix.diagonal().copy_(diagonal)
             return chol, jitter, scale
         jitter = max(jitter * 10, start)
