@@ -7,6 +7,7 @@ three in turn for `--rounds` rounds, each keeping its fastest round (a busy mome
 
     .venv/bin/python bench/attention.py /tmp/id05                      # contexts 512 and 2048
     .venv/bin/python bench/attention.py RUN --contexts 2048 --repeats 5 --out bench/results/attention.json
+    .venv/bin/python bench/attention.py RUN --contexts 512 --breakdown   # where the time goes
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -83,6 +85,72 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+KINDS = ("block GEMMs", "attention kernel", "LM head", "the rest")
+
+
+def _kind(name: str, shapes: list, vocab: int) -> str:
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention kernel"
+    if name in ("aten::mm", "aten::addmm"):
+        weight = shapes[-1] if shapes else []
+        return "LM head" if weight and weight[-1] == vocab else "block GEMMs"
+    return "the rest"
+
+
+def _gemm_macs(name: str, shapes: list) -> int:
+    if name not in ("aten::mm", "aten::addmm") or len(shapes) < 2:
+        return 0
+    (rows, inner), (_, cols) = shapes[-2], shapes[-1]
+    return rows * inner * cols
+
+
+@torch.inference_mode()
+def breakdown(model: torch.nn.Module, context: int, rounds: int) -> dict[str, float]:
+    """Milliseconds of one forward over `context` tokens by kind of work (each op's own CPU time
+    from torch's profiler, the median over `rounds`), and the block GEMMs' multiply-adds: whether
+    the GEMMs shrink with their MACs, and how much of the time is work no pruning of the
+    projections touches (the attention kernel, the LM head, norms and activations)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, use_cache=False)  # warm-up
+    timed: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    macs = 0
+    for _ in range(rounds):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            model(input_ids=ids, use_cache=False)
+        totals = dict.fromkeys(KINDS, 0.0)
+        macs = 0
+        for event in prof.key_averages(group_by_input_shape=True):
+            shapes = [s for s in event.input_shapes if s]
+            totals[_kind(event.key, shapes, vocab)] += event.self_cpu_time_total / 1000
+            if _kind(event.key, shapes, vocab) == "block GEMMs":
+                macs += _gemm_macs(event.key, shapes) * event.count
+        for kind, ms in totals.items():
+            timed[kind].append(ms)
+    result = {kind: float(np.median(values)) for kind, values in timed.items()}
+    result["block_gemm_gmacs"] = macs / 1e9
+    return result
+
+
+def breakdown_table(rows: dict[str, dict[str, float]]) -> str:
+    dense = rows["dense"]
+    lines = [
+        "| model | " + " | ".join(f"{k} ms" for k in KINDS) + " | total ms | block GEMM time ratio "
+        "| block GEMM MAC ratio |",
+        "|---|" + "---|" * (len(KINDS) + 3),
+    ]
+    for name, r in rows.items():
+        total = sum(r[k] for k in KINDS)
+        lines.append(
+            f"| {name} | " + " | ".join(f"{r[k]:.0f}" for k in KINDS) + f" | {total:.0f} | "
+            f"{r['block GEMMs'] / dense['block GEMMs']:.3f} | "
+            f"{r['block_gemm_gmacs'] / dense['block_gemm_gmacs']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders with a saved model/")
@@ -91,6 +159,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2, help="timings per model, taken in turn")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time each forward by kind of work (torch's profiler)"
+    )
     args = parser.parse_args()
     load_plugins()
     cpu = torch.device("cpu")
@@ -109,7 +180,12 @@ def main() -> None:
                     results[name] = fastest(results.get(name), values)
             for name, values in results.items():
                 rows.append({"run": str(run), **row(name, context, values, results["dense"])})
-            print(table([r for r in rows if r["run"] == str(run)]), flush=True)
+            print(table([r for r in rows if r["run"] == str(run) and "breakdown" not in r]), flush=True)
+            if args.breakdown:
+                parts = {name: breakdown(model, context, args.repeats) for name, model in timed.items()}
+                for name, part in parts.items():
+                    rows.append({"run": str(run), "model": name, "context": context, "breakdown": part})
+                print(breakdown_table(parts), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")

@@ -85,7 +85,18 @@ def export_gguf(path: Path, kind: str, out: Path | None = None, vocab: Path | No
     keys = gguf_file.vocab_from_gguf(vocab) if vocab is not None else _base_vocab(run, source, model)
     target = out if out is not None else gguf_file.default_name(run, kind)
     gguf_file.write(model, target, kind, keys, name=run.name)
-    return [f"{target}: {kind} GGUF for llama.cpp ({target.stat().st_size / 2**20:.1f} MB)"]
+    lines = [f"{target}: {kind} GGUF for llama.cpp ({target.stat().st_size / 2**20:.1f} MB)"]
+    zeros, thinned = gguf_file.padded_weights(model)
+    if zeros:
+        blocks = len(build_adapter(model).blocks())
+        weights = sum(p.numel() for p in model.parameters())  # tied ones once
+        lines.append(
+            f"  {thinned} of {blocks} blocks have thinned heads, written padded back to the head size "
+            f"(llama.cpp takes one): {zeros / 1e6:.2f}M zero weights beside the model's "
+            f"{weights / 1e6:.2f}M, read at every token; a model compressed with method.attention=heads "
+            "(whole heads) has none"
+        )
+    return lines
 
 
 def _base_vocab(run: Path, source: Path, model) -> dict:

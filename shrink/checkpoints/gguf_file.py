@@ -132,6 +132,24 @@ def full_weight(module: nn.Module, head_dim: int) -> tuple[torch.Tensor, torch.T
     return weight, bias
 
 
+def padded_weights(model: nn.Module) -> tuple[int, int]:
+    """(zero weights the GGUF's attention holds, blocks whose heads are thinned): what writing each
+    thinned head back at the full head size adds to the file, which llama.cpp also reads and
+    multiplies at every token."""
+    adapter = build_adapter(model)
+    head_dim = adapter.heads().head_dim
+    a = adapter.attention_paths
+    zeros, thinned = 0, 0
+    for block in adapter.blocks():
+        added = 0
+        for path in (a.q, a.k, a.v, a.o):
+            module = block.get_submodule(path)
+            added += full_weight(module, head_dim)[0].numel() - module.weight.numel()
+        zeros += added
+        thinned += added > 0
+    return zeros, thinned
+
+
 def rotary_to_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows (or bias entries) of q or k from Hugging Face's rotary layout, where dims i and i + d/2
     of a head turn together, to llama.cpp's, where dims 2i and 2i + 1 do."""

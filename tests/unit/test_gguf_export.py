@@ -71,6 +71,27 @@ def test_the_gguf_holds_per_layer_widths_and_padded_heads(thin_run, capsys):
     assert "output.weight" not in tensors  # tied: llama.cpp reuses the token embedding
 
 
+def test_the_export_counts_the_zeros_of_padded_heads(thin_run, capsys):
+    from shrink.checkpoints.export import export_gguf
+    from shrink.models import load_model
+
+    from ..conftest import make_cfg
+
+    model = load(thin_run / "model")
+    zeros, thinned = gguf_file.padded_weights(model)
+    expected = 0
+    for block in model.model.layers:
+        attention = block.self_attn
+        for module, heads in ((attention.q_proj, 4), (attention.k_proj, 2), (attention.v_proj, 2)):
+            expected += (heads * 16 - module.out_features) * 64
+        expected += (4 * 16 - attention.o_proj.in_features) * 64
+    assert thinned == 2 and zeros == expected > 0
+    lines = export_gguf(thin_run, "f32", out=thin_run / "counted.gguf")
+    assert f"{zeros / 1e6:.2f}M zero weights" in lines[1] and "method.attention=heads" in lines[1]
+    dense = load_model(make_cfg("model=tiny-llama").model, torch.float32, seed=0).model
+    assert gguf_file.padded_weights(dense) == (0, 0)
+
+
 def test_q8_0_pads_each_ffn_to_whole_blocks(thin_run):
     model = load(thin_run / "model")
     out = gguf_file.write(
