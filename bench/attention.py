@@ -116,7 +116,7 @@ def breakdown(model: torch.nn.Module, context: int, rounds: int) -> dict[str, fl
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, use_cache=False)  # warm-up
     timed: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    macs = 0
+    macs = 0  # the same in every round
     for _ in range(rounds):
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             model(input_ids=ids, use_cache=False)
@@ -124,8 +124,9 @@ def breakdown(model: torch.nn.Module, context: int, rounds: int) -> dict[str, fl
         macs = 0
         for event in prof.key_averages(group_by_input_shape=True):
             shapes = [s for s in event.input_shapes if s]
-            totals[_kind(event.key, shapes, vocab)] += event.self_cpu_time_total / 1000
-            if _kind(event.key, shapes, vocab) == "block GEMMs":
+            kind = _kind(event.key, shapes, vocab)
+            totals[kind] += event.self_cpu_time_total / 1000
+            if kind == "block GEMMs":
                 macs += _gemm_macs(event.key, shapes) * event.count
         for kind, ms in totals.items():
             timed[kind].append(ms)
