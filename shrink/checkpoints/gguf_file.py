@@ -144,7 +144,12 @@ def padded_weights(model: nn.Module) -> tuple[int, int]:
         added = 0
         for path in (a.q, a.k, a.v, a.o):
             module = block.get_submodule(path)
-            added += full_weight(module, head_dim)[0].numel() - module.weight.numel()
+            rows, columns = module.weight.shape
+            if isinstance(module, HeadPaddedLinear):
+                rows = module.heads * head_dim
+            elif isinstance(module, HeadSlicedLinear):
+                columns = module.heads * head_dim
+            added += rows * columns - module.weight.numel()  # the shape full_weight writes
         zeros += added
         thinned += added > 0
     return zeros, thinned
