@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from shrink.api import compose_config
@@ -84,19 +85,25 @@ def curve(
 ) -> dict:
     import shrink
     from shrink.heal.recover import heal as run_heal
+    from shrink.heal.teacher_cache import config_identity
     from shrink.heal.trainer import heal_steps
     from shrink.models import build_adapter, load_model
 
     cfg = compose_config(f"heal={heal}", f"heal.tokens={max(marks)}", *sets)
     model, tokenizer = shrink.load(checkpoint), shrink.load_tokenizer(checkpoint)
     rows = [{"tokens": 0, "seconds": 0.0, **held_out(model, tokenizer, tokens)}]
-    teacher = load_model(model_cfg, torch.float32, seed=0).model if heal == "kd" else None
+
+    def teacher() -> torch.nn.Module:
+        return load_model(model_cfg, torch.float32, seed=0).model
+
+    identity = config_identity(OmegaConf.to_container(model_cfg, resolve=True), 0, str(torch.float32))
     _, per_step = heal_steps(cfg.heal)
     work = out / "work" / "-".join([checkpoint.parent.name, heal, *sets])
     shutil.rmtree(work, ignore_errors=True)  # a curve starts afresh: no checkpoint of another config
     summary = run_heal(
         build_adapter(model), tokenizer, teacher, cfg.heal, False, torch.device("cpu"), work / "checkpoints",
         work / "heal.jsonl", callbacks=[Marks(marks, per_step, tokenizer, tokens, rows)],
+        teacher_identity=identity,
     )  # fmt: skip
     return {"heal": heal, "config": sets, "summary": summary, "points": rows}
 

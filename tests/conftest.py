@@ -35,6 +35,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 # Dense-evaluation cache: one fresh folder per test session, never the user's cache.
 os.environ["SHRINK_EVAL_CACHE"] = tempfile.mkdtemp(prefix="shrink-eval-cache-")
+os.environ["SHRINK_TEACHER_CACHE"] = tempfile.mkdtemp(prefix="shrink-teacher-cache-")
 
 
 def make_cfg(*overrides: str):

@@ -17,8 +17,11 @@ class Healer(ABC):
         self.cfg = cfg
 
     @abstractmethod
-    def loss(self, student: nn.Module, ids: torch.Tensor, teacher: nn.Module | None) -> torch.Tensor:
-        """The mean loss of one micro-batch of token windows `ids` (batch × seq_len)."""
+    def loss(
+        self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Module | None
+    ) -> torch.Tensor:
+        """The mean loss of one micro-batch: `batch["input_ids"]` (windows × seq_len) and whatever
+        else the windows carry (a cached teacher's targets)."""
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

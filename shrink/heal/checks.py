@@ -76,6 +76,14 @@ def check(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
         raise ShrinkError(f"heal.temperature={heal.temperature} must be > 0")
     if "hidden" in heal and float(heal.hidden) < 0:
         raise ShrinkError(f"heal.hidden={heal.hidden} must be ≥ 0")
+    if heal.get("cache_teacher"):
+        if int(heal.cache_top) < 1:
+            raise ShrinkError(f"heal.cache_top={heal.cache_top} must be ≥ 1")
+        if float(heal.hidden) > 0:
+            raise ShrinkError(
+                f"heal.cache_teacher=true caches the teacher's logits, not its hidden states: drop "
+                f"heal.hidden={heal.hidden} or the cache"
+            )
     lora_keys = {f"heal.{k}" for k in ("rank", "alpha", "dropout")}
     if HealParams(heal.params) == HealParams.full and (lora_keys & (set(named) | _changed(heal))):
         raise ShrinkError(
@@ -94,6 +102,12 @@ def check_model(heal: DictConfig, adapter: Adapter) -> None:
         raise ShrinkError(
             f"heal.targets={targets}: {', '.join(unknown) or 'empty'} is no block linear of this model; "
             f"valid: {ALL}, {', '.join(valid)}"
+        )
+    vocab = int(adapter.model.get_output_embeddings().weight.shape[0])
+    if heal.get("cache_teacher") and int(heal.cache_top) >= vocab:
+        raise ShrinkError(
+            f"heal.cache_top={heal.cache_top} must be below the model's {vocab} tokens (at {vocab - 1} the "
+            "cached KL is already the full one)"
         )
     if HealParams(heal.params) != HealParams.lora:
         return

@@ -55,3 +55,7 @@ class KdConf(HealConf):
 
     temperature: float = 1.0
     hidden: float = 0.0  # weight of the last hidden state's normalised squared error (0: logits only)
+    # the teacher's targets from an on-disk cache (heal/teacher_cache.py), built on the first run:
+    # its `cache_top` likeliest tokens per position and one bin for the rest
+    cache_teacher: bool = False
+    cache_top: int = 256

@@ -25,14 +25,16 @@ from .config import HealDType
 
 
 class Windows(torch.utils.data.Dataset):
-    def __init__(self, windows: torch.Tensor) -> None:
-        self.windows = windows
+    """The heal windows, each with its rows of `extra` (e.g. a cached teacher's targets)."""
+
+    def __init__(self, windows: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> None:
+        self.windows, self.extra = windows, extra or {}
 
     def __len__(self) -> int:
         return self.windows.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.windows[index]}
+        return {"input_ids": self.windows[index]} | {k: v[index] for k, v in self.extra.items()}
 
 
 class HealTrainer(Trainer):
@@ -45,7 +47,7 @@ class HealTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        loss = self.healer.loss(model, inputs["input_ids"], self.teacher)
+        loss = self.healer.loss(model, inputs, self.teacher)
         return (loss, None) if return_outputs else loss
 
 
@@ -115,10 +117,11 @@ def train(
     log_path: Path,
     log: Callable[[dict[str, Any]], None],
     callbacks: list[TrainerCallback] | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` (its trainable parameters) on `windows`; goes on from the last checkpoint in
-    `checkpoints` when there is one (bit-exact: Trainer restores weights, optimizer, schedule,
-    random states and the place in the data). Returns a summary."""
+    """Train `model` (its trainable parameters) on `windows` (with their rows of `extra`); goes on
+    from the last checkpoint in `checkpoints` when there is one (bit-exact: Trainer restores
+    weights, optimizer, schedule, random states and the place in the data). Returns a summary."""
     steps, per_step = heal_steps(cfg)
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     done = int(Path(resume).name.split("-")[-1]) if resume else 0
@@ -147,7 +150,7 @@ def train(
         remove_unused_columns=False,
     )
     trainer = HealTrainer(
-        model=model, args=args, train_dataset=Windows(windows), healer=healer, teacher=teacher,
+        model=model, args=args, train_dataset=Windows(windows, extra), healer=healer, teacher=teacher,
         callbacks=[StepLog(log_path, per_step, log), *(callbacks or [])],
     )  # fmt: skip
     trainer.remove_callback(ProgressCallback)

@@ -341,14 +341,22 @@ def _heal(
     """Score the compressed model's perplexities (`before_heal`), then heal it in place; returns
     the heal's summary. Trainer's checkpoints live in progress/, so `resume=true` goes on mid-heal."""
     from ..heal.recover import heal  # peft and transformers' Trainer load only when a run heals
+    from ..heal.teacher_cache import config_identity
 
     store.ready_for_evaluation()
     score_perplexity(cfg, store, "before_heal", results)
-    if teacher is None and HEALERS[cfg.heal.name].needs_teacher:
-        teacher = load_model(cfg.model, _dtype(cfg), seed=cfg.seed).model
+    identity = None  # a copy of a model handed over in memory is named by its weights' fingerprint
+    if teacher is None:
+        model = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+        identity = config_identity(model, int(cfg.seed), str(_dtype(cfg)))
+
+    def dense() -> torch.nn.Module:
+        return teacher if teacher is not None else load_model(cfg.model, _dtype(cfg), seed=cfg.seed).model
+
     return heal(
-        store.adapter, store.tokenizer, teacher, cfg.heal, bool(cfg.model.add_bos), store.device,
+        store.adapter, store.tokenizer, dense, cfg.heal, bool(cfg.model.add_bos), store.device,
         job.progress.path / "heal", job.folder.path / "heal.jsonl", job.tracker.log_heal,
+        teacher_identity=identity,
     )  # fmt: skip
 
 

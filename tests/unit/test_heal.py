@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import shrink
 from shrink.heal.adapters import merge_lora, with_lora
-from shrink.heal.losses.distill import kl_loss
+from shrink.heal.losses.distill import kl_loss, top_kl_loss
+from shrink.heal.teacher_cache import top_targets
 from shrink.heal.recover import heal
 from shrink.heal.targets import target_linears
 from shrink.heal.windows import heal_windows
@@ -98,7 +99,7 @@ def test_weights_that_are_zero_stay_zero(tmp_path, params):
     cfg = _heal_cfg("heal=kd", *HEAL, *(LORA if params == "lora" else ["heal.params=full"]), "heal.lr=0.01")
     before = {n: lin.weight.detach().clone() for n, lin in target_linears(adapter, ["all"]).items()}
     summary = heal(
-        adapter, done.loaded.tokenizer, _teacher(), cfg, False, torch.device("cpu"), tmp_path / "ckpt",
+        adapter, done.loaded.tokenizer, _teacher, cfg, False, torch.device("cpu"), tmp_path / "ckpt",
         tmp_path / "heal.jsonl",
     )  # fmt: skip
     assert summary["steps"] == 8
@@ -135,6 +136,39 @@ def test_the_distillation_loss_is_the_tempered_kl():
         explicit = (p * (p.log() - q.log())).sum(-1).mean() * temperature**2
         assert kl_loss(s, t, temperature).item() == pytest.approx(explicit.item(), rel=1e-5)
     assert kl_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def _coarse_kl(s, t, index, temperature):
+    """The KL of the distributions summed into the bins index[…, 0], …, index[…, k-1] and the rest."""
+    p, q = torch.softmax(t / temperature, -1), torch.softmax(s / temperature, -1)
+    p_top, q_top = p.gather(-1, index), q.gather(-1, index)
+    p_rest, q_rest = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+    kl = (p_top * (p_top.log() - q_top.log())).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return kl.mean() * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_cached_kl_is_the_kl_of_the_coarsened_distributions(temperature):
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen) * 3
+    full = kl_loss(s, t, temperature)
+    for top in (1, 4, 9):
+        cached = top_targets(t, temperature, top)
+        index = cached["teacher_index"].long()
+        assert torch.equal(index, (t / temperature).topk(top, -1).indices)
+        loss = top_kl_loss(s, *cached.values(), temperature)
+        assert loss.item() == pytest.approx(_coarse_kl(s, t, index, temperature).item(), rel=1e-4)
+        assert 0 < loss.item() < full.item()  # coarser bins: a lower bound of the full KL
+    # one token left out, or none: the full KL, and its gradient
+    for top in (10,):
+        cached = top_targets(t, temperature, top)
+        a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+        exact, ours = kl_loss(a, t, temperature), top_kl_loss(b, *cached.values(), temperature)
+        assert ours.item() == pytest.approx(exact.item(), rel=1e-5)
+        exact.backward()
+        ours.backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    assert top_kl_loss(t, *top_targets(t, 1.0, 3).values()).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_heal_windows_are_cut_from_the_calibration_part_only(monkeypatch):
@@ -195,7 +229,11 @@ def test_steps_run_after_heal_on_the_healed_weights(run_job):
     assert "before_heal" in metrics["eval"]["ppl"]["wiki"]
 
 
-@pytest.mark.parametrize("params", [[*LORA, "heal.dropout=0.1"], ["heal.params=full"]], ids=["lora", "full"])
+@pytest.mark.parametrize(
+    "params",
+    [[*LORA, "heal.dropout=0.1"], ["heal.params=full"], ["heal.cache_teacher=true", "heal.cache_top=16"]],
+    ids=["lora", "full", "cached-teacher"],
+)
 def test_resume_mid_heal_gives_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, params):
     from shrink.heal import trainer
     from shrink.run.pipeline import run
@@ -225,10 +263,40 @@ def test_resume_mid_heal_gives_the_weights_of_an_uninterrupted_run(tmp_path, mon
     assert [r["step"] for r in rows] == list(range(1, 9))
 
 
+def test_cached_teacher_targets_are_built_once_and_heal_like_the_teacher(run_job, monkeypatch):
+    import shrink.run.pipeline as pipeline
+
+    base = ["model=tiny-llama", *FAST, "eval=none", "budget=0.6", "heal=kd", *HEAL, "heal.lr=0.01"]
+    live, live_folder = run_job(*base, name="live")
+    # 259 of the 260 tokens kept: the cached KL is the full one, so the heal is the same
+    cache = ["heal.cache_teacher=true", "heal.cache_top=259"]
+    built, built_folder = run_job(*base, *cache, name="built")
+    assert built["heal"]["teacher_cache"] == "built" and "teacher_cache" not in live["heal"]
+    ours, theirs = (load_file(f / "model" / "model.safetensors") for f in (built_folder, live_folder))
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-4) for k in ours)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the dense model was loaded although its targets are cached")
+
+    monkeypatch.setattr(pipeline, "load_model", no_teacher)
+    hit, hit_folder = run_job(*base, *cache, name="hit")
+    assert hit["heal"]["teacher_cache"] == "hit"
+    again = load_file(hit_folder / "model" / "model.safetensors")
+    assert all(torch.equal(again[k], ours[k]) for k in ours)  # the same targets: the same weights
+    with pytest.raises(AssertionError, match="the dense model was loaded"):  # another entry: built
+        run_job(*base, "heal.cache_teacher=true", "heal.cache_top=8", name="top8")
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
         (["heal=lora", "heal.lr=0"], r"heal.lr=0.0 must be > 0"),
+        (
+            ["heal=kd", "heal.cache_teacher=true", "heal.hidden=0.5"],
+            r"heal.cache_teacher=true caches the teacher's logits, not its hidden states",
+        ),
+        (["heal=kd", "heal.cache_teacher=true", "heal.cache_top=0"], r"heal.cache_top=0 must be ≥ 1"),
+        (["heal=kd", "heal.cache_teacher=true", "heal.cache_top=260"], r"must be below the model's 260 tokens"),
         (["heal=lora", "heal.rank=64"], r"heal.rank=64 is wider than k_proj \(32 on its smaller side"),
         (["heal=lora", "heal.targets=[q_proj,attn]"], r"attn is no block linear of this model; valid: all, "),
         (["heal=kd", "stream=true"], r"heal trains the whole compressed model in memory, which stream=true"),

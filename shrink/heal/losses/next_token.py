@@ -13,5 +13,8 @@ from ..config import HealConf
 
 @HEALERS.register("lora", HealConf)
 class NextToken(Healer):
-    def loss(self, student: nn.Module, ids: torch.Tensor, teacher: nn.Module | None) -> torch.Tensor:
+    def loss(
+        self, student: nn.Module, batch: dict[str, torch.Tensor], teacher: nn.Module | None
+    ) -> torch.Tensor:
+        ids = batch["input_ids"]
         return next_token_loss(student(input_ids=ids, use_cache=False).logits, ids)

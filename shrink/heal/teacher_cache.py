@@ -1,0 +1,139 @@
+"""The `kd` teacher's targets cached on disk (`heal.cache_teacher=true`), so that a sweep of methods
+and budgets healed on the same windows runs the dense model over them once.
+
+The whole next-token distribution is one float per vocabulary entry and token (SmolLM2: 49152,
+about 200 GB per million tokens in float32), so an entry keeps, per position, the `heal.cache_top`
+largest logits and their token ids, the log-partition of the tempered logits and the log of the
+probability left outside those tokens. The loss is then the KL divergence of the distribution
+coarsened to the kept tokens plus one bin for all the others (`losses.distill.top_kl_loss`): exact
+when one token or none is left out, and otherwise a lower bound of the full KL that matches the
+teacher's probabilities of the kept tokens one by one and of the rest only in sum.
+
+An entry is keyed by what decides the targets: the teacher's identity (its model config without
+placement, or a fingerprint of its weights when it was handed over in memory), its dtype and
+device type, bfloat16 autocast, the temperature, `cache_top`, and a fingerprint of the windows
+themselves (so another corpus, tokenizer, seed, length or token count misses). Entries are
+safetensors files under `<cache>/heal-teacher/` (`SHRINK_TEACHER_CACHE` overrides the folder;
+delete it to reset), written atomically so parallel sweep jobs never read half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.assets import cache_root
+from ..errors import NumericalError, ShrinkError
+
+# names of the per-window tensors an entry holds, as the healer's batches carry them
+TOP_VALUES, TOP_INDEX, LOG_PARTITION, LOG_REST = "teacher_top", "teacher_index", "teacher_lse", "teacher_rest"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("SHRINK_TEACHER_CACHE")
+    return Path(env) if env else cache_root() / "heal-teacher"
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A model's identity when nothing else names it: a hash of every parameter and buffer."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def config_identity(model: dict[str, Any], seed: int, dtype: str) -> dict[str, Any]:
+    """A loaded teacher's identity: its model config without placement, the seed of a tiny random
+    model, and the dtype it is loaded in."""
+    model = {k: v for k, v in model.items() if k not in ("device_map", "max_memory")}
+    return {"model": model, "seed": seed if model.get("source") == "tiny" else None, "dtype": dtype}
+
+
+def entry_key(
+    identity: dict[str, Any], windows: torch.Tensor, temperature: float, top: int, bf16: bool
+) -> str:
+    from ..evaluation.cache import fingerprint  # not at import: the healer registry stays light
+
+    data = {
+        "teacher": identity,
+        "windows": [fingerprint(windows), list(windows.shape)],
+        "temperature": temperature,
+        "top": top,
+        "bf16": bf16,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def teacher_targets(
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    temperature: float,
+    top: int,
+    device: torch.device,
+    bf16: bool,
+    batch: int = 1,
+) -> dict[str, torch.Tensor]:
+    """The cached targets of every window (one row per window), from the teacher's logits."""
+    vocab = int(teacher.get_output_embeddings().weight.shape[0])
+    if not 1 <= top < vocab:
+        raise ShrinkError(f"heal.cache_top={top} must be in [1, {vocab - 1}]: the teacher has {vocab} tokens")
+    teacher.to(device).eval()
+    parts: dict[str, list[torch.Tensor]] = {TOP_VALUES: [], TOP_INDEX: [], LOG_PARTITION: [], LOG_REST: []}
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for start in tqdm(range(0, windows.shape[0], batch), desc="teacher targets", unit="window", leave=False):
+        ids = windows[start : start + batch].to(device)
+        with torch.no_grad(), autocast:
+            logits = teacher(input_ids=ids, use_cache=False).logits
+        for name, value in top_targets(logits, temperature, top).items():
+            parts[name].append(value.cpu())
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def top_targets(logits: torch.Tensor, temperature: float, top: int) -> dict[str, torch.Tensor]:
+    """What the cache keeps of a teacher's logits (… × vocab): the `top` largest tempered logits
+    and their token ids, the tempered log-partition, and the log of the tempered exp-sum of the
+    other tokens (−inf when there are none)."""
+    tempered = logits.float() / temperature
+    if not torch.isfinite(tempered).all():
+        raise NumericalError("the kd teacher's logits are not finite: its targets cannot be cached")
+    values, index = tempered.topk(top, dim=-1)
+    return {
+        TOP_VALUES: values,
+        TOP_INDEX: index.to(torch.int32),
+        LOG_PARTITION: tempered.logsumexp(-1),
+        LOG_REST: tempered.scatter(-1, index, float("-inf")).logsumexp(-1),
+    }
+
+
+def cached_targets(
+    key: str, build: Callable[[], dict[str, torch.Tensor]]
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """(the entry `key`, whether it was already there); built and stored when it was not."""
+    path = cache_dir() / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(path), True
+        except (OSError, ValueError, RuntimeError):
+            pass  # an unreadable entry is built again
+    targets = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=key, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in targets.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return targets, False
