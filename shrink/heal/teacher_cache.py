@@ -90,15 +90,23 @@ def teacher_targets(
     if not 1 <= top < vocab:
         raise ShrinkError(f"heal.cache_top={top} must be in [1, {vocab - 1}]: the teacher has {vocab} tokens")
     teacher.to(device).eval()
-    parts: dict[str, list[torch.Tensor]] = {TOP_VALUES: [], TOP_INDEX: [], LOG_PARTITION: [], LOG_REST: []}
+    # filled in place: small per-window tensors kept between the forwards' large temporaries
+    # fragment the heap (measured: 41 MB of resident memory more per window on SmolLM2)
+    count, length = windows.shape
+    targets = {
+        TOP_VALUES: torch.empty(count, length, top),
+        TOP_INDEX: torch.empty(count, length, top, dtype=torch.int32),
+        LOG_PARTITION: torch.empty(count, length),
+        LOG_REST: torch.empty(count, length),
+    }
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
     for start in tqdm(range(0, windows.shape[0], batch), desc="teacher targets", unit="window", leave=False):
         ids = windows[start : start + batch].to(device)
         with torch.no_grad(), autocast:
             logits = teacher(input_ids=ids, use_cache=False).logits
         for name, value in top_targets(logits, temperature, top).items():
-            parts[name].append(value.cpu())
-    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+            targets[name][start : start + len(ids)] = value.cpu()
+    return targets
 
 
 def top_targets(logits: torch.Tensor, temperature: float, top: int) -> dict[str, torch.Tensor]:

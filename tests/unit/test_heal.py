@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 import shrink
 from shrink.heal.adapters import merge_lora, with_lora
 from shrink.heal.losses.distill import kl_loss, top_kl_loss
-from shrink.heal.teacher_cache import top_targets
 from shrink.heal.recover import heal
 from shrink.heal.targets import target_linears
+from shrink.heal.teacher_cache import top_targets
 from shrink.heal.windows import heal_windows
 from shrink.models import build_adapter
 from shrink.models.edits import HeadPaddedLinear, HeadSlicedLinear, LowRankLinear
@@ -296,7 +296,7 @@ def test_cached_teacher_targets_are_built_once_and_heal_like_the_teacher(run_job
             r"heal.cache_teacher=true caches the teacher's logits, not its hidden states",
         ),
         (["heal=kd", "heal.cache_teacher=true", "heal.cache_top=0"], r"heal.cache_top=0 must be ≥ 1"),
-        (["heal=kd", "heal.cache_teacher=true", "heal.cache_top=260"], r"must be below the model's 260 tokens"),
+        (["heal=kd", "heal.cache_teacher=true", "heal.cache_top=260"], r"below the model.s 260 tokens"),
         (["heal=lora", "heal.rank=64"], r"heal.rank=64 is wider than k_proj \(32 on its smaller side"),
         (["heal=lora", "heal.targets=[q_proj,attn]"], r"attn is no block linear of this model; valid: all, "),
         (["heal=kd", "stream=true"], r"heal trains the whole compressed model in memory, which stream=true"),
@@ -349,3 +349,16 @@ def test_a_model_handed_over_in_memory_distils_from_a_copy_of_itself():
     assert result.model is tiny.model and result.metrics["heal"]["steps"] == 8
     assert result.metrics["heal"]["loss_first"] > 0  # the teacher is the dense model, not the student
     assert not torch.allclose(logits(result.model, torch.arange(32).view(1, 32)), dense)
+
+
+def test_a_model_handed_over_in_memory_is_cached_by_its_weights():
+    from shrink.models import load_model
+
+    def healed(seed: int) -> dict:
+        tiny = load_model(make_cfg(*tiny_overrides("tiny-llama")).model, torch.float32, seed=seed)
+        overrides = [*FAST, "eval=none", "heal=kd", *HEAL, "heal.cache_teacher=true", "heal.cache_top=16"]
+        return shrink.compress(tiny.model, tokenizer=tiny.tokenizer, budget=0.6, overrides=overrides).metrics
+
+    assert healed(seed=3)["heal"]["teacher_cache"] == "built"
+    assert healed(seed=3)["heal"]["teacher_cache"] == "hit"  # the same weights
+    assert healed(seed=4)["heal"]["teacher_cache"] == "built"  # other weights, same windows
