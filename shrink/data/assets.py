@@ -7,13 +7,18 @@ install command.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ShrinkError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def cache_root() -> Path:
@@ -22,6 +27,11 @@ def cache_root() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shrink"
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """A short hash of a tensor's values, for keying cache entries by the exact data they hold."""
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def require_packages(packages: list[tuple[str, str]], what: str) -> None:

@@ -17,18 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..data.assets import cache_root
 
 
 def cache_dir() -> Path:
     env = os.environ.get("SHRINK_EVAL_CACHE")
     return Path(env) if env else cache_root() / "dense-eval"
-
-
-def fingerprint(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def dense_key(model: dict[str, Any], seed: int, dtype: str, device: str, evaluator: str, data: dict) -> str:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import Head, TaskSource
 from ..data import corpora as data
 from ..data import hub as model_hub
+from ..data.assets import fingerprint
 from ..errors import ShrinkError
 from ..quantization.kernels import weight_only_kernels
 from ..quantization.packing import is_quantized
@@ -177,7 +178,7 @@ def _perplexities(cfg: DictConfig, store: BlockStore, which: str, results: dict)
             device,
             which,
             "ppl",
-            {"name": corpus, "windows": cache.fingerprint(windows)},
+            {"name": corpus, "windows": fingerprint(windows)},
             lambda windows=windows, desc=f"ppl {corpus} ({which})": (
                 perplexity(model, windows, ppl.batch_size, device, desc)
                 if blocks is None

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.assets import cache_root
+from ..data.assets import cache_root, fingerprint
 from ..errors import NumericalError, ShrinkError
 
 # names of the per-window tensors an entry holds, as the healer's batches carry them
@@ -64,8 +64,6 @@ def config_identity(model: dict[str, Any], seed: int, dtype: str) -> dict[str, A
 def entry_key(
     identity: dict[str, Any], windows: torch.Tensor, temperature: float, top: int, bf16: bool
 ) -> str:
-    from ..evaluation.cache import fingerprint  # not at import: the healer registry stays light
-
     data = {
         "teacher": identity,
         "windows": [fingerprint(windows), list(windows.shape)],
