@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from shrink.api import compose_config
@@ -85,18 +84,14 @@ def curve(
 ) -> dict:
     import shrink
     from shrink.heal.recover import heal as run_heal
-    from shrink.heal.teacher_cache import config_identity
+    from shrink.heal.teacher_cache import dense_teacher
     from shrink.heal.trainer import heal_steps
-    from shrink.models import build_adapter, load_model
+    from shrink.models import build_adapter
 
     cfg = compose_config(f"heal={heal}", f"heal.tokens={max(marks)}", *sets)
     model, tokenizer = shrink.load(checkpoint), shrink.load_tokenizer(checkpoint)
     rows = [{"tokens": 0, "seconds": 0.0, **held_out(model, tokenizer, tokens)}]
-
-    def teacher() -> torch.nn.Module:
-        return load_model(model_cfg, torch.float32, seed=0).model
-
-    identity = config_identity(OmegaConf.to_container(model_cfg, resolve=True), 0, str(torch.float32))
+    teacher, identity = dense_teacher(model_cfg, torch.float32, 0)
     _, per_step = heal_steps(cfg.heal)
     work = out / "work" / "-".join([checkpoint.parent.name, heal, *sets])
     shutil.rmtree(work, ignore_errors=True)  # a curve starts afresh: no checkpoint of another config

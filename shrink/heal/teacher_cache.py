@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -54,11 +55,21 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:24]
 
 
-def config_identity(model: dict[str, Any], seed: int, dtype: str) -> dict[str, Any]:
-    """A loaded teacher's identity: its model config without placement, the seed of a tiny random
-    model, and the dtype it is loaded in."""
+def dense_teacher(
+    model_cfg: DictConfig, dtype: torch.dtype, seed: int, copy: nn.Module | None = None
+) -> tuple[Callable[[], nn.Module], dict[str, Any] | None]:
+    """(a loader of the `kd` teacher, its identity for the cache): the model `model_cfg` names,
+    loaded in `dtype`, and named by its config without placement (and the seed of a tiny random
+    model); or `copy`, a model handed over in memory, which only its weights' fingerprint names
+    (identity None)."""
+    from ..models import load_model  # not at import: the healer registry stays light
+
+    if copy is not None:
+        return (lambda: copy), None
+    model = OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True)
     model = {k: v for k, v in model.items() if k not in ("device_map", "max_memory")}
-    return {"model": model, "seed": seed if model.get("source") == "tiny" else None, "dtype": dtype}
+    identity = {"model": model, "seed": seed if model.get("source") == "tiny" else None, "dtype": str(dtype)}
+    return (lambda: load_model(model_cfg, dtype, seed=seed).model), identity
 
 
 def entry_key(

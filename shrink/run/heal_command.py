@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,8 +30,8 @@ from ..hardware.devices import resolve_device
 from ..heal import HEALERS
 from ..heal import checks as heal_checks
 from ..heal.recover import heal
-from ..heal.teacher_cache import config_identity
-from ..models import build_adapter, load_model
+from ..heal.teacher_cache import dense_teacher
+from ..models import build_adapter
 from ..quantization.packing import is_quantized
 from .plugins import compose_config
 
@@ -71,12 +70,7 @@ def heal_checkpoint(path: Path, overrides: list[str], out: Path | None = None) -
     heal_checks.check_model(cfg.heal, adapter)
     device = resolve_device(cfg.device)
     model.to(device)
-    dtype = next(model.parameters()).dtype
-
-    def teacher() -> torch.nn.Module:
-        return load_model(cfg.model, dtype, seed=cfg.seed).model
-
-    identity = config_identity(_plain(cfg.model), int(cfg.seed), str(dtype))
+    teacher, identity = dense_teacher(cfg.model, next(model.parameters()).dtype, int(cfg.seed))
     log_path = out / "heal.jsonl"
     summary = heal(adapter, tokenizer, teacher, cfg.heal, bool(cfg.model.get("add_bos", False)), device,
                    progress / "heal", log_path, teacher_identity=identity)  # fmt: skip

@@ -27,7 +27,6 @@ from ..hardware import memory as rss
 from ..hardware.devices import resolve_device
 from ..heal import HEALERS
 from ..methods import Method, build_method
-from ..models import load_model
 from ..planning.budget import PlanInputs
 from ..planning.cost import CostModel
 from ..planning.inputs import cost_model, plan_inputs
@@ -341,18 +340,11 @@ def _heal(
     """Score the compressed model's perplexities (`before_heal`), then heal it in place; returns
     the heal's summary. Trainer's checkpoints live in progress/, so `resume=true` goes on mid-heal."""
     from ..heal.recover import heal  # peft and transformers' Trainer load only when a run heals
-    from ..heal.teacher_cache import config_identity
+    from ..heal.teacher_cache import dense_teacher
 
     store.ready_for_evaluation()
     score_perplexity(cfg, store, "before_heal", results)
-    identity = None  # a copy of a model handed over in memory is named by its weights' fingerprint
-    if teacher is None:
-        model = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
-        identity = config_identity(model, int(cfg.seed), str(_dtype(cfg)))
-
-    def dense() -> torch.nn.Module:
-        return teacher if teacher is not None else load_model(cfg.model, _dtype(cfg), seed=cfg.seed).model
-
+    dense, identity = dense_teacher(cfg.model, _dtype(cfg), int(cfg.seed), teacher)
     return heal(
         store.adapter, store.tokenizer, dense, cfg.heal, bool(cfg.model.add_bos), store.device,
         job.progress.path / "heal", job.folder.path / "heal.jsonl", job.tracker.log_heal,

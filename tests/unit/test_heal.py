@@ -264,7 +264,7 @@ def test_resume_mid_heal_gives_the_weights_of_an_uninterrupted_run(tmp_path, mon
 
 
 def test_cached_teacher_targets_are_built_once_and_heal_like_the_teacher(run_job, monkeypatch):
-    import shrink.run.pipeline as pipeline
+    import shrink.models
 
     base = ["model=tiny-llama", *FAST, "eval=none", "budget=0.6", "heal=kd", *HEAL, "heal.lr=0.01"]
     live, live_folder = run_job(*base, name="live")
@@ -278,7 +278,7 @@ def test_cached_teacher_targets_are_built_once_and_heal_like_the_teacher(run_job
     def no_teacher(*args, **kwargs):
         raise AssertionError("the dense model was loaded although its targets are cached")
 
-    monkeypatch.setattr(pipeline, "load_model", no_teacher)
+    monkeypatch.setattr(shrink.models, "load_model", no_teacher)  # the teacher's loader reads it
     hit, hit_folder = run_job(*base, *cache, name="hit")
     assert hit["heal"]["teacher_cache"] == "hit"
     again = load_file(hit_folder / "model" / "model.safetensors")
