@@ -25,16 +25,10 @@ def cache_dir() -> Path:
     return Path(env) if env else cache_root() / "dense-eval"
 
 
-def dense_key(model: dict[str, Any], seed: int, dtype: str, device: str, evaluator: str, data: dict) -> str:
-    """Hex key of one dense evaluation; `data` names the evaluator's settings and data fingerprint."""
-    identity = {
-        "model": model,
-        "seed": seed if model.get("source") == "tiny" else None,
-        "dtype": dtype,
-        "device": device,
-        "evaluator": evaluator,
-        "data": data,
-    }
+def dense_key(model: dict[str, Any], dtype: str, device: str, evaluator: str, data: dict) -> str:
+    """Hex key of one dense evaluation: `model` is the model's identity (`models.model_identity`),
+    `data` names the evaluator's settings and data fingerprint."""
+    identity = {"model": model, "dtype": dtype, "device": device, "evaluator": evaluator, "data": data}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

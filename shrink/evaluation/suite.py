@@ -15,6 +15,7 @@ from ..data import corpora as data
 from ..data import hub as model_hub
 from ..data.assets import fingerprint
 from ..errors import ShrinkError
+from ..models import model_identity
 from ..quantization.kernels import weight_only_kernels
 from ..quantization.packing import is_quantized
 from . import cache, encoders, glue_hub, zeroshot
@@ -86,12 +87,8 @@ def _cached(
     """compute() unless this is the dense model and an identical dense evaluation is cached."""
     if which != "dense" or not bool(cfg.eval.get("cache_dense", False)) or cfg.model.source == "memory":
         return compute()  # a model handed over in memory has no identity to key a cache entry by
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    for placement_only in ("device_map", "max_memory"):  # where the weights sit, not what they are
-        model.pop(placement_only, None)
     key = cache.dense_key(
-        model,
-        int(cfg.seed),
+        model_identity(cfg.model, int(cfg.seed)),
         str(getattr(cfg.dtype, "value", cfg.dtype)),
         device.type,
         evaluator,

@@ -15,6 +15,7 @@ from ..models import Adapter
 from . import HEALERS
 from .config import HealConf, HealParams
 from .targets import ALL, target_names
+from .teacher_cache import check_top
 
 
 def check(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
@@ -103,12 +104,8 @@ def check_model(heal: DictConfig, adapter: Adapter) -> None:
             f"heal.targets={targets}: {', '.join(unknown) or 'empty'} is no block linear of this model; "
             f"valid: {ALL}, {', '.join(valid)}"
         )
-    vocab = int(adapter.model.get_output_embeddings().weight.shape[0])
-    if heal.get("cache_teacher") and int(heal.cache_top) >= vocab:
-        raise ShrinkError(
-            f"heal.cache_top={heal.cache_top} must be below the model's {vocab} tokens (at {vocab - 1} the "
-            "cached KL is already the full one)"
-        )
+    if heal.get("cache_teacher"):
+        check_top(int(heal.cache_top), int(adapter.model.get_output_embeddings().weight.shape[0]))
     if HealParams(heal.params) != HealParams.lora:
         return
     block = adapter.blocks()[0]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -44,6 +44,13 @@ TOP_VALUES, TOP_INDEX, LOG_PARTITION, LOG_REST = "teacher_top", "teacher_index",
 def cache_dir() -> Path:
     env = os.environ.get("SHRINK_TEACHER_CACHE")
     return Path(env) if env else cache_root() / "heal-teacher"
+
+
+def check_top(top: int, vocab: int) -> None:
+    """At least one kept token, and fewer than the vocabulary: at vocab − 1 the cached KL is
+    already the full one, so more only costs disk."""
+    if not 1 <= top < vocab:
+        raise ShrinkError(f"heal.cache_top={top} must be in [1, {vocab - 1}]: the model has {vocab} tokens")
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -62,13 +69,11 @@ def dense_teacher(
     loaded in `dtype`, and named by its config without placement (and the seed of a tiny random
     model); or `copy`, a model handed over in memory, which only its weights' fingerprint names
     (identity None)."""
-    from ..models import load_model  # not at import: the healer registry stays light
+    from ..models import load_model, model_identity  # not at import: the healer registry stays light
 
     if copy is not None:
         return (lambda: copy), None
-    model = OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True)
-    model = {k: v for k, v in model.items() if k not in ("device_map", "max_memory")}
-    identity = {"model": model, "seed": seed if model.get("source") == "tiny" else None, "dtype": str(dtype)}
+    identity = model_identity(model_cfg, seed) | {"dtype": str(dtype)}
     return (lambda: load_model(model_cfg, dtype, seed=seed).model), identity
 
 
@@ -95,9 +100,7 @@ def teacher_targets(
     batch: int = 1,
 ) -> dict[str, torch.Tensor]:
     """The cached targets of every window (one row per window), from the teacher's logits."""
-    vocab = int(teacher.get_output_embeddings().weight.shape[0])
-    if not 1 <= top < vocab:
-        raise ShrinkError(f"heal.cache_top={top} must be in [1, {vocab - 1}]: the teacher has {vocab} tokens")
+    check_top(top, int(teacher.get_output_embeddings().weight.shape[0]))
     teacher.to(device).eval()
     # filled in place: small per-window tensors kept between the forwards' large temporaries
     # fragment the heap (measured: 41 MB of resident memory more per window on SmolLM2)

@@ -2,7 +2,7 @@
 
 from .base import Adapter, Attention, AttentionPaths, HeadLayout, Site
 from .families import ADAPTERS, adapter_class_for, supported_model_types
-from .loading import Loaded, build_adapter, check_source, load_config, load_model, skeleton
+from .loading import Loaded, build_adapter, check_source, load_config, load_model, model_identity, skeleton
 
 __all__ = [
     "ADAPTERS",
@@ -17,6 +17,7 @@ __all__ = [
     "check_source",
     "load_config",
     "load_model",
+    "model_identity",
     "skeleton",
     "supported_model_types",
 ]

@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
+from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from torch import nn
 from transformers import (
@@ -54,6 +56,16 @@ class Loaded:
 
 
 _HANDED_OVER: dict[str, Loaded] = {}
+
+
+def model_identity(model_cfg: DictConfig, seed: int) -> dict[str, Any]:
+    """What names a loaded model's weights, to key caches of what it computes: its config without
+    the placement keys (where the weights sit is not what they are), and the seed only for a tiny
+    random model (a packaged or saved model's weights do not depend on it)."""
+    model = OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True)
+    for placement_only in ("device_map", "max_memory"):
+        model.pop(placement_only, None)
+    return {"model": model, "seed": seed if model.get("source") == Source.tiny.value else None}
 
 
 @contextmanager

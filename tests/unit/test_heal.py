@@ -296,7 +296,10 @@ def test_cached_teacher_targets_are_built_once_and_heal_like_the_teacher(run_job
             r"heal.cache_teacher=true caches the teacher's logits, not its hidden states",
         ),
         (["heal=kd", "heal.cache_teacher=true", "heal.cache_top=0"], r"heal.cache_top=0 must be ≥ 1"),
-        (["heal=kd", "heal.cache_teacher=true", "heal.cache_top=260"], r"below the model.s 260 tokens"),
+        (
+            ["heal=kd", "heal.cache_teacher=true", "heal.cache_top=260"],
+            r"heal.cache_top=260 must be in \[1, 259\]: the model has 260 tokens",
+        ),
         (["heal=lora", "heal.rank=64"], r"heal.rank=64 is wider than k_proj \(32 on its smaller side"),
         (["heal=lora", "heal.targets=[q_proj,attn]"], r"attn is no block linear of this model; valid: all, "),
         (["heal=kd", "stream=true"], r"heal trains the whole compressed model in memory, which stream=true"),
