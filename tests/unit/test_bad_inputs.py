@@ -87,30 +87,6 @@ def test_cuda_without_gpu(tmp_path):
     )
 
 
-def test_launcher_prints_one_line_and_exits_2(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "launch.py",
-            "model=tiny-llama",
-            "budget=2",
-            f"hydra.run.dir={tmp_path / 'r'}",
-            "logger=none",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert out.returncode == 2
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: budget 2.0 is outside (0, 1]: it is the fraction of block weights kept"]
-    assert "Traceback" not in out.stderr
-    assert not (tmp_path / "r").exists()
-
-
 # Checks that need no weights run before loading and leave no folder.
 
 
@@ -212,8 +188,8 @@ def test_context_error_names_the_model_plainly(tmp_path):
 def test_failed_checks_leave_nothing_under_outputs(tmp_path):
     """Through the launcher, from another working directory: each bad input prints one line with
     exit code 2, and `outputs/` gains nothing (no run folder, no empty parents)."""
-    bad = {  # a value check, and a check of the model's source (each is a launcher start: 4 s)
-        "budget=0": "budget 0.0 is outside",
+    bad = {  # a value check, and a check of the model's source (each is a launcher start: 4-10 s)
+        "budget=2": "error: budget 2.0 is outside (0, 1]: it is the fraction of block weights kept",
         "model.source=local model.path=/data/m": "use|load it with model=local model.path=/data/m",
     }
     for args, message in bad.items():
@@ -224,7 +200,7 @@ def test_failed_checks_leave_nothing_under_outputs(tmp_path):
         )  # fmt: skip
         errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
         assert out.returncode == 2 and len(errors) == 1, out.stderr[-2000:]
-        assert any(part in errors[0] for part in message.split("|")), errors
+        assert "Traceback" not in out.stderr and any(part in errors[0] for part in message.split("|")), errors
         assert list(tmp_path.iterdir()) == [], args
 
 
