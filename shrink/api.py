@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from .checkpoints.save_load import MANIFEST, load, load_tokenizer
 from .data.corpora import given_texts
 from .errors import ShrinkError
 from .models.catalog import shipped
@@ -99,14 +100,18 @@ def evaluate(
     suite: str = "ppl",
     overrides: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """Score `model` (a config name, a folder, or a loaded model with its tokenizer) with the
-    evaluation suite `suite` of `conf/eval/` (`ppl`, `quick`, `zeroshot`, `speed`, `glue`, …);
-    returns the scores as a run's `metrics.json` files them under `eval`, each under `score`
-    instead of `dense` and `compressed` (`{"ppl": {"wiki": {"score": 17.9, "tokens": …}}}`)."""
+    """Score `model` (a config name, a folder, a run folder or shrink checkpoint, or a loaded model
+    with its tokenizer) with the evaluation suite `suite` of `conf/eval/` (`ppl`, `quick`,
+    `zeroshot`, `speed`, `glue`, …); returns the scores as a run's `metrics.json` files them under
+    `eval`, each under `score` instead of `dense` and `compressed`
+    (`{"ppl": {"wiki": {"score": 17.9, "tokens": …}}}`)."""
     from .evaluation.suite import evaluate_suite
     from .hardware.devices import resolve_device
     from .run.store import ResidentStore
 
+    saved = None if isinstance(model, nn.Module) else _saved_checkpoint(Path(str(model)).expanduser())
+    if saved is not None:  # its own loader builds it: its structure is the checkpoint's, not a config's
+        model, tokenizer = load(saved), load_tokenizer(saved)
     with ExitStack() as stack:
         arguments = _model_overrides(model, tokenizer, stack)
         cfg = compose_config(*arguments, f"eval={suite}", "eval.cache_dense=false", *overrides)
@@ -119,6 +124,14 @@ def evaluate(
         with tempfile.TemporaryDirectory(prefix="shrink-eval-") as scratch:
             evaluate_suite(cfg, ResidentStore(loaded, device), False, results, Path(scratch))
     return _scores(results)
+
+
+def _saved_checkpoint(path: Path) -> Path | None:
+    """The checkpoint folder of a run folder or of a checkpoint written by shrink, else None."""
+    for folder in (path / "model", path):
+        if (folder / MANIFEST).is_file():
+            return folder
+    return None
 
 
 def _model_overrides(model: str | Path | nn.Module, tokenizer: Any, stack: ExitStack) -> list[str]:

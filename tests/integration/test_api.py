@@ -72,6 +72,13 @@ def test_evaluate_scores_a_loaded_model_as_a_run_scores_it(cli_run):
     assert shrink.evaluate("tiny-llama", suite="ppl", overrides=SETTINGS) == scores
 
 
+def test_evaluate_scores_a_saved_run_as_the_run_scored_it(cli_run):
+    finished, folder = cli_run
+    scores = shrink.evaluate(folder, suite="ppl", overrides=SETTINGS)
+    assert scores["ppl"]["wiki"]["score"] == pytest.approx(_ppl(finished.metrics), rel=1e-6)
+    assert shrink.evaluate(folder / "model", suite="ppl", overrides=SETTINGS) == scores
+
+
 def test_calibration_texts_calibrate_and_are_recorded():
     texts = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 20 for i in range(8)]
     result = shrink.compress(
