@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from .checkpoints.save_load import MANIFEST, load, load_tokenizer
+from .checkpoints.save_load import find_checkpoint, load, load_tokenizer
 from .data.corpora import given_texts
 from .errors import ShrinkError
 from .models.catalog import shipped
@@ -109,7 +109,7 @@ def evaluate(
     from .hardware.devices import resolve_device
     from .run.store import ResidentStore
 
-    saved = None if isinstance(model, nn.Module) else _saved_checkpoint(Path(str(model)).expanduser())
+    saved = None if isinstance(model, nn.Module) else find_checkpoint(Path(str(model)).expanduser())
     if saved is not None:  # its own loader builds it: its structure is the checkpoint's, not a config's
         model, tokenizer = load(saved), load_tokenizer(saved)
     with ExitStack() as stack:
@@ -124,14 +124,6 @@ def evaluate(
         with tempfile.TemporaryDirectory(prefix="shrink-eval-") as scratch:
             evaluate_suite(cfg, ResidentStore(loaded, device), False, results, Path(scratch))
     return _scores(results)
-
-
-def _saved_checkpoint(path: Path) -> Path | None:
-    """The checkpoint folder of a run folder or of a checkpoint written by shrink, else None."""
-    for folder in (path / "model", path):
-        if (folder / MANIFEST).is_file():
-            return folder
-    return None
 
 
 def _model_overrides(model: str | Path | nn.Module, tokenizer: Any, stack: ExitStack) -> list[str]:

@@ -22,14 +22,14 @@ from ..errors import ShrinkError
 from ..models import build_adapter
 from ..quantization.packing import is_quantized
 from .hf_folder import write_hf_files
-from .save_load import MANIFEST, load, read_manifest
+from .save_load import MANIFEST, find_checkpoint, load, read_manifest
 
 
 def checkpoint_folder(path: Path) -> Path:
     """The model folder of `path` (a run folder or the model folder itself)."""
-    for folder in (path / "model", path):
-        if (folder / MANIFEST).is_file():
-            return folder
+    folder = find_checkpoint(path)
+    if folder is not None:
+        return folder
     if (path / "config.json").is_file():
         raise ShrinkError(f"{path} is a Hugging Face folder, not a shrink checkpoint: nothing to export")
     raise ShrinkError(

@@ -307,6 +307,14 @@ def _weight_files(folder: Path) -> list[Path]:
     return [folder / WEIGHTS]
 
 
+def find_checkpoint(path: Path) -> Path | None:
+    """The checkpoint folder of `path`, a run folder or a checkpoint folder itself; None if neither."""
+    for folder in (path / "model", path):
+        if (folder / MANIFEST).is_file():
+            return folder
+    return None
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
