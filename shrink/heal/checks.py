@@ -37,8 +37,6 @@ def check(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
             "heal trains the whole compressed model in memory, which stream=true (blocks read from files "
             "one at a time) does not hold: use heal=none with stream=true, or a resident model"
         )
-    if cfg.model.get("device_map") is not None:
-        raise ShrinkError("heal does not run on a model spread by model.device_map yet: drop one of them")
     if Head(cfg.model.head) != Head.causal_lm:
         raise ShrinkError(
             f"heal trains a causal LM's next-token predictions; model {cfg.model.name!r} is not one"

@@ -63,18 +63,34 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def dense_teacher(
-    model_cfg: DictConfig, dtype: torch.dtype, seed: int, copy: nn.Module | None = None
+    model_cfg: DictConfig,
+    dtype: torch.dtype,
+    seed: int,
+    copy: nn.Module | None = None,
+    offload_folder: Path | None = None,
 ) -> tuple[Callable[[], nn.Module], dict[str, Any] | None]:
     """(a loader of the `kd` teacher, its identity for the cache): the model `model_cfg` names,
-    loaded in `dtype`, and named by its config without placement (and the seed of a tiny random
-    model); or `copy`, a model handed over in memory, which only its weights' fingerprint names
-    (identity None)."""
+    loaded in `dtype` (spread by accelerate when `model_cfg.device_map` is set, converting what it
+    offloads to `offload_folder`), and named by its config without placement (and the seed of a
+    tiny random model); or `copy`, a model handed over in memory, which only its weights'
+    fingerprint names (identity None)."""
     from ..models import load_model, model_identity  # not at import: the healer registry stays light
 
     if copy is not None:
         return (lambda: copy), None
     identity = model_identity(model_cfg, seed) | {"dtype": str(dtype)}
-    return (lambda: load_model(model_cfg, dtype, seed=seed).model), identity
+    return (lambda: load_model(model_cfg, dtype, seed=seed, offload_folder=offload_folder).model), identity
+
+
+def place_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """The teacher on the heal's device, for inference; a teacher spread by a device map stays
+    where accelerate put it (its hooks bring each module's weights to its execution device, and
+    the logits come back on the last module's)."""
+    from ..models.device_map import is_mapped
+
+    if not is_mapped(teacher):
+        teacher.to(device)
+    return teacher.eval().requires_grad_(False)
 
 
 def entry_key(
@@ -101,7 +117,7 @@ def teacher_targets(
 ) -> dict[str, torch.Tensor]:
     """The cached targets of every window (one row per window), from the teacher's logits."""
     check_top(top, int(teacher.get_output_embeddings().weight.shape[0]))
-    teacher.to(device).eval()
+    place_teacher(teacher, device)
     # filled in place: small per-window tensors kept between the forwards' large temporaries
     # fragment the heap (measured: 41 MB of resident memory more per window on SmolLM2)
     count, length = windows.shape

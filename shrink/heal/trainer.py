@@ -22,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .base import Healer
 from .config import HealDType
+from .teacher_cache import place_teacher
 
 
 class Windows(torch.utils.data.Dataset):
@@ -156,7 +157,7 @@ def train(
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(TokenProgress(per_step))
     if teacher is not None:
-        teacher.to(args.device).eval().requires_grad_(False)
+        place_teacher(teacher, args.device)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started

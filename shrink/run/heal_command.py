@@ -2,12 +2,14 @@
 checkpoint saved earlier, apart from compressing it.
 
 The same heal as a run's (`shrink.heal`), on `shrink.load`'s model; the dense teacher of `heal=kd`
-is the model the run's `config.yaml` names. The healed checkpoint goes to `--out` (default
-`<run>/healed/`): `model/`, `heal.jsonl` and `heal.json`. Trainer's checkpoints are kept in
-`<out>/progress/` until it finishes, so the same command run again goes on where an interrupted one
-stopped. Because nothing but the heal runs here, the command runs under `accelerate launch` or
-`torchrun` as any Trainer script does (one process per GPU, DDP), and only the main process writes
-the checkpoint.
+is the model the run's `config.yaml` names, placed as the run placed it (or as `model.device_map` /
+`model.max_memory` say): a teacher spread by accelerate over GPUs, the CPU and disk runs beside a
+student trained whole on `device`, for a dense model too large to sit beside it. The healed
+checkpoint goes to `--out` (default `<run>/healed/`): `model/`, `heal.jsonl` and `heal.json`.
+Trainer's checkpoints are kept in `<out>/progress/` until it finishes, so the same command run
+again goes on where an interrupted one stopped. Because nothing but the heal runs here, the
+command runs under `accelerate launch` or `torchrun` as any Trainer script does (one process per
+GPU, DDP), and only the main process writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoints import save_load as checkpoint
 from ..checkpoints.export import checkpoint_folder
-from ..config import ModelConf
+from ..config import ModelConf, named_keys
 from ..errors import ShrinkError
 from ..hardware.devices import resolve_device
 from ..heal import HEALERS
@@ -34,30 +36,45 @@ from ..heal.teacher_cache import dense_teacher
 from ..models import build_adapter
 from ..quantization.packing import is_quantized
 from .plugins import compose_config
+from .validation import check_mapping
+
+# the dense teacher's placement: the only model keys that apply to a saved checkpoint's heal
+PLACEMENT = ("model.device_map", "model.max_memory")
 
 
 def heal_checkpoint(path: Path, overrides: list[str], out: Path | None = None) -> dict[str, Any]:
     """Heal the checkpoint at `path` under the heal overrides; returns the heal's summary."""
     source = checkpoint_folder(path)
     run = source.parent if source.name == "model" and (source.parent / "config.yaml").is_file() else None
-    unknown = [o for o in overrides if not o.lstrip("+~").startswith(("heal", "device", "seed"))]
+    unknown = [o for o in overrides if not o.lstrip("+~").startswith(("heal", "device", "seed", *PLACEMENT))]
     if unknown:
         raise ShrinkError(
-            f"{' '.join(unknown)}: only heal, heal.*, device and seed apply to a saved checkpoint"
+            f"{' '.join(unknown)}: only heal, heal.*, device, seed and the teacher's "
+            f"{' and '.join(PLACEMENT)} apply to a saved checkpoint"
         )
     cfg = compose_config(*overrides)
     if cfg.heal.name == "none":
         raise ShrinkError(f"heal=none trains nothing; choose one: {', '.join(n for n, _ in HEALERS.items())}")
     if run is not None:
+        placed = {key: OmegaConf.select(cfg, key) for key in PLACEMENT if key in named_keys(overrides)}
         cfg.model = OmegaConf.merge(
             OmegaConf.structured(ModelConf), OmegaConf.load(run / "config.yaml").model
         )
+        for key, value in placed.items():  # the run's placement of the dense model, unless overridden
+            OmegaConf.update(cfg, key, value, merge=False)
     elif HEALERS[cfg.heal.name].needs_teacher:
         raise ShrinkError(
             f"heal={cfg.heal.name} distils from the dense model, which only a run folder names (its "
             f"config.yaml): give the run folder, not {source}"
         )
     heal_checks.check(cfg, overrides, False)
+    if HEALERS[cfg.heal.name].needs_teacher:
+        check_mapping(cfg)
+    elif set(PLACEMENT) & set(named_keys(overrides)):
+        raise ShrinkError(
+            f"{' and '.join(PLACEMENT)} place the dense teacher of heal=kd; heal={cfg.heal.name} has "
+            "none: drop them"
+        )
     out = out or (source.parent / "healed")
     progress = out / "progress"
     _check_progress(progress, cfg.heal)
@@ -70,7 +87,9 @@ def heal_checkpoint(path: Path, overrides: list[str], out: Path | None = None) -
     heal_checks.check_model(cfg.heal, adapter)
     device = resolve_device(cfg.device)
     model.to(device)
-    teacher, identity = dense_teacher(cfg.model, next(model.parameters()).dtype, int(cfg.seed))
+    # a teacher spread by model.device_map converts what it offloads under progress/, removed at the end
+    dtype, offload = next(model.parameters()).dtype, progress / "offload"
+    teacher, identity = dense_teacher(cfg.model, dtype, int(cfg.seed), offload_folder=offload)
     log_path = out / "heal.jsonl"
     summary = heal(adapter, tokenizer, teacher, cfg.heal, bool(cfg.model.get("add_bos", False)), device,
                    progress / "heal", log_path, teacher_identity=identity)  # fmt: skip

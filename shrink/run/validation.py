@@ -102,6 +102,12 @@ def _checks(cfg: DictConfig, overrides: list[str], multirun: bool) -> None:
         )
     steps.check(cfg, METHODS[cfg.method.name].factorises)
     heal_checks.check(cfg, overrides, multirun)
+    if cfg.heal.name != "none" and cfg.model.get("device_map") is not None:
+        raise ShrinkError(
+            "heal trains the compressed model on one device, and model.device_map spreads it: compress "
+            f"with heal=none, then `python -m shrink heal <run> heal={cfg.heal.name}`, whose dense teacher "
+            "keeps the run's model.device_map"
+        )
     METHODS[cfg.method.name].check(cfg.method, int(cfg.calib.batch_size), Propagate(cfg.propagate).value)
     check_schedule(cfg.schedule.name)
     if METHODS[cfg.method.name].rotates_stream:

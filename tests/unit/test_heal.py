@@ -337,7 +337,52 @@ def test_a_saved_run_is_healed_by_the_heal_command(run_job, capsys):
     assert main(["heal", str(folder), "heal=lora", "budget=0.3"]) == 2
     err = capsys.readouterr().err
     assert "heal=none trains nothing" in err and "only a run folder names" in err
-    assert "budget=0.3: only heal, heal.*, device and seed apply" in err
+    assert "budget=0.3: only heal, heal.*, device, seed and the teacher's model.device_map" in err
+
+
+def test_the_heal_command_distils_from_a_teacher_spread_over_cpu_and_disk(run_job, tmp_path, capsys):
+    """A run's dense model placed by model.device_map (here block 1, the final norm and the tied
+    head offloaded to disk) teaches the student trained whole: the same healed weights as with the
+    teacher in memory. A run that heals refuses the map with the command to use instead."""
+    from shrink.__main__ import main
+    from shrink.models import load_model
+    from shrink.models.device_map import is_mapped
+
+    from ..conftest import local_model, sharded_copy
+
+    overrides = [*local_model("tiny-llama", sharded_copy(tmp_path, "tiny-llama")), *FAST]
+    _, folder = run_job(*overrides, "eval=none", "budget=0.6")
+    disk = (
+        "model.device_map={model.embed_tokens:cpu,model.rotary_emb:cpu,model.layers.0:cpu,"
+        "model.layers.1:disk,model.norm:disk,lm_head:disk}"
+    )
+    teachers = []
+    real_load = load_model
+
+    def recorded(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        teachers.append(is_mapped(loaded.model))
+        return loaded
+
+    import shrink.models
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shrink.models, "load_model", recorded)
+        common = [str(folder), "heal=kd", *HEAL, "heal.lr=0.01"]
+        assert main(["heal", *common, "--out", str(tmp_path / "whole")]) == 0
+        assert main(["heal", *common, disk, "--out", str(tmp_path / "mapped")]) == 0
+    assert teachers == [False, True]
+    whole, mapped = (shrink.load(tmp_path / name / "model").state_dict() for name in ("whole", "mapped"))
+    before = shrink.load(folder / "model").state_dict()
+    assert any(not whole[k].equal(before[k]) for k in whole)
+    assert all(torch.allclose(mapped[k], whole[k], atol=1e-6) for k in whole)
+    assert not (tmp_path / "mapped" / "progress").exists()  # its offload folder went with it
+
+    capsys.readouterr()
+    assert main(["heal", str(folder), "heal=lora", *HEAL, "model.device_map=auto"]) == 2
+    assert "place the dense teacher of heal=kd; heal=lora has none" in capsys.readouterr().err
+    (tmp_path / "refused").mkdir()
+    fails(tmp_path / "refused", *overrides, "heal=kd", disk, match=r"compress with heal=none, then `python -m shrink heal")
 
 
 def test_a_model_handed_over_in_memory_distils_from_a_copy_of_itself():

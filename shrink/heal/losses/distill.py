@@ -32,9 +32,10 @@ class Distill(Healer):
         with torch.no_grad():
             target = teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden)
         out = student(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-        loss = kl_loss(out.logits, target.logits, temperature)
+        device = out.logits.device  # a teacher spread by a device map answers on its last module's
+        loss = kl_loss(out.logits, target.logits.to(device), temperature)
         if hidden:
-            s, t = out.hidden_states[-1].float(), target.hidden_states[-1].float()
+            s, t = out.hidden_states[-1].float(), target.hidden_states[-1].float().to(device)
             loss = loss + float(self.cfg.hidden) * (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
         return loss
 
