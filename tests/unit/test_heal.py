@@ -382,7 +382,8 @@ def test_the_heal_command_distils_from_a_teacher_spread_over_cpu_and_disk(run_jo
     assert main(["heal", str(folder), "heal=lora", *HEAL, "model.device_map=auto"]) == 2
     assert "place the dense teacher of heal=kd; heal=lora has none" in capsys.readouterr().err
     (tmp_path / "refused").mkdir()
-    fails(tmp_path / "refused", *overrides, "heal=kd", disk, match=r"compress with heal=none, then `python -m shrink heal")
+    refused = r"compress with heal=none, then `python -m shrink heal"
+    fails(tmp_path / "refused", *overrides, "heal=kd", disk, match=refused)
 
 
 def test_a_model_handed_over_in_memory_distils_from_a_copy_of_itself():
