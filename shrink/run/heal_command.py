@@ -53,10 +53,11 @@ def heal_checkpoint(path: Path, overrides: list[str], out: Path | None = None) -
             f"{' and '.join(PLACEMENT)} apply to a saved checkpoint"
         )
     cfg = compose_config(*overrides)
+    placement = [key for key in PLACEMENT if key in named_keys(overrides)]
     if cfg.heal.name == "none":
         raise ShrinkError(f"heal=none trains nothing; choose one: {', '.join(n for n, _ in HEALERS.items())}")
     if run is not None:
-        placed = {key: OmegaConf.select(cfg, key) for key in PLACEMENT if key in named_keys(overrides)}
+        placed = {key: OmegaConf.select(cfg, key) for key in placement}
         cfg.model = OmegaConf.merge(
             OmegaConf.structured(ModelConf), OmegaConf.load(run / "config.yaml").model
         )
@@ -70,7 +71,7 @@ def heal_checkpoint(path: Path, overrides: list[str], out: Path | None = None) -
     heal_checks.check(cfg, overrides, False)
     if HEALERS[cfg.heal.name].needs_teacher:
         check_mapping(cfg)
-    elif set(PLACEMENT) & set(named_keys(overrides)):
+    elif placement:
         raise ShrinkError(
             f"{' and '.join(PLACEMENT)} place the dense teacher of heal=kd; heal={cfg.heal.name} has "
             "none: drop them"
